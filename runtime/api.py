@@ -1,0 +1,188 @@
+"""The Python API: `Runtime.load(...)`, `forward`, `new_state`, `generate`.
+
+    from runtime import Runtime
+    rt = Runtime.load("cpu")                          # the tiny default checkpoint, exact float32
+    logits = rt.forward([[0, 72, 105]])               # [B, S, vocab] float32, fresh sequences
+    state = rt.new_state(batch_size=1)
+    rt.forward(ids_chunk, state=state)                # continue sequences chunk by chunk
+    rt.generate("Hello", max_new_tokens=16, temperature=0.8, top_p=0.9, seed=1)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
+from .errors import InputError, V4Error
+from .model.state import DecodeState
+from .model.transformer import Transformer
+from .ops import reference_ops
+from .sampling import SamplingParams, sample
+from .tokenizer import load_tokenizer
+
+# Backends of this build. CUDA / Ascend / ONNX arrive with their issues; until then they are refused by name.
+AVAILABLE_BACKENDS = ("cpu",)
+PLANNED_BACKENDS = ("cuda", "ascend", "onnx")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSV4RT_HOME", Path.home() / ".cache" / "dsv4rt"))
+
+
+def default_checkpoint(seed: int = 0) -> Path:
+    """The embedded default: the tiny preset, generated once into the cache folder and reused."""
+    path = cache_dir() / f"tiny-seed{seed}-v{CHECKPOINT_FORMAT_VERSION}"
+    if not (path / "model.safetensors.index.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        make_preset(tmp, "tiny", seed=seed)
+        try:
+            tmp.rename(path)              # atomic: a concurrent run either sees all of it or none
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]         # generated ids per prompt (EOS included when it stopped there)
+    texts: list[str]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens: int              # tokens fed through one-token decode steps (all rows)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Runtime:
+    def __init__(self, model: Transformer, tokenizer, checkpoint: Path, backend: str, numerics: str):
+        self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
+        self.checkpoint, self.backend, self.numerics = checkpoint, backend, numerics
+
+    @classmethod
+    def load(cls, profile: str = "cpu", checkpoint: str | Path | None = None, numerics: str = "exact",
+             progress: bool | None = None) -> "Runtime":
+        """Load a checkpoint (default: the tiny generated model) onto a backend.
+
+        `numerics`: "exact" (float32 ground truth) or "official" (emulation of DeepSeek's bf16/FP8/FP4
+        inference numerics on CPU).
+        """
+        if profile not in AVAILABLE_BACKENDS:
+            if profile in PLANNED_BACKENDS:
+                raise V4Error(f"backend {profile!r} is not available in this build yet; use --backend cpu")
+            raise V4Error(f"unknown backend or profile {profile!r}; available: {', '.join(AVAILABLE_BACKENDS)}")
+        ops = reference_ops(numerics)
+        path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        ck = load_checkpoint(path, progress=progress)
+        model = Transformer(ck.config, ck.tensors, ck.quantized, ops)
+        return cls(model, load_tokenizer(path, ck.config), path, profile, numerics)
+
+    # ------------------------------------------------------------------ forward
+    def new_state(self, batch_size: int = 1) -> DecodeState:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return DecodeState(self.config, batch_size)
+
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        try:
+            ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError):
+            raise InputError("input_ids must be a [batch, seq] array of integers of equal length per row") from None
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise InputError(f"input_ids must have shape [batch, seq] with seq >= 1, got {list(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            raise InputError(f"token id {int(ids[bad][0])} is out of range [0, {self.config.vocab_size}); "
+                             "check the tokenizer matches the checkpoint")
+        return ids.to(torch.int64)
+
+    def forward(self, input_ids, state: DecodeState | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab] float32. Without `state`: fresh sequences. With it: continue them."""
+        ids = self._check_ids(input_ids)
+        if state is None:
+            state = self.new_state(ids.shape[0])
+        if state.batch_size != ids.shape[0]:
+            raise InputError(f"state holds {state.batch_size} sequences but input_ids has {ids.shape[0]} rows")
+        self._check_length(max(state.positions) + ids.shape[1])
+        with torch.inference_mode():
+            return self.model.forward(ids, state.seqs)
+
+    def _check_length(self, total: int) -> None:
+        limit = self.config.max_position
+        if total > limit:
+            raise InputError(f"sequence of {total} tokens exceeds the model's {limit}-token context; "
+                             "shorten the prompt or max_new_tokens")
+
+    # ------------------------------------------------------------------ generation
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_at_eos: bool = True, on_token: Callable[[int, int], None] | None = None) -> Generation:
+        """Greedy (temperature 0) or sampled generation for one or several prompts (text or token ids).
+
+        Prompts may differ in length: each is prefilled on its own, then all decode together, each at its
+        own position. `on_token(row, token_id)` is called for every new token as soon as it is chosen.
+        """
+        import time
+
+        params = SamplingParams(temperature, top_p, seed, max_new_tokens, stop_at_eos)
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        rows = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise InputError("every prompt needs at least one token")
+        for r in rows:
+            self._check_ids([r])
+            self._check_length(len(r) + max_new_tokens)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        state = self.new_state(len(rows))
+        out: list[list[int]] = [[] for _ in rows]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            last = torch.cat([self.model.forward(torch.tensor([r]), [state.seqs[b]])[:, -1]
+                              for b, r in enumerate(rows)])                                  # [B, V]
+            t1 = time.perf_counter()
+            active, steps = list(range(len(rows))), 0
+            while active and max_new_tokens:
+                nxt = sample(last, params, gen)
+                still = []
+                for j, b in enumerate(active):
+                    tok = int(nxt[j])
+                    out[b].append(tok)
+                    if on_token:
+                        on_token(b, tok)
+                    if not (stop_at_eos and tok == self.config.eos_token_id) and len(out[b]) < max_new_tokens:
+                        still.append((j, b))
+                if not still:
+                    break
+                keep = torch.tensor([j for j, _ in still])
+                active = [b for _, b in still]
+                last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1]
+                steps += len(active)
+            t2 = time.perf_counter()
+        texts = [self.tokenizer.decode(o) for o in out]
+        return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)
+
+    def describe(self) -> str:
+        c = self.config
+        kinds = ", ".join(c.layer_kind(i) for i in range(c.num_layers))
+        return (f"{self.checkpoint} | backend {self.backend} | numerics {self.numerics} | "
+                f"{c.num_layers} layers [{kinds}] | d={c.hidden_size} | vocab {c.vocab_size} | "
+                f"tokenizer {self.tokenizer.name}")

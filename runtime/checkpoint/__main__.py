@@ -1,0 +1,47 @@
+"""`python -m runtime.checkpoint make|check`: write a small official-layout checkpoint, or validate one.
+
+    python -m runtime.checkpoint make --preset tiny --out checkpoints/tiny [--seed 0]
+    python -m runtime.checkpoint check checkpoints/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import V4Error
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mk = sub.add_parser("make", help="write a random model in the official layout")
+    mk.add_argument("--preset", default="tiny", help="model preset (default: tiny; flash/pro are far too large)")
+    mk.add_argument("--out", required=True, help="folder to write")
+    mk.add_argument("--seed", type=int, default=0)
+    ck = sub.add_parser("check", help="validate a checkpoint folder against its config.json")
+    ck.add_argument("path")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "make":
+            from .make import make_preset
+
+            if args.preset != "tiny":
+                raise V4Error(f"preset {args.preset!r} is a full-size model; only 'tiny' can be generated here")
+            out = make_preset(args.out, args.preset, seed=args.seed, progress=True)
+            print(f"checkpoint written to {out}")
+        else:
+            from .loader import load_checkpoint
+
+            ck = load_checkpoint(args.path)
+            print(f"{args.path}: OK, {len(ck.tensors)} tensors, experts {ck.expert_format}, "
+                  f"{ck.config.num_layers} layers ({', '.join(ck.config.layer_kind(i) for i in range(ck.config.num_layers))})")
+    except V4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""V4 hybrid attention: sliding window + (CSA | HCA | nothing), one shared K=V head (spec §7-§10).
+
+Token-wise work (projections, norms, RoPE) runs on all B*S tokens of a chunk at once; the parts that depend
+on a sequence's history (compressor, indexer, gathering KV rows) run per sequence against its state, so
+prefill, chunked prefill and one-token decode are the same code path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.norm_rope import rope_cos_sin, rope_frequencies
+from .params import Params, project
+from .state import LayerState, Pending, Rows
+
+
+class Rope:
+    """The layer's RoPE: compressed layers use compress_rope_theta + YaRN, window-only layers rope_theta."""
+
+    def __init__(self, cfg, layer: int, ops):
+        ratio = cfg.ratio(layer)
+        base, yarn = (cfg.compress_rope_theta, cfg.yarn) if ratio else (cfg.rope_theta, None)
+        self.freqs, self.dim, self.ops = rope_frequencies(cfg.rope_dim, base, yarn), cfg.rope_dim, ops
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate the trailing rope dims of x [T, ..., D] at positions [T]."""
+        cos, sin = rope_cos_sin(self.freqs, positions)
+        while cos.dim() < x.dim():
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        rot = self.ops.apply_rope(x[..., -self.dim:], cos, sin, inverse=inverse)
+        return torch.cat((x[..., :-self.dim], self.ops.round_act(rot)), dim=-1)
+
+
+class Compressor:
+    """Gated softmax pooling of `ratio` tokens into one entry (CSA: overlapping 2x ratio slots)."""
+
+    def __init__(self, p: Params, cfg, ratio: int, overlap: bool, rope: Rope, ops, finish):
+        self.wkv, self.wgate = p("wkv.weight"), p("wgate.weight")   # [coff*c, d]
+        self.ape, self.norm = p("ape"), p("norm.weight")             # [ratio, coff*c], [c]
+        self.m, self.overlap, self.c = ratio, overlap, self.norm.shape[0]
+        self.rope, self.ops, self.eps, self.finish = rope, ops, cfg.norm_eps, finish
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """Per-token values and gate scores (ape added), float32: [T, coff*c] each."""
+        kv = self.ops.linear(x, self.wkv)
+        score = self.ops.linear(x, self.wgate) + self.ape[positions % self.m]
+        return kv, score
+
+    def advance(self, buf: Pending, out: Rows, kv: torch.Tensor, score: torch.Tensor, p0: int) -> None:
+        """Add tokens [p0, p0+S) of one sequence, emit every window they complete into `out`."""
+        m, c = self.m, self.c
+        all_kv, all_sc = torch.cat((buf.kv, kv)), torch.cat((buf.score, score))
+        start, end = buf.start, p0 + kv.shape[0]
+        first, stop = p0 // m, end // m            # windows [first, stop) close in this chunk
+        if stop > first:
+            lo = (first - 1) * m if self.overlap else first * m
+            if lo < start:                        # CSA window -1 does not exist: empty slots
+                pad = start - lo
+                all_kv = torch.cat((all_kv.new_zeros(pad, all_kv.shape[1]), all_kv))
+                all_sc = torch.cat((all_sc.new_full((pad, all_sc.shape[1]), float("-inf")), all_sc))
+                start = lo
+            seg = slice(lo - start, stop * m - start)
+            wkv, wsc = all_kv[seg].unflatten(0, (-1, m)), all_sc[seg].unflatten(0, (-1, m))
+            if self.overlap:                      # entry w = [window w-1 first half | window w second half]
+                wkv = torch.cat((wkv[:-1, :, :c], wkv[1:, :, c:]), dim=1)    # [nw, 2m, c]
+                wsc = torch.cat((wsc[:-1, :, :c], wsc[1:, :, c:]), dim=1)
+            pooled = self.ops.round_act(self.ops.compress_pool(wkv, wsc))  # [nw, c]
+            pooled = self.ops.round_act(self.ops.rms_norm(pooled, self.norm, self.eps))
+            pooled = self.rope(pooled, torch.arange(first, stop) * m)     # RoPE at each window's start
+            out.append(self.finish(pooled))
+        keep = stop * m - (m if self.overlap and stop > 0 else 0)
+        buf.kv, buf.score, buf.start = all_kv[keep - start:].clone(), all_sc[keep - start:].clone(), keep
+
+
+class Indexer:
+    """Lightning indexer: scores compressed entries per query, keeps the top `index_topk` (spec §9)."""
+
+    def __init__(self, p: Params, cfg, rope: Rope, ops):
+        self.wq_b, self.weights_proj = p.linear("wq_b"), p.linear("weights_proj")
+        self.h, self.d, self.topk, self.ops, self.rope = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ops, rope
+        self.compressor = Compressor(p.sub("compressor"), cfg, 4, True, rope, ops, ops.indexer_qat)
+
+    def queries(self, qr: torch.Tensor, x: torch.Tensor, positions: torch.Tensor):
+        q = project(self.ops, qr, self.wq_b).unflatten(-1, (self.h, self.d))      # [T, h, d]
+        q = self.ops.indexer_qat(self.rope(q, positions))
+        w = project(self.ops, x, self.weights_proj) * (self.d ** -0.5 * self.h ** -0.5)   # [T, h]
+        return q, w
+
+
+class Attention:
+    def __init__(self, p: Params, cfg, layer: int, ops):
+        self.cfg, self.ops, self.ratio = cfg, ops, cfg.ratio(layer)
+        self.H, self.D, self.nope, self.G = cfg.num_heads, cfg.head_dim, cfg.nope_dim, cfg.o_groups
+        self.rope = Rope(cfg, layer, ops)
+        self.wq_a, self.wq_b, self.wkv = p.linear("wq_a"), p.linear("wq_b"), p.linear("wkv")
+        self.q_norm, self.kv_norm, self.sink = p("q_norm.weight"), p("kv_norm.weight"), p("attn_sink")
+        wo_a = p.linear("wo_a")
+        # wo_a [G*o_lora, H/G*D] viewed per group: group g maps heads g*H/G..(g+1)*H/G-1 to its o_lora slice.
+        self.wo_a = wo_a.weight.view(self.G, -1, wo_a.weight.shape[1])
+        self.wo_b = p.linear("wo_b")
+        self.compressor = self.indexer = None
+        if self.ratio:
+            csa = cfg.is_csa(layer)
+            self.compressor = Compressor(p.sub("compressor"), cfg, self.ratio, csa, self.rope, ops, self._kv_qat)
+            if csa:
+                self.indexer = Indexer(p.sub("indexer"), cfg, self.rope, ops)
+
+    def _kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
+        """FP8 simulation of the non-RoPE dims (identity in exact numerics)."""
+        return torch.cat((self.ops.kv_qat(kv[..., :self.nope]), kv[..., self.nope:]), dim=-1)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
+        """x [B, S, d] (after attn_norm), positions [B, S] -> [B, S, d]."""
+        ops, eps = self.ops, self.cfg.norm_eps
+        B, S, _ = x.shape
+        xt, pos = x.reshape(B * S, -1), positions.reshape(-1)
+        qr = ops.round_act(ops.rms_norm(project(ops, xt, self.wq_a), self.q_norm, eps))        # [T, q_lora]
+        q = project(ops, qr, self.wq_b).unflatten(-1, (self.H, self.D))                          # [T, H, D]
+        q = self.rope(ops.round_act(ops.rms_norm(q, None, eps)), pos)
+        kv = ops.round_act(ops.rms_norm(project(ops, xt, self.wkv), self.kv_norm, eps))        # [T, D]
+        kv = self._kv_qat(self.rope(kv, pos))
+        if self.compressor is not None:
+            ckv, csc = self.compressor.project(xt, pos)
+        if self.indexer is not None:
+            iq, iw = self.indexer.queries(qr, xt, pos)
+            ikv, isc = self.indexer.compressor.project(xt, pos)
+
+        o = torch.empty_like(q)
+        for b in range(B):
+            tok, st, p0 = slice(b * S, (b + 1) * S), states[b], int(positions[b, 0])
+            pool, win_idx = self._window(st, kv[tok], p0)
+            idx = [win_idx]
+            if self.compressor is not None:
+                self.compressor.advance(st.comp_buf, st.comp, ckv[tok], csc[tok], p0)
+                visible = (torch.arange(p0, p0 + S) + 1) // self.ratio     # entries whose window closed
+                if self.indexer is not None:
+                    self.indexer.compressor.advance(st.index_buf, st.index_keys, ikv[tok], isc[tok], p0)
+                    k = min(self.indexer.topk, int(visible[-1]))
+                    sel = ops.indexer_topk(iq[tok], iw[tok], st.index_keys.view(), visible, k)
+                else:                                                       # HCA: every closed entry
+                    sel = torch.arange(int(visible[-1])).expand(S, -1)
+                    sel = torch.where(sel < visible[:, None], sel, -1)
+                idx.append(torch.where(sel >= 0, sel + pool.shape[0], -1))
+                pool = torch.cat((pool, st.comp.view()))
+            o[tok] = ops.sparse_attention(q[tok], pool, torch.cat(idx, dim=1), self.sink, self.D ** -0.5)
+        o = ops.round_act(o)
+        o = self.rope(o, pos, inverse=True)                                    # undo RoPE at the query position
+        z = ops.round_act(torch.einsum("tgk,gok->tgo", o.reshape(B * S, self.G, -1), self.wo_a))  # [T, G, o_lora]
+        return project(ops, z.flatten(1), self.wo_b).view(B, S, -1)
+
+    def _window(self, st: LayerState, kv: torch.Tensor, p0: int):
+        """Rows for the chunk's window attention and each query's window indices into them.
+
+        rows = [the last min(p0, W-1) cached tokens, then the chunk]; query t sees max(0, t-W+1)..t.
+        """
+        W, S = self.cfg.window, kv.shape[0]
+        n_prev = min(p0, W - 1)
+        prev = st.window[(torch.arange(p0 - n_prev, p0)) % W]
+        rows = torch.cat((prev, kv))
+        t = torch.arange(p0, p0 + S)[:, None]
+        absolute = t - W + 1 + torch.arange(W)[None, :]                        # [S, W]
+        idx = torch.where(absolute >= 0, absolute - (p0 - n_prev), -1)
+        keep = min(S, W)                                                       # update the ring
+        st.window[torch.arange(p0 + S - keep, p0 + S) % W] = kv[S - keep:]
+        return rows, idx

@@ -1,0 +1,34 @@
+"""V4 mixture of experts: hash or learned routing, clamped-SwiGLU routed and shared experts (spec §12)."""
+
+from __future__ import annotations
+
+import torch
+
+from .params import Params, project
+
+
+class MoE:
+    def __init__(self, p: Params, cfg, layer: int, ops):
+        self.cfg, self.ops = cfg, ops
+        self.gate_w = p("gate.weight")                                          # [E, d]
+        self.hash = cfg.is_hash_layer(layer)
+        self.tid2eid = p("gate.tid2eid") if self.hash else None                # [vocab, k] int64
+        self.bias = None if self.hash else p("gate.bias")                       # [E]
+        self.experts = [tuple(p.linear(f"experts.{e}.{w}") for w in ("w1", "w2", "w3"))
+                        for e in range(cfg.n_routed_experts)]
+        self.shared = tuple(p.linear(f"shared_experts.{w}") for w in ("w1", "w2", "w3")) \
+            if cfg.n_shared_experts else None
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d] (after ffn_norm), ids [B, S] token ids (hash routing needs them) -> [B, S, d]."""
+        ops, cfg = self.ops, self.cfg
+        xt = x.reshape(-1, x.shape[-1])
+        hashed = self.tid2eid[ids.reshape(-1)] if self.hash else None
+        idx, w = ops.moe_gate(xt, self.gate_w, self.bias, hashed, cfg.experts_per_token, cfg.route_scale)
+        lin = lambda h, l: project(ops, h, l)   # noqa: E731  (quantised-input linears under the numerics)
+        y = ops.routed_experts(xt, idx, w, self.experts, cfg.swiglu_limit, lin, ops.round_act)
+        if self.shared is not None:
+            w1, w2, w3 = self.shared
+            h = ops.round_act(ops.clamped_swiglu(lin(xt, w1), lin(xt, w3), cfg.swiglu_limit))
+            y = y + lin(h, w2)
+        return ops.round_act(y).view_as(x)

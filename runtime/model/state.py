@@ -1,0 +1,105 @@
+"""Decode state: what a sequence keeps between forward calls, per layer (spec §8, §10, §11).
+
+Per sequence and layer:
+- `window`: ring of the last `W` raw KV rows, token p in slot p % W;
+- `comp`: compressed KV entries (ratio > 0), entry w summarising tokens [w*m, (w+1)*m);
+- `comp_buf`: the compressor's pending per-token projections (values and gate scores, `ape` included) for
+  the open window and, for CSA, also the last complete window (the overlap half of the next entry);
+- `index_keys` / `index_buf`: the same two for the lightning indexer's own compressor (CSA only).
+Every sequence has its own position, so a batch may hold sequences of different lengths; `reset(i)`
+clears one sequence for reuse (stale compressor state from an earlier prompt is a known official-code
+pitfall, spec §18 item 17).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Rows:
+    """An append-only [n, dim] float32 buffer with amortised growth (no re-materialisation per step)."""
+
+    def __init__(self, dim: int, capacity: int = 16):
+        self._buf = torch.empty(capacity, dim)
+        self.n = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        need = self.n + rows.shape[0]
+        if need > self._buf.shape[0]:
+            grown = torch.empty(max(need, 2 * self._buf.shape[0]), self._buf.shape[1])
+            grown[: self.n] = self._buf[: self.n]
+            self._buf = grown
+        self._buf[self.n:need] = rows
+        self.n = need
+
+    def view(self) -> torch.Tensor:
+        return self._buf[: self.n]
+
+    def nbytes(self) -> int:
+        return self.n * self._buf.shape[1] * self._buf.element_size()
+
+
+class Pending:
+    """Compressor input rows not yet pooled: values and scores for positions [start, start + n)."""
+
+    def __init__(self, width: int):
+        self.kv = torch.empty(0, width)
+        self.score = torch.empty(0, width)
+        self.start = 0
+
+
+class LayerState:
+    def __init__(self, head_dim: int, window: int, ratio: int, csa: bool, comp_width: int,
+                 index_dim: int, index_width: int):
+        self.window = torch.zeros(window, head_dim)
+        self.comp = Rows(head_dim) if ratio else None
+        self.comp_buf = Pending(comp_width) if ratio else None
+        self.index_keys = Rows(index_dim) if csa else None
+        self.index_buf = Pending(index_width) if csa else None
+
+    def nbytes(self) -> int:
+        total = self.window.numel() * 4
+        for rows in (self.comp, self.index_keys):
+            total += rows.nbytes() if rows is not None else 0
+        for p in (self.comp_buf, self.index_buf):
+            total += (p.kv.numel() + p.score.numel()) * 4 if p is not None else 0
+        return total
+
+
+class SequenceState:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.reset()
+
+    def reset(self) -> None:
+        cfg = self.cfg
+        self.pos = 0          # tokens consumed by the main model
+        self.mtp_pos = 0      # tokens consumed by the MTP block(s)
+        self.layers = []
+        for layer in range(cfg.num_layers + cfg.num_mtp):
+            ratio, csa = cfg.ratio(layer), cfg.is_csa(layer)
+            coff = 2 if csa else 1
+            self.layers.append(LayerState(cfg.head_dim, cfg.window, ratio, csa, coff * cfg.head_dim,
+                                          cfg.index_head_dim, coff * cfg.index_head_dim))
+
+
+class DecodeState:
+    """State of a batch of independent sequences; `rt.forward(ids, state=...)` continues them."""
+
+    def __init__(self, cfg, batch_size: int):
+        self.seqs = [SequenceState(cfg) for _ in range(batch_size)]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def positions(self) -> list[int]:
+        return [s.pos for s in self.seqs]
+
+    def reset(self, i: int | None = None) -> None:
+        for s in (self.seqs if i is None else [self.seqs[i]]):
+            s.reset()
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for s in self.seqs for layer in s.layers)

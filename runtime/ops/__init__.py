@@ -1,0 +1,64 @@
+"""The small set of ops the V4 graph is written against, and the table that binds them.
+
+The model never calls torch kernels for its V4-specific math directly: it calls `ops.<name>(...)` on an
+`OpTable`. The reference table binds every op to its plain float32 implementation in this package (each is
+also the test oracle of any faster implementation); backends build other tables. The numerics ops
+(`round_act`, `quant_act`, `kv_qat`, `indexer_qat`) say where a mode drops precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+from . import attention, compress, mhc, moe, norm_rope, numerics
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w.T with w [out, in]."""
+    return x @ w.T
+
+
+@dataclass(frozen=True)
+class OpTable:
+    linear: Callable
+    rms_norm: Callable
+    apply_rope: Callable
+    sparse_attention: Callable
+    indexer_topk: Callable
+    compress_pool: Callable
+    moe_gate: Callable
+    routed_experts: Callable
+    clamped_swiglu: Callable
+    hc_pre: Callable
+    hc_post: Callable
+    hc_head: Callable
+    round_act: Callable
+    quant_act: Callable
+    kv_qat: Callable
+    indexer_qat: Callable
+    numerics: str = "exact"
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(op, implementation) rows, for printing what the model will run."""
+        rows = []
+        for f in fields(self):
+            if f.name != "numerics":
+                fn = getattr(self, f.name)
+                rows.append((f.name, f"{fn.__module__}.{fn.__qualname__}"))
+        return rows
+
+
+def reference_ops(numerics_mode: str = "exact") -> OpTable:
+    if numerics_mode not in numerics.MODES:
+        raise ConfigError(f"unknown numerics mode {numerics_mode!r}; choose one of: {', '.join(numerics.NUMERICS)}")
+    return OpTable(
+        linear=linear, rms_norm=norm_rope.rms_norm, apply_rope=norm_rope.apply_rope,
+        sparse_attention=attention.sparse_attention, indexer_topk=attention.indexer_topk,
+        compress_pool=compress.compress_pool, moe_gate=moe.moe_gate, routed_experts=moe.routed_experts,
+        clamped_swiglu=moe.clamped_swiglu, hc_pre=mhc.hc_pre, hc_post=mhc.hc_post, hc_head=mhc.hc_head,
+        numerics=numerics_mode, **numerics.MODES[numerics_mode],
+    )

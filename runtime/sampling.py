@@ -1,0 +1,44 @@
+"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling from a seeded generator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 32
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        t, p = self.temperature, self.top_p
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {p!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B]."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sp, si = torch.sort(probs, dim=-1, descending=True, stable=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = (sp.cumsum(-1) - sp) >= params.top_p
+        sp = sp.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
