@@ -37,6 +37,10 @@ OPTIONAL = {
     "tie_word_embeddings": False, "num_key_value_heads": 1, "hidden_act": "silu", "topk_method": "noaux_tc",
 }
 
+# Keys of the shipped configs that carry no model math for this runtime; accepted silently.
+METADATA = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map",
+            "attention_bias", "attention_dropout", "initializer_range", "use_cache", "pad_token_id"}
+
 
 @dataclass(frozen=True)
 class Yarn:
@@ -117,7 +121,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}; "
                               "use the config.json shipped with the checkpoint")
         get = {**OPTIONAL, **cfg}.__getitem__
-        known = set(REQUIRED) | set(OPTIONAL)
+        known = set(REQUIRED) | set(OPTIONAL) | METADATA
         ignored = tuple(sorted(k for k in cfg if k not in known))
 
         n_layers, n_mtp = int(get("num_hidden_layers")), int(get("num_nextn_predict_layers"))
