@@ -122,6 +122,17 @@ class Runtime:
         with torch.inference_mode():
             return self.model.forward(ids, state.seqs)
 
+    def mtp_logits(self, input_ids) -> torch.Tensor:
+        """MTP draft logits for fresh sequences: [B, S-1, vocab], row t predicting token t+2 from the main
+        model's final streams at t and the embedding of token t+1."""
+        ids = self._check_ids(input_ids)
+        if ids.shape[1] < 2:
+            raise InputError("mtp_logits needs at least 2 tokens per row")
+        state = self.new_state(ids.shape[0])
+        with torch.inference_mode():
+            _, X = self.model.forward(ids, state.seqs, return_hidden=True)
+            return self.model.forward_mtp(X[:, :-1], ids[:, 1:], state.seqs)
+
     def _check_length(self, total: int) -> None:
         limit = self.config.max_position
         if total > limit:
