@@ -107,7 +107,6 @@ TINY = {
     "index_n_heads": 16,
     "index_head_dim": 32,
     "index_topk": 16,
-    "max_position_embeddings": 65536,
 }
 
 PRESETS = {"flash": FLASH, "pro": PRO, "tiny": TINY}

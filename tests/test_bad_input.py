@@ -117,7 +117,7 @@ def test_token_ids_and_shapes(tiny_rt):
 
 def test_over_long_prompt_and_bad_sampling(tiny_rt):
     too_long = [2] * (tiny_rt.config.max_position + 1)
-    with pytest.raises(InputError, match="exceeds the model's 65536-token context"):
+    with pytest.raises(InputError, match="exceeds the model's 1048576-token context"):
         tiny_rt.generate([too_long], max_new_tokens=1)
     for kw, msg in (({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
                     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": -2}, "max_new_tokens")):
