@@ -194,6 +194,9 @@ class Runtime:
     def describe(self) -> str:
         c = self.config
         kinds = ", ".join(c.layer_kind(i) for i in range(c.num_layers))
-        return (f"{self.checkpoint} | backend {self.backend} | numerics {self.numerics} | "
+        text = (f"{self.checkpoint} | backend {self.backend} | numerics {self.numerics} | "
                 f"{c.num_layers} layers [{kinds}] | d={c.hidden_size} | vocab {c.vocab_size} | "
                 f"tokenizer {self.tokenizer.name}")
+        if c.ignored_keys:
+            text += f" | config keys not used: {', '.join(c.ignored_keys)}"
+        return text
