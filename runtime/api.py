@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +27,7 @@ from .errors import InputError, V4Error
 from .model.state import DecodeState
 from .model.transformer import Transformer
 from .ops import reference_ops
+from .presets import preset
 from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
 
@@ -39,7 +42,9 @@ def cache_dir() -> Path:
 
 def default_checkpoint(seed: int = 0) -> Path:
     """The embedded default: the tiny preset, generated once into the cache folder and reused."""
-    path = cache_dir() / f"tiny-seed{seed}-v{CHECKPOINT_FORMAT_VERSION}"
+    # Keyed by the generator's inputs, so a changed preset or format never reuses a stale folder.
+    key = hashlib.sha256(json.dumps([preset("tiny"), seed, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode())
+    path = cache_dir() / f"tiny-seed{seed}-{key.hexdigest()[:12]}"
     if not (path / "model.safetensors.index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
