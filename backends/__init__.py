@@ -1,6 +1,29 @@
-"""Backends: faster implementations of the ops in `runtime.ops`, registered per device.
+"""Backends: a device probe, the capabilities it reports, and the op implementations it registers.
 
-This build has one backend, `cpu`, which runs the float32 reference op table (`runtime.ops.reference_ops`).
-CUDA and Ascend backends, with capability probing at load time and a printable dispatch table, are the next
-piece of work; they will register implementations whose oracle is the reference op of the same name.
+`get_backend(name)` returns the backend object; nothing here touches a device or imports a device library
+at import time (torch-npu in particular: installed without CANN it breaks `import torch`). Probing happens
+in `Backend.probe()`, called once by `Runtime.load`.
 """
+
+from __future__ import annotations
+
+from .base import Backend, BackendUnavailable, DeviceInfo
+
+
+def get_backend(name: str) -> Backend:
+    if name == "cpu":
+        from .cpu import CpuBackend
+
+        return CpuBackend()
+    if name == "cuda":
+        from .cuda import CudaBackend
+
+        return CudaBackend()
+    if name == "ascend":
+        from .ascend import AscendBackend
+
+        return AscendBackend()
+    raise BackendUnavailable(f"unknown backend {name!r}; available: cpu, cuda, ascend")
+
+
+__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend"]

@@ -26,14 +26,17 @@ from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
 from .errors import InputError, V4Error
 from .model.state import DecodeState
 from .model.transformer import Transformer
-from .ops import reference_ops
+from backends import get_backend
+from .dispatch import DispatchTable, resolve
+from .ops.numerics import MODES
 from .presets import preset
+from .profile import Profile, load_profile
+from .weight_formats import transform_weights
 from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
 
-# Backends of this build. CUDA / Ascend / ONNX arrive with their issues; until then they are refused by name.
-AVAILABLE_BACKENDS = ("cpu",)
-PLANNED_BACKENDS = ("cuda", "ascend", "onnx")
+# `--backend X` alone picks that backend's default profile.
+DEFAULT_PROFILE = {"cuda": "nvidia-h100", "ascend": "ascend-910b"}
 
 
 def cache_dir() -> Path:
@@ -71,27 +74,39 @@ class Generation:
 
 
 class Runtime:
-    def __init__(self, model: Transformer, tokenizer, checkpoint: Path, backend: str, numerics: str):
+    def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable):
         self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
-        self.checkpoint, self.backend, self.numerics = checkpoint, backend, numerics
+        self.checkpoint, self.profile, self.dispatch = checkpoint, profile, dispatch
+        self.backend, self.numerics = dispatch.backend, dispatch.numerics
 
     @classmethod
-    def load(cls, profile: str = "cpu", checkpoint: str | Path | None = None, numerics: str = "exact",
+    def load(cls, profile: "str | Path | Profile" = "cpu", checkpoint: str | Path | None = None,
+             numerics: str | None = None, emulate: bool = False, allow_fallback: bool = False,
              progress: bool | None = None) -> "Runtime":
-        """Load a checkpoint (default: the tiny generated model) onto a backend.
+        """Load a checkpoint (default: the tiny generated model) for a hardware profile.
 
-        `numerics`: "exact" (float32 ground truth) or "official" (emulation of DeepSeek's bf16/FP8/FP4
-        inference numerics on CPU).
+        `profile`: a shipped profile name (see hardware_profiles/), a backend name (its default profile), a
+        path to a YAML file, or a Profile. `emulate=True` runs the profile's numerics (dtypes, weight format,
+        quantisation) on the CPU reference instead of its device. `numerics` overrides the profile's
+        numerics: "exact" (float32 ground truth) or "official" (DeepSeek's bf16/FP8/FP4 inference numerics).
+        Dispatch is resolved once here (`rt.dispatch`, printable); a missing implementation is an error
+        unless `allow_fallback`.
         """
-        if profile not in AVAILABLE_BACKENDS:
-            if profile in PLANNED_BACKENDS:
-                raise V4Error(f"backend {profile!r} is not available in this build yet; use --backend cpu")
-            raise V4Error(f"unknown backend or profile {profile!r}; available: {', '.join(AVAILABLE_BACKENDS)}")
-        ops = reference_ops(numerics)
+        prof = load_profile(DEFAULT_PROFILE.get(profile, profile) if isinstance(profile, str) else profile)
+        spec, weight_format = prof.numerics, prof.weight_format
+        if numerics is not None:
+            if numerics not in MODES:
+                raise V4Error(f"unknown numerics {numerics!r}; choose one of: {', '.join(MODES)}")
+            spec = MODES[numerics]
+            weight_format = "fp8_block" if numerics == "official" else "float32"
+        backend = get_backend("cpu" if emulate else prof.backend)
+        info = backend.probe()
+        table = resolve(prof, info.backend, info.device, backend.capabilities(info), spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         ck = load_checkpoint(path, progress=progress)
-        model = Transformer(ck.config, ck.tensors, ck.quantized, ops)
-        return cls(model, load_tokenizer(path, ck.config), path, profile, numerics)
+        tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)
+        model = Transformer(ck.config, tensors, quantized, table.ops)
+        return cls(model, load_tokenizer(path, ck.config), path, prof, table)
 
     # ------------------------------------------------------------------ forward
     def new_state(self, batch_size: int = 1) -> DecodeState:
@@ -199,7 +214,9 @@ class Runtime:
     def describe(self) -> str:
         c = self.config
         kinds = ", ".join(c.layer_kind(i) for i in range(c.num_layers))
-        text = (f"{self.checkpoint} | backend {self.backend} | numerics {self.numerics} | "
+        emu = " (emulated on cpu)" if self.dispatch.emulated else ""
+        text = (f"{self.checkpoint} | profile {self.profile.name}{emu} | backend {self.backend} | "
+                f"weights {self.profile.weight_format} | numerics {self.numerics} | "
                 f"{c.num_layers} layers [{kinds}] | d={c.hidden_size} | vocab {c.vocab_size} | "
                 f"tokenizer {self.tokenizer.name}")
         if c.ignored_keys:

@@ -2,6 +2,7 @@
 
     python -m runtime.run --backend cpu --prompt "Hello"             # the tiny default checkpoint
     python -m runtime.run --checkpoint DIR --prompt "..." --temperature 0.8 --top-p 0.9 --seed 1
+    python -m runtime.run --profile ascend-910b --emulate --show-dispatch      # 910B W8A8 numerics on CPU
 
 Errors in the input (checkpoint, backend, prompt, sampling values) print one line and exit with status 2.
 """
@@ -15,7 +16,15 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m runtime.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="cpu", help="backend to run on (this build: cpu)")
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
+                    help="backend; alone it picks the backend's default profile (cpu, nvidia-h100, ascend-910b)")
+    ap.add_argument("--profile", default=None,
+                    help="hardware profile: a name from hardware_profiles/ or a path to a YAML file")
+    ap.add_argument("--emulate", action="store_true",
+                    help="run the profile's numerics (dtypes, weight format, quantisation) on the CPU reference")
+    ap.add_argument("--allow-fallback", action="store_true",
+                    help="use the CPU reference where the profile's backend lacks an implementation (recorded)")
+    ap.add_argument("--show-dispatch", action="store_true", help="print the resolved op dispatch table")
     ap.add_argument("--checkpoint", default=None,
                     help="official-layout checkpoint folder (default: the generated tiny model)")
     ap.add_argument("--prompt", default="Hello, DeepSeek-V4!", help="text prompt")
@@ -23,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible runs)")
-    ap.add_argument("--numerics", default="exact", choices=["exact", "official"],
-                    help="exact float32, or an emulation of DeepSeek's bf16/FP8/FP4 numerics")
+    ap.add_argument("--numerics", default=None, choices=["exact", "official"],
+                    help="override the profile's numerics: exact float32, or DeepSeek's bf16/FP8/FP4 numerics")
     ap.add_argument("--no-eos-stop", action="store_true", help="keep generating past the EOS token")
     ap.add_argument("--quiet", action="store_true", help="print only the generated text")
     return ap
@@ -40,9 +49,12 @@ def main(argv=None) -> int:
     try:
         # Validate sampling values before loading anything.
         SamplingParams(args.temperature, args.top_p, args.seed, args.max_new_tokens)
-        rt = Runtime.load(args.backend, checkpoint=args.checkpoint, numerics=args.numerics)
+        rt = Runtime.load(args.profile or args.backend, checkpoint=args.checkpoint, numerics=args.numerics,
+                          emulate=args.emulate, allow_fallback=args.allow_fallback)
         if not args.quiet:
             print(f"# {rt.describe()}", file=sys.stderr)
+        if args.show_dispatch:
+            print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
         ids = rt.encode(args.prompt)
         text_of = rt.tokenizer.stream_decoder()
 

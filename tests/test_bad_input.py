@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
-from runtime.errors import CheckpointError, ConfigError, InputError
+from runtime.errors import CheckpointError, ConfigError, InputError, V4Error
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_over_long_prompt_and_bad_sampling(tiny_rt):
 
 
 def test_unknown_backend():
-    with pytest.raises(Exception, match="unknown backend or profile 'tpu'"):
+    with pytest.raises(V4Error, match="unknown profile 'tpu'; shipped: ascend-310p, "):
         Runtime.load("tpu")
 
 

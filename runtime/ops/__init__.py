@@ -52,13 +52,16 @@ class OpTable:
         return rows
 
 
-def reference_ops(numerics_mode: str = "exact") -> OpTable:
-    if numerics_mode not in numerics.MODES:
-        raise ConfigError(f"unknown numerics mode {numerics_mode!r}; choose one of: {', '.join(numerics.NUMERICS)}")
+def reference_ops(numerics_mode: "str | numerics.NumericsSpec" = "exact") -> OpTable:
+    """The float32 reference table under a numerics mode ("exact", "official" or a NumericsSpec)."""
+    if isinstance(numerics_mode, str):
+        if numerics_mode not in numerics.MODES:
+            raise ConfigError(f"unknown numerics mode {numerics_mode!r}; choose one of: {', '.join(numerics.NUMERICS)}")
+        numerics_mode = numerics.MODES[numerics_mode]
     return OpTable(
         linear=linear, rms_norm=norm_rope.rms_norm, apply_rope=norm_rope.apply_rope,
         sparse_attention=attention.sparse_attention, indexer_topk=attention.indexer_topk,
         compress_pool=compress.compress_pool, moe_gate=moe.moe_gate, routed_experts=moe.routed_experts,
         clamped_swiglu=moe.clamped_swiglu, hc_pre=mhc.hc_pre, hc_post=mhc.hc_post, hc_head=mhc.hc_head,
-        numerics=numerics_mode, **numerics.MODES[numerics_mode],
+        numerics=numerics_mode.name, **numerics_mode.ops(),
     )

@@ -1,0 +1,21 @@
+"""The CPU backend: runs the float32 reference op table (and, with a profile, its numerics emulation)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .base import DeviceInfo
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def probe(self) -> DeviceInfo:
+        return DeviceInfo("cpu", "cpu", platform.processor() or platform.machine(),
+                          {"threads": torch.get_num_threads()})
+
+    def capabilities(self, info: DeviceInfo) -> frozenset[str]:
+        # bf16 / fp16 are emulated exactly (round-to-dtype), so every float format is available.
+        return frozenset({"fp32", "bf16", "fp16"})

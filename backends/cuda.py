@@ -1,0 +1,33 @@
+"""The CUDA backend: device probe and capabilities by compute capability.
+
+This build has no CUDA op implementations yet (the dispatch table says so and strict loading refuses);
+`--emulate` runs a CUDA profile's numerics on the CPU reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BackendUnavailable, DeviceInfo
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def probe(self) -> DeviceInfo:
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(
+                "backend 'cuda' unavailable: torch.cuda.is_available() is False (no NVIDIA GPU, or a CPU-only "
+                "torch build); install a CUDA build of torch on a GPU machine, or add --emulate to run this "
+                "profile's numerics on the CPU")
+        major, minor = torch.cuda.get_device_capability(0)
+        return DeviceInfo("cuda", "cuda:0", torch.cuda.get_device_name(0), {"sm": major * 10 + minor})
+
+    def capabilities(self, info: DeviceInfo) -> frozenset[str]:
+        sm = info.details["sm"]
+        caps = {"fp32", "fp16", "graph_capture"}
+        if sm >= 80:
+            caps.add("bf16")
+        if sm >= 89:                       # Ada and Hopper have FP8 tensor cores; Ampere does not
+            caps.add("fp8_gemm")
+        return frozenset(caps)

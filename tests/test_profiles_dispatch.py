@@ -1,0 +1,120 @@
+"""Hardware profiles (validation), dispatch resolution (strict / fallback / preferences) and backends."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from runtime.dispatch import DispatchError, _REGISTRY, register, resolve
+from runtime.ops.numerics import MODES
+from runtime.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile, shipped_profiles
+
+SHIPPED = ["ascend-310p", "ascend-910b", "ascend-910c", "ascend-950", "cpu", "cpu-bf16", "nvidia-a100",
+           "nvidia-h100", "nvidia-h200", "rtx-4090"]
+
+
+def test_every_shipped_profile_loads():
+    assert shipped_profiles() == SHIPPED
+    for name in SHIPPED:
+        p = load_profile(name)
+        assert p.name == name and p.memory_gib.value > 0 and p.bandwidth_gbps.source
+    assert load_profile("cpu").numerics == MODES["exact"]
+    assert load_profile("nvidia-h100").numerics == MODES["official"]
+    assert not load_profile("ascend-910b").supports("fp8_gemm")
+    assert load_profile("ascend-310p").compute_dtype == "float16"
+    p = load_profile(PROFILE_DIR / "cpu-bf16.yaml")
+    assert load_profile(p) is p
+
+
+def _raw(name="ascend-910b"):
+    return yaml.safe_load((PROFILE_DIR / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda r: r.update(turbo=True), "key 'turbo' is not a profile key; allowed: act_quant"),
+    (lambda r: r.update(compute_dtype=16), "key 'compute_dtype' must be a string"),
+    (lambda r: r["memory_gib"].update(value=-64), "key 'memory_gib.value' must be a positive number"),
+    (lambda r: r.update(backend="tpu"), "key 'backend' is 'tpu'; allowed: cpu, cuda, ascend"),
+    (lambda r: r.update(weight_format="fp8_block"), "key 'weight_format' is 'fp8_block' but the chip lacks capability 'fp8_gemm'"),
+    (lambda r: r.update(kv_dtype="fp8_e4m3"), "key 'kv_dtype' is 'fp8_e4m3' but the chip lacks capability 'fp8_gemm'"),
+    (lambda r: r.pop("capabilities"), "key 'capabilities' is missing"),
+    (lambda r: r["bandwidth_gbps"].update(confidence="sure"), "bandwidth_gbps.confidence' must be one of high"),
+    (lambda r: r.update(kernel_limits={"window": 0}), "kernel_limits' must map names to positive integers"),
+    (lambda r: r.update(capabilities=["warp_drive"]), "capabilities' must be a list drawn from"),
+])
+def test_bad_profiles(edit, msg):
+    raw = _raw()
+    edit(raw)
+    with pytest.raises(ProfileError) as e:
+        parse_profile(raw, "bad.yaml")
+    assert str(e.value).startswith("bad.yaml: ") and msg in str(e.value)
+
+
+def test_profile_file_errors(tmp_path):
+    with pytest.raises(ProfileError, match="unknown profile 'h900'; shipped: ascend-310p"):
+        load_profile("h900")
+    (tmp_path / "x.yaml").write_text("name: [unclosed")
+    with pytest.raises(ProfileError, match="not valid YAML"):
+        load_profile(tmp_path / "x.yaml")
+    (tmp_path / "y.yaml").write_text("!!python/object/apply:os.system ['true']")  # safe_load refuses objects
+    with pytest.raises(ProfileError):
+        load_profile(tmp_path / "y.yaml")
+
+
+def test_cpu_dispatch_is_the_reference():
+    t = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], False, False)
+    assert all(r.impl.startswith(("reference:", "numerics:")) for r in t.rows)
+    assert "sparse_attention  reference:attention.sparse_attention" in t.format()
+    assert t.as_dict()["ops"][0]["op"] == "linear"
+
+
+def test_strict_dispatch_refuses_and_fallback_is_recorded():
+    prof = load_profile("nvidia-h100")
+    caps = frozenset({"fp32", "bf16", "fp8_gemm"})
+    with pytest.raises(DispatchError, match="profile nvidia-h100: op linear has no usable cuda implementation"):
+        resolve(prof, "cuda", "cuda:0", caps, prof.numerics, False, False)
+    t = resolve(prof, "cuda", "cuda:0", caps, prof.numerics, False, True)
+    assert all(r.reason.startswith(("fallback", "profile numerics")) for r in t.rows)
+
+
+def test_registered_implementation_is_chosen_only_with_its_capability():
+    saved = copy.deepcopy({k: dict(v) for k, v in _REGISTRY.items()})
+    try:
+        register("linear", "cuda.fp8_scaled_mm", "cuda", requires=("fp8_gemm",))(lambda x, w: x @ w.T)
+        prof = load_profile("nvidia-h100")
+        t = resolve(prof, "cuda", "cuda:0", frozenset({"fp8_gemm", "bf16"}), prof.numerics, False, True)
+        assert t.rows[0].impl == "cuda.fp8_scaled_mm" and t.rows[0].where == "cuda"
+        t = resolve(prof, "cuda", "cuda:0", frozenset({"bf16"}), prof.numerics, False, True)
+        assert t.rows[0].impl.startswith("reference") and "needs fp8_gemm" in t.rows[0].reason
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+
+
+def test_profile_preference_for_a_missing_implementation():
+    raw = _raw("cpu")
+    raw["prefer"] = {"sparse_attention": ["cpu.flash_sparse"]}
+    prof = parse_profile(raw, "pref.yaml")
+    with pytest.raises(DispatchError, match="op sparse_attention .*cpu.flash_sparse is not in this build"):
+        resolve(prof, "cpu", "cpu", frozenset(), MODES["exact"], False, False)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.run", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unavailable_backends_exit_2_with_one_line():
+    r = _run("--backend", "ascend")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "torch-npu is not installed" in r.stderr and "CANN" in r.stderr and "--emulate" in r.stderr
+    r = _run("--profile", "nvidia-a100")
+    assert r.returncode == 2 and "backend 'cuda' unavailable" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_cli_emulate_shows_dispatch(tiny_ckpt):
+    r = _run("--profile", "ascend-910b", "--emulate", "--show-dispatch", "--checkpoint", str(tiny_ckpt),
+             "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "EMULATED on CPU" in r.stderr and "quant_act         numerics:int8_per_token" in r.stderr
