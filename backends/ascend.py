@@ -7,6 +7,7 @@ NPU op implementations yet; `--emulate` runs an Ascend profile's numerics on the
 
 from __future__ import annotations
 
+from . import ascend_ops  # noqa: F401  (registers the adapters; does not import torch-npu)
 from .base import BackendUnavailable, DeviceInfo
 
 INSTALL_HINT = ("pip install '.[ascend]' (torch-npu matching your torch) on a machine with CANN >= 9.1.0, "

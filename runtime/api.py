@@ -102,6 +102,11 @@ class Runtime:
         backend = get_backend("cpu" if emulate else prof.backend)
         info = backend.probe()
         table = resolve(prof, info.backend, info.device, backend.capabilities(info), spec, emulate, allow_fallback)
+        if info.backend != "cpu":
+            # Device execution (weights and state on cuda / npu) is not wired yet: refuse rather than run a
+            # half-CPU, half-device model. The adapters are proven against CPU twins (tests).
+            raise V4Error(f"backend {info.backend!r} was found ({info.name}) but this build cannot yet run the "
+                          f"model on it; add --emulate to run profile {prof.name}'s numerics on the CPU")
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         ck = load_checkpoint(path, progress=progress)
         tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)
