@@ -21,19 +21,20 @@ from typing import Callable, Sequence
 
 import torch
 
+from backends import get_backend
+
 from .checkpoint import load_checkpoint
 from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
+from .dispatch import DispatchTable, resolve
 from .errors import InputError, V4Error
 from .model.state import DecodeState
 from .model.transformer import Transformer
-from backends import get_backend
-from .dispatch import DispatchTable, resolve
 from .ops.numerics import MODES
 from .presets import preset
 from .profile import Profile, load_profile
-from .weight_formats import transform_weights
 from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
+from .weight_formats import transform_weights
 
 # `--backend X` alone picks that backend's default profile.
 DEFAULT_PROFILE = {"cuda": "nvidia-h100", "ascend": "ascend-910b"}
@@ -101,12 +102,12 @@ class Runtime:
             weight_format = "fp8_block" if numerics == "official" else "float32"
         backend = get_backend("cpu" if emulate else prof.backend)
         info = backend.probe()
-        table = resolve(prof, info.backend, info.device, backend.capabilities(info), spec, emulate, allow_fallback)
         if info.backend != "cpu":
             # Device execution (weights and state on cuda / npu) is not wired yet: refuse rather than run a
-            # half-CPU, half-device model. The adapters are proven against CPU twins (tests).
+            # half-CPU, half-device model. The Ascend adapters are proven against CPU twins (tests).
             raise V4Error(f"backend {info.backend!r} was found ({info.name}) but this build cannot yet run the "
                           f"model on it; add --emulate to run profile {prof.name}'s numerics on the CPU")
+        table = resolve(prof, info.backend, info.device, backend.capabilities(info), spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         ck = load_checkpoint(path, progress=progress)
         tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)

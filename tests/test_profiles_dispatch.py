@@ -118,3 +118,10 @@ def test_cli_emulate_shows_dispatch(tiny_ckpt):
              "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "EMULATED on CPU" in r.stderr and "quant_act         numerics:int8_per_token" in r.stderr
+
+
+def test_imports_have_no_device_side_effects():
+    code = ("import sys, runtime, runtime.api, runtime.run, backends, backends.ascend, backends.cuda; "
+            "assert 'torch_npu' not in sys.modules, 'torch_npu imported at import time'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
