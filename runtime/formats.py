@@ -165,9 +165,11 @@ def fp8_roundtrip(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def fp4_roundtrip(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """Quantise-dequantise the last dim in blocks of `block` to e2m1 with power-of-two scales."""
+    """Quantise-dequantise the last dim in blocks of `block` to e2m1 with power-of-two scales.
+
+    The official `fp4_act_quant` floors the block max at 6 * 2^-126 (FP8 uses 1e-4) so a zero block stays 0."""
     b = x.unflatten(-1, (x.shape[-1] // block, block))
-    s = pow2_scale(b.abs().amax(-1, keepdim=True).clamp(min=1e-4), FP4_MAX)
+    s = pow2_scale(b.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126), FP4_MAX)
     return (round_e2m1(b / s) * s).flatten(-2)
 
 
