@@ -5,7 +5,9 @@ CPU semantic twin in tests) and states the layout and dtype it converts to. They
 `ascend`; `get_torch_npu()` imports torch-npu lazily, only when an Ascend dispatch table is built.
 
 Status: adapters exist for the ops whose torch-npu semantics are documented precisely (RMS norm, interleaved
-RoPE, clipped SwiGLU). They are proven against CPU twins of the documented semantics, not on an NPU.
+RoPE, clipped SwiGLU, and the W8A8 linear = dynamic per-token quant + quant matmul). They are proven against
+CPU twins of the documented semantics, not on an NPU. The W8A8 linear needs int8 weights prepared at load
+(`prepare_w8a8`), so it is not in the dispatch registry until the model carries per-format weights.
 """
 
 from __future__ import annotations
@@ -50,6 +52,26 @@ def clamped_swiglu(npu, g: torch.Tensor, u: torch.Tensor, limit: float) -> torch
     (the op's defaults, 1.702 / 1.0 / 7.0 / True, are GPT-OSS's and would be silently wrong)."""
     return npu.npu_clipped_swiglu(torch.cat((g, u), dim=-1), dim=-1, alpha=1.0, limit=float(limit), bias=0.0,
                                   interleaved=False)
+
+
+def prepare_w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [out, in] float -> (int8 [in, out] contiguous = the op's x2 [K, N], float32 scale [out]).
+    Per-output-channel symmetric INT8, the same codes as runtime.weight_formats' W8A8 emulation."""
+    from runtime.weight_formats import quantize_int8_per_channel
+
+    codes, scale = quantize_int8_per_channel(w.float())
+    return codes.t().contiguous(), scale
+
+
+def linear_w8a8(npu, x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 linear: `npu_dynamic_quant` (per-token symmetric INT8 of a bf16 activation, scale = rowmax/127)
+    then `npu_quant_matmul(x1 int8 [M, K], x2 int8 [K, N], scale fp32 [N], pertoken_scale fp32 [M],
+    output_dtype=bf16)` = (x1 @ x2) * scale[n] * pertoken_scale[m]. Activations go in as bf16 (the op
+    takes fp16 / bf16 only); the result comes back as bf16."""
+    lead = x.shape[:-1]
+    xq, xs = npu.npu_dynamic_quant(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+    y = npu.npu_quant_matmul(xq, w_kn, scale.float(), pertoken_scale=xs.float(), output_dtype=torch.bfloat16)
+    return y.reshape(*lead, -1)
 
 
 ADAPTERS = {"rms_norm": ("ascend.npu_rms_norm", rms_norm),

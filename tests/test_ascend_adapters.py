@@ -53,6 +53,24 @@ def test_clipped_swiglu_adapter_uses_v4_constants():
     assert not torch.allclose(wrong, ref, atol=1e-2)
 
 
+def test_w8a8_linear_adapter_matches_the_emulated_numerics():
+    from runtime.ops.numerics import int8_roundtrip
+    from runtime.weight_formats import dequantize_int8_per_channel, quantize_int8_per_channel
+
+    w = torch.randn(48, 256, generator=G) / 16
+    x = torch.randn(3, 5, 256, generator=G).bfloat16().float()            # a bf16 activation
+    w_kn, scale = ascend_ops.prepare_w8a8(w)
+    assert w_kn.shape == (256, 48) and w_kn.is_contiguous() and w_kn.dtype == torch.int8
+    got = ascend_ops.linear_w8a8(twin, x, w_kn, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 5, 48)
+    # what the ascend-910b emulation computes for the same linear (weights and activations round-tripped)
+    ref = int8_roundtrip(x) @ dequantize_int8_per_channel(*quantize_int8_per_channel(w)).T
+    assert torch.allclose(got.float(), ref, rtol=2 ** -7, atol=1e-3)
+    # passing the weight as [out, in] (not transposed to [K, N]) is caught by the twin
+    with pytest.raises(AssertionError, match=r"\[.., M, K\] @ \[.., K, N\]"):
+        ascend_ops.linear_w8a8(twin, x, w_kn.t().contiguous(), scale)
+
+
 def test_twin_rejects_wrong_layouts():
     x = torch.randn(2, 3, 4, 8)
     with pytest.raises(AssertionError, match="4-D"):

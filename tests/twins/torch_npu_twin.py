@@ -4,7 +4,8 @@ THIS IS A TWIN, NOT TORCH-NPU: each function has the real op's signature (names,
 implements its *documented* semantics in float32, and it enforces the documented input constraints (rank,
 layout broadcast rules, dtype agreement) so an adapter that passes the wrong layout, dtype or parameters
 fails here. It says nothing about NPU kernel numerics or speed. Sources: the torch-npu API pages for
-npu_rms_norm, npu_rotary_mul (rotary_mode 'half' | 'interleave') and aclnnClippedSwiglu (spec ascend.md §2).
+npu_rms_norm, npu_rotary_mul (rotary_mode 'half' | 'interleave'), aclnnClippedSwiglu, npu_dynamic_quant and
+npu_quant_matmul (spec ascend.md §2).
 """
 
 from __future__ import annotations
@@ -55,3 +56,33 @@ def npu_clipped_swiglu(x: torch.Tensor, *, group_index=None, dim: int = -1, alph
     a = a.clamp(max=limit)
     b = b.clamp(-limit, limit)
     return (a * torch.sigmoid(alpha * a) * (b + bias)).movedim(-1, dim).to(x.dtype)
+
+
+def npu_dynamic_quant(input: torch.Tensor, *, smooth_scales=None, group_index=None, dst_type=None):
+    """Per-token symmetric INT8: scale = max|x| over the last dim / 127, y = round(x / scale)."""
+    assert input.dtype in (torch.float16, torch.bfloat16) and input.dim() > 1, "npu_dynamic_quant: fp16/bf16, dim > 1"
+    assert smooth_scales is None and group_index is None and dst_type in (None, torch.int8)
+    x = input.float()
+    scale = x.abs().amax(-1) / 127.0
+    y = torch.round(x / scale.clamp(min=1e-12)[..., None]).clamp(-127, 127).to(torch.int8)
+    return y, scale
+
+
+def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *, offset=None, pertoken_scale=None,
+                     bias=None, output_dtype=None):
+    """(x1 @ x2) accumulated exactly in int32, times scale[n] (per channel) and pertoken_scale[m]."""
+    assert x1.dtype == torch.int8 and x2.dtype == torch.int8, "npu_quant_matmul: int8 x1 and x2"
+    assert 2 <= x1.dim() <= 6 and x2.dim() >= 2 and x1.shape[-1] == x2.shape[-2], "npu_quant_matmul: [.., M, K] @ [.., K, N]"
+    n = x2.shape[-1]
+    assert scale.dim() == 1 and scale.shape[0] in (1, n) and scale.dtype in (torch.float32, torch.bfloat16), \
+        "npu_quant_matmul: scale (1,) or (n,) float32 / bfloat16"
+    assert output_dtype in (None, torch.int8, torch.float16, torch.bfloat16)
+    acc = (x1.to(torch.int64) @ x2.to(torch.int64)).to(torch.float64)          # exact integer accumulation
+    y = acc * scale.double()
+    if pertoken_scale is not None:
+        assert pertoken_scale.dtype == torch.float32 and pertoken_scale.shape == x1.shape[:-1], \
+            "npu_quant_matmul: pertoken_scale (m,) float32"
+        y = y * pertoken_scale.double()[..., None]
+    if output_dtype in (None, torch.int8):
+        return torch.round(y).clamp(-128, 127).to(torch.int8)
+    return y.to(output_dtype)
