@@ -66,3 +66,16 @@ def test_state_reset_forgets_the_previous_prompt(tiny_rt, ids, full):
     assert (got - full[:, :50]).abs().max().item() <= TOL
     state.reset(0)
     assert state.positions == [0, 50]
+
+
+def test_state_bytes_follow_the_layer_schedule(tiny_rt, ids):
+    """Fixed window per layer + growth only in compressed layers + bounded compressor buffers (float32)."""
+    state = tiny_rt.new_state(1)
+    tiny_rt.forward(ids[:1], state=state)                       # 300 tokens
+    c, f = tiny_rt.config, 4
+    D, I = c.head_dim, c.index_head_dim
+    windows = (c.num_layers + c.num_mtp) * c.window * D * f
+    csa = 2 * ((300 // 4) * (D + I) * f + 4 * 2 * (2 * D + 2 * I) * f)   # entries + [prev window] kv/score rows
+    hca128 = (300 // 128) * D * f + (300 % 128) * 2 * D * f
+    hca16 = (300 // 16) * D * f + (300 % 16) * 2 * D * f
+    assert state.nbytes() == windows + csa + hca128 + hca16

@@ -30,9 +30,6 @@ class Params:
     def __call__(self, name: str) -> torch.Tensor:
         return self._t[self._prefix + name]
 
-    def has(self, name: str) -> bool:
-        return self._prefix + name in self._t
-
     def linear(self, name: str) -> Linear:
         full = f"{self._prefix}{name}.weight"
         return Linear(self._t[full], full in self._q)

@@ -8,7 +8,7 @@ also the test oracle of any faster implementation); backends build other tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,15 +41,6 @@ class OpTable:
     kv_qat: Callable
     indexer_qat: Callable
     numerics: str = "exact"
-
-    def describe(self) -> list[tuple[str, str]]:
-        """(op, implementation) rows, for printing what the model will run."""
-        rows = []
-        for f in fields(self):
-            if f.name != "numerics":
-                fn = getattr(self, f.name)
-                rows.append((f.name, f"{fn.__module__}.{fn.__qualname__}"))
-        return rows
 
 
 def reference_ops(numerics_mode: "str | numerics.NumericsSpec" = "exact") -> OpTable:
