@@ -1,13 +1,14 @@
-"""The CUDA backend: device probe and capabilities by compute capability.
+"""The CUDA backend: device probe and capabilities by compute capability; its ops are in cuda_ops.py.
 
-This build has no CUDA op implementations yet (the dispatch table says so and strict loading refuses);
-`--emulate` runs a CUDA profile's numerics on the CPU reference.
+The probe runs at `Runtime.load`, never at import. `--emulate` runs a CUDA profile's numerics on the CPU
+reference instead of a GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import cuda_ops  # noqa: F401  (registers the CUDA implementations; touches no device)
 from .base import BackendUnavailable, DeviceInfo
 
 

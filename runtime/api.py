@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from backends import get_backend
+from backends import BackendUnavailable, get_backend
 
 from .checkpoint import load_checkpoint
 from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
@@ -31,9 +31,10 @@ from .model.state import DecodeState
 from .model.transformer import Transformer
 from .ops.numerics import MODES
 from .presets import preset
-from .profile import Profile, load_profile
+from .profile import Profile, capabilities_needed, load_profile
 from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
+from .device_weights import pack_weights
 from .weight_formats import transform_weights
 
 # `--backend X` alone picks that backend's default profile.
@@ -102,15 +103,24 @@ class Runtime:
             weight_format = "fp8_block" if numerics == "official" else "float32"
         backend = get_backend("cpu" if emulate else prof.backend)
         info = backend.probe()
-        if info.backend != "cpu":
-            # Device execution (weights and state on cuda / npu) is not wired yet: refuse rather than run a
-            # half-CPU, half-device model. The Ascend adapters are proven against CPU twins (tests).
-            raise V4Error(f"backend {info.backend!r} was found ({info.name}) but this build cannot yet run the "
-                          f"model on it; add --emulate to run profile {prof.name}'s numerics on the CPU")
-        table = resolve(prof, info.backend, info.device, backend.capabilities(info), spec, emulate, allow_fallback)
+        caps = backend.capabilities(info)
+        # The CPU computes every format's values exactly (that is what emulation is); a device must have them.
+        missing = frozenset() if info.backend == "cpu" else capabilities_needed(weight_format, spec) - caps
+        if missing:
+            raise BackendUnavailable(f"profile {prof.name} needs {', '.join(sorted(missing))} but {info.name} "
+                                     f"({info.device}) does not have it; choose a profile for this device, or add "
+                                     "--emulate to run this profile's numerics on the CPU")
+        table = resolve(prof, info.backend, info.device, caps, spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         ck = load_checkpoint(path, progress=progress)
-        tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)
+        if info.backend == "cpu":
+            # The reference and the emulation compute with float32 values of the weight format.
+            tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)
+        else:
+            # On a device the weights live in the format's own storage (FP8 blocks, INT8 channels, bf16 / fp16).
+            tensors, quantized = pack_weights(ck.tensors, ck.quantized, weight_format, spec.compute, info.device,
+                                              prof.int8_linears)
+        ck.tensors.clear()                # the float32 copy is not needed past this point
         model = Transformer(ck.config, tensors, quantized, table.ops)
         return cls(model, load_tokenizer(path, ck.config), path, prof, table)
 
@@ -118,7 +128,7 @@ class Runtime:
     def new_state(self, batch_size: int = 1) -> DecodeState:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return DecodeState(self.config, batch_size)
+        return DecodeState(self.config, batch_size, self.model.device)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         try:
@@ -146,7 +156,7 @@ class Runtime:
             raise InputError(f"state holds {state.batch_size} sequences but input_ids has {ids.shape[0]} rows")
         self._check_length(max(state.positions) + ids.shape[1])
         with torch.inference_mode():
-            return self.model.forward(ids, state.seqs)
+            return self.model.forward(ids, state.seqs).float().cpu()
 
     def mtp_logits(self, input_ids) -> torch.Tensor:
         """MTP draft logits for fresh sequences: [B, S-1, vocab], row t predicting token t+2 from the main
@@ -157,7 +167,7 @@ class Runtime:
         state = self.new_state(ids.shape[0])
         with torch.inference_mode():
             _, X = self.model.forward(ids, state.seqs, return_hidden=True)
-            return self.model.forward_mtp(X[:, :-1], ids[:, 1:], state.seqs)
+            return self.model.forward_mtp(X[:, :-1], ids[:, 1:], state.seqs).float().cpu()
 
     def _check_length(self, total: int) -> None:
         limit = self.config.max_position
@@ -193,7 +203,8 @@ class Runtime:
         out: list[list[int]] = [[] for _ in rows]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            last = torch.cat([self.model.forward(torch.tensor([r]), [state.seqs[b]])[:, -1]
+            # Sampling runs on the CPU (its generator is a CPU one): one [B, V] copy per step.
+            last = torch.cat([self.model.forward(torch.tensor([r]), [state.seqs[b]])[:, -1].float().cpu()
                               for b, r in enumerate(rows)])                                  # [B, V]
             t1 = time.perf_counter()
             active, steps = list(range(len(rows))), 0
@@ -211,7 +222,7 @@ class Runtime:
                     break
                 keep = torch.tensor([j for j, _ in still])
                 active = [b for _, b in still]
-                last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1]
+                last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1].float().cpu()
                 steps += len(active)
             t2 = time.perf_counter()
         texts = [self.tokenizer.decode(o) for o in out]

@@ -103,7 +103,7 @@ def round_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round float32 values to the nearest e2m1 value (saturating at +-6), ties to the even code."""
-    grid = torch.tensor(FP4_GRID, dtype=torch.float32)
+    grid = torch.tensor(FP4_GRID, dtype=torch.float32, device=x.device)
     a = x.abs().clamp(max=FP4_MAX)
     lo = (torch.bucketize(a, grid, right=True) - 1).clamp(0, 6)
     hi = lo + 1

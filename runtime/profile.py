@@ -95,6 +95,13 @@ def _measure(raw: Any, key: str, bad) -> Measure:
     return Measure(float(v), raw["source"], raw["confidence"])
 
 
+def capabilities_needed(weight_format: str, numerics: NumericsSpec) -> frozenset[str]:
+    """What a weight format and numerics need on the device (checked against the probed device at load)."""
+    chosen = {"weight_format": weight_format, "compute_dtype": numerics.compute, "kv_dtype": numerics.kv,
+              "indexer_dtype": numerics.indexer, "act_quant": numerics.act_quant}
+    return frozenset(cap for (k, v), cap in _NEEDS.items() if chosen[k] == v)
+
+
 def parse_profile(raw: Any, source: str) -> Profile:
     def bad(key: str, msg: str):
         raise ProfileError(f"{source}: key '{key}' {msg}")

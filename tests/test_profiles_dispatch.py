@@ -70,24 +70,41 @@ def test_cpu_dispatch_is_the_reference():
     assert t.as_dict()["ops"][0]["op"] == "linear"
 
 
-def test_strict_dispatch_refuses_and_fallback_is_recorded():
+def test_cuda_dispatch_table():
+    import backends.cuda  # noqa: F401  (registers the CUDA implementations)
+
     prof = load_profile("nvidia-h100")
+    t = resolve(prof, "cuda", "cuda:0", frozenset({"fp32", "bf16", "fp8_gemm"}), prof.numerics, False, False)
+    impl = {r.op: r.impl for r in t.rows}
+    assert impl["linear"] == "cuda.scaled_mm_fp8+bf16_gemm" and impl["sparse_attention"] == "cuda.sdpa_gathered"
+    assert impl["routed_experts"] == "cuda.grouped_mm" and impl["hc_pre"] == "cuda.torch"
+    assert all(r.where == "cuda" for r in t.rows)
+
+
+def test_strict_dispatch_refuses_and_fallback_is_recorded():
+    raw = _raw("nvidia-h100")
+    raw["prefer"] = {"sparse_attention": ["cuda.flash_sparse_v9"]}
+    prof = parse_profile(raw, "pref.yaml")
     caps = frozenset({"fp32", "bf16", "fp8_gemm"})
-    with pytest.raises(DispatchError, match="profile nvidia-h100: op linear has no usable cuda implementation"):
+    with pytest.raises(DispatchError, match="profile nvidia-h100: op sparse_attention has no usable cuda "
+                                            "implementation .cuda.flash_sparse_v9 is not in this build"):
         resolve(prof, "cuda", "cuda:0", caps, prof.numerics, False, False)
     t = resolve(prof, "cuda", "cuda:0", caps, prof.numerics, False, True)
-    assert all(r.reason.startswith(("fallback", "profile numerics")) for r in t.rows)
+    row = next(r for r in t.rows if r.op == "sparse_attention")
+    assert row.reason.startswith("fallback") and row.where == "cpu" and row.impl.startswith("reference:")
 
 
 def test_registered_implementation_is_chosen_only_with_its_capability():
     saved = copy.deepcopy({k: dict(v) for k, v in _REGISTRY.items()})
     try:
-        register("linear", "cuda.fp8_scaled_mm", "cuda", requires=("fp8_gemm",))(lambda x, w: x @ w.T)
+        register("linear", "testdev.fp8_scaled_mm", "testdev", requires=("fp8_gemm",))(lambda x, w: x @ w.T)
         prof = load_profile("nvidia-h100")
-        t = resolve(prof, "cuda", "cuda:0", frozenset({"fp8_gemm", "bf16"}), prof.numerics, False, True)
-        assert t.rows[0].impl == "cuda.fp8_scaled_mm" and t.rows[0].where == "cuda"
-        t = resolve(prof, "cuda", "cuda:0", frozenset({"bf16"}), prof.numerics, False, True)
+        t = resolve(prof, "testdev", "testdev:0", frozenset({"fp8_gemm", "bf16"}), prof.numerics, False, True)
+        assert t.rows[0].impl == "testdev.fp8_scaled_mm" and t.rows[0].where == "testdev"
+        t = resolve(prof, "testdev", "testdev:0", frozenset({"bf16"}), prof.numerics, False, True)
         assert t.rows[0].impl.startswith("reference") and "needs fp8_gemm" in t.rows[0].reason
+        with pytest.raises(DispatchError, match="op linear has no usable testdev implementation"):
+            resolve(prof, "testdev", "testdev:0", frozenset({"bf16"}), prof.numerics, False, False)
     finally:
         _REGISTRY.clear()
         _REGISTRY.update(saved)

@@ -17,10 +17,11 @@ from .state import LayerState, Pending, Rows
 class Rope:
     """The layer's RoPE: compressed layers use compress_rope_theta + YaRN, window-only layers rope_theta."""
 
-    def __init__(self, cfg, layer: int, ops):
+    def __init__(self, cfg, layer: int, ops, device="cpu"):
         ratio = cfg.ratio(layer)
         base, yarn = (cfg.compress_rope_theta, cfg.yarn) if ratio else (cfg.rope_theta, None)
-        self.freqs, self.dim, self.ops = rope_frequencies(cfg.rope_dim, base, yarn), cfg.rope_dim, ops
+        self.freqs = rope_frequencies(cfg.rope_dim, base, yarn).to(device)
+        self.dim, self.ops = cfg.rope_dim, ops
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rotate the trailing rope dims of x [T, ..., D] at positions [T]."""
@@ -66,7 +67,7 @@ class Compressor:
                 wsc = torch.cat((wsc[:-1, :, :c], wsc[1:, :, c:]), dim=1)
             pooled = self.ops.round_act(self.ops.compress_pool(wkv, wsc))  # [nw, c]
             pooled = self.ops.round_act(self.ops.rms_norm(pooled, self.norm, self.eps))
-            pooled = self.rope(pooled, torch.arange(first, stop) * m)     # RoPE at each window's start
+            pooled = self.rope(pooled, torch.arange(first, stop, device=kv.device) * m)  # RoPE at window start
             out.append(self.finish(pooled))
         keep = stop * m - (m if self.overlap and stop > 0 else 0)
         buf.kv, buf.score, buf.start = all_kv[keep - start:].clone(), all_sc[keep - start:].clone(), keep
@@ -91,12 +92,12 @@ class Attention:
     def __init__(self, p: Params, cfg, layer: int, ops):
         self.cfg, self.ops, self.ratio = cfg, ops, cfg.ratio(layer)
         self.H, self.D, self.nope, self.G = cfg.num_heads, cfg.head_dim, cfg.nope_dim, cfg.o_groups
-        self.rope = Rope(cfg, layer, ops)
         self.wq_a, self.wq_b, self.wkv = p.linear("wq_a"), p.linear("wq_b"), p.linear("wkv")
         self.q_norm, self.kv_norm, self.sink = p("q_norm.weight"), p("kv_norm.weight"), p("attn_sink")
-        wo_a = p.linear("wo_a")
-        # wo_a [G*o_lora, H/G*D] viewed per group: group g maps heads g*H/G..(g+1)*H/G-1 to its o_lora slice.
-        self.wo_a = wo_a.weight.view(self.G, -1, wo_a.weight.shape[1])
+        self.rope = Rope(cfg, layer, ops, self.sink.device)
+        # wo_a [G*o_lora, H/G*D]: group g maps heads g*H/G..(g+1)*H/G-1 to its o_lora slice (bf16, not FP8,
+        # in DeepSeek's reference: it is never an FP8 GEMM, so its input is not quantised).
+        self.wo_a = p.linear("wo_a").weight
         self.wo_b = p.linear("wo_b")
         self.compressor = self.indexer = None
         if self.ratio:
@@ -109,8 +110,9 @@ class Attention:
         """FP8 simulation of the non-RoPE dims (identity in exact numerics)."""
         return torch.cat((self.ops.kv_qat(kv[..., :self.nope]), kv[..., self.nope:]), dim=-1)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
-        """x [B, S, d] (after attn_norm), positions [B, S] -> [B, S, d]."""
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, starts: list[int],
+                 states: list[LayerState]) -> torch.Tensor:
+        """x [B, S, d] (after attn_norm), positions [B, S] (row b = starts[b] + 0..S-1) -> [B, S, d]."""
         ops, eps = self.ops, self.cfg.norm_eps
         B, S, _ = x.shape
         xt, pos = x.reshape(B * S, -1), positions.reshape(-1)
@@ -127,25 +129,26 @@ class Attention:
 
         o = torch.empty_like(q)
         for b in range(B):
-            tok, st, p0 = slice(b * S, (b + 1) * S), states[b], int(positions[b, 0])
+            tok, st, p0 = slice(b * S, (b + 1) * S), states[b], starts[b]
             pool, win_idx = self._window(st, kv[tok], p0)
             idx = [win_idx]
             if self.compressor is not None:
                 self.compressor.advance(st.comp_buf, st.comp, ckv[tok], csc[tok], p0)
-                visible = (torch.arange(p0, p0 + S) + 1) // self.ratio     # entries whose window closed
+                visible = (pos[tok] + 1) // self.ratio                      # entries whose window closed
+                n_vis = (p0 + S) // self.ratio                              # = visible[-1], without a sync
                 if self.indexer is not None:
                     self.indexer.compressor.advance(st.index_buf, st.index_keys, ikv[tok], isc[tok], p0)
-                    k = min(self.indexer.topk, int(visible[-1]))
+                    k = min(self.indexer.topk, n_vis)
                     sel = ops.indexer_topk(iq[tok], iw[tok], st.index_keys.view(), visible, k)
                 else:                                                       # HCA: every closed entry
-                    sel = torch.arange(int(visible[-1])).expand(S, -1)
+                    sel = torch.arange(n_vis, device=x.device).expand(S, -1)
                     sel = torch.where(sel < visible[:, None], sel, -1)
                 idx.append(torch.where(sel >= 0, sel + pool.shape[0], -1))
                 pool = torch.cat((pool, st.comp.view()))
             o[tok] = ops.sparse_attention(q[tok], pool, torch.cat(idx, dim=1), self.sink, self.D ** -0.5)
         o = ops.round_act(o)
         o = self.rope(o, pos, inverse=True)                                    # undo RoPE at the query position
-        z = ops.round_act(torch.einsum("tgk,gok->tgo", o.reshape(B * S, self.G, -1), self.wo_a))  # [T, G, o_lora]
+        z = ops.round_act(ops.group_linear(o.reshape(B * S, self.G, -1), self.wo_a))          # [T, G, o_lora]
         return project(ops, z.flatten(1), self.wo_b).view(B, S, -1)
 
     def _window(self, st: LayerState, kv: torch.Tensor, p0: int):
@@ -153,13 +156,13 @@ class Attention:
 
         rows = [the last min(p0, W-1) cached tokens, then the chunk]; query t sees max(0, t-W+1)..t.
         """
-        W, S = self.cfg.window, kv.shape[0]
+        W, S, dev = self.cfg.window, kv.shape[0], kv.device
         n_prev = min(p0, W - 1)
-        prev = st.window[(torch.arange(p0 - n_prev, p0)) % W]
+        prev = st.window[torch.arange(p0 - n_prev, p0, device=dev) % W]
         rows = torch.cat((prev, kv))
-        t = torch.arange(p0, p0 + S)[:, None]
-        absolute = t - W + 1 + torch.arange(W)[None, :]                        # [S, W]
+        t = torch.arange(p0, p0 + S, device=dev)[:, None]
+        absolute = t - W + 1 + torch.arange(W, device=dev)[None, :]            # [S, W]
         idx = torch.where(absolute >= 0, absolute - (p0 - n_prev), -1)
         keep = min(S, W)                                                       # update the ring
-        st.window[torch.arange(p0 + S - keep, p0 + S) % W] = kv[S - keep:]
+        st.window[torch.arange(p0 + S - keep, p0 + S, device=dev) % W] = kv[S - keep:]
         return rows, idx

@@ -25,10 +25,9 @@ class MoE:
         xt = x.reshape(-1, x.shape[-1])
         hashed = self.tid2eid[ids.reshape(-1)] if self.hash else None
         idx, w = ops.moe_gate(xt, self.gate_w, self.bias, hashed, cfg.experts_per_token, cfg.route_scale)
-        lin = lambda h, l: project(ops, h, l)   # noqa: E731  (quantised-input linears under the numerics)
-        y = ops.routed_experts(xt, idx, w, self.experts, cfg.swiglu_limit, lin, ops.round_act)
+        y = ops.routed_experts(xt, idx, w, self.experts, cfg.swiglu_limit, ops)
         if self.shared is not None:
             w1, w2, w3 = self.shared
-            h = ops.round_act(ops.clamped_swiglu(lin(xt, w1), lin(xt, w3), cfg.swiglu_limit))
-            y = y + lin(h, w2)
+            h = ops.round_act(ops.clamped_swiglu(project(ops, xt, w1), project(ops, xt, w3), cfg.swiglu_limit))
+            y = y + project(ops, h, w2)
         return ops.round_act(y).view_as(x)

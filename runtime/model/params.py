@@ -1,8 +1,8 @@
-"""Parameter access for the model: float32 tensors by official checkpoint name.
+"""Parameter access for the model: weights by official checkpoint name.
 
-The loader hands the model a mapping of official tensor names (spec §4, without `.scale` entries) to
-float32 tensors, and the set of names that were stored quantised (FP8 / FP4) on disk; the latter decides
-where the `official` numerics mode quantises a linear's input activations.
+`Runtime.load` hands the model a mapping of official tensor names (spec §4, without `.scale` entries) to
+weights (float32 values for the CPU reference and emulation; the profile's storage formats on a device, see
+`runtime.device_weights`), and the set of linears whose input the numerics quantise (FP8 / INT8).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from typing import Mapping
 
 import torch
 
+from ..ops.linear import project  # noqa: F401  (re-exported for the model modules)
+
 
 @dataclass(frozen=True)
 class Linear:
-    weight: torch.Tensor     # [out, in] float32
-    quantized: bool          # stored as FP8 / FP4 in the checkpoint
+    weight: object           # [out, in]: float32 (reference), or a device storage (runtime.device_weights)
+    quantized: bool          # its input is quantised under the numerics (FP8 / FP4 / INT8 weights)
 
 
 class Params:
@@ -33,11 +35,3 @@ class Params:
     def linear(self, name: str) -> Linear:
         full = f"{self._prefix}{name}.weight"
         return Linear(self._t[full], full in self._q)
-
-
-def project(ops, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-    """A linear layer under the table's numerics: FP8 input quantisation for quantised weights, output
-    rounded to the activation dtype."""
-    if lin.quantized:
-        x = ops.quant_act(x)
-    return ops.round_act(ops.linear(x, lin.weight))

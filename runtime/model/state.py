@@ -19,14 +19,14 @@ import torch
 class Rows:
     """An append-only [n, dim] float32 buffer with amortised growth (no re-materialisation per step)."""
 
-    def __init__(self, dim: int, capacity: int = 16):
-        self._buf = torch.empty(capacity, dim)
+    def __init__(self, dim: int, device="cpu", capacity: int = 16):
+        self._buf = torch.empty(capacity, dim, device=device)
         self.n = 0
 
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
         if need > self._buf.shape[0]:
-            grown = torch.empty(max(need, 2 * self._buf.shape[0]), self._buf.shape[1])
+            grown = self._buf.new_empty(max(need, 2 * self._buf.shape[0]), self._buf.shape[1])
             grown[: self.n] = self._buf[: self.n]
             self._buf = grown
         self._buf[self.n:need] = rows
@@ -42,20 +42,20 @@ class Rows:
 class Pending:
     """Compressor input rows not yet pooled: values and scores for positions [start, start + n)."""
 
-    def __init__(self, width: int):
-        self.kv = torch.empty(0, width)
-        self.score = torch.empty(0, width)
+    def __init__(self, width: int, device="cpu"):
+        self.kv = torch.empty(0, width, device=device)
+        self.score = torch.empty(0, width, device=device)
         self.start = 0
 
 
 class LayerState:
     def __init__(self, head_dim: int, window: int, ratio: int, csa: bool, comp_width: int,
-                 index_dim: int, index_width: int):
-        self.window = torch.zeros(window, head_dim)
-        self.comp = Rows(head_dim) if ratio else None
-        self.comp_buf = Pending(comp_width) if ratio else None
-        self.index_keys = Rows(index_dim) if csa else None
-        self.index_buf = Pending(index_width) if csa else None
+                 index_dim: int, index_width: int, device):
+        self.window = torch.zeros(window, head_dim, device=device)
+        self.comp = Rows(head_dim, device) if ratio else None
+        self.comp_buf = Pending(comp_width, device) if ratio else None
+        self.index_keys = Rows(index_dim, device) if csa else None
+        self.index_buf = Pending(index_width, device) if csa else None
 
     def nbytes(self) -> int:
         total = self.window.numel() * 4
@@ -67,8 +67,8 @@ class LayerState:
 
 
 class SequenceState:
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, device="cpu"):
+        self.cfg, self.device = cfg, device
         self.reset()
 
     def reset(self) -> None:
@@ -80,14 +80,14 @@ class SequenceState:
             ratio, csa = cfg.ratio(layer), cfg.is_csa(layer)
             coff = 2 if csa else 1
             self.layers.append(LayerState(cfg.head_dim, cfg.window, ratio, csa, coff * cfg.head_dim,
-                                          cfg.index_head_dim, coff * cfg.index_head_dim))
+                                          cfg.index_head_dim, coff * cfg.index_head_dim, self.device))
 
 
 class DecodeState:
     """State of a batch of independent sequences; `rt.forward(ids, state=...)` continues them."""
 
-    def __init__(self, cfg, batch_size: int):
-        self.seqs = [SequenceState(cfg) for _ in range(batch_size)]
+    def __init__(self, cfg, batch_size: int, device="cpu"):
+        self.seqs = [SequenceState(cfg, device) for _ in range(batch_size)]
 
     @property
     def batch_size(self) -> int:

@@ -41,12 +41,12 @@ class Block:
         self.hc_attn, self.hc_ffn = HyperConnection(p, "attn", cfg, ops), HyperConnection(p, "ffn", cfg, ops)
         self.attn, self.ffn = Attention(p.sub("attn"), cfg, layer, ops), MoE(p.sub("ffn"), cfg, layer, ops)
 
-    def __call__(self, X, ids, positions, states):
-        """X [B, S, hc, d] -> [B, S, hc, d]."""
+    def __call__(self, X, ids, positions, starts, states):
+        """X [B, S, hc, d], ids / positions [B, S], starts[b] = positions[b, 0] -> [B, S, hc, d]."""
         norm = lambda x, w: self.ops.round_act(self.ops.rms_norm(x, w, self.eps))  # noqa: E731
         layer_states = [s.layers[self.layer] for s in states]
         x, post, comb = self.hc_attn.pre(X)
-        X = self.hc_attn.post(self.attn(norm(x, self.attn_norm), positions, layer_states), X, post, comb)
+        X = self.hc_attn.post(self.attn(norm(x, self.attn_norm), positions, starts, layer_states), X, post, comb)
         x, post, comb = self.hc_ffn.pre(X)
         return self.hc_ffn.post(self.ffn(norm(x, self.ffn_norm), ids), X, post, comb)
 
@@ -76,12 +76,12 @@ class MTPBlock:
         self.block = Block(p, cfg, layer, ops)
         self.head = Head(p, head_w, cfg, ops)
 
-    def __call__(self, X: torch.Tensor, next_ids: torch.Tensor, positions, states) -> torch.Tensor:
+    def __call__(self, X: torch.Tensor, next_ids: torch.Tensor, positions, starts, states) -> torch.Tensor:
         ops = self.ops
-        e = ops.round_act(ops.rms_norm(self.embed[next_ids], self.enorm, self.eps))       # [B, S, d]
+        e = ops.round_act(ops.rms_norm(self.embed[next_ids].float(), self.enorm, self.eps))   # [B, S, d]
         h = ops.round_act(ops.rms_norm(X, self.hnorm, self.eps))                          # [B, S, hc, d]
         x = project(ops, e, self.e_proj)[:, :, None, :] + project(ops, h, self.h_proj)
-        return self.head(self.block(ops.round_act(x), next_ids, positions, states))
+        return self.head(self.block(ops.round_act(x), next_ids, positions, starts, states))
 
 
 class Transformer:
@@ -89,6 +89,7 @@ class Transformer:
         p = Params(tensors, frozenset(quantized))
         self.cfg, self.ops = cfg, ops
         self.embed = p("embed.weight")                                                    # [V, d]
+        self.device = self.embed.device                  # every weight and state tensor lives here
         self.blocks = [Block(p.sub(f"layers.{i}"), cfg, i, ops) for i in range(cfg.num_layers)]
         self.head = Head(p, p("head.weight"), cfg, ops)
         self.mtp = [MTPBlock(p.sub(f"mtp.{i}"), cfg, cfg.num_layers + i, self.embed, p("head.weight"), ops)
@@ -98,22 +99,26 @@ class Transformer:
         """ids [B, S] continuing each of the B sequences `seqs` (each at its own position) -> logits
         [B, S, V] float32 (and the final residual streams [B, S, hc, d] if asked, for the MTP block)."""
         B, S = ids.shape
-        positions = torch.tensor([s.pos for s in seqs])[:, None] + torch.arange(S)[None, :]   # [B, S]
-        X = self.embed[ids][:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
+        ids, starts = ids.to(self.device), [s.pos for s in seqs]
+        positions = self._positions(starts, S)                                              # [B, S]
+        X = self.embed[ids].float()[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
         for block in self.blocks:
-            X = block(X, ids, positions, seqs)
+            X = block(X, ids, positions, starts, seqs)
         for s in seqs:
             s.pos += S
         logits = self.head(X)
         return (logits, X) if return_hidden else logits
 
+    def _positions(self, starts: list[int], S: int) -> torch.Tensor:
+        """[B, S] int64 positions starts[b] + 0..S-1, on the model's device."""
+        return torch.tensor(starts, device=self.device)[:, None] + torch.arange(S, device=self.device)[None, :]
+
     def forward_mtp(self, X: torch.Tensor, next_ids: torch.Tensor, seqs: list[SequenceState], i: int = 0):
         """MTP block i on final residual streams X [B, S, hc, d] of positions p..p+S-1 and the ids of the
         tokens that follow them [B, S] -> logits [B, S, V] for the token after those. Its own window state
         lives in each sequence's layer slot num_layers + i; positions are the streams' positions."""
-        start = [s.mtp_pos for s in seqs]
-        positions = torch.tensor(start)[:, None] + torch.arange(next_ids.shape[1])[None, :]
-        logits = self.mtp[i](X, next_ids, positions, seqs)
+        starts, next_ids = [s.mtp_pos for s in seqs], next_ids.to(self.device)
+        logits = self.mtp[i](X, next_ids, self._positions(starts, next_ids.shape[1]), starts, seqs)
         for s in seqs:
             s.mtp_pos += next_ids.shape[1]
         return logits

@@ -11,20 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
 from ..errors import ConfigError
 from . import attention, compress, mhc, moe, norm_rope, numerics
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T with w [out, in]."""
-    return x @ w.T
+from .linear import group_linear, linear
 
 
 @dataclass(frozen=True)
 class OpTable:
     linear: Callable
+    group_linear: Callable
     rms_norm: Callable
     apply_rope: Callable
     sparse_attention: Callable
@@ -50,7 +46,7 @@ def reference_ops(numerics_mode: "str | numerics.NumericsSpec" = "exact") -> OpT
             raise ConfigError(f"unknown numerics mode {numerics_mode!r}; choose one of: {', '.join(numerics.NUMERICS)}")
         numerics_mode = numerics.MODES[numerics_mode]
     return OpTable(
-        linear=linear, rms_norm=norm_rope.rms_norm, apply_rope=norm_rope.apply_rope,
+        linear=linear, group_linear=group_linear, rms_norm=norm_rope.rms_norm, apply_rope=norm_rope.apply_rope,
         sparse_attention=attention.sparse_attention, indexer_topk=attention.indexer_topk,
         compress_pool=compress.compress_pool, moe_gate=moe.moe_gate, routed_experts=moe.routed_experts,
         clamped_swiglu=moe.clamped_swiglu, hc_pre=mhc.hc_pre, hc_post=mhc.hc_post, hc_head=mhc.hc_head,

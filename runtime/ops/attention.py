@@ -42,10 +42,10 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
     Returns [T, k] int64 entry ids, best first, ties broken lower-index-first, -1 where fewer are visible.
     """
     T, N = q.shape[0], keys.shape[0]
-    out = torch.full((T, k), -1, dtype=torch.int64)
+    out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
     if N == 0 or k == 0:
         return out
-    arange = torch.arange(N)
+    arange = torch.arange(N, device=q.device)
     for s in range(0, T, QUERY_BLOCK):
         qb, wb, vb = q[s:s + QUERY_BLOCK], weights[s:s + QUERY_BLOCK], visible[s:s + QUERY_BLOCK]
         score = torch.einsum("thd,nd->thn", qb, keys).relu_()
@@ -54,6 +54,6 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
         # A stable descending sort keeps equal scores in index order: deterministic, lower index first.
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
         kk = order.shape[1]
-        ok = torch.arange(kk)[None, :] < vb[:, None].clamp(max=kk)
+        ok = torch.arange(kk, device=q.device)[None, :] < vb[:, None].clamp(max=kk)
         out[s:s + QUERY_BLOCK, :kk] = torch.where(ok, order, torch.full_like(order, -1))
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear import project
+
 
 def moe_gate(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, hash_experts: torch.Tensor | None,
              k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,19 +32,21 @@ def clamped_swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tens
 
 
 def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
-                   linear, act) -> torch.Tensor:
+                   ops) -> torch.Tensor:
     """sum_k w_k * expert_{idx_k}(x), with the routing weight applied before w2 (as the official code).
 
-    `experts` is a sequence of (w1, w2, w3) weights; `linear`/`act` are the table's linear and activation
-    rounding ops so the same grouping runs under every numerics mode. Tokens are grouped per expert.
+    x [T, d]; idx, weights [T, k]; `experts` is a sequence of (w1, w2, w3) `Linear`s. The experts' linears
+    and activation rounding are the table's (`ops`), so the same grouping runs under every numerics mode and
+    on every backend. Tokens are grouped per expert. -> [T, d]
     """
     out = torch.zeros_like(x)
     flat_e, flat_w = idx.flatten(), weights.flatten()
-    tok = torch.arange(x.shape[0]).repeat_interleave(idx.shape[1])
+    tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
     for e in torch.unique(flat_e).tolist():
         sel = flat_e == e
         t = tok[sel]
         w1, w2, w3 = experts[e]
-        h = act(clamped_swiglu(linear(x[t], w1), linear(x[t], w3), limit) * flat_w[sel, None])
-        out.index_add_(0, t, linear(h, w2))
+        h = ops.round_act(ops.clamped_swiglu(project(ops, x[t], w1), project(ops, x[t], w3), limit)
+                          * flat_w[sel, None])
+        out.index_add_(0, t, project(ops, h, w2))
     return out

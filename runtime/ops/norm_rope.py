@@ -26,7 +26,7 @@ def rope_frequencies(rope_dim: int, base: float, yarn: Yarn | None) -> torch.Ten
     YaRN (V4 form, spec §7.2): pairs below `low` keep their frequency, pairs above `high` are divided by
     `factor`, a linear ramp blends between; always applied when configured. No attention-scale change.
     """
-    freqs = 1.0 / base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
+    freqs = 1.0 / base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)  # host (Rope moves it)
     if yarn is None:
         return freqs
 
@@ -37,7 +37,7 @@ def rope_frequencies(rope_dim: int, base: float, yarn: Yarn | None) -> torch.Ten
     high = min(math.ceil(correction_dim(yarn.beta_slow)), rope_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # host
     smooth = 1 - ramp
     return freqs / yarn.factor * (1 - smooth) + freqs * smooth
 

@@ -1,0 +1,119 @@
+"""CUDA op implementations (torch on an NVIDIA GPU), registered for backend `cuda`.
+
+- `linear`: FP8 block-scaled weights (`Fp8Block`) through `torch._scaled_mm`; bf16 / fp16 weights as tensor-core
+  GEMMs in their storage dtype (`storage_linear`).
+- `group_linear`: the grouped wo_a projection in the storage dtype.
+- `sparse_attention`: gathered sparse attention with sinks through `scaled_dot_product_attention` (no dense
+  masks: each query attends to its own gathered rows).
+- `routed_experts`: one grouped GEMM per projection over tokens sorted by expert (`torch.nn.functional.grouped_mm`)
+  on the [E, out, in] expert stacks `runtime.device_weights` lays out.
+The other ops run as device-generic torch (`cuda.torch`, backends/torch_generic.py).
+
+Every function takes what its reference op takes and returns float32, so the model code is the same on every
+backend, and the reference op is its oracle. tests/test_cuda_ops.py runs them on CPU tensors, where torch
+implements the same calls (`_scaled_mm` with row-wise scales, `grouped_mm`, bf16 GEMMs, SDPA): that proves
+our layouts, scales and grouping, not the GPU kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime import formats
+from runtime.device_weights import BLOCK, Fp8Block, expert_stack
+from runtime.dispatch import register
+from runtime.ops.moe import routed_experts as ref_routed_experts
+
+from .torch_generic import LOW_PRECISION, register_generic, storage_group_linear, storage_linear
+
+QUERY_BLOCK = 256
+
+
+def fp8_linear(x: torch.Tensor, w: Fp8Block) -> torch.Tensor:
+    """x [..., K] float32 @ FP8 w [N, K].T with DeepSeek's block scaling -> [..., N] float32.
+
+    The activation is quantised per token and 128-column block with a power-of-two scale (exactly `act_quant`,
+    so inputs already through the `fp8_block128` numerics are unchanged); the weight carries one scale per
+    128x128 block. Row-wise `_scaled_mm` scales are a per-row scale of A ([M, 1]) times a per-column scale of B
+    ([1, N]), which is exact for one 128-wide K block: so one `_scaled_mm` per K block, A row-major, B the
+    column-major view of the weight codes, bf16 partial products (row-wise scaling produces bf16 on CUDA)
+    summed in float32.
+    """
+    lead, K = x.shape[:-1], x.shape[-1]
+    a = x.reshape(-1, K).float()
+    N = w.codes.shape[0]
+    out = torch.zeros(a.shape[0], N, device=a.device)
+    for kb, s in enumerate(range(0, K, BLOCK)):
+        blk = a[:, s:s + BLOCK]
+        sa = formats.pow2_scale(blk.abs().amax(-1, keepdim=True).clamp(min=1e-4), formats.FP8_MAX)   # [M, 1]
+        qa = (blk / sa).clamp(-formats.FP8_MAX, formats.FP8_MAX).to(torch.float8_e4m3fn)
+        out += torch._scaled_mm(qa, w.codes[:, s:s + BLOCK].t(), scale_a=sa,
+                                scale_b=w.column_scale(kb)[None, :].contiguous(), out_dtype=torch.bfloat16).float()
+    return out.view(*lead, N)
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    return fp8_linear(x, w) if isinstance(w, Fp8Block) else storage_linear(x, w)
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """The reference op's contract (q [T, H, D], kv [N, D] shared K = V, idx [T, K] with -1 padding, sink [H])
+    in bf16 through SDPA: each query is a batch of one over its gathered rows plus one zero-valued key whose
+    additive bias is the head's sink logit (q . 0 + sink = sink), so it adds exp(sink) to the denominator and
+    nothing to the output — exactly the sink. Softmax accumulates in float32 inside the kernel."""
+    T, H, D = q.shape
+    out = torch.empty_like(q)
+    kvb = torch.cat((kv, kv.new_zeros(1, D))).to(torch.bfloat16)               # row N = the sink's zero key
+    for s in range(0, T, QUERY_BLOCK):
+        ib = idx[s:s + QUERY_BLOCK]
+        t = ib.shape[0]
+        rows = torch.cat((ib.clamp(min=0), ib.new_full((t, 1), kv.shape[0])), dim=1)        # [t, K+1]
+        keys = kvb[rows][:, None]                                                            # [t, 1, K+1, D]
+        pad = torch.cat((ib < 0, ib.new_zeros(t, 1, dtype=torch.bool)), dim=1)              # [t, K+1]
+        bias = torch.zeros(t, H, 1, rows.shape[1], device=q.device).masked_fill(pad[:, None, None, :],
+                                                                               float("-inf"))
+        bias[..., -1] = sink.float().view(1, H, 1)
+        o = F.scaled_dot_product_attention(q[s:s + QUERY_BLOCK, :, None, :].to(torch.bfloat16),
+                                           keys.expand(-1, H, -1, -1), keys.expand(-1, H, -1, -1),
+                                           attn_mask=bias.to(torch.bfloat16), scale=scale)
+        out[s:s + QUERY_BLOCK] = o[:, :, 0].float()
+    return out
+
+
+def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
+                   ops) -> torch.Tensor:
+    """The reference's contract with one grouped GEMM per projection: token copies sorted by expert, group
+    offsets from the per-expert counts, the [E, out, in] stacks as the grouped B operand (column-major view).
+    Experts not stored as low-precision stacks (FP8 blocks, float32) run one by one through the table's linear."""
+    stacks = [expert_stack([e[j].weight for e in experts]) for j in range(3)]
+    if any(s is None or s.dtype not in LOW_PRECISION for s in stacks):
+        return ref_routed_experts(x, idx, weights, experts, limit, ops)
+    w1, w2, w3 = stacks
+    q_in, q_mid = experts[0][0].quantized, experts[0][1].quantized
+    flat_e = idx.flatten()
+    order = torch.argsort(flat_e, stable=True)
+    tok = torch.div(order, idx.shape[1], rounding_mode="floor")                           # token of each copy
+    offs = torch.cumsum(torch.bincount(flat_e, minlength=w1.shape[0]), 0).to(torch.int32)  # group ends
+    xs = x[tok]
+    if q_in:
+        xs = ops.quant_act(xs)
+    xs = xs.to(w1.dtype)
+    g = ops.round_act(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs).float())
+    u = ops.round_act(F.grouped_mm(xs, w3.transpose(1, 2), offs=offs).float())
+    h = ops.round_act(ops.clamped_swiglu(g, u, limit) * weights.flatten()[order, None])
+    if q_mid:
+        h = ops.quant_act(h)
+    y = ops.round_act(F.grouped_mm(h.to(w2.dtype), w2.transpose(1, 2), offs=offs).float())
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+IMPLS = {"linear": ("cuda.scaled_mm_fp8+bf16_gemm", linear),
+         "group_linear": ("cuda.bf16_einsum", storage_group_linear),
+         "sparse_attention": ("cuda.sdpa_gathered", sparse_attention),
+         "routed_experts": ("cuda.grouped_mm", routed_experts)}
+
+for _op, (_id, _fn) in IMPLS.items():
+    register(_op, _id, "cuda")(_fn)
+register_generic("cuda")

@@ -1,0 +1,54 @@
+"""The whole model through the Ascend dispatch table, on a CPU-hosted twin of an NPU.
+
+`CpuHostedAscend` is the Ascend backend with its probe answering "an Atlas A2 / 310P" while tensors stay on the
+CPU, and the torch-npu namespace the adapters call is the CPU semantic twin (tests/twins/torch_npu_twin.py):
+THIS IS A TWIN, NOT AN NPU. It proves that the device path (INT8-channel weights packed at load, the W8A8
+linear, the fused-op adapters the chip's capabilities allow, plain torch for the rest) computes the profile's
+numerics end to end; it says nothing about NPU kernels.
+"""
+
+import pytest
+import torch
+
+import runtime.api
+from backends import ascend_ops
+from backends.ascend import AscendBackend
+from backends.base import DeviceInfo
+from runtime.api import Runtime
+from runtime.device_weights import Int8Channel
+from tests.twins import torch_npu_twin
+
+# KL to float32 / top-1 bounds: the emulation's documented ones (tests/test_emulation.py).
+TOLERANCE = {"ascend-910b": ("ascend-a2", 223, 0.03, 0.88), "ascend-310p": ("ascend-310p", 202, 0.003, 0.98)}
+
+
+def _kl_top1(a, b):
+    pa, pb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    return (pa.exp() * (pa - pb)).sum(-1).mean().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
+@pytest.mark.parametrize("profile", list(TOLERANCE))
+def test_model_through_the_ascend_table_on_a_twin(profile, tiny_ckpt, tiny_rt, monkeypatch):
+    family, soc, max_kl, min_agree = TOLERANCE[profile]
+
+    class CpuHostedAscend(AscendBackend):
+        """TWIN of an NPU: the Ascend backend probing as `family` while computing on the CPU."""
+
+        def probe(self):
+            return DeviceInfo("ascend", "cpu", f"CPU-hosted twin of an {family} NPU", {"soc": soc, "family": family})
+
+    real = runtime.api.get_backend
+    monkeypatch.setattr(runtime.api, "get_backend", lambda n: CpuHostedAscend() if n == "ascend" else real(n))
+    monkeypatch.setattr(ascend_ops, "get_torch_npu", lambda: torch_npu_twin)
+    rt = Runtime.load(profile, checkpoint=tiny_ckpt, progress=False)
+    impl = {r.op: r.impl for r in rt.dispatch.rows}
+    assert impl["linear"] == "ascend.npu_quant_matmul+bf16_gemm" and impl["rms_norm"] == "ascend.npu_rms_norm"
+    assert impl["apply_rope"] == "ascend.npu_rotary_mul" and impl["hc_pre"] == "ascend.torch"
+    wq_b = rt.model.blocks[1].attn.wq_b.weight
+    assert isinstance(wq_b, Int8Channel) if profile == "ascend-910b" else wq_b.dtype == torch.float16
+    emu = Runtime.load(profile, checkpoint=tiny_ckpt, emulate=True, progress=False)
+    ids = torch.randint(2, 258, (2, 300), generator=torch.Generator().manual_seed(0))
+    ref = tiny_rt.forward(ids)
+    kl, agree = _kl_top1(ref, rt.forward(ids))
+    kl_emu, _ = _kl_top1(ref, emu.forward(ids))
+    assert kl <= max_kl and agree >= min_agree and kl <= 1.5 * kl_emu, (kl, agree, kl_emu)
