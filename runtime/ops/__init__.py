@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-
 from ..errors import ConfigError
 from . import attention, compress, mhc, moe, norm_rope, numerics
 from .linear import group_linear, linear
