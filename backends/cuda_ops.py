@@ -10,9 +10,10 @@
 The other ops run as device-generic torch (`cuda.torch`, backends/torch_generic.py).
 
 Every function takes what its reference op takes and returns float32, so the model code is the same on every
-backend, and the reference op is its oracle. tests/test_cuda_ops.py runs them on CPU tensors, where torch
-implements the same calls (`_scaled_mm` with row-wise scales, `grouped_mm`, bf16 GEMMs, SDPA): that proves
-our layouts, scales and grouping, not the GPU kernels.
+backend, and the reference op is its oracle. tests/test_cuda_backend.py runs them on CPU tensors, where torch
+implements the same calls (`_scaled_mm` with row-wise scales, `grouped_mm`, bf16 GEMMs, SDPA), each wrapped in a
+twin that asserts CUDA's documented input constraints: that proves our layouts, scales and grouping, not the
+GPU kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from runtime.ops.moe import routed_experts as ref_routed_experts
 from .torch_generic import LOW_PRECISION, register_generic, storage_group_linear, storage_linear
 
 QUERY_BLOCK = 256
+# The torch calls this backend makes, by name, so tests can check each call against a twin that asserts
+# CUDA's documented input constraints (tests/twins/torch_cuda_twin.py): the CPU accepts layouts CUDA rejects.
+scaled_mm, grouped_mm, sdpa = torch._scaled_mm, F.grouped_mm, F.scaled_dot_product_attention
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Block) -> torch.Tensor:
@@ -48,7 +52,7 @@ def fp8_linear(x: torch.Tensor, w: Fp8Block) -> torch.Tensor:
         blk = a[:, s:s + BLOCK]
         sa = formats.pow2_scale(blk.abs().amax(-1, keepdim=True).clamp(min=1e-4), formats.FP8_MAX)   # [M, 1]
         qa = (blk / sa).clamp(-formats.FP8_MAX, formats.FP8_MAX).to(torch.float8_e4m3fn)
-        out += torch._scaled_mm(qa, w.codes[:, s:s + BLOCK].t(), scale_a=sa,
+        out += scaled_mm(qa, w.codes[:, s:s + BLOCK].t(), scale_a=sa,
                                 scale_b=w.column_scale(kb)[None, :].contiguous(), out_dtype=torch.bfloat16).float()
     return out.view(*lead, N)
 
@@ -75,7 +79,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
         bias = torch.zeros(t, H, 1, rows.shape[1], device=q.device).masked_fill(pad[:, None, None, :],
                                                                                float("-inf"))
         bias[..., -1] = sink.float().view(1, H, 1)
-        o = F.scaled_dot_product_attention(q[s:s + QUERY_BLOCK, :, None, :].to(torch.bfloat16),
+        o = sdpa(q[s:s + QUERY_BLOCK, :, None, :].to(torch.bfloat16),
                                            keys.expand(-1, H, -1, -1), keys.expand(-1, H, -1, -1),
                                            attn_mask=bias.to(torch.bfloat16), scale=scale)
         out[s:s + QUERY_BLOCK] = o[:, :, 0].float()
@@ -100,12 +104,12 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ex
     if q_in:
         xs = ops.quant_act(xs)
     xs = xs.to(w1.dtype)
-    g = ops.round_act(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs).float())
-    u = ops.round_act(F.grouped_mm(xs, w3.transpose(1, 2), offs=offs).float())
+    g = ops.round_act(grouped_mm(xs, w1.transpose(1, 2), offs=offs).float())
+    u = ops.round_act(grouped_mm(xs, w3.transpose(1, 2), offs=offs).float())
     h = ops.round_act(ops.clamped_swiglu(g, u, limit) * weights.flatten()[order, None])
     if q_mid:
         h = ops.quant_act(h)
-    y = ops.round_act(F.grouped_mm(h.to(w2.dtype), w2.transpose(1, 2), offs=offs).float())
+    y = ops.round_act(grouped_mm(h.to(w2.dtype), w2.transpose(1, 2), offs=offs).float())
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 

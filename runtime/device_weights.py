@@ -4,8 +4,9 @@ The emulation path (`runtime.weight_formats`) keeps the float32 *values* a weigh
 module keeps the format's *storage* on the device, so memory use and GEMM kernels are the deployment's:
 
 - `Fp8Block`: e4m3 codes [out, in] with one float32 power-of-two scale per 128x128 block (`fp8_block`, as
-  shipped). FP8 values times powers of two are exact, so re-deriving the codes from the checkpoint's decoded
-  values gives back the shipped codes.
+  shipped). FP8 values times powers of two are exact, so re-deriving codes from the checkpoint's decoded values
+  gives back the shipped numbers exactly (a block whose largest code had rounded down to 224 gets half the
+  scale and doubled codes: the same values).
 - `Int8Channel`: int8 codes stored transposed, [in, out] = the [K, N] layout of `npu_quant_matmul`'s x2, with
   one float32 scale per output channel (`w8a8_int8`, the profile's `int8_linears`).
 - plain tensors in the storage dtype (bf16 / fp16) for the other linears, the embedding, the head and the
