@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from backends import BackendUnavailable, get_backend
 
 from .checkpoint import load_checkpoint
 from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
-from .dispatch import DispatchTable, resolve
+from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
 from .model.state import DecodeState
 from .model.transformer import Transformer
@@ -76,8 +77,10 @@ class Generation:
 
 
 class Runtime:
-    def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable):
+    def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable,
+                 weights=None):
         self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
+        self._weights = weights                      # (tensors, quantized names): what `with_ops` rebuilds from
         self.checkpoint, self.profile, self.dispatch = checkpoint, profile, dispatch
         self.backend, self.numerics = dispatch.backend, dispatch.numerics
 
@@ -122,7 +125,20 @@ class Runtime:
                                               prof.int8_linears)
         ck.tensors.clear()                # the float32 copy is not needed past this point
         model = Transformer(ck.config, tensors, quantized, table.ops)
-        return cls(model, load_tokenizer(path, ck.config), path, prof, table)
+        return cls(model, load_tokenizer(path, ck.config), path, prof, table, (tensors, quantized))
+
+    def with_ops(self, **replace: Callable) -> "Runtime":
+        """This runtime with some ops of its table replaced (same weights, nothing copied): for experiments
+        such as "what if this op were exact?", and for planting a known bug in a parity test. The dispatch
+        table records each replacement."""
+        unknown = sorted(set(replace) - {r.op for r in self.dispatch.rows})
+        if unknown:
+            raise InputError(f"unknown op(s) {', '.join(unknown)}; ops: {', '.join(r.op for r in self.dispatch.rows)}")
+        rows = tuple(Resolution(r.op, f"replaced:{getattr(replace[r.op], '__name__', 'callable')}", r.where,
+                                "replaced with Runtime.with_ops") if r.op in replace else r for r in self.dispatch.rows)
+        table = dataclasses.replace(self.dispatch, rows=rows, ops=dataclasses.replace(self.dispatch.ops, **replace))
+        model = Transformer(self.config, *self._weights, table.ops)
+        return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self._weights)
 
     # ------------------------------------------------------------------ forward
     def new_state(self, batch_size: int = 1) -> DecodeState:

@@ -67,6 +67,7 @@ class DispatchTable:
     numerics: str
     rows: tuple[Resolution, ...]
     ops: OpTable
+    compute_dtype: str = "float32"           # the activation dtype the numerics round to
 
     def format(self) -> str:
         head = (f"dispatch for profile {self.profile} on {self.backend} ({self.device})"
@@ -77,7 +78,7 @@ class DispatchTable:
 
     def as_dict(self) -> dict:
         return {"profile": self.profile, "backend": self.backend, "device": self.device, "emulated": self.emulated,
-                "numerics": self.numerics, "ops": [r.__dict__ for r in self.rows]}
+                "numerics": self.numerics, "compute_dtype": self.compute_dtype, "ops": [r.__dict__ for r in self.rows]}
 
 
 def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: NumericsSpec, emulate: bool,
@@ -126,4 +127,4 @@ def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: 
         chosen[op] = fn = getattr(ref, op)
         rows.append(Resolution(op, f"reference:{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}", "cpu", reason))
     ops = OpTable(numerics=numerics.name, **chosen)
-    return DispatchTable(profile.name, backend, device, emulate, numerics.name, tuple(rows), ops)
+    return DispatchTable(profile.name, backend, device, emulate, numerics.name, tuple(rows), ops, numerics.compute)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.norm_rope import rope_cos_sin, rope_frequencies
+from ..taps import tap
 from .params import Params, project
 from .state import LayerState, Pending, Rows
 
@@ -35,11 +36,11 @@ class Rope:
 class Compressor:
     """Gated softmax pooling of `ratio` tokens into one entry (CSA: overlapping 2x ratio slots)."""
 
-    def __init__(self, p: Params, cfg, ratio: int, overlap: bool, rope: Rope, ops, finish):
+    def __init__(self, p: Params, cfg, ratio: int, overlap: bool, rope: Rope, ops, finish, name: str = "compressor"):
         self.wkv, self.wgate = p("wkv.weight"), p("wgate.weight")   # [coff*c, d]
         self.ape, self.norm = p("ape"), p("norm.weight")             # [ratio, coff*c], [c]
         self.m, self.overlap, self.c = ratio, overlap, self.norm.shape[0]
-        self.rope, self.ops, self.eps, self.finish = rope, ops, cfg.norm_eps, finish
+        self.rope, self.ops, self.eps, self.finish, self.name = rope, ops, cfg.norm_eps, finish, name
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
         """Per-token values and gate scores (ape added), float32: [T, coff*c] each."""
@@ -68,6 +69,7 @@ class Compressor:
             pooled = self.ops.round_act(self.ops.compress_pool(wkv, wsc))  # [nw, c]
             pooled = self.ops.round_act(self.ops.rms_norm(pooled, self.norm, self.eps))
             pooled = self.rope(pooled, torch.arange(first, stop, device=kv.device) * m)  # RoPE at window start
+            tap(self.name, pooled)        # the entries this chunk closed, before the cache's storage quantisation
             out.append(self.finish(pooled))
         keep = stop * m - (m if self.overlap and stop > 0 else 0)
         buf.kv, buf.score, buf.start = all_kv[keep - start:].clone(), all_sc[keep - start:].clone(), keep
@@ -76,10 +78,11 @@ class Compressor:
 class Indexer:
     """Lightning indexer: scores compressed entries per query, keeps the top `index_topk` (spec §9)."""
 
-    def __init__(self, p: Params, cfg, rope: Rope, ops):
+    def __init__(self, p: Params, cfg, rope: Rope, ops, name: str):
         self.wq_b, self.weights_proj = p.linear("wq_b"), p.linear("weights_proj")
         self.h, self.d, self.topk, self.ops, self.rope = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ops, rope
-        self.compressor = Compressor(p.sub("compressor"), cfg, 4, True, rope, ops, ops.indexer_qat)
+        self.compressor = Compressor(p.sub("compressor"), cfg, 4, True, rope, ops, ops.indexer_qat,
+                                     f"{name}.indexer.keys")
 
     def queries(self, qr: torch.Tensor, x: torch.Tensor, positions: torch.Tensor):
         q = project(self.ops, qr, self.wq_b).unflatten(-1, (self.h, self.d))      # [T, h, d]
@@ -90,7 +93,7 @@ class Indexer:
 
 class Attention:
     def __init__(self, p: Params, cfg, layer: int, ops):
-        self.cfg, self.ops, self.ratio = cfg, ops, cfg.ratio(layer)
+        self.cfg, self.ops, self.ratio, self.name = cfg, ops, cfg.ratio(layer), f"L{layer}"
         self.H, self.D, self.nope, self.G = cfg.num_heads, cfg.head_dim, cfg.nope_dim, cfg.o_groups
         self.wq_a, self.wq_b, self.wkv = p.linear("wq_a"), p.linear("wq_b"), p.linear("wkv")
         self.q_norm, self.kv_norm, self.sink = p("q_norm.weight"), p("kv_norm.weight"), p("attn_sink")
@@ -102,9 +105,10 @@ class Attention:
         self.compressor = self.indexer = None
         if self.ratio:
             csa = cfg.is_csa(layer)
-            self.compressor = Compressor(p.sub("compressor"), cfg, self.ratio, csa, self.rope, ops, self._kv_qat)
+            self.compressor = Compressor(p.sub("compressor"), cfg, self.ratio, csa, self.rope, ops, self._kv_qat,
+                                         f"{self.name}.{'csa' if csa else 'hca'}.compressed")
             if csa:
-                self.indexer = Indexer(p.sub("indexer"), cfg, self.rope, ops)
+                self.indexer = Indexer(p.sub("indexer"), cfg, self.rope, ops, self.name)
 
     def _kv_qat(self, kv: torch.Tensor) -> torch.Tensor:
         """FP8 simulation of the non-RoPE dims (identity in exact numerics)."""
@@ -121,6 +125,8 @@ class Attention:
         q = self.rope(ops.round_act(ops.rms_norm(q, None, eps)), pos)
         kv = ops.round_act(ops.rms_norm(project(ops, xt, self.wkv), self.kv_norm, eps))        # [T, D]
         kv = self._kv_qat(self.rope(kv, pos))
+        tap(f"{self.name}.attn.q", q)
+        tap(f"{self.name}.attn.kv", kv)
         if self.compressor is not None:
             ckv, csc = self.compressor.project(xt, pos)
         if self.indexer is not None:
@@ -140,6 +146,7 @@ class Attention:
                     self.indexer.compressor.advance(st.index_buf, st.index_keys, ikv[tok], isc[tok], p0)
                     k = min(self.indexer.topk, n_vis)
                     sel = ops.indexer_topk(iq[tok], iw[tok], st.index_keys.view(), visible, k)
+                    tap(f"{self.name}.indexer.topk", sel)
                 else:                                                       # HCA: every closed entry
                     sel = torch.arange(n_vis, device=x.device).expand(S, -1)
                     sel = torch.where(sel < visible[:, None], sel, -1)
@@ -149,7 +156,9 @@ class Attention:
         o = ops.round_act(o)
         o = self.rope(o, pos, inverse=True)                                    # undo RoPE at the query position
         z = ops.round_act(ops.group_linear(o.reshape(B * S, self.G, -1), self.wo_a))          # [T, G, o_lora]
-        return project(ops, z.flatten(1), self.wo_b).view(B, S, -1)
+        out = project(ops, z.flatten(1), self.wo_b).view(B, S, -1)
+        tap(f"{self.name}.attn.out", out)
+        return out
 
     def _window(self, st: LayerState, kv: torch.Tensor, p0: int):
         """Rows for the chunk's window attention and each query's window indices into them.

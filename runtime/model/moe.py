@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..taps import tap
 from .params import Params, project
 
 
 class MoE:
     def __init__(self, p: Params, cfg, layer: int, ops):
-        self.cfg, self.ops = cfg, ops
+        self.cfg, self.ops, self.name = cfg, ops, f"L{layer}"
         self.gate_w = p("gate.weight")                                          # [E, d]
         self.hash = cfg.is_hash_layer(layer)
         self.tid2eid = p("gate.tid2eid") if self.hash else None                # [vocab, k] int64
@@ -25,9 +26,12 @@ class MoE:
         xt = x.reshape(-1, x.shape[-1])
         hashed = self.tid2eid[ids.reshape(-1)] if self.hash else None
         idx, w = ops.moe_gate(xt, self.gate_w, self.bias, hashed, cfg.experts_per_token, cfg.route_scale)
+        tap(f"{self.name}.moe.route", idx)
         y = ops.routed_experts(xt, idx, w, self.experts, cfg.swiglu_limit, ops)
         if self.shared is not None:
             w1, w2, w3 = self.shared
             h = ops.round_act(ops.clamped_swiglu(project(ops, xt, w1), project(ops, xt, w3), cfg.swiglu_limit))
             y = y + project(ops, h, w2)
-        return ops.round_act(y).view_as(x)
+        y = ops.round_act(y).view_as(x)
+        tap(f"{self.name}.moe.out", y)
+        return y

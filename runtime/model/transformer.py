@@ -12,6 +12,7 @@ import torch
 from .attention import Attention
 from .moe import MoE
 from .params import Params, project
+from ..taps import tap
 from .state import SequenceState
 
 
@@ -47,8 +48,11 @@ class Block:
         layer_states = [s.layers[self.layer] for s in states]
         x, post, comb = self.hc_attn.pre(X)
         X = self.hc_attn.post(self.attn(norm(x, self.attn_norm), positions, starts, layer_states), X, post, comb)
+        tap(f"L{self.layer}.hc.attn_post", X)
         x, post, comb = self.hc_ffn.pre(X)
-        return self.hc_ffn.post(self.ffn(norm(x, self.ffn_norm), ids), X, post, comb)
+        X = self.hc_ffn.post(self.ffn(norm(x, self.ffn_norm), ids), X, post, comb)
+        tap(f"L{self.layer}.hc.post", X)
+        return X
 
 
 class Head:
@@ -107,6 +111,7 @@ class Transformer:
         for s in seqs:
             s.pos += S
         logits = self.head(X)
+        tap("final.logits", logits)
         return (logits, X) if return_hidden else logits
 
     def _positions(self, starts: list[int], S: int) -> torch.Tensor:

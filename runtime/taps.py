@@ -1,0 +1,55 @@
+"""Taps: named intermediate tensors the model exposes for parity checks (runtime.parity).
+
+Model code calls `tap(name, tensor)` at fixed points with stable names (`L{i}.attn.q`, `L{i}.indexer.topk`,
+`final.logits`, ...). With no recorder active that is one falsy check and nothing else: the model computes
+exactly the same numbers whether taps are on or off. Inside `with TapRecorder() as rec:` every call copies the
+tensor to the CPU (float32, or int64 for index taps), in call order; a name tapped several times in one
+forward (per sequence of a batch) is concatenated. Each tap comes back as rows of its last dim ([tokens x
+heads x streams, features] for activations, [queries, k] for index sets), so taps from prompts of different
+lengths concatenate too (index sets with fewer entries, where few were visible, are padded with -1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ACTIVE: list["TapRecorder"] = []
+
+
+def tap(name: str, t: torch.Tensor) -> None:
+    if _ACTIVE:
+        _ACTIVE[-1].record(name, t)
+
+
+class TapRecorder:
+    def __init__(self, only: "set[str] | None" = None):
+        self.only = only
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def record(self, name: str, t: torch.Tensor) -> None:
+        if self.only is None or name in self.only:
+            t = t.detach()
+            t = t.to(torch.int64) if not t.is_floating_point() else t.float()
+            self.parts.setdefault(name, []).append(t.cpu().clone())
+
+    @property
+    def names(self) -> list[str]:
+        """Tap names in the order the model first reached them (leaves to root)."""
+        return list(self.parts)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, ps in self.parts.items():
+            rows = [p.reshape(-1, p.shape[-1]) for p in ps]
+            width = max(r.shape[1] for r in rows)
+            if not rows[0].is_floating_point():       # index sets of different k (few entries visible): pad -1
+                rows = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=-1) for r in rows]
+            out[n] = torch.cat(rows)
+        return out
+
+    def __enter__(self) -> "TapRecorder":
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
