@@ -15,11 +15,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import yaml
-
 from .errors import V4Error
 from .ops.numerics import ACT_QUANT, FLOAT_DTYPES, INDEXER_DTYPES, KV_DTYPES, NumericsSpec
 from .weight_formats import W8A8_DEFAULT, WEIGHT_FORMATS
+from .yaml_io import read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 BACKENDS = ("cpu", "cuda", "ascend")
@@ -163,10 +162,4 @@ def load_profile(spec: "str | Path | Profile") -> Profile:
         if not path.is_file():
             raise ProfileError(f"unknown profile {str(spec)!r}; shipped: {', '.join(shipped_profiles())} "
                                "(or pass a path to a .yaml file)")
-    if not path.is_file():
-        raise ProfileError(f"profile file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_profile(raw, str(path))
+    return parse_profile(read_yaml(path, ProfileError, "profile file"), str(path))

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-import yaml
-
 from ..errors import V4Error
+from ..yaml_io import read_yaml
 
 DEFAULT = Path(__file__).with_name("tolerances.yaml")
 BOUNDS = ("rel_rms_max", "jaccard_min", "kl_max", "top1_min")
@@ -35,12 +34,7 @@ class Tolerances:
 
 def load_tolerances(path: "str | Path | None" = None) -> Tolerances:
     path = Path(path) if path is not None else DEFAULT
-    if not path.is_file():
-        raise ToleranceError(f"tolerance file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ToleranceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, ToleranceError, "tolerance file")
     if not isinstance(raw, dict) or set(raw) != {"rules"} or not isinstance(raw["rules"], list):
         raise ToleranceError(f"{path}: expected a mapping with one key 'rules' holding a list")
     for i, r in enumerate(raw["rules"]):
