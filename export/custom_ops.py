@@ -1,0 +1,139 @@
+"""V4's sparse kernels as custom ops on both sides of the export: torch custom ops (eager = our reference ops)
+and `com.deepseek.v4` ONNX nodes that carry a model-local function body written in standard ONNX ops.
+
+- `com.deepseek.v4::SparseAttention(q [T,H,D], kv [N,D], idx [T,K] int64, sink [H]; scale) -> [T,H,D]`: each
+  query attends to the kv rows its index list names (-1 = padding, anywhere in the row), K = V (one shared
+  head), with a per-head sink logit in the softmax denominator (spec §10).
+- `com.deepseek.v4::IndexerTopK(q [T,h,d], w [T,h], keys [N,d], visible [T] int64; topk) -> [T, min(topk, N)]`:
+  score[t,n] = sum_h w[t,h] relu(q[t,h] . keys[n]) over the first visible[t] entries; best first, ties to the
+  lower index (ONNX TopK's rule, and our reference's stable sort), -1 where fewer are visible (spec §9).
+
+Stock ONNX Runtime runs the function bodies; a runtime or edge compiler with a fused kernel registered for the
+node uses that instead (tested with an onnxruntime-extensions kernel). The bodies are written at the model's
+opset (23): the checker rejects a function whose default-domain opset differs from the model's.
+Import this module only when exporting: it needs onnx and onnxscript (`pip install '.[onnx]'`).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+from onnxscript import FLOAT, INT64
+from onnxscript import opset23 as op
+
+from runtime.ops import attention
+
+DOMAIN, OPSET = "com.deepseek.v4", 23
+V4 = onnxscript.values.Opset(DOMAIN, 1)
+
+
+# ----------------------------------------------------------------------------- torch side: eager = reference
+@torch.library.custom_op("dsv4::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    return attention.sparse_attention(q, kv, idx, sink, scale)
+
+
+@sparse_attention.register_fake
+def _(q, kv, idx, sink, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("dsv4::indexer_topk", mutates_args=())
+def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+                 topk: int) -> torch.Tensor:
+    return attention.indexer_topk(q, w, keys, visible, min(topk, keys.shape[0]))
+
+
+@indexer_topk.register_fake
+def _(q, w, keys, visible, topk):
+    return q.new_empty((q.shape[0], torch.sym_min(topk, keys.shape[0])), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- ONNX side: function bodies
+@onnxscript.script(V4, default_opset=op)
+def SparseAttention(q: FLOAT, kv: FLOAT, idx: INT64, sink: FLOAT, scale: float) -> FLOAT:
+    zero = op.Constant(value_int=0)
+    rows = op.Gather(kv, op.Max(idx, zero), axis=0)                                   # [T, K, D]
+    s = op.MatMul(q, op.Transpose(rows, perm=[0, 2, 1]))                              # [T, H, K]
+    s = op.Mul(s, op.Constant(value_float=scale))
+    pad = op.Unsqueeze(op.Less(idx, zero), [1])                                       # [T, 1, K]
+    s = op.Where(pad, op.Constant(value_float=float("-inf")), s)
+    T, H = op.Shape(q, start=0, end=1), op.Shape(q, start=1, end=2)
+    sinks = op.Expand(op.Reshape(sink, op.Constant(value_ints=[1, -1, 1])),
+                      op.Concat(T, H, op.Constant(value_ints=[1]), axis=0))            # [T, H, 1]
+    p = op.Softmax(op.Concat(s, sinks, axis=-1), axis=-1)                             # sink in the denominator
+    K = op.Shape(idx, start=1, end=2)
+    p = op.Slice(p, op.Constant(value_ints=[0]), K, op.Constant(value_ints=[-1]))     # drop the sink's share
+    return op.MatMul(p, rows)                                                         # [T, H, D]
+
+
+@onnxscript.script(V4, default_opset=op)
+def IndexerTopK(q: FLOAT, w: FLOAT, keys: FLOAT, visible: INT64, topk: int) -> INT64:
+    s = op.Relu(op.MatMul(q, op.Transpose(keys, perm=[1, 0])))                        # [T, h, N]
+    s = op.Squeeze(op.MatMul(op.Unsqueeze(w, [1]), s), [1])                           # [T, 1, h] @ -> [T, N]
+    N = op.Shape(keys, start=0, end=1)
+    n = op.Range(op.Constant(value_int=0), op.Squeeze(N, [0]), op.Constant(value_int=1))
+    hidden = op.GreaterOrEqual(op.Unsqueeze(n, [0]), op.Unsqueeze(visible, [1]))      # [T, N]
+    s = op.Where(hidden, op.Constant(value_float=float("-inf")), s)
+    k = op.Min(op.Reshape(op.Constant(value_int=topk), op.Constant(value_ints=[1])), N)
+    vals, ids = op.TopK(s, k, axis=-1)
+    return op.Where(op.IsInf(vals, detect_positive=0), op.Constant(value_int=-1), ids)
+
+
+FUNCTIONS = (SparseAttention, IndexerTopK)
+
+
+def _register_schemas() -> None:
+    """onnxscript emits a custom node only for an op with a registered schema; the inference functions
+    give the exporter output types and shapes (registration is per process and only needed to export)."""
+    FP, Attr = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    A = onnx.defs.OpSchema.AttrType
+    if onnx.defs.has("SparseAttention", DOMAIN):
+        return
+    sa = onnx.defs.OpSchema("SparseAttention", DOMAIN, 1,
+                            inputs=[FP("q", "tensor(float)"), FP("kv", "tensor(float)"), FP("idx", "tensor(int64)"),
+                                    FP("sink", "tensor(float)")], outputs=[FP("out", "tensor(float)")],
+                            attributes=[Attr("scale", A.FLOAT)])
+    sa.set_type_and_shape_inference_function(lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
+    it = onnx.defs.OpSchema("IndexerTopK", DOMAIN, 1,
+                            inputs=[FP("q", "tensor(float)"), FP("w", "tensor(float)"), FP("keys", "tensor(float)"),
+                                    FP("visible", "tensor(int64)")], outputs=[FP("ids", "tensor(int64)")],
+                            attributes=[Attr("topk", A.INT)])
+
+    def _ids_type(ctx):
+        t = onnx.TypeProto()
+        t.tensor_type.elem_type = onnx.TensorProto.INT64
+        t.tensor_type.shape.dim.add()
+        t.tensor_type.shape.dim.add()
+        ctx.set_output_type(0, t)
+
+    it.set_type_and_shape_inference_function(_ids_type)
+    onnx.defs.register_schema(sa)
+    onnx.defs.register_schema(it)
+
+
+def translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export: our torch custom ops -> bare com.deepseek.v4 nodes."""
+    _register_schemas()
+
+    def sparse_attention_onnx(q, kv, idx, sink, scale: float):
+        return V4.SparseAttention(q, kv, idx, sink, scale=scale)
+
+    def indexer_topk_onnx(q, w, keys, visible, topk: int):
+        return V4.IndexerTopK(q, w, keys, visible, topk=topk)
+
+    return {torch.ops.dsv4.sparse_attention.default: sparse_attention_onnx,
+            torch.ops.dsv4.indexer_topk.default: indexer_topk_onnx}
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the model-local function bodies of every com.deepseek.v4 node the model uses (after export: the
+    exporter would inline functions it was given)."""
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {f.name for f in model.functions}
+    model.functions.extend(f.to_function_proto() for f in FUNCTIONS if f.name in used and f.name not in have)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    return model

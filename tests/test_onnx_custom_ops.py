@@ -1,0 +1,92 @@
+"""The custom-domain ONNX nodes for V4's sparse kernels (export/custom_ops.py): exported from torch custom ops,
+run by stock ONNX Runtime through their function bodies, equal to our float32 reference ops; and a runtime
+that has a kernel for a node uses the kernel instead of the body."""
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+co = pytest.importorskip("export.custom_ops")
+
+G = torch.Generator().manual_seed(0)
+
+
+class Core(torch.nn.Module):
+    """The two kernels as one CSA layer uses them: select entries, then attend to the gathered rows."""
+
+    def forward(self, q, kv, idx, sink, iq, iw, keys, visible):
+        sel = torch.ops.dsv4.indexer_topk(iq, iw, keys, visible, 16)
+        return torch.ops.dsv4.sparse_attention(q, kv, idx, sink, 0.125), sel
+
+
+def _args(T, N, K, Nc, H=8, D=64, h=4, d=32):
+    idx = torch.randint(0, N, (T, K), generator=G)
+    idx[torch.rand(T, K, generator=G) < 0.3] = -1                     # padding anywhere in a row
+    return (torch.randn(T, H, D, generator=G), torch.randn(N, D, generator=G), idx, torch.randn(H, generator=G),
+            torch.randn(T, h, d, generator=G), torch.randn(T, h, generator=G), torch.randn(Nc, d, generator=G),
+            torch.randint(0, Nc + 1, (T,), generator=G))
+
+
+@pytest.fixture(scope="module")
+def exported():
+    T, N, K, Nc = (torch.export.Dim(n) for n in ("T", "N", "K", "Nc"))
+    dyn = {"q": {0: T}, "kv": {0: N}, "idx": {0: T, 1: K}, "sink": None, "iq": {0: T}, "iw": {0: T},
+           "keys": {0: Nc}, "visible": {0: T}}
+    prog = torch.onnx.export(Core(), _args(37, 90, 20, 23), dynamo=True, opset_version=co.OPSET, dynamic_shapes=dyn,
+                             custom_translation_table=co.translation_table(), verbose=False)
+    return co.attach_functions(prog.model_proto)
+
+
+def _run(model, args, so=None):
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)})
+
+
+def test_graph_has_custom_nodes_with_bodies_and_passes_the_checker(exported):
+    assert [(n.domain, n.op_type) for n in exported.graph.node] == [(co.DOMAIN, "IndexerTopK"),
+                                                                     (co.DOMAIN, "SparseAttention")]
+    assert {f.name for f in exported.functions} == {"IndexerTopK", "SparseAttention"}
+    assert {(o.domain, o.version) for o in exported.opset_import} == {("", 23), (co.DOMAIN, 1)}
+    onnx.checker.check_model(exported, full_check=True)
+
+
+@pytest.mark.parametrize("T,N,K,Nc", [(37, 90, 20, 23), (1, 5, 3, 1), (130, 300, 40, 70), (4, 9, 2, 40)])
+def test_stock_ort_runs_the_bodies_like_the_reference(exported, T, N, K, Nc):
+    args = _args(T, N, K, Nc)
+    out, sel = _run(exported, args)
+    ref_out, ref_sel = Core()(*args)
+    assert np.abs(out - ref_out.numpy()).max() <= 1e-5 * max(1.0, float(ref_out.abs().max()))
+    assert sel.shape == (T, min(16, Nc)) and np.array_equal(sel, ref_sel.numpy())   # identical top-k sets
+
+
+def test_a_registered_kernel_replaces_the_body(exported):
+    ext = pytest.importorskip("onnxruntime_extensions")
+    calls = []
+
+    @ext.onnx_op(op_type="SparseAttention",
+                 inputs=[ext.PyCustomOpDef.dt_float] * 2 + [ext.PyCustomOpDef.dt_int64, ext.PyCustomOpDef.dt_float],
+                 outputs=[ext.PyCustomOpDef.dt_float], attrs={"scale": ext.PyCustomOpDef.dt_float})
+    def _kernel(q, kv, idx, sink, scale):
+        calls.append(q.shape)
+        return -torch.ops.dsv4.sparse_attention(*map(torch.from_numpy, (q, kv, idx, sink)), scale).numpy()
+
+    # PyOps live in the domain ai.onnx.contrib: move the node and its body there (nothing else changes)
+    m = onnx.ModelProto()
+    m.CopyFrom(exported)
+    for n in m.graph.node:
+        if n.op_type == "SparseAttention":
+            n.domain = "ai.onnx.contrib"
+    for f in m.functions:
+        if f.name == "SparseAttention":
+            f.domain = "ai.onnx.contrib"
+    m.opset_import.append(onnx.helper.make_opsetid("ai.onnx.contrib", 1))
+    args = _args(37, 90, 20, 23)
+    ref = Core()(*args)[0].numpy()
+    body, _ = _run(m, args)                                        # no kernel library: the body runs
+    assert np.abs(body - ref).max() < 1e-5 and not calls
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ext.get_library_path())
+    kern, _ = _run(m, args, so)                                    # the kernel (marked by its sign) runs instead
+    assert len(calls) == 1 and np.abs(kern + ref).max() < 1e-5
