@@ -28,3 +28,6 @@ class Backend(Protocol):
 
     def capabilities(self, info: DeviceInfo) -> frozenset[str]:
         """What this device can do (names from runtime.profile.CAPABILITIES)."""
+
+    # The weight formats this backend's ops run in their own storage (the CPU runs every format's values).
+    weight_formats: frozenset[str]

@@ -11,6 +11,7 @@ from .base import DeviceInfo
 
 class CpuBackend:
     name = "cpu"
+    weight_formats = frozenset({"fp8_block", "float32", "bf16", "fp16", "w8a8_int8"})
 
     def probe(self) -> DeviceInfo:
         return DeviceInfo("cpu", "cpu", platform.processor() or platform.machine(),

@@ -14,6 +14,8 @@ from .base import BackendUnavailable, DeviceInfo
 
 class CudaBackend:
     name = "cuda"
+    # INT8 channels (w8a8_int8) have no CUDA GEMM here: a profile asking for them is refused at load.
+    weight_formats = frozenset({"fp8_block", "bf16", "fp16", "float32"})
 
     def probe(self) -> DeviceInfo:
         if not torch.cuda.is_available():

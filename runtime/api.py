@@ -113,6 +113,10 @@ class Runtime:
             raise BackendUnavailable(f"profile {prof.name} needs {', '.join(sorted(missing))} but {info.name} "
                                      f"({info.device}) does not have it; choose a profile for this device, or add "
                                      "--emulate to run this profile's numerics on the CPU")
+        if weight_format not in backend.weight_formats:
+            raise BackendUnavailable(f"backend {info.backend!r} cannot run weight format {weight_format!r} in this "
+                                     f"build (it runs {', '.join(sorted(backend.weight_formats))}); choose such a "
+                                     "profile, or add --emulate to run this profile's numerics on the CPU")
         table = resolve(prof, info.backend, info.device, caps, spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         ck = load_checkpoint(path, progress=progress)

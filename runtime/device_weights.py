@@ -11,8 +11,10 @@ module keeps the format's *storage* on the device, so memory use and GEMM kernel
   one float32 scale per output channel (`w8a8_int8`, the profile's `int8_linears`).
 - plain tensors in the storage dtype (bf16 / fp16) for the other linears, the embedding, the head and the
   expert weights (FP4 experts decode exactly into bf16: no FP4 GEMM is used in this build); float32 for norms,
-  sinks, mHC, `ape`, the MoE gate and its bias (fp32 in every deployment). `wo_a` is kept in the storage dtype,
-  as DeepSeek's reference converts it FP8 -> bf16.
+  sinks, mHC, `ape`, the MoE gate and its bias (fp32 in every deployment), and for the compressors'
+  `wkv` / `wgate` and the output head, which DeepSeek's reference computes in fp32 (their values are bf16 on
+  disk; fp32 storage keeps the logits and the pooling inputs unrounded, as the reference and the emulation).
+  `wo_a` is kept in the storage dtype, as DeepSeek's reference converts it FP8 -> bf16.
 - a layer's routed experts, when plain tensors, are stored as one [E, out, in] tensor per projection and the
   per-expert names are views into it, so a grouped GEMM takes them without a copy (`expert_stack`).
 
@@ -30,7 +32,7 @@ import torch
 
 from . import formats
 from .ops.linear import dequantize  # noqa: F401  (the float32 values of any weight kind)
-from .weight_formats import W8A8_DEFAULT, _bf16_on_disk, _is_linear, quantize_int8_per_channel
+from .weight_formats import FP32_COMPUTE, W8A8_DEFAULT, _bf16_on_disk, _is_linear, quantize_int8_per_channel
 
 BLOCK = 128
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -135,7 +137,7 @@ def pack_weights(tensors: dict[str, torch.Tensor], quantized: Iterable[str], wei
         elif (weight_format == "fp8_block" and name in quantized and t.dim() == 2 and ".experts." not in name
               and not name.endswith("attn.wo_a.weight")):
             out[name] = Fp8Block.from_float(t).to(device)
-        elif (name in quantized or _bf16_on_disk(name, t)) and t.dim() >= 2 and not name.endswith(".gate.weight"):
+        elif (name in quantized or _bf16_on_disk(name, t)) and t.dim() >= 2 and not name.endswith(FP32_COMPUTE):
             m = _EXPERT.match(name)
             if m:                                                      # stacked below
                 experts.setdefault((m[1], m[3]), {})[int(m[2])] = t

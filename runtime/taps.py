@@ -11,7 +11,25 @@ lengths concatenate too (index sets with fewer entries, where few were visible, 
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
+
+# Where each kind of tap sits inside a layer, in execution order: `model_order` sorts tap names by layer, then by
+# this rank, so the order does not depend on which prompt reached a tap first (short prompts close no CSA/HCA
+# window, so their compressed-entry taps appear only with a later prompt).
+KINDS = ("attn.q", "attn.kv", "csa.compressed", "hca.compressed", "indexer.keys", "indexer.topk", "attn.out",
+         "hc.attn_post", "moe.route", "moe.out", "hc.post")
+
+
+def model_order(name: str) -> tuple:
+    m = re.match(r"L(\d+)\.(.+)$", name)
+    if not m:
+        return (math.inf, 0, name)                     # final.logits and other model-level taps: last
+    kind = m[2]
+    return (int(m[1]), KINDS.index(kind) if kind in KINDS else len(KINDS), kind)
+
 
 _ACTIVE: list["TapRecorder"] = []
 
@@ -34,13 +52,13 @@ class TapRecorder:
 
     @property
     def names(self) -> list[str]:
-        """Tap names in the order the model first reached them (leaves to root)."""
-        return list(self.parts)
+        """Tap names in model order (leaves to root)."""
+        return sorted(self.parts, key=model_order)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for n, ps in self.parts.items():
-            rows = [p.reshape(-1, p.shape[-1]) for p in ps]
+            rows = [p.reshape(math.prod(p.shape[:-1]), p.shape[-1]) for p in ps]   # k = 0 rows are fine too
             width = max(r.shape[1] for r in rows)
             if not rows[0].is_floating_point():       # index sets of different k (few entries visible): pad -1
                 rows = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=-1) for r in rows]

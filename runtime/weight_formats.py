@@ -23,6 +23,10 @@ from .ops.numerics import rounder
 
 WEIGHT_FORMATS = ("fp8_block", "float32", "bf16", "fp16", "w8a8_int8")
 
+# Weights stored bf16 on disk that DeepSeek's reference computes with in fp32 (spec §3.2: the MoE gate, the
+# compressors' projections, the output head): every weight format keeps their on-disk values.
+FP32_COMPUTE = (".gate.weight", "head.weight", ".compressor.wkv.weight", ".compressor.wgate.weight")
+
 # Linear families (matched on official names) that W8A8 deployments quantise, per cann-recipes' V4 scheme.
 W8A8_DEFAULT = ("attn.wq_b", "attn.wo_b", "indexer.wq_b", "ffn.experts", "ffn.shared_experts")
 
@@ -76,6 +80,8 @@ def transform_weights(tensors: dict[str, torch.Tensor], quantized: Iterable[str]
 
 
 def _bf16_on_disk(name: str, t: torch.Tensor) -> bool:
-    """Tensors the official checkpoint stores in bf16 (spec §3.1): embeddings, head, norms, MoE gate weight,
-    compressor projections, indexer weights_proj. fp32 ones (sinks, ape, hc_*, gate bias) stay fp32."""
-    return name.endswith((".weight",)) and not name.startswith("hc_") and ".hc_" not in name
+    """Tensors the official checkpoint stores in bf16 (spec §3.1) that a low-precision deployment computes
+    with in its dtype: embeddings, norms, indexer weights_proj, .... fp32 ones (sinks, ape, hc_*, gate bias)
+    stay fp32, and so do FP32_COMPUTE weights, which DeepSeek's reference computes with in fp32."""
+    return (name.endswith((".weight",)) and not name.startswith("hc_") and ".hc_" not in name
+            and not name.endswith(FP32_COMPUTE))

@@ -151,7 +151,8 @@ def test_emulated_reports_are_complete_and_valid(tiny_ckpt, tiny_rt, tmp_path):
 
 def test_failing_rows_write_repro_bundles(tiny_ckpt, tmp_path):
     strict = tmp_path / "strict.yaml"
-    strict.write_text("rules:\n  - {kind: final.logits, rel_rms_max: 1.0e-9}\n  - {kind: e2e, kl_max: 0.0}\n")
+    strict.write_text("rules:\n  - {kind: final.logits, rel_rms_max: 1.0e-9}\n  - {kind: e2e, kl_max: 0.0, top1_min: 0}\n"
+                      "  - {kind: '*', rel_rms_max: 1.0, jaccard_min: 0}\n")
     r = parity.compare("cpu", ["cpu-bf16"], checkpoint=tiny_ckpt, prompts=SHORT, decode_steps=3, repeat=1,
                        tolerances=strict, progress=False)
     out = r.write(tmp_path / "rep")
@@ -161,6 +162,7 @@ def test_failing_rows_write_repro_bundles(tiny_ckpt, tmp_path):
     bundle = out / report["repro_bundles"][0]
     meta = json.loads((bundle / "repro.json").read_text())
     assert meta["tap"] == "final.logits" and "--candidate cpu-bf16 --emulate" in meta["command"]
+    assert f"--tolerances {strict}" in meta["command"] and "--seed 0" in meta["command"]
     assert json.loads((bundle / "prompts.json").read_text()) == SHORT
     a, b = load_file(bundle / "reference.safetensors"), load_file(bundle / "candidate.safetensors")
     assert a["final.logits"].shape == b["final.logits"].shape == (208, 320)
@@ -199,3 +201,33 @@ def test_cli_writes_reports(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "ascend-310p (emulated): PASS" in r.stdout
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"report.json", "report.md", "report.html"}
+
+
+def test_rows_without_a_bound_fail_closed(tiny_ckpt, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("rules: []\n")
+    r = parity.compare("cpu", ["cpu-bf16"], checkpoint=tiny_ckpt, prompts=SHORT[:1], decode_steps=2, repeat=1,
+                       tolerances=empty, progress=False)
+    res = r.report["results"][0]
+    assert not r.passed and res["e2e"]["verdict"] == "fail"
+    assert all(t["verdict"] == "fail" and "no tolerance rule" in t["reason"] for t in res["taps"])
+
+
+def test_tap_order_is_model_order_whatever_the_prompt_lengths(tiny_rt):
+    """A 3-token prompt closes no compressor window (and selects k = 0 entries); the taps that only a later,
+    longer prompt reaches still sort into their layer."""
+    r = parity.compare(tiny_rt, ["cpu-bf16"], prompts=[[5, 6, 7], list(range(2, 160))], decode_steps=2,
+                       repeat=1, progress=False)
+    names = [t["tap"] for t in r.report["results"][0]["taps"]]
+    assert names[-1] == "final.logits" and names.index("L2.hca.compressed") < names.index("L2.attn.out")
+    assert names.index("L1.csa.compressed") < names.index("L1.indexer.topk") < names.index("L1.attn.out")
+
+
+def test_bad_prompt_files_are_one_line_errors(tmp_path, tiny_rt):
+    from runtime.errors import InputError
+
+    for content, msg in (('[[1, 2, "a"]]', "token id 'a' that is not an integer"), ("[[1, 2.5]]", "2.5"),
+                         ("{}", "non-empty JSON list"), ("[[1, 2", "not valid JSON")):
+        (tmp_path / "p.json").write_text(content)
+        with pytest.raises(InputError, match=msg):
+            parity.load_prompts(tmp_path / "p.json", tiny_rt.tokenizer)

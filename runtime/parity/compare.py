@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..taps import model_order
 from .harness import SideRun, run_side
 from .metrics import amax, e2e_metrics, float_metrics, index_metrics
 from .tolerances import Tolerances, load_tolerances
@@ -43,10 +44,11 @@ class Side:
     label: str
     runtime: object
     emulated: bool
+    spec: str | None                  # how the CLI names it (profile name or YAML path); None: built in Python
 
     def describe(self) -> dict:
         rt = self.runtime
-        return {"label": self.label, "profile": rt.profile.name, "backend": rt.dispatch.backend,
+        return {"label": self.label, "profile": rt.profile.name, "spec": self.spec, "backend": rt.dispatch.backend,
                 "device": rt.dispatch.device, "emulated": rt.dispatch.emulated, "numerics": rt.dispatch.numerics,
                 "weight_format": rt.profile.weight_format, "dispatch": rt.dispatch.as_dict()}
 
@@ -69,13 +71,15 @@ class ParityResult:
 
 def _load_side(spec, checkpoint, emulate: bool, allow_fallback: bool) -> Side:
     from ..api import Runtime
+    from ..profile import Profile
 
     rt = spec if isinstance(spec, Runtime) else Runtime.load(spec, checkpoint=checkpoint, emulate=emulate,
                                                               allow_fallback=allow_fallback, progress=False)
     replaced = [r.op for r in rt.dispatch.rows if r.impl.startswith("replaced:")]
+    cli = None if isinstance(spec, Runtime) else (spec.source if isinstance(spec, Profile) else str(spec))
     label = (f"{rt.profile.name}{' (emulated)' if rt.dispatch.emulated else ''}"
              f"{' [replaced: ' + ', '.join(replaced) + ']' if replaced else ''}")
-    return Side(label, rt, rt.dispatch.emulated)
+    return Side(label, rt, rt.dispatch.emulated, cli if cli and cli != "<object>" else None)
 
 
 # The rounding unit of each compute dtype: the error a single rounding step makes, the floor of "upstream".
@@ -84,7 +88,7 @@ UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 **
 
 def _rows(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str) -> list[dict]:
     rows, upstream = [], UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
-    for name in ref.tap_order:
+    for name in sorted(ref.tap_order, key=model_order):
         layer, kind = tap_kind(name)
         row = {"tap": name, "layer": layer, "kind": kind}
         if name not in cand.taps:
@@ -94,17 +98,19 @@ def _rows(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str
         if kind in INDEX_KINDS:
             m = index_metrics(ref.taps[name], cand.taps[name])
             bound, rule = tol.bound(kind, dtype, backend, "jaccard_min")
-            ok = "error" not in m and (bound is None or m["jaccard"] >= bound)
+            ok = "error" not in m and bound is not None and m["jaccard"] >= bound
             row.update(type="index", metrics=m, bound={"jaccard_min": bound, "rule": rule})
         else:
             m = float_metrics(ref.taps[name], cand.taps[name])
             bound, rule = tol.bound(kind, dtype, backend, "rel_rms_max")
-            ok = "error" not in m and not (m["nan"] or m["inf"]) and (bound is None or m["rel_rms"] <= bound)
+            ok = "error" not in m and not (m["nan"] or m["inf"]) and bound is not None and m["rel_rms"] <= bound
             if "error" not in m:
                 row["growth"] = m["rel_rms"] / upstream
                 upstream = max(upstream, m["rel_rms"])
             row.update(type="float", metrics=m, bound={"rel_rms_max": bound, "rule": rule})
         row["verdict"] = "pass" if ok else "fail"
+        if bound is None:                  # fail closed: a row no rule bounds is not a pass
+            row["reason"] = "no tolerance rule gives this row a bound"
         rows.append(row)
     return rows
 
@@ -123,7 +129,7 @@ def _e2e_row(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: 
     m = e2e_metrics(ref.step_logits, cand.step_logits, ref.greedy, cand.greedy)
     kl_max, r1 = tol.bound("e2e", dtype, backend, "kl_max")
     top1_min, r2 = tol.bound("e2e", dtype, backend, "top1_min")
-    ok = (kl_max is None or m["kl_mean"] <= kl_max) and (top1_min is None or m["top1_agreement"] >= top1_min)
+    ok = kl_max is not None and top1_min is not None and m["kl_mean"] <= kl_max and m["top1_agreement"] >= top1_min
     return {"metrics": m, "bound": {"kl_max": kl_max, "top1_min": top1_min, "rules": [r1, r2]},
             "verdict": "pass" if ok else "fail"}
 
@@ -169,7 +175,12 @@ def load_prompts(path: "str | Path", tokenizer) -> list[list[int]]:
             raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         if not isinstance(raw, list) or not raw or not all(isinstance(p, (str, list)) for p in raw):
             raise InputError(f"{path}: expected a non-empty JSON list of strings or of token-id lists")
-        return [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in raw]
+        for i, p in enumerate(raw):
+            bad = next((t for t in p if not isinstance(t, int) or isinstance(t, bool)), None) \
+                if isinstance(p, list) else None
+            if bad is not None:
+                raise InputError(f"{path}: prompt {i} has a token id {bad!r} that is not an integer")
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in raw]
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     if not lines:
         raise InputError(f"{path}: no prompts (one per non-empty line)")
@@ -229,6 +240,6 @@ def compare(reference="cpu", candidates=("cpu-bf16",), checkpoint=None, prompts=
     report = {"reference": ref.describe(), "candidates": [c.describe() for c in cands], "results": results,
               "three_way": _three_way(results), "tolerances": {"source": tol.source, "rules": list(tol.rules)},
               "inputs": {"prompts": len(ids), "prompt_tokens": [len(p) for p in ids], "decode_steps": decode_steps,
-                         "seed": seed, "repeat": repeat},
+                         "seed": seed, "repeat": repeat, "allow_fallback": allow_fallback},
               "checkpoint": {"path": str(ref.runtime.checkpoint)}}
     return ParityResult(report, ids, runs)

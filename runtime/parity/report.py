@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .html import render_html, render_markdown
+from .tolerances import DEFAULT as DEFAULT_TOLERANCES
 
 SCHEMA_VERSION = 1
 SCHEMA = Path(__file__).with_name("report.schema.json")
@@ -77,13 +78,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def _rerun_command(report: dict, cand: dict, prompts_file: Path, out: Path) -> str:
-    ref, c = report["reference"], cand
-    args = ["python", "-m", "runtime.parity", "--reference", ref["profile"], "--candidate", c["profile"]]
+def _rerun_command(report: dict, cand: dict, prompts_file: Path, out: Path) -> str | None:
+    """The CLI command comparing exactly these inputs again, or None when a side was built in Python (a
+    Runtime passed to compare(), e.g. from `with_ops`): the CLI cannot rebuild it."""
+    ref, c, inputs = report["reference"], cand, report["inputs"]
+    if ref["spec"] is None or c["spec"] is None:
+        return None
+    args = ["python", "-m", "runtime.parity", "--reference", ref["spec"], "--candidate", c["spec"]]
     if c["emulated"]:
         args.append("--emulate")
+    if inputs["allow_fallback"]:
+        args.append("--allow-fallback")
+    if Path(report["tolerances"]["source"]).resolve() != DEFAULT_TOLERANCES.resolve():
+        args += ["--tolerances", report["tolerances"]["source"]]
     args += ["--checkpoint", report["checkpoint"]["path"], "--prompts", str(prompts_file),
-             "--decode-steps", str(report["inputs"]["decode_steps"]), "--out", str(out)]
+             "--decode-steps", str(inputs["decode_steps"]), "--seed", str(inputs["seed"]), "--out", str(out)]
     return shlex.join(args)
 
 
@@ -108,7 +117,9 @@ def _write_repro(result, out: Path) -> list[str]:
             save_file(cand_t, str(d / "candidate.safetensors"))
             (d / "repro.json").write_text(json.dumps({
                 "tap": name, "candidate": res["candidate"], "reference": report["reference"]["label"],
-                "metrics": metrics, "command": _rerun_command(report, cand_desc, d / "prompts.json", d / "rerun")},
+                "metrics": metrics, "command": _rerun_command(report, cand_desc, d / "prompts.json", d / "rerun"),
+                "note": "command is null when a side was built in Python (Runtime.with_ops or a loaded Runtime): "
+                        "rerun parity.compare() with it on prompts.json"},
                 indent=2))
             written.append(str(d.relative_to(out)))
     return written
