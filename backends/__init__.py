@@ -23,7 +23,11 @@ def get_backend(name: str) -> Backend:
         from .ascend import AscendBackend
 
         return AscendBackend()
-    raise BackendUnavailable(f"unknown backend {name!r}; available: cpu, cuda, ascend")
+    if name == "onnx":
+        from .onnx import OnnxBackend
+
+        return OnnxBackend()
+    raise BackendUnavailable(f"unknown backend {name!r}; available: cpu, cuda, ascend, onnx")
 
 
 __all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend"]

@@ -1,12 +1,13 @@
 """V4's sparse kernels as custom ops on both sides of the export: torch custom ops (eager = our reference ops)
 and `com.deepseek.v4` ONNX nodes that carry a model-local function body written in standard ONNX ops.
 
-- `com.deepseek.v4::SparseAttention(q [T,H,D], kv [N,D], idx [T,K] int64, sink [H]; scale) -> [T,H,D]`: each
-  query attends to the kv rows its index list names (-1 = padding, anywhere in the row), K = V (one shared
-  head), with a per-head sink logit in the softmax denominator (spec §10).
-- `com.deepseek.v4::IndexerTopK(q [T,h,d], w [T,h], keys [N,d], visible [T] int64; topk) -> [T, min(topk, N)]`:
-  score[t,n] = sum_h w[t,h] relu(q[t,h] . keys[n]) over the first visible[t] entries; best first, ties to the
-  lower index (ONNX TopK's rule, and our reference's stable sort), -1 where fewer are visible (spec §9).
+- `com.deepseek.v4::SparseAttention(q [B,T,H,D], kv [B,N,D], idx [B,T,K] int64, sink [H]; scale) -> [B,T,H,D]`:
+  each query attends to the kv rows of its own sequence that its index list names (-1 = padding, anywhere in
+  the row), K = V (one shared head), with a per-head sink logit in the softmax denominator (spec §10).
+- `com.deepseek.v4::IndexerTopK(q [B,T,h,d], w [B,T,h], keys [B,N,d], visible [B,T] int64; topk)
+  -> [B,T,min(topk,N)]`: score[t,n] = sum_h w[t,h] relu(q[t,h] . keys[n]) over the first visible[t] entries;
+  best first, ties to the lower index (ONNX TopK's rule, and our reference's stable sort), -1 where fewer are
+  visible (spec §9).
 
 Stock ONNX Runtime runs the function bodies; a runtime or edge compiler with a fused kernel registered for the
 node uses that instead (tested with an onnxruntime-extensions kernel). The bodies are written at the model's
@@ -32,7 +33,7 @@ V4 = onnxscript.values.Opset(DOMAIN, 1)
 @torch.library.custom_op("dsv4::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    return attention.sparse_attention(q, kv, idx, sink, scale)
+    return torch.stack([attention.sparse_attention(q[b], kv[b], idx[b], sink, scale) for b in range(q.shape[0])])
 
 
 @sparse_attention.register_fake
@@ -43,39 +44,44 @@ def _(q, kv, idx, sink, scale):
 @torch.library.custom_op("dsv4::indexer_topk", mutates_args=())
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
                  topk: int) -> torch.Tensor:
-    return attention.indexer_topk(q, w, keys, visible, min(topk, keys.shape[0]))
+    k = min(topk, keys.shape[1])
+    return torch.stack([attention.indexer_topk(q[b], w[b], keys[b], visible[b], k) for b in range(q.shape[0])])
 
 
 @indexer_topk.register_fake
 def _(q, w, keys, visible, topk):
-    return q.new_empty((q.shape[0], torch.sym_min(topk, keys.shape[0])), dtype=torch.int64)
+    return q.new_empty((q.shape[0], q.shape[1], torch.sym_min(topk, keys.shape[1])), dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- ONNX side: function bodies
 @onnxscript.script(V4, default_opset=op)
 def SparseAttention(q: FLOAT, kv: FLOAT, idx: INT64, sink: FLOAT, scale: float) -> FLOAT:
     zero = op.Constant(value_int=0)
-    rows = op.Gather(kv, op.Max(idx, zero), axis=0)                                   # [T, K, D]
-    s = op.MatMul(q, op.Transpose(rows, perm=[0, 2, 1]))                              # [T, H, K]
+    B, N, D = op.Shape(kv, start=0, end=1), op.Shape(kv, start=1, end=2), op.Shape(kv, start=2, end=3)
+    base = op.Mul(op.Range(op.Constant(value_int=0), op.Squeeze(B, [0]), op.Constant(value_int=1)),
+                  op.Squeeze(N, [0]))                                                 # row offset of each sequence
+    flat = op.Add(op.Max(idx, zero), op.Unsqueeze(base, [1, 2]))                      # [B, T, K] into [B*N]
+    rows = op.Gather(op.Reshape(kv, op.Concat(op.Constant(value_ints=[-1]), D, axis=0)), flat, axis=0)
+    s = op.MatMul(q, op.Transpose(rows, perm=[0, 1, 3, 2]))                           # [B, T, H, K]
     s = op.Mul(s, op.Constant(value_float=scale))
-    pad = op.Unsqueeze(op.Less(idx, zero), [1])                                       # [T, 1, K]
+    pad = op.Unsqueeze(op.Less(idx, zero), [2])                                       # [B, T, 1, K]
     s = op.Where(pad, op.Constant(value_float=float("-inf")), s)
-    T, H = op.Shape(q, start=0, end=1), op.Shape(q, start=1, end=2)
-    sinks = op.Expand(op.Reshape(sink, op.Constant(value_ints=[1, -1, 1])),
-                      op.Concat(T, H, op.Constant(value_ints=[1]), axis=0))            # [T, H, 1]
+    sinks = op.Expand(op.Reshape(sink, op.Constant(value_ints=[1, 1, -1, 1])),
+                      op.Concat(op.Shape(s, start=0, end=3), op.Constant(value_ints=[1]), axis=0))  # [B,T,H,1]
     p = op.Softmax(op.Concat(s, sinks, axis=-1), axis=-1)                             # sink in the denominator
-    K = op.Shape(idx, start=1, end=2)
+    K = op.Shape(idx, start=2, end=3)
     p = op.Slice(p, op.Constant(value_ints=[0]), K, op.Constant(value_ints=[-1]))     # drop the sink's share
-    return op.MatMul(p, rows)                                                         # [T, H, D]
+    return op.MatMul(p, rows)                                                         # [B, T, H, D]
 
 
 @onnxscript.script(V4, default_opset=op)
 def IndexerTopK(q: FLOAT, w: FLOAT, keys: FLOAT, visible: INT64, topk: int) -> INT64:
-    s = op.Relu(op.MatMul(q, op.Transpose(keys, perm=[1, 0])))                        # [T, h, N]
-    s = op.Squeeze(op.MatMul(op.Unsqueeze(w, [1]), s), [1])                           # [T, 1, h] @ -> [T, N]
-    N = op.Shape(keys, start=0, end=1)
+    kt = op.Unsqueeze(op.Transpose(keys, perm=[0, 2, 1]), [1])                        # [B, 1, d, N]
+    s = op.Relu(op.MatMul(q, kt))                                                     # [B, T, h, N]
+    s = op.Squeeze(op.MatMul(op.Unsqueeze(w, [2]), s), [2])                           # [B, T, 1, h] @ -> [B, T, N]
+    N = op.Shape(keys, start=1, end=2)
     n = op.Range(op.Constant(value_int=0), op.Squeeze(N, [0]), op.Constant(value_int=1))
-    hidden = op.GreaterOrEqual(op.Unsqueeze(n, [0]), op.Unsqueeze(visible, [1]))      # [T, N]
+    hidden = op.GreaterOrEqual(n, op.Unsqueeze(visible, [2]))                         # [B, T, N]
     s = op.Where(hidden, op.Constant(value_float=float("-inf")), s)
     k = op.Min(op.Reshape(op.Constant(value_int=topk), op.Constant(value_ints=[1])), N)
     vals, ids = op.TopK(s, k, axis=-1)
@@ -105,8 +111,8 @@ def _register_schemas() -> None:
     def _ids_type(ctx):
         t = onnx.TypeProto()
         t.tensor_type.elem_type = onnx.TensorProto.INT64
-        t.tensor_type.shape.dim.add()
-        t.tensor_type.shape.dim.add()
+        for _ in range(3):                                        # [B, T, k]; k is data-dependent
+            t.tensor_type.shape.dim.add()
         ctx.set_output_type(0, t)
 
     it.set_type_and_shape_inference_function(_ids_type)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -119,6 +120,11 @@ class Runtime:
                                      "profile, or add --emulate to run this profile's numerics on the CPU")
         table = resolve(prof, info.backend, info.device, caps, spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        build = getattr(backend, "build_model", None)
+        if build is not None:              # a backend that runs a whole exported graph (onnx)
+            show = sys.stderr.isatty() if progress is None else progress
+            model = build(path, prof, show, torch.get_num_threads())
+            return cls(model, load_tokenizer(model.folder, model.cfg), path, prof, table)
         ck = load_checkpoint(path, progress=progress)
         if info.backend == "cpu":
             # The reference and the emulation compute with float32 values of the weight format.
@@ -135,6 +141,8 @@ class Runtime:
         """This runtime with some ops of its table replaced (same weights, nothing copied): for experiments
         such as "what if this op were exact?", and for planting a known bug in a parity test. The dispatch
         table records each replacement."""
+        if self._weights is None:
+            raise InputError(f"with_ops needs a torch model; profile {self.profile.name} runs an exported graph")
         unknown = sorted(set(replace) - {r.op for r in self.dispatch.rows})
         if unknown:
             raise InputError(f"unknown op(s) {', '.join(unknown)}; ops: {', '.join(r.op for r in self.dispatch.rows)}")
@@ -148,7 +156,7 @@ class Runtime:
     def new_state(self, batch_size: int = 1) -> DecodeState:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return DecodeState(self.config, batch_size, self.model.device)
+        return self.model.new_state(batch_size)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         try:

@@ -21,7 +21,7 @@ from .weight_formats import W8A8_DEFAULT, WEIGHT_FORMATS
 from .yaml_io import read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
-BACKENDS = ("cpu", "cuda", "ascend")
+BACKENDS = ("cpu", "cuda", "ascend", "onnx")
 CAPABILITIES = ("fp32", "bf16", "fp16", "fp8_gemm", "int8_w8a8", "mxfp4", "fused_sparse_attention",
                 "fused_indexer", "fused_moe_gating", "fused_compressor", "fused_mhc", "graph_capture")
 CONFIDENCE = ("high", "medium", "low")

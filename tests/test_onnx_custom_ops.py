@@ -21,19 +21,19 @@ class Core(torch.nn.Module):
         return torch.ops.dsv4.sparse_attention(q, kv, idx, sink, 0.125), sel
 
 
-def _args(T, N, K, Nc, H=8, D=64, h=4, d=32):
-    idx = torch.randint(0, N, (T, K), generator=G)
-    idx[torch.rand(T, K, generator=G) < 0.3] = -1                     # padding anywhere in a row
-    return (torch.randn(T, H, D, generator=G), torch.randn(N, D, generator=G), idx, torch.randn(H, generator=G),
-            torch.randn(T, h, d, generator=G), torch.randn(T, h, generator=G), torch.randn(Nc, d, generator=G),
-            torch.randint(0, Nc + 1, (T,), generator=G))
+def _args(T, N, K, Nc, B=2, H=8, D=64, h=4, d=32):
+    idx = torch.randint(0, N, (B, T, K), generator=G)
+    idx[torch.rand(B, T, K, generator=G) < 0.3] = -1                  # padding anywhere in a row
+    return (torch.randn(B, T, H, D, generator=G), torch.randn(B, N, D, generator=G), idx,
+            torch.randn(H, generator=G), torch.randn(B, T, h, d, generator=G), torch.randn(B, T, h, generator=G),
+            torch.randn(B, Nc, d, generator=G), torch.randint(0, Nc + 1, (B, T), generator=G))
 
 
 @pytest.fixture(scope="module")
 def exported():
-    T, N, K, Nc = (torch.export.Dim(n) for n in ("T", "N", "K", "Nc"))
-    dyn = {"q": {0: T}, "kv": {0: N}, "idx": {0: T, 1: K}, "sink": None, "iq": {0: T}, "iw": {0: T},
-           "keys": {0: Nc}, "visible": {0: T}}
+    B, T, N, K, Nc = (torch.export.Dim(n) for n in ("B", "T", "N", "K", "Nc"))
+    dyn = {"q": {0: B, 1: T}, "kv": {0: B, 1: N}, "idx": {0: B, 1: T, 2: K}, "sink": None, "iq": {0: B, 1: T},
+           "iw": {0: B, 1: T}, "keys": {0: B, 1: Nc}, "visible": {0: B, 1: T}}
     prog = torch.onnx.export(Core(), _args(37, 90, 20, 23), dynamo=True, opset_version=co.OPSET, dynamic_shapes=dyn,
                              custom_translation_table=co.translation_table(), verbose=False)
     return co.attach_functions(prog.model_proto)
@@ -52,13 +52,14 @@ def test_graph_has_custom_nodes_with_bodies_and_passes_the_checker(exported):
     onnx.checker.check_model(exported, full_check=True)
 
 
-@pytest.mark.parametrize("T,N,K,Nc", [(37, 90, 20, 23), (1, 5, 3, 1), (130, 300, 40, 70), (4, 9, 2, 40)])
-def test_stock_ort_runs_the_bodies_like_the_reference(exported, T, N, K, Nc):
-    args = _args(T, N, K, Nc)
+@pytest.mark.parametrize("B,T,N,K,Nc", [(2, 37, 90, 20, 23), (1, 1, 5, 3, 1), (3, 130, 300, 40, 70),
+                                        (2, 4, 9, 2, 40)])
+def test_stock_ort_runs_the_bodies_like_the_reference(exported, B, T, N, K, Nc):
+    args = _args(T, N, K, Nc, B)
     out, sel = _run(exported, args)
     ref_out, ref_sel = Core()(*args)
     assert np.abs(out - ref_out.numpy()).max() <= 1e-5 * max(1.0, float(ref_out.abs().max()))
-    assert sel.shape == (T, min(16, Nc)) and np.array_equal(sel, ref_sel.numpy())   # identical top-k sets
+    assert sel.shape == (B, T, min(16, Nc)) and np.array_equal(sel, ref_sel.numpy())   # identical top-k sets
 
 
 def test_a_registered_kernel_replaces_the_body(exported):
@@ -70,6 +71,7 @@ def test_a_registered_kernel_replaces_the_body(exported):
                  outputs=[ext.PyCustomOpDef.dt_float], attrs={"scale": ext.PyCustomOpDef.dt_float})
     def _kernel(q, kv, idx, sink, scale):
         calls.append(q.shape)
+        assert q.ndim == 4 and idx.dtype == np.int64
         return -torch.ops.dsv4.sparse_attention(*map(torch.from_numpy, (q, kv, idx, sink)), scale).numpy()
 
     # PyOps live in the domain ai.onnx.contrib: move the node and its body there (nothing else changes)

@@ -13,7 +13,7 @@ from .attention import Attention
 from .moe import MoE
 from .params import Params, project
 from ..taps import tap
-from .state import SequenceState
+from .state import DecodeState, SequenceState
 
 
 class HyperConnection:
@@ -113,6 +113,9 @@ class Transformer:
         logits = self.head(X)
         tap("final.logits", logits)
         return (logits, X) if return_hidden else logits
+
+    def new_state(self, batch_size: int) -> DecodeState:
+        return DecodeState(self.cfg, batch_size, self.device)
 
     def _positions(self, starts: list[int], S: int) -> torch.Tensor:
         """[B, S] int64 positions starts[b] + 0..S-1, on the model's device."""

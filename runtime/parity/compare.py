@@ -86,11 +86,17 @@ def _load_side(spec, checkpoint, emulate: bool, allow_fallback: bool) -> Side:
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
-def _rows(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str) -> list[dict]:
+def _rows(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str,
+          exposed: frozenset[str] | None = None) -> list[dict]:
+    """`exposed`: the taps the candidate can produce at all (an exported graph exposes only a few); None = all."""
     rows, upstream = [], UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
     for name in sorted(ref.tap_order, key=model_order):
         layer, kind = tap_kind(name)
         row = {"tap": name, "layer": layer, "kind": kind}
+        if exposed is not None and name not in exposed:
+            row.update(type="not_exposed", verdict="n/a", reason="the candidate runs a graph that does not expose it")
+            rows.append(row)
+            continue
         if name not in cand.taps:
             row.update(type="missing", verdict="fail", reason="the candidate did not produce this tap")
             rows.append(row)
@@ -228,7 +234,7 @@ def compare(reference="cpu", candidates=("cpu-bf16",), checkpoint=None, prompts=
         run = run_side(c.runtime, c.label, ids, decode_steps, runs[ref.label].greedy, bar)
         runs[c.label] = run
         dtype, backend = c.runtime.dispatch.compute_dtype, c.runtime.dispatch.backend
-        taps = _rows(runs[ref.label], run, tol, dtype, backend)
+        taps = _rows(runs[ref.label], run, tol, dtype, backend, getattr(c.runtime.model, "tap_names", None))
         e2e = _e2e_row(runs[ref.label], run, tol, dtype, backend)
         rep = _repeatability(run, run_side(c.runtime, c.label, ids, decode_steps, runs[ref.label].greedy, bar)) \
             if repeat >= 2 else None

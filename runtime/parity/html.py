@@ -109,8 +109,9 @@ def render_html(report: dict) -> str:
                         ("moe.route", "Expert choice overlap per layer (mean Jaccard)")):
         names = [t["tap"] for t in results[0]["taps"] if t["kind"] == kind]
         if names:
-            parts.append(bars(title, "Jaccard", names, {r["candidate"]: [next(t["metrics"]["jaccard"] for t in r["taps"]
-                                                                              if t["tap"] == n) for n in names]
+            parts.append(bars(title, "Jaccard", names, {r["candidate"]: [next(t.get("metrics", {}).get("jaccard", 0.0)
+                                                                              for t in r["taps"] if t["tap"] == n)
+                                                                         for n in names]
                                                         for r in results}, y_max=1.0))
     if report.get("three_way"):
         tw = report["three_way"]

@@ -1,0 +1,76 @@
+"""The ONNX backend: the exported prefill / decode graphs (export/onnx.py) run by ONNX Runtime.
+
+Probing imports onnxruntime (an optional extra: `pip install '.[onnx]'`) at load, never at import. The model
+runs inside the graphs, so the dispatch table names the graph node each op became: the V4 kernels are
+`com.deepseek.v4` custom nodes (run through their function bodies by stock ONNX Runtime, or by a kernel a
+runtime registers), the rest standard ONNX ops. Graphs are exported on first use into the cache folder, keyed by
+the checkpoint's fingerprint, or read from a folder `python -m export.onnx` wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.dispatch import register
+
+from .base import BackendUnavailable, DeviceInfo
+
+NODES = {"sparse_attention": "onnx:com.deepseek.v4::SparseAttention", "indexer_topk": "onnx:com.deepseek.v4::IndexerTopK"}
+OPS = ("linear", "group_linear", "rms_norm", "apply_rope", "sparse_attention", "indexer_topk", "compress_pool",
+       "moe_gate", "routed_experts", "clamped_swiglu", "hc_pre", "hc_post", "hc_head")
+
+
+def _in_graph(*args, **kw):
+    raise RuntimeError("this op runs inside the ONNX graph, not from Python")
+
+
+for _op in OPS:
+    register(_op, NODES.get(_op, "onnx:standard ops"), "onnx")(_in_graph)
+
+
+class OnnxBackend:
+    name = "onnx"
+    weight_formats = frozenset({"float32"})
+    providers = ["CPUExecutionProvider"]
+
+    def probe(self) -> DeviceInfo:
+        try:
+            import onnxruntime
+        except ModuleNotFoundError:
+            raise BackendUnavailable("backend 'onnx' unavailable: onnxruntime is not installed; "
+                                     "pip install '.[onnx]'") from None
+        return DeviceInfo("onnx", "cpu", f"ONNX Runtime {onnxruntime.__version__} ({', '.join(self.providers)})",
+                          {"providers": list(self.providers)})
+
+    def capabilities(self, info: DeviceInfo) -> frozenset[str]:
+        return frozenset({"fp32"})
+
+    def build_model(self, checkpoint: Path, profile, progress: bool, threads: int):
+        """The ORT model for `checkpoint`: an export folder as is, or a checkpoint exported once into the cache."""
+        from runtime.onnx_model import OnnxModel
+
+        folder = checkpoint if (checkpoint / "export.json").is_file() else _cached_export(checkpoint, progress)
+        from runtime.config import ModelConfig
+
+        return OnnxModel(folder, ModelConfig.from_file(folder / "config.json"), self.providers, threads)
+
+
+def _cached_export(checkpoint: Path, progress: bool) -> Path:
+    import shutil
+    import tempfile
+
+    from export.onnx import FORMAT_VERSION, export_model
+    from runtime.api import cache_dir
+    from runtime.parity.report import checkpoint_fingerprint
+
+    key = f"{checkpoint_fingerprint(checkpoint)[:16]}-v{FORMAT_VERSION}"
+    folder = cache_dir() / "onnx" / key
+    if not (folder / "export.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        export_model(checkpoint, "cpu", tmp, progress=progress)
+        try:
+            tmp.rename(folder)                     # atomic: a concurrent export either wins or is discarded
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

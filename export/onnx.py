@@ -1,0 +1,156 @@
+"""`python -m export.onnx`: export a V4 checkpoint as two ONNX graphs, prefill and decode, with custom nodes.
+
+    python -m export.onnx --checkpoint DIR --profile cpu --out OUT
+    from export.onnx import export_model; export_model(checkpoint, "cpu", out)
+
+Writes into OUT (and nowhere else): `prefill.onnx` (ids [B, S >= 2] from position 0 -> logits, the decode state
+and each CSA layer's indexer top-k), `decode.onnx` (ids [B, 1], pos [B] and the whole state -> logits and the
+state), their weights as external data next to them (`*.weights`, paths relative to OUT), and `export.json`
+(the manifest: state layout, opset, the checkpoint's fingerprint, the profile). Opset 23; the V4 kernels are
+`com.deepseek.v4` nodes with model-local function bodies (export/custom_ops.py). `onnx.checker` with
+full_check passes for both graphs. Weights are float32 (profile `cpu`); other formats are not exported yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from runtime.errors import V4Error
+
+FORMAT_VERSION = 1
+OPSET = 23
+EXPORTABLE_WEIGHT_FORMATS = ("float32",)
+
+
+class ExportError(V4Error):
+    """The export cannot be made (bad input or a profile this exporter does not handle)."""
+
+
+def _dims(cfg, names):
+    from torch.export import Dim
+
+    B = Dim("B", min=1, max=4096)
+    caps: dict[int, object] = {}
+
+    def state_dims(n: str) -> dict:
+        d = {0: B}
+        if n.endswith((".comp", ".ikeys")):
+            m = 4 if n.endswith(".ikeys") else cfg.ratio(int(n[1:n.index(".")]))
+            caps.setdefault(m, Dim(f"N{m}", min=2, max=1 << 24))      # one capacity per compression ratio
+            d[1] = caps[m]
+        return d
+
+    return B, tuple(state_dims(n) for n in names)
+
+
+def _export(module, args, dynamic_shapes, input_names, output_names):
+    import torch.fx.experimental._config as fx_config
+
+    from . import custom_ops
+
+    # Size-oblivious reasoning keeps the graphs generic in B, S and the capacities (no 0/1 specialisation).
+    with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+                                 custom_translation_table=custom_ops.translation_table(), verbose=False,
+                                 input_names=input_names, output_names=output_names)
+    return custom_ops.attach_functions(prog.model_proto)
+
+
+def _save(model, out: Path, name: str) -> None:
+    import onnx
+
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(out / f"{name}.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{name}.weights", size_threshold=1024)
+
+
+def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: bool = True) -> Path:
+    """Export prefill and decode graphs of `checkpoint` under `profile` into the folder `out`."""
+    from runtime.api import Runtime
+    from runtime.parity.report import checkpoint_fingerprint
+
+    from .steps import Decode, Prefill, index_tap_names, state_names, state_shapes
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    rt = Runtime.load(profile, checkpoint=checkpoint, emulate=True, progress=False)
+    if rt.profile.weight_format not in EXPORTABLE_WEIGHT_FORMATS:
+        raise ExportError(f"profile {rt.profile.name} stores weights as {rt.profile.weight_format}; this build exports "
+                          f"{', '.join(EXPORTABLE_WEIGHT_FORMATS)} weights only (use --profile cpu)")
+    cfg, tensors = rt.config, rt._weights[0]
+    names = state_names(cfg)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say(f"exporting prefill graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
+    B, state_dims = _dims(cfg, names)
+    ids = torch.randint(2, min(cfg.vocab_size, 258), (2, 300))
+    prefill = _export(Prefill(cfg, tensors).eval(), (ids,), {"ids": {0: B, 1: torch.export.Dim("S", min=2,
+                                                                                                max=1 << 24)}},
+                      ["ids"], ["logits", *names, *index_tap_names(cfg)])
+    _save(prefill, out, "prefill")
+    say(f"  prefill.onnx written ({time.perf_counter() - t0:.0f} s); exporting decode graph ...")
+    shapes = state_shapes(cfg, 2, 1024)
+    state = [torch.zeros(shapes[n]) for n in names]
+    decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.tensor([300, 517]), *state),
+                     {"ids": {0: B}, "pos": {0: B}, "state_in": state_dims}, ["ids", "pos", *names],
+                     ["logits", *[f"{n}.out" for n in names]])
+    _save(decode, out, "decode")
+    manifest = {"format_version": FORMAT_VERSION, "opset": OPSET, "profile": rt.profile.name,
+                "checkpoint": str(rt.checkpoint), "fingerprint": checkpoint_fingerprint(Path(rt.checkpoint)),
+                "state": names, "index_taps": index_tap_names(cfg), "prefill_min_tokens": 2,
+                "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"}}
+    (out / "export.json").write_text(json.dumps(manifest, indent=1))
+    for extra in ("config.json", "tokenizer.json"):
+        if (Path(rt.checkpoint) / extra).is_file():
+            shutil.copy(Path(rt.checkpoint) / extra, out / extra)
+    say(f"  decode.onnx written; done in {time.perf_counter() - t0:.0f} s -> {out}")
+    return out
+
+
+def check_external_data(folder: Path, name: str) -> None:
+    """Refuse a graph whose external-data paths leave its folder (a tampered or hand-edited export)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    m = onnx.load(str(folder / name), load_external_data=False)
+    root = folder.resolve()
+    for t in _get_all_tensors(m):
+        for entry in t.external_data:
+            if entry.key == "location":
+                target = (folder / entry.value).resolve()
+                if Path(entry.value).is_absolute() or root not in target.parents:
+                    raise ExportError(f"{folder / name}: tensor {t.name} points at {entry.value!r} outside the export "
+                                      "folder; refusing it (re-export the model)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the generated tiny model)")
+    ap.add_argument("--profile", default="cpu", help="hardware profile whose weight format to export (cpu)")
+    ap.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
+    args = ap.parse_args(argv)
+    try:
+        export_model(args.checkpoint, args.profile, args.out)
+    except V4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        print(f"error: {e.name} is not installed; pip install '.[onnx]'", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The ONNX export (export/onnx.py) run by stock ONNX Runtime against the CPU float32 reference: prefill logits,
+decode steps across window and compression boundaries with sequences at different positions, identical indexer
+top-k sets (through the parity harness), generation; the files it writes and the errors it gives."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from export.onnx import ExportError, export_model  # noqa: E402
+from runtime import parity  # noqa: E402
+from runtime.api import Runtime  # noqa: E402
+
+G = torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_ckpt, tmp_path_factory):
+    """One export of the tiny default for the module (about two minutes on two cores)."""
+    root = tmp_path_factory.mktemp("onnx")
+    out = export_model(tiny_ckpt, "cpu", root / "out", progress=False)
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def ort_rt(exported):
+    return Runtime.load("onnx-cpu", checkpoint=exported[1], progress=False)
+
+
+def test_export_writes_two_checked_graphs_into_out_only(exported):
+    root, out = exported
+    assert sorted(p.name for p in root.iterdir()) == ["out"]
+    assert {p.name for p in out.iterdir()} == {"prefill.onnx", "prefill.weights", "decode.onnx", "decode.weights",
+                                               "export.json", "config.json"}
+    for name in ("prefill.onnx", "decode.onnx"):
+        m = onnx.load(str(out / name))
+        onnx.checker.check_model(m, full_check=True)
+        assert {(o.domain, o.version) for o in m.opset_import} >= {("", 23), ("com.deepseek.v4", 1)}
+        custom = {n.op_type for n in m.graph.node if n.domain == "com.deepseek.v4"}
+        assert custom == {"SparseAttention", "IndexerTopK"} and {f.name for f in m.functions} == custom
+    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    assert [i.name for i in dec.graph.input][:4] == ["ids", "pos", "L0.win", "L1.win"]
+
+
+def test_prefill_matches_the_reference_for_any_batch_and_length(ort_rt, tiny_rt):
+    for B, S in ((2, 300), (1, 2), (3, 5), (1, 131)):
+        ids = torch.randint(2, 258, (B, S), generator=G)
+        assert (ort_rt.forward(ids) - tiny_rt.forward(ids)).abs().max() <= 1e-4, (B, S)
+
+
+def test_decode_matches_the_reference_across_boundaries_at_ragged_positions(ort_rt, tiny_rt):
+    """Prompts of 100 and 37 tokens, then 40 one-token steps for both at once: crossing the 128-token window, HCA
+    entries of 16 and 128 and many CSA entries, each sequence at its own position."""
+    prompts = [torch.randint(2, 258, (1, n), generator=G) for n in (100, 37)]
+    states = {}
+    for rt in (ort_rt, tiny_rt):
+        st = rt.new_state(2)
+        for b, p in enumerate(prompts):
+            one = rt.new_state(1)
+            one.seqs = [st.seqs[b]]
+            rt.forward(p, state=one)
+        states[rt] = st
+    worst = 0.0
+    for k in range(40):
+        tok = torch.randint(2, 258, (2, 1), generator=G)
+        a, b = ort_rt.forward(tok, state=states[ort_rt]), tiny_rt.forward(tok, state=states[tiny_rt])
+        worst = max(worst, float((a - b).abs().max()))
+    assert worst <= 1e-4 and states[ort_rt].positions == [140, 77]
+
+
+def test_parity_report_shows_identical_indexer_choices(ort_rt, tiny_rt):
+    r = parity.compare(tiny_rt, [ort_rt], prompts=[list(range(2, 200)), list(range(40, 300))], decode_steps=32,
+                       repeat=1, progress=False)
+    res = r.report["results"][0]
+    assert r.passed and res["candidate"] == "onnx-cpu"
+    rows = {t["tap"]: t for t in res["taps"] if t["type"] != "not_exposed"}
+    assert set(rows) == {"L1.indexer.topk", "L3.indexer.topk", "final.logits"}
+    assert all(rows[n]["metrics"]["equal_sets"] == 1.0 for n in ("L1.indexer.topk", "L3.indexer.topk"))
+    assert rows["final.logits"]["metrics"]["max_abs"] <= 1e-4
+    e2e = res["e2e"]["metrics"]
+    assert e2e["top1_agreement"] == 1.0 and e2e["greedy_first_divergence"] == [None, None]
+    assert e2e["logprob_gap_max"] <= 1e-4
+
+
+def test_generation_through_ort_equals_the_reference(ort_rt, tiny_rt):
+    a = ort_rt.generate(["Hello", "A second, longer prompt"], max_new_tokens=12, seed=0)
+    b = tiny_rt.generate(["Hello", "A second, longer prompt"], max_new_tokens=12, seed=0)
+    assert a.tokens == b.tokens
+    assert "onnx:com.deepseek.v4::SparseAttention" in ort_rt.dispatch.format()
+
+
+def test_tampered_external_data_path_is_refused(exported, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported[1], bad)
+    m = onnx.load(str(bad / "decode.onnx"), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.external_data)
+    next(e for e in t.external_data if e.key == "location").value = "../../etc/passwd"
+    onnx.save(m, str(bad / "decode.onnx"))
+    with pytest.raises(ExportError, match="outside the export folder"):
+        Runtime.load("onnx-cpu", checkpoint=bad, progress=False)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "export.onnx", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_input_writes_nothing(tmp_path, tiny_ckpt):
+    r = _cli("--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    r = _cli("--checkpoint", str(tiny_ckpt), "--profile", "nvidia-h100", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "exports float32 weights only" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_onnx_model_rejects_what_the_export_lacks(ort_rt):
+    from runtime.errors import InputError
+
+    with pytest.raises(InputError, match="no MTP block"):
+        ort_rt.mtp_logits([[0, 5, 6]])
+    with pytest.raises(InputError, match="with_ops needs a torch model"):
+        ort_rt.with_ops(apply_rope=lambda *a, **k: None)
+    assert np.isfinite(ort_rt.forward([[7]]).numpy()).all()         # a one-token prompt runs the decode graph
