@@ -91,33 +91,68 @@ def IndexerTopK(q: FLOAT, w: FLOAT, keys: FLOAT, visible: INT64, topk: int) -> I
 FUNCTIONS = (SparseAttention, IndexerTopK)
 
 
+# The contract of each custom node: the one source for the schemas registered at export time and for the
+# generated reference page (export/CUSTOM_OPS.md, `python -m export.op_docs`).
+SPEC = {
+    "SparseAttention": {
+        "inputs": [("q", "float", "[B, T, H, D]", "queries (RoPE applied)"),
+                   ("kv", "float", "[B, N, D]", "each sequence's KV rows; K = V (one shared head)"),
+                   ("idx", "int64", "[B, T, K]", "rows of kv each query attends to; -1 = padding, anywhere"),
+                   ("sink", "float", "[H]", "per-head sink logit")],
+        "outputs": [("out", "float", "[B, T, H, D]", "attention output")],
+        "attributes": [("scale", "float", "softmax scale (D^-0.5)")],
+        "semantics": "s_j = scale * q . kv[idx_j] for valid j; p_j = exp(s_j) / (sum_j exp(s_j) + exp(sink_h)); "
+                     "out = sum_j p_j kv[idx_j]. The sink takes part in the denominator only. Padding entries "
+                     "contribute nothing; their position in the row does not matter.",
+    },
+    "IndexerTopK": {
+        "inputs": [("q", "float", "[B, T, h, d]", "lightning-indexer queries"),
+                   ("w", "float", "[B, T, h]", "per-head weights (scaling applied)"),
+                   ("keys", "float", "[B, N, d]", "indexer-compressed keys of each sequence"),
+                   ("visible", "int64", "[B, T]", "how many leading entries each query may see")],
+        "outputs": [("ids", "int64", "[B, T, min(topk, N)]", "selected entries, best first, -1 where none")],
+        "attributes": [("topk", "int", "how many entries to keep")],
+        "semantics": "score[t, n] = sum_h w[t, h] * relu(q[t, h] . keys[n]) for n < visible[t]; the top "
+                     "min(topk, N) by score, ties to the lower index (ONNX TopK's rule); -1 for slots beyond "
+                     "the visible entries.",
+    },
+}
+_ONNX_TYPES = {"float": "tensor(float)", "int64": "tensor(int64)"}
+
+
+def _rank(shape: str) -> int:
+    """Top-level dimensions of a shape string such as "[B, T, min(topk, N)]" (3)."""
+    depth, n = 0, 1
+    for ch in shape.strip("[]"):
+        depth += (ch == "(") - (ch == ")")
+        n += ch == "," and depth == 0
+    return n
+
+
 def _register_schemas() -> None:
     """onnxscript emits a custom node only for an op with a registered schema; the inference functions
-    give the exporter output types and shapes (registration is per process and only needed to export)."""
+    give the exporter output types and ranks (registration is per process and only needed to export)."""
     FP, Attr = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
-    A = onnx.defs.OpSchema.AttrType
-    if onnx.defs.has("SparseAttention", DOMAIN):
-        return
-    sa = onnx.defs.OpSchema("SparseAttention", DOMAIN, 1,
-                            inputs=[FP("q", "tensor(float)"), FP("kv", "tensor(float)"), FP("idx", "tensor(int64)"),
-                                    FP("sink", "tensor(float)")], outputs=[FP("out", "tensor(float)")],
-                            attributes=[Attr("scale", A.FLOAT)])
-    sa.set_type_and_shape_inference_function(lambda ctx: ctx.set_output_type(0, ctx.get_input_type(0)))
-    it = onnx.defs.OpSchema("IndexerTopK", DOMAIN, 1,
-                            inputs=[FP("q", "tensor(float)"), FP("w", "tensor(float)"), FP("keys", "tensor(float)"),
-                                    FP("visible", "tensor(int64)")], outputs=[FP("ids", "tensor(int64)")],
-                            attributes=[Attr("topk", A.INT)])
+    kinds = {"float": onnx.defs.OpSchema.AttrType.FLOAT, "int": onnx.defs.OpSchema.AttrType.INT}
+    for name, spec in SPEC.items():
+        if onnx.defs.has(name, DOMAIN):
+            continue
+        schema = onnx.defs.OpSchema(name, DOMAIN, 1,
+                                    inputs=[FP(n, _ONNX_TYPES[t]) for n, t, _, _ in spec["inputs"]],
+                                    outputs=[FP(n, _ONNX_TYPES[t]) for n, t, _, _ in spec["outputs"]],
+                                    attributes=[Attr(n, kinds[t]) for n, t, _ in spec["attributes"]])
+        _, out_type, shape, _ = spec["outputs"][0]
+        rank = _rank(shape)
 
-    def _ids_type(ctx):
-        t = onnx.TypeProto()
-        t.tensor_type.elem_type = onnx.TensorProto.INT64
-        for _ in range(3):                                        # [B, T, k]; k is data-dependent
-            t.tensor_type.shape.dim.add()
-        ctx.set_output_type(0, t)
+        def infer(ctx, out_type=out_type, rank=rank):
+            t = onnx.TypeProto()
+            t.tensor_type.elem_type = onnx.TensorProto.FLOAT if out_type == "float" else onnx.TensorProto.INT64
+            for _ in range(rank):                                  # ranks known, sizes left to the graph
+                t.tensor_type.shape.dim.add()
+            ctx.set_output_type(0, t)
 
-    it.set_type_and_shape_inference_function(_ids_type)
-    onnx.defs.register_schema(sa)
-    onnx.defs.register_schema(it)
+        schema.set_type_and_shape_inference_function(infer)
+        onnx.defs.register_schema(schema)
 
 
 def translation_table() -> dict:

@@ -5,8 +5,9 @@
 
 Writes into OUT (and nowhere else): `prefill.onnx` (ids [B, S >= 2] from position 0 -> logits, the decode state
 and each CSA layer's indexer top-k), `decode.onnx` (ids [B, 1], pos [B] and the whole state -> logits and the
-state), their weights as external data next to them (`*.weights`, paths relative to OUT), and `export.json`
-(the manifest: state layout, opset, the checkpoint's fingerprint, the profile). Opset 23; the V4 kernels are
+state), their weights as external data next to them (`*.weights`, paths relative to OUT), `export.json`
+(the manifest: state layout, opset, the checkpoint's fingerprint, the profile), `CUSTOM_OPS.md` (the custom
+nodes' reference page) and the checkpoint's config.json (and tokenizer.json when there is one). Opset 23; the V4 kernels are
 `com.deepseek.v4` nodes with model-local function bodies (export/custom_ops.py). `onnx.checker` with
 full_check passes for both graphs. Weights are float32 (profile `cpu`); other formats are not exported yet.
 """
@@ -111,6 +112,9 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
                 "state": names, "index_taps": index_tap_names(cfg), "prefill_min_tokens": 2,
                 "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"}}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
+    from .op_docs import render
+
+    (out / "CUSTOM_OPS.md").write_text(render())
     for extra in ("config.json", "tokenizer.json"):
         if (Path(rt.checkpoint) / extra).is_file():
             shutil.copy(Path(rt.checkpoint) / extra, out / extra)

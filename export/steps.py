@@ -145,7 +145,7 @@ class Decode(V4Graph):
 
     def _attention(self, i: int, x, pos, state):
         cfg, L = self.cfg, f"layers.{i}"
-        B, m, W = x.shape[0], cfg.ratio(i), cfg.window
+        m, W = cfg.ratio(i), cfg.window
         freqs = getattr(self, f"freqs{i}")
         p = pos[:, None]                                                               # [B, 1]
         q, qr, kv = self._qkv(L, x, p, freqs)

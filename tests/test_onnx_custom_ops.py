@@ -92,3 +92,14 @@ def test_a_registered_kernel_replaces_the_body(exported):
     so.register_custom_ops_library(ext.get_library_path())
     kern, _ = _run(m, args, so)                                    # the kernel (marked by its sign) runs instead
     assert len(calls) == 1 and np.abs(kern + ref).max() < 1e-5
+
+
+def test_the_reference_page_is_generated_from_the_contract():
+    from pathlib import Path
+
+    from export.op_docs import render
+
+    page = render()
+    assert (Path(co.__file__).with_name("CUSTOM_OPS.md")).read_text() == page   # regenerate: python -m export.op_docs
+    for name, spec in co.SPEC.items():
+        assert f"## {name}" in page and all(f"`{n}`" in page for n, *_ in spec["inputs"] + spec["outputs"])

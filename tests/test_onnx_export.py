@@ -37,7 +37,7 @@ def test_export_writes_two_checked_graphs_into_out_only(exported):
     root, out = exported
     assert sorted(p.name for p in root.iterdir()) == ["out"]
     assert {p.name for p in out.iterdir()} == {"prefill.onnx", "prefill.weights", "decode.onnx", "decode.weights",
-                                               "export.json", "config.json"}
+                                               "export.json", "config.json", "CUSTOM_OPS.md"}
     for name in ("prefill.onnx", "decode.onnx"):
         m = onnx.load(str(out / name))
         onnx.checker.check_model(m, full_check=True)
