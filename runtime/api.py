@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint
 from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
 from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
-from .model.state import DecodeState
+from .model.state import StateBatch
 from .model.transformer import Transformer
 from .ops.numerics import MODES
 from .presets import preset
@@ -153,7 +153,7 @@ class Runtime:
         return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self._weights)
 
     # ------------------------------------------------------------------ forward
-    def new_state(self, batch_size: int = 1) -> DecodeState:
+    def new_state(self, batch_size: int = 1) -> StateBatch:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         return self.model.new_state(batch_size)
@@ -175,7 +175,7 @@ class Runtime:
                              "check the tokenizer matches the checkpoint")
         return ids.to(torch.int64)
 
-    def forward(self, input_ids, state: DecodeState | None = None) -> torch.Tensor:
+    def forward(self, input_ids, state: StateBatch | None = None) -> torch.Tensor:
         """Logits [B, S, vocab] float32. Without `state`: fresh sequences. With it: continue them."""
         ids = self._check_ids(input_ids)
         if state is None:

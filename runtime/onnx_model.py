@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, V4Error
+from .model.state import StateBatch
 from .taps import tap
 
 MIN_CAPACITY = 1024
@@ -30,6 +31,9 @@ class OnnxSequence:
 
     def reset(self) -> None:
         self.pos, self.mtp_pos, self.arrays = 0, 0, None
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) if self.arrays else 0
 
     def ensure(self, tokens: int, empty) -> None:
         """Arrays for an empty or continued sequence, with compressed caches for at least `tokens` tokens."""
@@ -47,24 +51,9 @@ class OnnxSequence:
                     self.arrays[n] = grown
 
 
-class OnnxState:
+class OnnxState(StateBatch):
     def __init__(self, cfg, names, batch_size: int):
-        self.seqs = [OnnxSequence(cfg, names) for _ in range(batch_size)]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def positions(self) -> list[int]:
-        return [s.pos for s in self.seqs]
-
-    def reset(self, i: int | None = None) -> None:
-        for s in (self.seqs if i is None else [self.seqs[i]]):
-            s.reset()
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for s in self.seqs if s.arrays for a in s.arrays.values())
+        super().__init__([OnnxSequence(cfg, names) for _ in range(batch_size)])
 
 
 class OnnxModel:

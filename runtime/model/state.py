@@ -71,6 +71,9 @@ class SequenceState:
         self.cfg, self.device = cfg, device
         self.reset()
 
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
     def reset(self) -> None:
         cfg = self.cfg
         self.pos = 0          # tokens consumed by the main model
@@ -83,11 +86,12 @@ class SequenceState:
                                           cfg.index_head_dim, coff * cfg.index_head_dim, self.device))
 
 
-class DecodeState:
-    """State of a batch of independent sequences; `rt.forward(ids, state=...)` continues them."""
+class StateBatch:
+    """A batch of independent sequence states (any model's: each has `pos`, `reset()` and `nbytes()`);
+    `rt.forward(ids, state=...)` continues them."""
 
-    def __init__(self, cfg, batch_size: int, device="cpu"):
-        self.seqs = [SequenceState(cfg, device) for _ in range(batch_size)]
+    def __init__(self, seqs: list):
+        self.seqs = seqs
 
     @property
     def batch_size(self) -> int:
@@ -102,4 +106,11 @@ class DecodeState:
             s.reset()
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for s in self.seqs for layer in s.layers)
+        return sum(s.nbytes() for s in self.seqs)
+
+
+class DecodeState(StateBatch):
+    """The torch model's state of a batch of sequences."""
+
+    def __init__(self, cfg, batch_size: int, device="cpu"):
+        super().__init__([SequenceState(cfg, device) for _ in range(batch_size)])
