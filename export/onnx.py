@@ -9,7 +9,9 @@ state), their weights as external data next to them (`*.weights`, paths relative
 (the manifest: state layout, opset, the checkpoint's fingerprint, the profile), `CUSTOM_OPS.md` (the custom
 nodes' reference page) and the checkpoint's config.json (and tokenizer.json when there is one). Opset 23; the V4 kernels are
 `com.deepseek.v4` nodes with model-local function bodies (export/custom_ops.py). `onnx.checker` with
-full_check passes for both graphs. Weights are float32 (profile `cpu`); other formats are not exported yet.
+full_check passes for both graphs. Weights (`--weights`): `float32`, or `fp8` = as shipped, FP8 linears as
+e4m3 codes and FP4 experts repacked losslessly to int8, each through a blocked DequantizeLinear
+(export/weight_storage.py); the graphs compute in float32 either way.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from runtime.errors import V4Error
 FORMAT_VERSION = 1
 OPSET = 23
 EXPORTABLE_WEIGHT_FORMATS = ("float32",)
+WEIGHT_STORAGE = ("float32", "fp8")
 
 
 class ExportError(V4Error):
@@ -74,14 +77,18 @@ def _save(model, out: Path, name: str) -> None:
                     location=f"{name}.weights", size_threshold=1024)
 
 
-def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: bool = True) -> Path:
-    """Export prefill and decode graphs of `checkpoint` under `profile` into the folder `out`."""
+def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: bool = True,
+                 weights: str = "float32") -> Path:
+    """Export prefill and decode graphs of `checkpoint` under `profile` into the folder `out`; `weights`:
+    "float32", or "fp8" (FP8 linears and FP4 experts stored as shipped, dequantised in the graph)."""
     from runtime.api import Runtime
     from runtime.parity.report import checkpoint_fingerprint
 
     from .steps import Decode, Prefill, index_tap_names, state_names, state_shapes
 
     out = Path(out)
+    if weights not in WEIGHT_STORAGE:
+        raise ExportError(f"unknown weight storage {weights!r}; choose one of: {', '.join(WEIGHT_STORAGE)}")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
     rt = Runtime.load(profile, checkpoint=checkpoint, emulate=True, progress=False)
@@ -90,6 +97,7 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
                           f"{', '.join(EXPORTABLE_WEIGHT_FORMATS)} weights only (use --profile cpu)")
     cfg, tensors = rt.config, rt._weights[0]
     names = state_names(cfg)
+    storage = _storage(rt.checkpoint, weights)
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -99,17 +107,17 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     prefill = _export(Prefill(cfg, tensors).eval(), (ids,), {"ids": {0: B, 1: torch.export.Dim("S", min=2,
                                                                                                 max=1 << 24)}},
                       ["ids"], ["logits", *names, *index_tap_names(cfg)])
-    _save(prefill, out, "prefill")
+    _save(storage(prefill), out, "prefill")
     say(f"  prefill.onnx written ({time.perf_counter() - t0:.0f} s); exporting decode graph ...")
     shapes = state_shapes(cfg, 2, 1024)
     state = [torch.zeros(shapes[n]) for n in names]
     decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.tensor([300, 517]), *state),
                      {"ids": {0: B}, "pos": {0: B}, "state_in": state_dims}, ["ids", "pos", *names],
                      ["logits", *[f"{n}.out" for n in names]])
-    _save(decode, out, "decode")
+    _save(storage(decode), out, "decode")
     manifest = {"format_version": FORMAT_VERSION, "opset": OPSET, "profile": rt.profile.name,
                 "checkpoint": str(rt.checkpoint), "fingerprint": checkpoint_fingerprint(Path(rt.checkpoint)),
-                "state": names, "index_taps": index_tap_names(cfg), "prefill_min_tokens": 2,
+                "weights": weights, "state": names, "index_taps": index_tap_names(cfg), "prefill_min_tokens": 2,
                 "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"}}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
     from .op_docs import render
@@ -120,6 +128,24 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
             shutil.copy(Path(rt.checkpoint) / extra, out / extra)
     say(f"  decode.onnx written; done in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
+
+
+def _storage(checkpoint, weights: str):
+    """The pass that gives a graph its weight storage (identity for float32)."""
+    if weights == "float32":
+        return lambda model: model
+    from runtime.checkpoint import load_checkpoint
+
+    from .weight_storage import store_quantized
+
+    ck = load_checkpoint(checkpoint, progress=False)
+    if not ck.quantized:
+        raise ExportError(f"{checkpoint} has no FP8 / FP4 weights to store as such; use --weights float32")
+
+    def apply(model):
+        store_quantized(model, ck.tensors, ck.quantized, ck.expert_format)
+        return model
+    return apply
 
 
 def check_external_data(folder: Path, name: str) -> None:
@@ -143,10 +169,12 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the generated tiny model)")
     ap.add_argument("--profile", default="cpu", help="hardware profile whose weight format to export (cpu)")
+    ap.add_argument("--weights", default="float32", choices=WEIGHT_STORAGE,
+                    help="weight storage: float32, or fp8 (FP8 linears + FP4 experts as int8, dequantised in-graph)")
     ap.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     args = ap.parse_args(argv)
     try:
-        export_model(args.checkpoint, args.profile, args.out)
+        export_model(args.checkpoint, args.profile, args.out, weights=args.weights)
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

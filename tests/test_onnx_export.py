@@ -128,3 +128,39 @@ def test_onnx_model_rejects_what_the_export_lacks(ort_rt):
     with pytest.raises(InputError, match="with_ops needs a torch model"):
         ort_rt.with_ops(apply_rope=lambda *a, **k: None)
     assert np.isfinite(ort_rt.forward([[7]]).numpy()).all()         # a one-token prompt runs the decode graph
+
+
+def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, tiny_rt, tmp_path):
+    """The storage pass on the exported graphs: FP8 linears as e4m3 codes, FP4 experts repacked to int8, each
+    through a blocked DequantizeLinear; same numbers, a quarter of the bytes."""
+    import shutil
+
+    from export.onnx import _save
+    from export.weight_storage import StorageError, store_quantized
+    from runtime.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tiny_ckpt, progress=False)
+    dst = tmp_path / "fp8"
+    dst.mkdir()
+    for g in ("prefill", "decode"):
+        m = onnx.load(str(exported[1] / f"{g}.onnx"))
+        stats = store_quantized(m, ck.tensors, ck.quantized, ck.expert_format)
+        assert stats["fp8"] == 42 and stats["int8_from_fp4"] == 120          # 5 layers: 8 experts x 3 each
+        assert stats["bytes_after"] < stats["bytes_before"] / 3.5
+        dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+        assert {onnx.helper.get_attribute_value(a) for n in dq for a in n.attribute if a.name == "block_size"} \
+            == {128, 32}
+        _save(m, dst, g)
+    for f in ("export.json", "config.json"):
+        shutil.copy(exported[1] / f, dst / f)
+    rt = Runtime.load("onnx-cpu", checkpoint=dst, progress=False)
+    ids = torch.randint(2, 258, (2, 200), generator=G)
+    assert (rt.forward(ids) - tiny_rt.forward(ids)).abs().max() <= 1e-4
+    # a weight that is not FP8-valued is refused, not silently rounded
+    w = torch.randn(256, 128, generator=G)
+    g = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 256])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])],
+                               [onnx.numpy_helper.from_array(w.numpy(), "w")])
+    with pytest.raises(StorageError, match="lin.weight is not exactly representable as FP8"):
+        store_quantized(onnx.helper.make_model(g), {"lin.weight": w.t().contiguous()}, {"lin.weight"}, "fp4")
