@@ -26,6 +26,7 @@ from onnxscript import opset23 as op
 from runtime.ops import attention
 
 DOMAIN, OPSET = "com.deepseek.v4", 23
+MIN_BODY_OPSET = 16          # the oldest opset whose versions of the bodies' ops (Where-16, GreaterOrEqual-16) fit
 V4 = onnxscript.values.Opset(DOMAIN, 1)
 
 
@@ -174,7 +175,16 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     exporter would inline functions it was given)."""
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     have = {f.name for f in model.functions}
-    model.functions.extend(f.to_function_proto() for f in FUNCTIONS if f.name in used and f.name not in have)
+    base = next(o.version for o in model.opset_import if o.domain == "")
+    if base < MIN_BODY_OPSET:
+        raise ValueError(f"the function bodies need default-domain opset >= {MIN_BODY_OPSET}, the model has {base}")
+    for f in FUNCTIONS:
+        if f.name in used and f.name not in have:
+            proto = f.to_function_proto()
+            for o in proto.opset_import:          # the body's ops mean the same from MIN_BODY_OPSET to OPSET
+                if o.domain == "":
+                    o.version = base
+            model.functions.append(proto)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model

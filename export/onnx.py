@@ -1,6 +1,7 @@
 """`python -m export.onnx`: export a V4 checkpoint as two ONNX graphs, prefill and decode, with custom nodes.
 
-    python -m export.onnx --checkpoint DIR --profile cpu --out OUT
+    python -m export.onnx --checkpoint DIR --profile cpu --out OUT [--weights fp8]
+    python -m export.onnx --checkpoint DIR --target ascend-edge --seq 128 --capacity 4096 --opset 15 --out OUT
     from export.onnx import export_model; export_model(checkpoint, "cpu", out)
 
 Writes into OUT (and nowhere else): `prefill.onnx` (ids [B, S >= 2] from position 0 -> logits, the decode state
@@ -55,7 +56,7 @@ def _dims(cfg, names):
     return B, tuple(state_dims(n) for n in names)
 
 
-def _export(module, args, dynamic_shapes, input_names, output_names):
+def _export(module, args, dynamic_shapes, input_names, output_names, opset: int = OPSET):
     import torch.fx.experimental._config as fx_config
 
     from . import custom_ops
@@ -63,7 +64,7 @@ def _export(module, args, dynamic_shapes, input_names, output_names):
     # Size-oblivious reasoning keeps the graphs generic in B, S and the capacities (no 0/1 specialisation).
     with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
                                  custom_translation_table=custom_ops.translation_table(), verbose=False,
                                  input_names=input_names, output_names=output_names)
     return custom_ops.attach_functions(prog.model_proto)
@@ -171,9 +172,21 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="cpu", help="hardware profile whose weight format to export (cpu)")
     ap.add_argument("--weights", default="float32", choices=WEIGHT_STORAGE,
                     help="weight storage: float32, or fp8 (FP8 linears + FP4 experts as int8, dequantised in-graph)")
+    ap.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "ascend-edge"],
+                    help="onnxruntime: dynamic shapes, custom nodes with bodies (opset 23); ascend-edge: static "
+                         "shapes, bodies inlined, standard ops only, --opset (default 15) for ATC")
+    ap.add_argument("--batch", type=int, default=1, help="ascend-edge: static batch")
+    ap.add_argument("--seq", type=int, default=128, help="ascend-edge: static prefill length")
+    ap.add_argument("--capacity", type=int, default=4096, help="ascend-edge: tokens the decode state holds")
+    ap.add_argument("--opset", type=int, default=15, help="ascend-edge: target opset (11-18; ATC takes 11-15)")
     ap.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     args = ap.parse_args(argv)
     try:
+        if args.target == "ascend-edge":
+            from .edge import export_edge
+
+            export_edge(args.checkpoint, args.out, args.batch, args.seq, args.capacity, args.opset)
+            return 0
         export_model(args.checkpoint, args.profile, args.out, weights=args.weights)
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -63,8 +63,9 @@ class Prefill(V4Graph):
         kv, sc = self._proj(P, x, pos[0], m)                                           # [B, S, coff*c]
         nw = (S + m - 1) // m
         X, pad = kv.shape[-1], nw * m - S
-        kv_w = torch.nn.functional.pad(kv, (0, 0, 0, pad)).reshape(B, nw, m, X)
-        sc_w = torch.nn.functional.pad(sc, (0, 0, 0, pad)).reshape(B, nw, m, X)
+        zeros = kv.new_zeros(B, pad, X)                  # Concat, not Pad: ONNX's version converter has no
+        kv_w = torch.cat((kv, zeros), dim=1).reshape(B, nw, m, X)      # Pad-18 -> 17 path (edge opsets)
+        sc_w = torch.cat((sc, zeros), dim=1).reshape(B, nw, m, X)
         if overlap:                                                                    # window -1: empty slots
             kv_w = torch.cat((torch.zeros_like(kv_w[:, :1]), kv_w), dim=1)
             sc_w = torch.cat((torch.full_like(sc_w[:, :1], NEG_INF), sc_w), dim=1)
