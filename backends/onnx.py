@@ -28,6 +28,15 @@ for _op in OPS:
     register(_op, NODES.get(_op, "onnx:standard ops"), "onnx")(_in_graph)
 
 
+# The profile's device family picks the execution providers; the CPU provider stays last, for the nodes the
+# accelerator's provider does not take (their placement is reported, see OnnxModel.placement()).
+PROVIDERS = {"onnxruntime-cpu": ["CPUExecutionProvider"],
+             "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "onnxruntime-cann": ["CANNExecutionProvider", "CPUExecutionProvider"]}
+INSTALL = {"CUDAExecutionProvider": "pip install onnxruntime-gpu on a machine with CUDA",
+           "CANNExecutionProvider": "pip install onnxruntime-cann (numpy<2) on a machine with CANN"}
+
+
 class OnnxBackend:
     name = "onnx"
     weight_formats = frozenset({"float32"})
@@ -47,7 +56,18 @@ class OnnxBackend:
 
     def build_model(self, checkpoint: Path, profile, progress: bool, threads: int):
         """The ORT model for `checkpoint`: an export folder as is, or a checkpoint exported once into the cache."""
+        import onnxruntime
+
         from runtime.onnx_model import OnnxModel
+
+        if profile.device_family not in PROVIDERS:
+            raise BackendUnavailable(f"profile {profile.name}: device_family {profile.device_family!r} names no ONNX "
+                                     f"Runtime provider; use one of {', '.join(PROVIDERS)}")
+        self.providers = PROVIDERS[profile.device_family]
+        missing = [p for p in self.providers if p not in onnxruntime.get_available_providers()]
+        if missing:
+            raise BackendUnavailable(f"this ONNX Runtime build has no {missing[0]} (it has "
+                                     f"{', '.join(onnxruntime.get_available_providers())}); {INSTALL[missing[0]]}")
 
         folder = checkpoint if (checkpoint / "export.json").is_file() else _cached_export(checkpoint, progress)
         from runtime.config import ModelConfig

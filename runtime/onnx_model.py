@@ -12,6 +12,7 @@ is an error, never a silent CPU run.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,30 @@ class OnnxModel:
             self.sessions[kind] = s
         self.providers = self.sessions["decode"].get_providers()
         self.tap_names = frozenset({"final.logits", *self.index_taps})     # what the graphs expose to parity
+
+    def placement(self) -> dict[str, dict[str, int]]:
+        """Which execution provider ran how many nodes of each graph: one profiled run on an empty state
+        (ONNX Runtime's profiler records each node's provider). The CPU provider's share is the fallback."""
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "placement")
+        out = {}
+        for kind, name in self.manifest["graphs"].items():
+            s = ort.InferenceSession(str(self.folder / name), so, providers=self.providers)
+            feeds = {"ids": np.full((1, 2 if kind == "prefill" else 1), 2, np.int64)}
+            if kind == "decode":
+                feeds.update({"pos": np.zeros(1, np.int64), **self._empty(MIN_CAPACITY)})
+            s.run(None, feeds)
+            events = json.loads(Path(s.end_profiling()).read_text())
+            counts: dict[str, int] = {}
+            for e in events:
+                if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                    p = e.get("args", {}).get("provider", "?")
+                    counts[p] = counts.get(p, 0) + 1
+            out[kind] = counts
+        return out
 
     def new_state(self, batch_size: int) -> OnnxState:
         return OnnxState(self.cfg, self.names, batch_size)

@@ -55,6 +55,10 @@ def main(argv=None) -> int:
             print(f"# {rt.describe()}", file=sys.stderr)
         if args.show_dispatch:
             print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
+            if hasattr(rt.model, "placement"):          # an exported graph: where ONNX Runtime put its nodes
+                for graph, counts in rt.model.placement().items():
+                    print(f"# {graph} graph nodes by provider: " + ", ".join(f"{p} {n}" for p, n in counts.items()),
+                          file=sys.stderr)
         ids = rt.encode(args.prompt)
         text_of = rt.tokenizer.stream_decoder()
 

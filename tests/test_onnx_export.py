@@ -198,3 +198,25 @@ def test_ascend_edge_variant_is_static_standard_and_low_opset(tiny_ckpt, tiny_rt
     cov = json.loads((out / "cann_coverage.json").read_text())["graphs"]["prefill_edge"]
     assert cov["cann"] + cov["cpu"] == cov["nodes"] and cov["cann"] > 0.9 * cov["nodes"]
     assert {"Einsum", "IsInf"} <= set(cov["cpu_ops"])                   # not on the CANN EP's graph op list
+
+
+def test_execution_providers_are_checked_never_silently_replaced(exported, monkeypatch):
+    import onnxruntime
+
+    from backends.base import BackendUnavailable
+    from runtime.errors import V4Error
+
+    with pytest.raises(BackendUnavailable, match="no CANNExecutionProvider .* pip install onnxruntime-cann"):
+        Runtime.load("onnx-cann", checkpoint=exported[1], progress=False)
+    # onnxruntime-cann without CANN lists its provider, then falls back to the CPU at session creation
+    # (ascend.md 4.1): mimic the listing; the fallback is caught, not run silently
+    real = onnxruntime.get_available_providers
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [*real(), "CUDAExecutionProvider"])
+    with pytest.raises(V4Error, match=r"did not start \['CUDAExecutionProvider', 'CPUExecutionProvider'\]"):
+        Runtime.load("onnx-cuda", checkpoint=exported[1], progress=False)
+
+
+def test_node_placement_is_reported(ort_rt):
+    placement = ort_rt.model.placement()
+    assert set(placement) == {"prefill", "decode"}
+    assert all(set(c) == {"CPUExecutionProvider"} and c["CPUExecutionProvider"] > 100 for c in placement.values())

@@ -12,7 +12,7 @@ from runtime.ops.numerics import MODES
 from runtime.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile, shipped_profiles
 
 SHIPPED = ["ascend-310p", "ascend-910b", "ascend-910c", "ascend-950", "cpu", "cpu-bf16", "nvidia-a100",
-           "nvidia-h100", "nvidia-h200", "onnx-cpu", "rtx-4090"]
+           "nvidia-h100", "nvidia-h200", "onnx-cann", "onnx-cpu", "onnx-cuda", "rtx-4090"]
 
 
 def test_every_shipped_profile_loads():
