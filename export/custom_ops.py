@@ -64,9 +64,9 @@ def SparseAttention(q: FLOAT, kv: FLOAT, idx: INT64, sink: FLOAT, scale: float) 
     flat = op.Add(op.Max(idx, zero), op.Unsqueeze(base, [1, 2]))                      # [B, T, K] into [B*N]
     rows = op.Gather(op.Reshape(kv, op.Concat(op.Constant(value_ints=[-1]), D, axis=0)), flat, axis=0)
     s = op.MatMul(q, op.Transpose(rows, perm=[0, 1, 3, 2]))                           # [B, T, H, K]
-    s = op.Mul(s, op.Constant(value_float=scale))
+    s = op.Mul(s, op.CastLike(op.Constant(value_float=scale), s))      # CastLike: float32 or float16 graphs
     pad = op.Unsqueeze(op.Less(idx, zero), [2])                                       # [B, T, 1, K]
-    s = op.Where(pad, op.Constant(value_float=float("-inf")), s)
+    s = op.Where(pad, op.CastLike(op.Constant(value_float=float("-inf")), s), s)
     sinks = op.Expand(op.Reshape(sink, op.Constant(value_ints=[1, 1, -1, 1])),
                       op.Concat(op.Shape(s, start=0, end=3), op.Constant(value_ints=[1]), axis=0))  # [B,T,H,1]
     p = op.Softmax(op.Concat(s, sinks, axis=-1), axis=-1)                             # sink in the denominator
@@ -83,10 +83,11 @@ def IndexerTopK(q: FLOAT, w: FLOAT, keys: FLOAT, visible: INT64, topk: int) -> I
     N = op.Shape(keys, start=1, end=2)
     n = op.Range(op.Constant(value_int=0), op.Squeeze(N, [0]), op.Constant(value_int=1))
     hidden = op.GreaterOrEqual(n, op.Unsqueeze(visible, [2]))                         # [B, T, N]
-    s = op.Where(hidden, op.Constant(value_float=float("-inf")), s)
+    s = op.Where(hidden, op.CastLike(op.Constant(value_float=float("-inf")), s), s)
     k = op.Min(op.Reshape(op.Constant(value_int=topk), op.Constant(value_ints=[1])), N)
     vals, ids = op.TopK(s, k, axis=-1)
-    return op.Where(op.IsInf(vals, detect_positive=0), op.Constant(value_int=-1), ids)
+    # IsInf takes float16 only from opset 20: test a float32 copy so the body also runs in low-opset fp16 graphs
+    return op.Where(op.IsInf(op.Cast(vals, to=1), detect_positive=0), op.Constant(value_int=-1), ids)
 
 
 FUNCTIONS = (SparseAttention, IndexerTopK)
@@ -118,7 +119,8 @@ SPEC = {
                      "the visible entries.",
     },
 }
-_ONNX_TYPES = {"float": "tensor(float)", "int64": "tensor(int64)"}
+_ONNX_TYPES = {"float": "T", "int64": "tensor(int64)"}
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)"]
 
 
 def _rank(shape: str) -> int:
@@ -141,13 +143,15 @@ def _register_schemas() -> None:
         schema = onnx.defs.OpSchema(name, DOMAIN, 1,
                                     inputs=[FP(n, _ONNX_TYPES[t]) for n, t, _, _ in spec["inputs"]],
                                     outputs=[FP(n, _ONNX_TYPES[t]) for n, t, _, _ in spec["outputs"]],
+                                    type_constraints=[("T", _FLOAT_TYPES, "float32 or float16 graphs")],
                                     attributes=[Attr(n, kinds[t]) for n, t, _ in spec["attributes"]])
         _, out_type, shape, _ = spec["outputs"][0]
         rank = _rank(shape)
 
         def infer(ctx, out_type=out_type, rank=rank):
             t = onnx.TypeProto()
-            t.tensor_type.elem_type = onnx.TensorProto.FLOAT if out_type == "float" else onnx.TensorProto.INT64
+            t.tensor_type.elem_type = (ctx.get_input_type(0).tensor_type.elem_type if out_type == "float"
+                                       else onnx.TensorProto.INT64)
             for _ in range(rank):                                  # ranks known, sizes left to the graph
                 t.tensor_type.shape.dim.add()
             ctx.set_output_type(0, t)

@@ -6,8 +6,8 @@ nodes' function bodies inlined (no custom domain left), converted down to `opset
 onnx version converter reaches 15 from what the exporter writes, not 13: it has no Pow adapter below 15), and
 `cann_coverage.json`: per graph, which nodes the ONNX Runtime CANN EP's graph mode takes (its op list and rules,
 onnxruntime `core/providers/cann/cann_graph.cc` `SupportONNXModel`) and which fall back to the CPU.
-fp16: the graphs stay float32 here; ATC compiles them to fp16 with `--precision_mode=force_fp16` (the 310P has
-no bf16). A float16 ONNX rewrite (onnxconverter-common) failed on these graphs: see the README.
+fp16 (default; the 310P has no bf16): the graph is traced with fp16 weights, activations and state (RoPE angles
+in fp32, then cast), so every tensor in it is fp16 but the int64 ids / positions / indices.
 """
 
 from __future__ import annotations
@@ -71,30 +71,34 @@ def cann_coverage(model) -> dict:
 
 
 def export_edge(checkpoint, out, batch: int = 1, seq: int = 128, capacity: int = 1024, opset: int = 15,
-                progress: bool = True) -> Path:
+                progress: bool = True, dtype: str = "float16") -> Path:
     from runtime.api import Runtime
 
     from .steps import Decode, Prefill, index_tap_names, state_names, state_shapes
 
     if not 11 <= opset <= EXPORT_OPSET:
         raise ExportError(f"--opset {opset}: the edge variant targets opsets 11-{EXPORT_OPSET} (ATC takes 11-15)")
+    if dtype not in ("float16", "float32"):
+        raise ExportError(f"edge dtype {dtype!r}: choose float16 (310P, ATC) or float32")
     if batch < 1 or seq < 2 or capacity < seq + 1:
         raise ExportError("edge shapes need --batch >= 1, --seq >= 2 and --capacity > --seq")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
     rt = Runtime.load("cpu", checkpoint=checkpoint, progress=False)
-    cfg, tensors = rt.config, rt._weights[0]
-    names = state_names(cfg)
+    cfg, names = rt.config, state_names(rt.config)
+    low = torch.float16 if dtype == "float16" else torch.float32
+    # the whole graph computes in `dtype`: weights, activations and state (RoPE angles in float32, then cast)
+    tensors = {n: t.to(low) if t.is_floating_point() else t for n, t in rt._weights[0].items()}
     out.mkdir(parents=True, exist_ok=True)
     ids = torch.randint(2, min(cfg.vocab_size, 258), (batch, seq))
     prefill = _export(Prefill(cfg, tensors).eval(), (ids,), None, ["ids"],
                       ["logits", *names, *index_tap_names(cfg)], EXPORT_OPSET)
     shapes = state_shapes(cfg, batch, capacity)
-    decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.full((batch,), seq), *[torch.zeros(shapes[n])
-                                                                                            for n in names]),
+    decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.full((batch,), seq),
+                                                    *[torch.zeros(shapes[n], dtype=low) for n in names]),
                      None, ["ids", "pos", *names], ["logits", *[f"{n}.out" for n in names]], EXPORT_OPSET)
-    report = {"opset": opset, "batch": batch, "seq": seq, "capacity": capacity, "graphs": {}}
+    report = {"opset": opset, "dtype": dtype, "batch": batch, "seq": seq, "capacity": capacity, "graphs": {}}
     for name, model in (("prefill_edge", prefill), ("decode_edge", decode)):
         low = _lower(model, opset)
         _save(low, out, name)

@@ -27,8 +27,8 @@ NEG_INF = float("-inf")
 
 def _rope(freqs: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, dim: int, inverse: bool = False):
     """Rotate the trailing `dim` dims of x [B, S, (heads,) D] at integer positions pos [1|B, S]."""
-    ang = pos.to(torch.float32)[..., None] * freqs                                   # [..., dim/2]
-    cos, sin = torch.cos(ang), torch.sin(ang)
+    ang = pos.to(torch.float32)[..., None] * freqs                                   # [..., dim/2], float32
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     rot = norm_rope.apply_rope(x[..., -dim:], cos, sin, inverse=inverse)

@@ -2,6 +2,7 @@
 
     python -m export.onnx --checkpoint DIR --profile cpu --out OUT [--weights fp8]
     python -m export.onnx --checkpoint DIR --target ascend-edge --seq 128 --capacity 4096 --opset 15 --out OUT
+
     from export.onnx import export_model; export_model(checkpoint, "cpu", out)
 
 Writes into OUT (and nowhere else): `prefill.onnx` (ids [B, S >= 2] from position 0 -> logits, the decode state
@@ -179,13 +180,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128, help="ascend-edge: static prefill length")
     ap.add_argument("--capacity", type=int, default=4096, help="ascend-edge: tokens the decode state holds")
     ap.add_argument("--opset", type=int, default=15, help="ascend-edge: target opset (11-18; ATC takes 11-15)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="ascend-edge: graph dtype")
     ap.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     args = ap.parse_args(argv)
     try:
         if args.target == "ascend-edge":
             from .edge import export_edge
 
-            export_edge(args.checkpoint, args.out, args.batch, args.seq, args.capacity, args.opset)
+            export_edge(args.checkpoint, args.out, args.batch, args.seq, args.capacity, args.opset, dtype=args.dtype)
             return 0
         export_model(args.checkpoint, args.profile, args.out, weights=args.weights)
     except V4Error as e:

@@ -19,8 +19,9 @@ def render() -> str:
     for name, spec in custom_ops.SPEC.items():
         lines += [f"## {name}", "", spec["semantics"], "", "| | name | type | shape | meaning |",
                   "|---|---|---|---|---|"]
-        lines += [f"| input | `{n}` | {t} | {s} | {d} |" for n, t, s, d in spec["inputs"]]
-        lines += [f"| output | `{n}` | {t} | {s} | {d} |" for n, t, s, d in spec["outputs"]]
+        ty = {"float": "float32 / float16"}
+        lines += [f"| input | `{n}` | {ty.get(t, t)} | {s} | {d} |" for n, t, s, d in spec["inputs"]]
+        lines += [f"| output | `{n}` | {ty.get(t, t)} | {s} | {d} |" for n, t, s, d in spec["outputs"]]
         lines += [f"| attribute | `{n}` | {t} | — | {d} |" for n, t, d in spec["attributes"]]
         ops = Counter(n.op_type for n in bodies[name].node)
         lines += ["", "Function body: " + ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in sorted(ops.items())),

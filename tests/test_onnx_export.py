@@ -166,7 +166,9 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
         store_quantized(onnx.helper.make_model(g), {"lin.weight": w.t().contiguous()}, {"lin.weight"}, "fp4")
 
 
-def test_ascend_edge_variant_is_static_standard_and_low_opset(tiny_ckpt, tiny_rt, tmp_path):
+def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(tiny_ckpt, tiny_rt, tmp_path):
+    """fp16 tolerance: every tensor of the graph is fp16 (2^-11 relative rounding per op); over five layers the
+    logits (|logit| <= ~8) move by a few thousandths (measured 0.0047, KL 8e-7): bounds 0.05 and 1e-4."""
     import json
 
     import onnxruntime as ort
@@ -182,19 +184,29 @@ def test_ascend_edge_variant_is_static_standard_and_low_opset(tiny_ckpt, tiny_rt
         assert [(o.domain, o.version) for o in m.opset_import] == [("", 15)]
         assert {n.domain for n in m.graph.node} == {""} and not m.functions           # bodies inlined
         assert all(d.HasField("dim_value") for v in m.graph.input for d in v.type.tensor_type.shape.dim)
+        size = {k: sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == k)
+                for k in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)}
+        # weights are fp16; the only float32 constants are the RoPE frequency tables (angles computed in fp32)
+        assert size[onnx.TensorProto.FLOAT] <= 5 * 16 and size[onnx.TensorProto.FLOAT16] > 1_000_000
         graphs[g] = ort.InferenceSession(str(out / f"{g}.onnx"), providers=["CPUExecutionProvider"])
     ids = torch.randint(2, 258, (1, 65), generator=G)
     ref = tiny_rt.forward(ids)
     pre = graphs["prefill_edge"].run(None, {"ids": ids[:, :64].numpy()})
-    assert np.abs(pre[0] - ref[:, :64].numpy()).max() <= 1e-4
+    assert pre[0].dtype == np.float16
+
+    def close(a, b):
+        a = torch.from_numpy(a.astype(np.float32))
+        pa, pb = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
+        return float((a - b).abs().max()) <= 0.05 and float((pa.exp() * (pa - pb)).sum(-1).mean()) <= 1e-4
+    assert close(pre[0], ref[:, :64])
     cfg, names = tiny_rt.config, state_names(tiny_rt.config)
     feeds = {"ids": ids[:, 64:].numpy(), "pos": np.array([64])}
     for n, a in zip(names, pre[1:]):
-        full = np.zeros(state_shapes(cfg, 1, 256)[n], np.float32)
+        full = np.zeros(state_shapes(cfg, 1, 256)[n], np.float16)
         full[:, :a.shape[1]] = a
         feeds[n] = full
     dec = graphs["decode_edge"].run(None, feeds)
-    assert np.abs(dec[0][:, 0] - ref[:, 64].numpy()).max() <= 1e-4
+    assert close(dec[0][:, 0], ref[:, 64])
     cov = json.loads((out / "cann_coverage.json").read_text())["graphs"]["prefill_edge"]
     assert cov["cann"] + cov["cpu"] == cov["nodes"] and cov["cann"] > 0.9 * cov["nodes"]
     assert {"Einsum", "IsInf"} <= set(cov["cpu_ops"])                   # not on the CANN EP's graph op list
