@@ -1,8 +1,9 @@
 """The Ascend backend (torch-npu on device `npu`): device probe and capabilities by SoC family.
 
 torch-npu is imported lazily, here only: installed without CANN it makes even `import torch` fail, so it is an
-optional extra (`pip install '.[ascend]'`) and never part of the default or CI install. This build has no
-NPU op implementations yet; `--emulate` runs an Ascend profile's numerics on the CPU reference.
+optional extra (`pip install '.[ascend]'`) and never part of the default or CI install. The op adapters are in
+ascend_ops.py (tested against CPU twins of torch-npu; never run on an NPU); `--emulate` runs an Ascend profile's
+numerics on the CPU reference.
 """
 
 from __future__ import annotations
