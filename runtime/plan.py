@@ -1,0 +1,151 @@
+"""`python -m runtime.plan`: a memory plan from first principles (issue 6, first part: the arithmetic).
+
+    python -m runtime.plan --model flash --profile nvidia-h200 --context 1048576 [--batch 1] [--devices 8]
+
+- weights: every tensor of the official inventory in the profile's weight format (FP8 linears + ue8m0 128x128
+  scales, FP4 experts + per-32 scales as shipped; bf16 / fp16 / float32; W8A8 int8 + one fp32 scale per output
+  channel for the profile's `int8_linears`, bf16 for the rest);
+- per sequence, growing with the context: compressed KV entries (CSA 1 per 4 tokens, HCA 1 per 128) and CSA
+  indexer keys, in the profile's KV / indexer dtypes (fp8_e4m3 = DeepSeek's / vLLM's 584-byte entry: 448 FP8
+  non-RoPE dims + 64 bf16 RoPE dims + one ue8m0 scale per 64 + 1 pad; int8 / FP8 indexer key = 128 + a 4-byte
+  scale; FP4 key = 64 + one scale byte per 32);
+- per sequence, fixed: the 128-token window of every layer (KV dtype) and the compressors' fp32 state
+  (values + gate scores of the last 2 x ratio tokens for CSA, ratio tokens for HCA; spec §11).
+Activations / workspace are not modelled yet (the plan says so); the device budget keeps 10% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint.inventory import FP4_BLOCK, FP8_BLOCK, expected_tensors
+from .config import ModelConfig
+from .errors import InputError, V4Error
+from .profile import load_profile
+
+HEADROOM = 0.9
+_FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_entry_bytes(dtype: str, dim: int, rope: int) -> float:
+    """Bytes of one KV row (window row or compressed entry) of `dim` dims, the last `rope` of them RoPE."""
+    if dtype == "fp8_e4m3":
+        nope = dim - rope
+        return nope + 2 * rope + math.ceil(nope / 64) + 1
+    return _FLOAT_BYTES[dtype] * dim
+
+
+def index_entry_bytes(dtype: str, dim: int) -> float:
+    if dtype in ("int8", "fp8_e4m3"):
+        return dim + 4
+    if dtype == "fp4_e2m1":
+        return dim / 2 + dim / 32
+    return _FLOAT_BYTES[dtype] * dim
+
+
+def weight_bytes(cfg: ModelConfig, profile) -> int:
+    fmt, total = profile.weight_format, 0
+    int8 = tuple(profile.int8_linears)
+    for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
+        n = math.prod(shape)
+        if kind == "i64":
+            total += 8 * n
+        elif kind == "f32":
+            total += 4 * n
+        elif fmt == "fp8_block" and kind == "fp8":
+            total += n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
+        elif fmt == "fp8_block" and kind == "fp4":
+            total += n // 2 + n // FP4_BLOCK
+        elif fmt == "w8a8_int8" and len(shape) == 2 and any(f in name for f in int8):
+            total += n + 4 * shape[0]
+        elif fmt == "float32":
+            total += 4 * n
+        else:                                            # bf16 / fp16 storage, or bf16 on disk
+            total += 2 * n
+    return total
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    per_token: float          # bytes per sequence per token of context
+    fixed: int                # bytes per sequence, whatever the context
+    window: int
+    compressor_state: int
+
+
+def state_plan(cfg: ModelConfig, profile, include_mtp: bool = False) -> StatePlan:
+    D, rope, W = cfg.head_dim, cfg.rope_dim, cfg.window
+    row = kv_entry_bytes(profile.kv_dtype, D, rope)
+    key = index_entry_bytes(profile.indexer_dtype, cfg.index_head_dim)
+    per_token, window, comp = 0.0, 0, 0
+    for layer in range(cfg.num_layers + (cfg.num_mtp if include_mtp else 0)):
+        m = cfg.ratio(layer)
+        window += int(W * row)
+        if m:
+            csa = cfg.is_csa(layer)
+            per_token += row / m + (key / 4 if csa else 0)
+            coff = 2 if csa else 1
+            comp += 2 * coff * m * coff * D * 4                               # values + scores, fp32
+            if csa:
+                comp += 2 * 2 * 4 * 2 * cfg.index_head_dim * 4                # the indexer's own (ratio 4)
+    return StatePlan(per_token, window + comp, window, comp)
+
+
+def plan(cfg: ModelConfig, profile, context: int, batch: int = 1, devices: int = 1) -> dict:
+    if context < 1 or batch < 1 or devices < 1:
+        raise InputError("context, batch and devices must be positive integers")
+    if context > cfg.max_position:
+        raise InputError(f"context {context} exceeds the model's {cfg.max_position} positions")
+    w = weight_bytes(cfg, profile)
+    st = state_plan(cfg, profile)
+    per_seq = st.fixed + st.per_token * context
+    total = w + batch * per_seq
+    budget = devices * profile.memory_gib.value * 2 ** 30 * HEADROOM
+    spare = budget - w
+    return {"weights": w, "state_per_sequence": per_seq, "state_per_token": st.per_token, "state_fixed": st.fixed,
+            "total": total, "budget": budget, "fits": total <= budget,
+            "devices_needed": math.ceil(total / (profile.memory_gib.value * 2 ** 30 * HEADROOM)),
+            "max_context": min(cfg.max_position, int((spare / batch - st.fixed) // st.per_token))
+            if spare > batch * st.fixed else 0,
+            "max_batch": int(spare // per_seq) if spare > 0 else 0}
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2 ** 30:,.2f} GiB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="flash", help="flash, pro, tiny, or a config.json path")
+    ap.add_argument("--profile", default="nvidia-h200")
+    ap.add_argument("--context", type=int, required=True)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--devices", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        cfg = ModelConfig.preset(args.model) if args.model in ("flash", "pro", "tiny") else \
+            ModelConfig.from_file(Path(args.model))
+        prof = load_profile(args.profile)
+        p = plan(cfg, prof, args.context, args.batch, args.devices)
+    except V4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.model} on {args.devices} x {prof.name} ({prof.memory_gib.value:g} GiB each, 10% headroom), "
+          f"context {args.context:,}, batch {args.batch}")
+    print(f"  weights ({prof.weight_format})        {_gib(p['weights'])}")
+    print(f"  state per sequence           {_gib(p['state_per_sequence'])}  "
+          f"({p['state_per_token']:,.1f} B/token + {p['state_fixed'] / 2 ** 20:,.1f} MiB fixed)")
+    print(f"  total                        {_gib(p['total'])} of {_gib(p['budget'])}: "
+          f"{'fits' if p['fits'] else 'does NOT fit'}; needs {p['devices_needed']} device(s)")
+    print(f"  max context at batch {args.batch}: {p['max_context']:,}; max batch at this context: {p['max_batch']:,}")
+    print("  (activations / workspace not modelled yet)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
