@@ -11,6 +11,8 @@
   scale; FP4 key = 64 + one scale byte per 32);
 - per sequence, fixed: the 128-token window of every layer (KV dtype) and the compressors' fp32 state
   (values + gate scores of the last 2 x ratio tokens for CSA, ratio tokens for HCA; spec §11).
+Also: the same context's cache in a V3.2-style layout (DeepSeek-V3.2-Exp: 61 layers of MLA latents + indexer
+keys, no compression), for the model card's "V4-Pro needs ~10% of V3.2's KV cache at 1M tokens".
 Activations / workspace are not modelled yet (the plan says so); the device budget keeps 10% headroom.
 """
 
@@ -69,6 +71,17 @@ def weight_bytes(cfg: ModelConfig, profile) -> int:
     return total
 
 
+# DeepSeek-V3.2-Exp's cache for comparison (its config.json): 61 layers, each caching per token one MLA latent of
+# kv_lora_rank 512 + RoPE 64 and one lightning-indexer key of 128 dims; no window, no compression.
+V32 = {"layers": 61, "latent": 512, "rope": 64, "index_dim": 128}
+
+
+def v32_per_token(profile) -> float:
+    """Bytes per token of a V3.2-style cache in the same KV / indexer dtypes as `profile`."""
+    row = kv_entry_bytes(profile.kv_dtype, V32["latent"] + V32["rope"], V32["rope"])
+    return V32["layers"] * (row + index_entry_bytes(profile.indexer_dtype, V32["index_dim"]))
+
+
 @dataclass(frozen=True)
 class StatePlan:
     per_token: float          # bytes per sequence per token of context
@@ -106,7 +119,8 @@ def plan(cfg: ModelConfig, profile, context: int, batch: int = 1, devices: int =
     total = w + batch * per_seq
     budget = devices * profile.memory_gib.value * 2 ** 30 * HEADROOM
     spare = budget - w
-    return {"weights": w, "state_per_sequence": per_seq, "state_per_token": st.per_token, "state_fixed": st.fixed,
+    v32 = v32_per_token(profile) * context
+    return {"weights": w, "state_per_sequence": per_seq, "v32_style_state": v32, "vs_v32": per_seq / v32, "state_per_token": st.per_token, "state_fixed": st.fixed,
             "total": total, "budget": budget, "fits": total <= budget,
             "devices_needed": math.ceil(total / (profile.memory_gib.value * 2 ** 30 * HEADROOM)),
             "max_context": min(cfg.max_position, int((spare / batch - st.fixed) // st.per_token))
@@ -140,6 +154,8 @@ def main(argv=None) -> int:
     print(f"  weights ({prof.weight_format})        {_gib(p['weights'])}")
     print(f"  state per sequence           {_gib(p['state_per_sequence'])}  "
           f"({p['state_per_token']:,.1f} B/token + {p['state_fixed'] / 2 ** 20:,.1f} MiB fixed)")
+    print(f"  a V3.2-style cache (MLA 512+64 + indexer key per token and layer, same dtypes): "
+          f"{_gib(p['v32_style_state'])}; V4 needs {100 * p['vs_v32']:.1f}% of it")
     print(f"  total                        {_gib(p['total'])} of {_gib(p['budget'])}: "
           f"{'fits' if p['fits'] else 'does NOT fit'}; needs {p['devices_needed']} device(s)")
     print(f"  max context at batch {args.batch}: {p['max_context']:,}; max batch at this context: {p['max_batch']:,}")

@@ -59,3 +59,12 @@ def test_cli():
     r = subprocess.run([sys.executable, "-m", "runtime.plan", "--model", "flash", "--profile", "h900",
                         "--context", "10"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown profile" in r.stderr
+
+
+def test_v4_pro_needs_about_a_tenth_of_a_v32_style_cache_at_1m_tokens():
+    # bf16: V3.2-style 61 x (576 x 2 + 128 x 2) = 85888 B/token vs V4-Pro's 9848 + fixed state
+    p = plan(PRO, load_profile("nvidia-a100"), context=1 << 20)
+    assert p["v32_style_state"] == 61 * (576 * 2 + 128 * 2) * (1 << 20)
+    assert 0.10 < p["vs_v32"] < 0.13                            # the model card: "10%"
+    fp8 = plan(PRO, load_profile("nvidia-h100"), context=1 << 20)   # FP8 KV both sides, FP4 indexer keys
+    assert 0.08 < fp8["vs_v32"] < 0.13
