@@ -76,21 +76,10 @@ class OnnxBackend:
 
 
 def _cached_export(checkpoint: Path, progress: bool) -> Path:
-    import shutil
-    import tempfile
-
     from export.onnx import FORMAT_VERSION, export_model
-    from runtime.api import cache_dir
+    from runtime.api import build_once, cache_dir
     from runtime.parity.report import checkpoint_fingerprint
 
     key = f"{checkpoint_fingerprint(checkpoint)[:16]}-v{FORMAT_VERSION}"
-    folder = cache_dir() / "onnx" / key
-    if not (folder / "export.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        export_model(checkpoint, "cpu", tmp, progress=progress)
-        try:
-            tmp.rename(folder)                     # atomic: a concurrent export either wins or is discarded
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_once(cache_dir() / "onnx" / key, "export.json",
+                      lambda tmp: export_model(checkpoint, "cpu", tmp, progress=progress))

@@ -47,20 +47,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSV4RT_HOME", Path.home() / ".cache" / "dsv4rt"))
 
 
+def build_once(path: Path, done: str, build: Callable[[Path], object]) -> Path:
+    """`path`, built by `build(folder)` into a temporary sibling and renamed into place unless `path/done`
+    exists: a concurrent builder either wins the rename or is discarded, so readers see all of it or none."""
+    if not (path / done).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        build(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def default_checkpoint(seed: int = 0) -> Path:
     """The embedded default: the tiny preset, generated once into the cache folder and reused."""
     # Keyed by the generator's inputs, so a changed preset or format never reuses a stale folder.
     key = hashlib.sha256(json.dumps([preset("tiny"), seed, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode())
     path = cache_dir() / f"tiny-seed{seed}-{key.hexdigest()[:12]}"
-    if not (path / "model.safetensors.index.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-        make_preset(tmp, "tiny", seed=seed)
-        try:
-            tmp.rename(path)              # atomic: a concurrent run either sees all of it or none
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return build_once(path, "model.safetensors.index.json", lambda tmp: make_preset(tmp, "tiny", seed=seed))
 
 
 @dataclass

@@ -25,14 +25,14 @@ reference ops accept every weight (as oracle and as recorded fallback), and test
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 
 from . import formats
 from .ops.linear import dequantize  # noqa: F401  (the float32 values of any weight kind)
-from .weight_formats import FP32_COMPUTE, W8A8_DEFAULT, _bf16_on_disk, _is_linear, quantize_int8_per_channel
+from .weight_formats import W8A8_DEFAULT, _bf16_on_disk, _is_linear, quantize_int8_per_channel
 
 BLOCK = 128
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -43,6 +43,11 @@ _COMPUTE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": tor
 class Fp8Block:
     codes: torch.Tensor      # [out, in] float8_e4m3fn
     scale: torch.Tensor      # [ceil(out/128), ceil(in/128)] float32 powers of two
+    col_scales: torch.Tensor = field(init=False, repr=False)   # [ceil(in/128), out]: derived once, read per GEMM
+
+    def __post_init__(self):
+        cols = self.scale.t().repeat_interleave(BLOCK, 1)[:, : self.codes.shape[0]].contiguous()
+        object.__setattr__(self, "col_scales", cols)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Fp8Block":
@@ -62,7 +67,7 @@ class Fp8Block:
 
     def column_scale(self, kb: int) -> torch.Tensor:
         """The scales of K-block `kb` expanded per output channel: [out] float32."""
-        return self.scale[:, kb].repeat_interleave(BLOCK)[: self.codes.shape[0]]
+        return self.col_scales[kb]
 
     def dequantize(self) -> torch.Tensor:
         out, inp = self.codes.shape
@@ -137,7 +142,7 @@ def pack_weights(tensors: dict[str, torch.Tensor], quantized: Iterable[str], wei
         elif (weight_format == "fp8_block" and name in quantized and t.dim() == 2 and ".experts." not in name
               and not name.endswith("attn.wo_a.weight")):
             out[name] = Fp8Block.from_float(t).to(device)
-        elif (name in quantized or _bf16_on_disk(name, t)) and t.dim() >= 2 and not name.endswith(FP32_COMPUTE):
+        elif (name in quantized or _bf16_on_disk(name, t)) and t.dim() >= 2:     # FP32_COMPUTE: not bf16-on-disk
             m = _EXPERT.match(name)
             if m:                                                      # stacked below
                 experts.setdefault((m[1], m[3]), {})[int(m[2])] = t

@@ -20,7 +20,7 @@ import torch
 
 from .errors import InputError, V4Error
 from .model.state import StateBatch
-from .taps import tap
+from .taps import recording, tap
 
 MIN_CAPACITY = 1024
 
@@ -126,7 +126,7 @@ class OnnxModel:
                     s.arrays[n] = np.ascontiguousarray(row)
             s.pos = S
         k = min(self.cfg.index_topk, S // 4)                          # the columns the reference keeps
-        for name, t in zip(self.index_taps, taps):
+        for name, t in zip(self.index_taps, taps if recording() else ()):
             tap(name, torch.from_numpy(np.ascontiguousarray(t[..., :k])).reshape(t.shape[0] * t.shape[1], k))
         return logits
 

@@ -34,6 +34,11 @@ def model_order(name: str) -> tuple:
 _ACTIVE: list["TapRecorder"] = []
 
 
+def recording() -> bool:
+    """Whether a recorder is active (lets a caller skip preparing a tap's tensor)."""
+    return bool(_ACTIVE)
+
+
 def tap(name: str, t: torch.Tensor) -> None:
     if _ACTIVE:
         _ACTIVE[-1].record(name, t)
