@@ -87,6 +87,7 @@ class Runtime:
     def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable,
                  weights=None):
         self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
+        self.parallel = getattr(model, "parallel", None)   # runtime.parallel context (None: exported graph)
         self._weights = weights                      # (tensors, quantized names): what `with_ops` rebuilds from
         self.checkpoint, self.profile, self.dispatch = checkpoint, profile, dispatch
         self.backend, self.numerics = dispatch.backend, dispatch.numerics
@@ -94,7 +95,7 @@ class Runtime:
     @classmethod
     def load(cls, profile: "str | Path | Profile" = "cpu", checkpoint: str | Path | None = None,
              numerics: str | None = None, emulate: bool = False, allow_fallback: bool = False,
-             progress: bool | None = None) -> "Runtime":
+             progress: bool | None = None, parallel=None) -> "Runtime":
         """Load a checkpoint (default: the tiny generated model) for a hardware profile.
 
         `profile`: a shipped profile name (see hardware_profiles/), a backend name (its default profile), a
@@ -102,7 +103,8 @@ class Runtime:
         quantisation) on the CPU reference instead of its device. `numerics` overrides the profile's
         numerics: "exact" (float32 ground truth) or "official" (DeepSeek's bf16/FP8/FP4 inference numerics).
         Dispatch is resolved once here (`rt.dispatch`, printable); a missing implementation is an error
-        unless `allow_fallback`.
+        unless `allow_fallback`. `parallel` ({"tp": N, "ep": M}, a `runtime.parallel.Layout`): run sharded over
+        N x M ranks of a torchrun-launched process group (checked against the model before anything loads).
         """
         prof = load_profile(DEFAULT_PROFILE.get(profile, profile) if isinstance(profile, str) else profile)
         spec, weight_format = prof.numerics, prof.weight_format
@@ -126,21 +128,28 @@ class Runtime:
                                      "profile, or add --emulate to run this profile's numerics on the CPU")
         table = resolve(prof, info.backend, info.device, caps, spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        par = reader = None
+        if parallel is not None:
+            from .parallel import setup
+            from .parallel.tp_ops import parallel_dispatch
+
+            par, reader = setup(parallel, prof, path)       # refuses a layout that does not divide the model
+            table = parallel_dispatch(table, par)
         build = getattr(backend, "build_model", None)
         if build is not None:              # a backend that runs a whole exported graph (onnx)
             show = sys.stderr.isatty() if progress is None else progress
             model = build(path, prof, show, torch.get_num_threads())
             return cls(model, load_tokenizer(model.folder, model.cfg), path, prof, table)
-        ck = load_checkpoint(path, progress=progress)
+        ck = load_checkpoint(path, progress=progress) if reader is None else reader.load(progress)
         if info.backend == "cpu":
             # The reference and the emulation compute with float32 values of the weight format.
             tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)
         else:
             # On a device the weights live in the format's own storage (FP8 blocks, INT8 channels, bf16 / fp16).
-            tensors, quantized = pack_weights(ck.tensors, ck.quantized, weight_format, spec.compute, info.device,
-                                              prof.int8_linears)
+            tensors, quantized = pack_weights(ck.tensors, ck.quantized, weight_format, spec.compute,
+                                              par.device if par else info.device, prof.int8_linears)
         ck.tensors.clear()                # the float32 copy is not needed past this point
-        model = Transformer(ck.config, tensors, quantized, table.ops)
+        model = Transformer(ck.config, tensors, quantized, table.ops, par)
         return cls(model, load_tokenizer(path, ck.config), path, prof, table, (tensors, quantized))
 
     def with_ops(self, **replace: Callable) -> "Runtime":
@@ -155,7 +164,7 @@ class Runtime:
         rows = tuple(Resolution(r.op, f"replaced:{getattr(replace[r.op], '__name__', 'callable')}", r.where,
                                 "replaced with Runtime.with_ops") if r.op in replace else r for r in self.dispatch.rows)
         table = dataclasses.replace(self.dispatch, rows=rows, ops=dataclasses.replace(self.dispatch.ops, **replace))
-        model = Transformer(self.config, *self._weights, table.ops)
+        model = Transformer(self.config, *self._weights, table.ops, self.parallel)
         return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self._weights)
 
     # ------------------------------------------------------------------ forward
@@ -244,6 +253,8 @@ class Runtime:
             active, steps = list(range(len(rows))), 0
             while active and max_new_tokens:
                 nxt = sample(last, params, gen)
+                if self.parallel is not None:
+                    nxt = self.parallel.broadcast_tokens(nxt)      # every rank feeds rank 0's tokens
                 still = []
                 for j, b in enumerate(active):
                     tok = int(nxt[j])

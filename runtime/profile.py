@@ -64,6 +64,9 @@ class Profile:
     int8_linears: tuple[str, ...] = W8A8_DEFAULT
     kernel_limits: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     prefer: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # Multi-device runs: how long a collective (or joining the process group) may wait for a peer before
+    # every rank stops with an error (a dead or hung rank must never hang the others).
+    collective_timeout_s: float = 300.0
     source: str = "<object>"
 
     @property
@@ -134,6 +137,9 @@ def parse_profile(raw: Any, source: str) -> Profile:
     if not isinstance(prefer, dict) or any(not isinstance(v, list) or not all(isinstance(i, str) for i in v)
                                            for v in prefer.values()):
         bad("prefer", "must map op names to lists of implementation ids")
+    timeout = raw.get("collective_timeout_s", 300.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        bad("collective_timeout_s", f"must be a positive number of seconds, got {timeout!r}")
     lin = raw.get("int8_linears", list(W8A8_DEFAULT))
     if not isinstance(lin, list) or not all(isinstance(i, str) for i in lin):
         bad("int8_linears", "must be a list of linear name fragments")
@@ -145,7 +151,8 @@ def parse_profile(raw: Any, source: str) -> Profile:
         weight_format=raw["weight_format"], act_quant=raw["act_quant"], capabilities=frozenset(caps),
         graph_mode=raw.get("graph_mode", "eager"), int8_linears=tuple(lin),
         kernel_limits=MappingProxyType(dict(limits)),
-        prefer=MappingProxyType({k: tuple(v) for k, v in prefer.items()}), source=source)
+        prefer=MappingProxyType({k: tuple(v) for k, v in prefer.items()}),
+        collective_timeout_s=float(timeout), source=source)
 
 
 def shipped_profiles() -> list[str]:

@@ -4,7 +4,11 @@
     python -m runtime.run --checkpoint DIR --prompt "..." --temperature 0.8 --top-p 0.9 --seed 1
     python -m runtime.run --profile ascend-910b --emulate --show-dispatch      # 910B W8A8 numerics on CPU
 
-Errors in the input (checkpoint, backend, prompt, sampling values) print one line and exit with status 2.
+    torchrun --nproc-per-node 4 -m runtime.run --profile cpu --tp 2 --ep 2 --prompt "Hello"   # 4 ranks, gloo
+
+Errors in the input (checkpoint, backend, prompt, sampling values, a layout that does not divide the model)
+print one line and exit with status 2; a multi-device run whose peer rank died or hung prints one line and
+exits with status 1 within the profile's collective_timeout_s. Only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -36,13 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override the profile's numerics: exact float32, or DeepSeek's bf16/FP8/FP4 numerics")
     ap.add_argument("--no-eos-stop", action="store_true", help="keep generating past the EOS token")
     ap.add_argument("--quiet", action="store_true", help="print only the generated text")
+    ap.add_argument("--tp", type=int, default=None,
+                    help="tensor-parallel degree over query heads (multi-device; launch with torchrun)")
+    ap.add_argument("--ep", type=int, default=None,
+                    help="expert-parallel degree over routed experts (default: launched processes / tp)")
     return ap
+
+
+def _layout(args):
+    """{"tp", "ep"} from the flags and the launcher's WORLD_SIZE, or None for a plain one-device run."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", 0))
+    if args.tp is None and args.ep is None and not world:
+        return None
+    tp = args.tp or 1
+    ep = args.ep or (world // tp if world and world % tp == 0 else 1)
+    return {"tp": tp, "ep": ep}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .api import Runtime
     from .errors import V4Error
+    from .parallel.comm import CollectiveError
 
     from .sampling import SamplingParams
 
@@ -50,10 +71,13 @@ def main(argv=None) -> int:
         # Validate sampling values before loading anything.
         SamplingParams(args.temperature, args.top_p, args.seed, args.max_new_tokens)
         rt = Runtime.load(args.profile or args.backend, checkpoint=args.checkpoint, numerics=args.numerics,
-                          emulate=args.emulate, allow_fallback=args.allow_fallback)
-        if not args.quiet:
+                          emulate=args.emulate, allow_fallback=args.allow_fallback, parallel=_layout(args))
+        lead = rt.parallel is None or rt.parallel.rank == 0          # only rank 0 prints
+        if not args.quiet and lead:
             print(f"# {rt.describe()}", file=sys.stderr)
-        if args.show_dispatch:
+        if args.show_dispatch and lead:
+            if rt.parallel is not None and rt.parallel.distributed:
+                print(f"# {rt.parallel.describe()}", file=sys.stderr)
             print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
             if hasattr(rt.model, "placement"):          # an exported graph: where ONNX Runtime put its nodes
                 for graph, counts in rt.model.placement().items():
@@ -67,17 +91,26 @@ def main(argv=None) -> int:
             sys.stdout.write("".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text_of(tok)))
             sys.stdout.flush()
 
-        sys.stdout.write(args.prompt)
+        if lead:
+            sys.stdout.write(args.prompt)
         g = rt.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_eos_stop, on_token=on_token)
-        sys.stdout.write("\n")
-        if not args.quiet:
+                        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_eos_stop,
+                        on_token=on_token if lead else None)
+        if lead:
+            sys.stdout.write("\n")
+        if not args.quiet and lead:
             n = len(g.tokens[0])
             total = g.prefill_seconds + g.decode_seconds
             print(f"# {g.prompt_tokens} prompt tokens in {g.prefill_seconds:.3f} s "
                   f"({g.prompt_tokens / g.prefill_seconds:.1f} tokens/s prefill); {n} new tokens, "
                   f"decode {g.decode_tokens_per_second:.1f} tokens/s; {n / total:.1f} tokens/s overall",
                   file=sys.stderr)
+    except CollectiveError as e:
+        # A peer is gone: leave at once (a normal interpreter exit could wait on the broken process group).
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        import os
+        os._exit(1)
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

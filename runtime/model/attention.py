@@ -80,21 +80,25 @@ class Indexer:
 
     def __init__(self, p: Params, cfg, rope: Rope, ops, name: str):
         self.wq_b, self.weights_proj = p.linear("wq_b"), p.linear("weights_proj")
-        self.h, self.d, self.topk, self.ops, self.rope = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ops, rope
+        # h: this rank's heads (TP splits them); the weight scale uses the model's head count.
+        self.h, self.d, self.topk, self.ops, self.rope = (cfg.index_n_heads // p.parallel.tp, cfg.index_head_dim,
+                                                          cfg.index_topk, ops, rope)
+        self.scale = self.d ** -0.5 * cfg.index_n_heads ** -0.5
         self.compressor = Compressor(p.sub("compressor"), cfg, 4, True, rope, ops, ops.indexer_qat,
                                      f"{name}.indexer.keys")
 
     def queries(self, qr: torch.Tensor, x: torch.Tensor, positions: torch.Tensor):
         q = project(self.ops, qr, self.wq_b).unflatten(-1, (self.h, self.d))      # [T, h, d]
         q = self.ops.indexer_qat(self.rope(q, positions))
-        w = project(self.ops, x, self.weights_proj) * (self.d ** -0.5 * self.h ** -0.5)   # [T, h]
+        w = project(self.ops, x, self.weights_proj) * self.scale                            # [T, h]
         return q, w
 
 
 class Attention:
     def __init__(self, p: Params, cfg, layer: int, ops):
         self.cfg, self.ops, self.ratio, self.name = cfg, ops, cfg.ratio(layer), f"L{layer}"
-        self.H, self.D, self.nope, self.G = cfg.num_heads, cfg.head_dim, cfg.nope_dim, cfg.o_groups
+        self.par = p.parallel                  # TP: this rank's query heads and output groups (spec §15)
+        self.H, self.D, self.nope, self.G = cfg.num_heads // self.par.tp, cfg.head_dim, cfg.nope_dim, cfg.o_groups // self.par.tp
         self.wq_a, self.wq_b, self.wkv = p.linear("wq_a"), p.linear("wq_b"), p.linear("wkv")
         self.q_norm, self.kv_norm, self.sink = p("q_norm.weight"), p("kv_norm.weight"), p("attn_sink")
         self.rope = Rope(cfg, layer, ops, self.sink.device)
@@ -156,7 +160,7 @@ class Attention:
         o = ops.round_act(o)
         o = self.rope(o, pos, inverse=True)                                    # undo RoPE at the query position
         z = ops.round_act(ops.group_linear(o.reshape(B * S, self.G, -1), self.wo_a))          # [T, G, o_lora]
-        out = project(ops, z.flatten(1), self.wo_b).view(B, S, -1)
+        out = self.par.tp_sum(project(ops, z.flatten(1), self.wo_b)).view(B, S, -1)   # row-parallel wo_b
         tap(f"{self.name}.attn.out", out)
         return out
 

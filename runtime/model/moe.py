@@ -15,8 +15,9 @@ class MoE:
         self.hash = cfg.is_hash_layer(layer)
         self.tid2eid = p("gate.tid2eid") if self.hash else None                # [vocab, k] int64
         self.bias = None if self.hash else p("gate.bias")                       # [E]
-        self.experts = [tuple(p.linear(f"experts.{e}.{w}") for w in ("w1", "w2", "w3"))
-                        for e in range(cfg.n_routed_experts)]
+        self.par = p.parallel                  # EP: this rank's whole experts, `local` ids (all on one device)
+        self.local = self.par.layout.experts(self.par.rank, cfg.n_routed_experts)
+        self.experts = [tuple(p.linear(f"experts.{e}.{w}") for w in ("w1", "w2", "w3")) for e in self.local]
         self.shared = tuple(p.linear(f"shared_experts.{w}") for w in ("w1", "w2", "w3")) \
             if cfg.n_shared_experts else None
 
@@ -27,7 +28,7 @@ class MoE:
         hashed = self.tid2eid[ids.reshape(-1)] if self.hash else None
         idx, w = ops.moe_gate(xt, self.gate_w, self.bias, hashed, cfg.experts_per_token, cfg.route_scale)
         tap(f"{self.name}.moe.route", idx)
-        y = ops.routed_experts(xt, idx, w, self.experts, cfg.swiglu_limit, ops)
+        y = self.par.routed_experts(ops, xt, idx, w, self.experts, cfg.swiglu_limit, self.local)
         if self.shared is not None:
             w1, w2, w3 = self.shared
             h = ops.round_act(ops.clamped_swiglu(project(ops, xt, w1), project(ops, xt, w3), cfg.swiglu_limit))

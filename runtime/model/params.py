@@ -15,6 +15,12 @@ import torch
 from ..ops.linear import project  # noqa: F401  (re-exported for the model modules)
 
 
+def _single():
+    from ..parallel.comm import SINGLE
+
+    return SINGLE
+
+
 @dataclass(frozen=True)
 class Linear:
     weight: object           # [out, in]: float32 (reference), or a device storage (runtime.device_weights)
@@ -23,11 +29,13 @@ class Linear:
 
 class Params:
     def __init__(self, tensors: Mapping[str, torch.Tensor], quantized: frozenset[str] = frozenset(),
-                 prefix: str = ""):
+                 prefix: str = "", parallel=None):
         self._t, self._q, self._prefix = tensors, quantized, prefix
+        # This rank's layout and collectives (runtime.parallel); SINGLE = one device, every hook the identity.
+        self.parallel = parallel if parallel is not None else _single()
 
     def sub(self, prefix: str) -> "Params":
-        return Params(self._t, self._q, f"{self._prefix}{prefix}.")
+        return Params(self._t, self._q, f"{self._prefix}{prefix}.", self.parallel)
 
     def __call__(self, name: str) -> torch.Tensor:
         return self._t[self._prefix + name]

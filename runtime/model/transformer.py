@@ -61,12 +61,14 @@ class Head:
     def __init__(self, p: Params, head_w: torch.Tensor, cfg, ops, norm_name: str = "norm.weight"):
         self.fn, self.base, self.scale = p("hc_head_fn"), p("hc_head_base"), p("hc_head_scale")
         self.norm, self.head_w, self.cfg, self.ops = p(norm_name), head_w, cfg, ops
+        self.par = p.parallel                                 # vocab-parallel: this rank's rows of the head
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         c, ops = self.cfg, self.ops
         y = ops.hc_head(X.flatten(0, 1), self.fn, self.base, self.scale, c.hc_eps, c.norm_eps)
         y = ops.round_act(ops.rms_norm(ops.round_act(y), self.norm, c.norm_eps))
-        return ops.linear(y, self.head_w).view(X.shape[0], X.shape[1], -1)
+        logits = self.par.gather_vocab(ops.linear(y, self.head_w), c.vocab_size)
+        return logits.view(X.shape[0], X.shape[1], -1)
 
 
 class MTPBlock:
@@ -89,10 +91,10 @@ class MTPBlock:
 
 
 class Transformer:
-    def __init__(self, cfg, tensors, quantized, ops):
-        p = Params(tensors, frozenset(quantized))
-        self.cfg, self.ops = cfg, ops
-        self.embed = p("embed.weight")                                                    # [V, d]
+    def __init__(self, cfg, tensors, quantized, ops, parallel=None):
+        p = Params(tensors, frozenset(quantized), parallel=parallel)
+        self.cfg, self.ops, self.parallel = cfg, ops, p.parallel
+        self.embed = p.parallel.embed(p("embed.weight"), cfg.vocab_size)                  # [V, d] lookup
         self.device = self.embed.device                  # every weight and state tensor lives here
         self.blocks = [Block(p.sub(f"layers.{i}"), cfg, i, ops) for i in range(cfg.num_layers)]
         self.head = Head(p, p("head.weight"), cfg, ops)

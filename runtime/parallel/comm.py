@@ -1,0 +1,209 @@
+"""The process group and the handful of collectives the model calls (identity on one device).
+
+`join(profile, layout)` initialises torch.distributed from the launcher's environment (`torchrun` sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) with the profile's backend (gloo on CPU, nccl on CUDA,
+hccl on Ascend) and its `collective_timeout_s`, builds the TP and EP sub-groups and returns a `Parallel`.
+`SINGLE` is the one-device context: every hook returns its input, so the single-device model is unchanged.
+
+Where the collectives are (spec §15):
+- `tp_sum` after `wo_b` (row-parallel output projection) and on the indexer's partial head scores;
+- `ep_sum` after the routed experts (partial sums of each rank's experts);
+- `embed` / `gather_vocab`: vocab-parallel embedding (sum of one non-zero row) and head (all-gather);
+- `broadcast_tokens`: rank 0's sampled tokens, so every rank feeds the same ids.
+A collective that fails (a peer died: gloo reports a closed connection) or times out (a peer hangs) raises
+`CollectiveError`, one line naming the rank, the collective and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+
+from ..errors import V4Error
+from .layout import Layout, LayoutError
+
+PG_BACKEND = {"cpu": "gloo", "cuda": "nccl", "ascend": "hccl"}
+DEFAULT_TIMEOUT_S = 300.0
+# Test hook: "RANK:STEPS[:hang]" makes that rank exit (or hang) at its STEPS-th token broadcast, i.e. mid-decode.
+FAULT_ENV = "DSV4RT_FAULT"
+
+
+class CollectiveError(V4Error):
+    """A collective failed or timed out: another rank died, hung or was never started."""
+
+
+class Parallel:
+    """One rank's view of the layout and its collectives. The model reaches it through `Params.parallel`."""
+
+    def __init__(self, layout: Layout = Layout(), rank: int = 0, device="cpu", groups=None, timeout_s: float = 0.0):
+        self.layout, self.rank, self.device = layout, rank, device
+        self.tp, self.ep, self.world = layout.tp, layout.ep, layout.world
+        # distributed: joined a process group (even of one rank: the NCCL / HCCL path at world size 1 then still
+        # runs the embedding, head and token collectives); SINGLE and a plain one-device run have none.
+        self.distributed = groups is not None
+        self.tp_group, self.ep_group = groups or (None, None)
+        self.timeout_s = timeout_s
+        self._steps = 0
+        self._fault = _fault_for(rank) if self.distributed else None
+
+    def describe(self) -> str:
+        if not self.distributed:
+            return "layout: single device"
+        ep_rank, tp_rank = self.layout.coords(self.rank)
+        return (f"layout: {self.layout} | rank {self.rank} = (ep {ep_rank}, tp {tp_rank}) | device {self.device} | "
+                f"collective timeout {self.timeout_s:g} s")
+
+    # ---- collectives (identity on one device) ----
+    def _call(self, what: str, fn):
+        try:
+            return fn()
+        except (RuntimeError, ValueError) as e:          # DistBackendError / DistNetworkError are RuntimeErrors
+            first = (str(e).strip().splitlines() or ["no detail"])[0][:200]
+            raise CollectiveError(f"rank {self.rank}: collective {what} failed after a peer rank stopped or hung "
+                                  f"({first}); check the other ranks' output, then relaunch") from None
+
+    def _all_reduce(self, x: torch.Tensor, group, what: str) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        self._call(what, lambda: dist.all_reduce(x, group=group))
+        return x
+
+    def tp_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(x, self.tp_group, "tp all_reduce") if self.tp > 1 else x
+
+    def ep_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(x, self.ep_group, "ep all_reduce") if self.ep > 1 else x
+
+    def embed(self, weight: torch.Tensor, n_vocab: int):
+        """The embedding lookup for this rank's rows of the table (the whole table on one device)."""
+        return weight if not self.distributed else VocabEmbedding(self, weight, *self.layout.vocab(self.rank, n_vocab))
+
+    def gather_vocab(self, logits: torch.Tensor, n_vocab: int) -> torch.Tensor:
+        """[..., V_local] -> [..., V]: every rank's block of the vocabulary, in rank order."""
+        if not self.distributed:
+            return logits
+        import torch.distributed as dist
+
+        chunk = -(-n_vocab // self.world)
+        local = logits.contiguous()
+        if local.shape[-1] < chunk:                         # the last block may be short: pad for all_gather
+            local = torch.nn.functional.pad(local, (0, chunk - local.shape[-1]))
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        self._call("vocab all_gather", lambda: dist.all_gather(parts, local))
+        return torch.cat(parts, dim=-1)[..., :n_vocab]
+
+    def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sampled token ids on every rank (so sampling with any seed cannot make ranks diverge)."""
+        if not self.distributed:
+            return tokens
+        import torch.distributed as dist
+
+        self._steps += 1
+        if self._fault is not None and self._steps >= self._fault[0]:
+            _inject(self._fault[1])
+        t = tokens.to(device=self.device, dtype=torch.int64).contiguous()
+        self._call("token broadcast", lambda: dist.broadcast(t, src=0))
+        return t.to(tokens.device)
+
+    def routed_experts(self, ops, x, idx, w, experts, limit, local: range | None):
+        """The routed experts' sum for tokens x [T, d] with routing idx / w [T, k].
+
+        Expert parallel: each rank runs its own experts for every (token, slot) routed to one of them, then the
+        partial sums are all-reduced over the EP group. All-reduce rather than all-to-all dispatch because this
+        runtime serves small batches: after attention every rank already holds every token (replicated
+        activations), so dispatch would only move the same rows again, and two all-to-alls cost more latency than
+        one all-reduce of [T, d] at decode sizes; all-to-all pays off at large batch, where it avoids
+        computing-nothing ranks and the [T, d] reduce. `experts` holds this rank's experts in `local` order."""
+        if self.ep == 1:
+            return ops.routed_experts(x, idx, w, experts, limit, ops)
+        lidx = idx - local.start                                      # this rank's experts: 0..len(local)-1
+        tok, slot = ((lidx >= 0) & (lidx < len(local))).nonzero(as_tuple=True)
+        out = torch.zeros_like(x)
+        if tok.numel():
+            # one routing slot per row (k = 1): rows of the same token are summed back below
+            y = ops.routed_experts(x[tok], lidx[tok, slot][:, None], w[tok, slot][:, None], experts, limit, ops)
+            out.index_add_(0, tok, y)
+        return self.ep_sum(out)
+
+
+class VocabEmbedding:
+    """Vocab-parallel embedding: this rank's rows [lo, hi); other ids give zero rows, summed over all ranks."""
+
+    def __init__(self, par: Parallel, weight: torch.Tensor, lo: int, hi: int):
+        self.par, self.weight, self.lo, self.hi = par, weight, lo, hi
+        self.device = weight.device
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        mine = (ids >= self.lo) & (ids < self.hi)
+        rows = self.weight[(ids - self.lo).clamp(0, self.hi - self.lo - 1)].float()
+        rows = torch.where(mine[..., None], rows, torch.zeros((), device=rows.device))
+        return self.par._all_reduce(rows, None, "embedding all_reduce")   # exact: one non-zero term per row
+
+
+def _fault_for(rank: int):
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if int(parts[0]) != rank:
+        return None
+    return int(parts[1]), (parts[2] if len(parts) > 2 else "exit")
+
+
+def _inject(kind: str) -> None:
+    if kind == "hang":
+        time.sleep(10 ** 6)
+    os._exit(1)
+
+
+SINGLE = Parallel()
+
+
+def device_for(backend: str, local_rank: int):
+    """The device this rank computes on: its own GPU / NPU (LOCAL_RANK), the CPU for gloo."""
+    if backend == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if backend == "ascend":
+        torch.npu.set_device(local_rank)                 # torch-npu registers torch.npu on import
+        return torch.device("npu", local_rank)
+    return torch.device("cpu")
+
+
+def join(profile, layout: Layout, cfg) -> Parallel:
+    """Join (or reuse) the default process group for `layout`, build its TP / EP groups, return the context."""
+    import torch.distributed as dist
+
+    backend = PG_BACKEND.get(profile.backend)
+    if backend is None:
+        raise LayoutError(f"profile {profile.name} runs on {profile.backend}, which has no torch.distributed "
+                          "backend; choose a cpu, cuda or ascend profile for a multi-device run")
+    timeout = getattr(profile, "collective_timeout_s", DEFAULT_TIMEOUT_S)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            if layout.world == 1:                        # no launcher and one rank: a plain one-device run
+                return Parallel(layout, 0, device_for(profile.backend, 0) if profile.backend != "cpu" else "cpu")
+            raise LayoutError(f"layout {layout} needs {layout.world} processes; launch with "
+                              f"torchrun --nproc-per-node {layout.world} -m runtime.run ... (or call "
+                              "torch.distributed.init_process_group first)")
+        if backend == "hccl":
+            import torch_npu  # noqa: F401  (registers the hccl backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout.check(cfg, world)
+    device = device_for(profile.backend, int(os.environ.get("LOCAL_RANK", rank)))
+    # new_group is collective: every rank creates every group, in the same order.
+    tp_group = ep_group = None
+    if layout.tp > 1:
+        for ranks in layout.tp_groups():
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
+            tp_group = g if rank in ranks else tp_group
+    if layout.ep > 1:
+        for ranks in layout.ep_groups():
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
+            ep_group = g if rank in ranks else ep_group
+    return Parallel(layout, rank, device, (tp_group, ep_group), timeout)

@@ -1,0 +1,144 @@
+"""Sharded loading: each rank reads only the tensors and slices its layout gives it, straight from the
+official safetensors shards.
+
+The inventory check is the single-device loader's (`runtime.checkpoint.loader`), run on the shard headers
+only. Then, per tensor, `owned_slice` says whether this rank holds it and which rows / columns: unowned routed
+experts are never opened, sliced tensors are read with `safe_open(...).get_slice(name)[lo:hi]`, so no rank
+materialises a full sharded tensor. The decode (FP8 block / FP4 -> float32) is the single-device one,
+applied to the slice: an FP8 slice is read out to the 128-block boundaries that cover it (its scales are per
+128x128 block), decoded, then cropped, so its values equal the full tensor's decode restricted to the slice.
+`bytes_read` counts the bytes every read touched (weights and scales), for the tests and the logs.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .. import formats
+from ..checkpoint.inventory import FP8_BLOCK
+from ..checkpoint.loader import _EXPERT_KIND, LoadedCheckpoint, _check, _decode, _headers, _open, _weight_map
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from .layout import Layout
+
+# Tensors split over the TP group: name pattern -> the dimension split (spec §15).
+_TP_SPLIT = (
+    (re.compile(r"(^|\.)attn\.wq_b\.weight$"), 0),                 # query heads (rows)
+    (re.compile(r"(^|\.)attn\.wo_a\.weight$"), 0),                 # output groups (rows)
+    (re.compile(r"(^|\.)attn\.wo_b\.weight$"), 1),                 # row-parallel: the groups' input columns
+    (re.compile(r"(^|\.)attn\.attn_sink$"), 0),                    # one sink per query head
+    (re.compile(r"(^|\.)attn\.indexer\.wq_b\.weight$"), 0),        # indexer heads
+    (re.compile(r"(^|\.)attn\.indexer\.weights_proj\.weight$"), 0),
+)
+_EXPERT = re.compile(r"(^|\.)ffn\.experts\.(\d+)\.")
+_VOCAB = ("embed.weight", "head.weight")
+
+
+@dataclass(frozen=True)
+class Slice:
+    dim: int
+    lo: int
+    hi: int
+
+
+def owned_slice(name: str, shape: tuple[int, ...], layout: Layout, rank: int, n_experts: int) -> "Slice | None | bool":
+    """What rank `rank` holds of tensor `name` (logical shape): False = nothing, None = all of it,
+    or a Slice along one dimension."""
+    m = _EXPERT.search(name)
+    if m:
+        return None if int(m[2]) in layout.experts(rank, n_experts) else False
+    if name in _VOCAB:
+        lo, hi = layout.vocab(rank, shape[0])
+        return Slice(0, lo, hi) if layout.world > 1 else None
+    if layout.tp > 1:
+        for pat, dim in _TP_SPLIT:
+            if pat.search(name):
+                per = shape[dim] // layout.tp
+                t = layout.coords(rank)[1]
+                return Slice(dim, t * per, (t + 1) * per)
+    return None
+
+
+class ShardedReader:
+    """Reads one rank's share of a checkpoint folder."""
+
+    def __init__(self, path: Path, cfg: ModelConfig, layout: Layout, rank: int):
+        self.path, self.cfg, self.layout, self.rank = path, cfg, layout, rank
+        self.bytes_read = 0
+
+    def _read(self, handle, name: str, dim: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [lo, hi) of a stored tensor, through a safetensors slice."""
+        view = handle.get_slice(name)
+        t = view[lo:hi] if dim == 0 else view[:, lo:hi]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def decode(self, handles, found, name: str, kind: str, sl: Slice | None) -> torch.Tensor:
+        if sl is None:                      # the whole tensor: exactly the single-device decode
+            self.bytes_read += sum(_nbytes(found[n]) for n in _with_scale(name, kind))
+            return _decode(handles, found, name, kind)
+        h = handles[found[name][2]]
+        if kind == "fp8":
+            # Read the 128-blocks covering the slice (weights and their scales), decode, crop to the slice.
+            s_name = name.removesuffix(".weight") + ".scale"
+            b_lo, b_hi = sl.lo // FP8_BLOCK, -(-sl.hi // FP8_BLOCK)
+            size = found[name][1][sl.dim]
+            w = self._read(h, name, sl.dim, b_lo * FP8_BLOCK, min(size, b_hi * FP8_BLOCK))
+            s = self._read(handles[found[s_name][2]], s_name, sl.dim, b_lo, b_hi)
+            return formats.dequant_fp8_block(w, s).narrow(sl.dim, sl.lo - b_lo * FP8_BLOCK, sl.hi - sl.lo).contiguous()
+        if kind == "fp4":
+            raise CheckpointError(f"{name}: FP4 tensors are routed experts, which are never sliced")
+        t = self._read(h, name, sl.dim, sl.lo, sl.hi)
+        return t if kind == "i64" else t.to(torch.float32)
+
+    def load(self, progress: bool | None = None) -> LoadedCheckpoint:
+        path, cfg = self.path, self.cfg
+        weight_map = _weight_map(path)
+        files = sorted(set(weight_map.values()))
+        found = _headers(path, files)
+        expert_format = cfg.expert_dtype
+        if expert_format is None:
+            probe = found.get("layers.0.ffn.experts.0.w1.weight")
+            expert_format = _EXPERT_KIND.get(probe[0], "fp4") if probe else "fp4"
+        expected = _check(cfg, found, expert_format, weight_map, path)
+        handles = {fname: _open(path / fname) for fname in files}     # memory maps, not reads
+        show = sys.stderr.isatty() if progress is None else progress
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(expected), desc=f"rank {self.rank} loading {path.name}", unit="tensor",
+                   disable=not show, file=sys.stderr)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (shape, kind) in expected.items():
+            sl = owned_slice(name, shape, self.layout, self.rank, cfg.n_routed_experts)
+            bar.update(1)
+            if sl is False:
+                continue
+            try:
+                tensors[name] = self.decode(handles, found, name, kind, sl)
+            except (SafetensorError, RuntimeError) as e:
+                raise CheckpointError(f"shard {found[name][2]}: tensor {name} cannot be read ({e}); "
+                                      "the shard is truncated or corrupt") from None
+        bar.close()
+        quantized = frozenset(n for n, (_, kind) in expected.items() if kind in ("fp8", "fp4") and n in tensors)
+        return LoadedCheckpoint(cfg, tensors, quantized, expert_format, path)
+
+
+def _with_scale(name: str, kind: str) -> list[str]:
+    return [name] + ([name.removesuffix(".weight") + ".scale"] if kind in ("fp8", "fp4") else [])
+
+
+_ITEM = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I64": 8, "I32": 4}
+
+
+def _nbytes(entry) -> int:
+    dtype, shape, _ = entry
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _ITEM.get(dtype, 4)
