@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, required=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--layouts", action="store_true",
+                    help="propose TP x EP x nodes layouts that fit, with per-rank memory (runtime.parallel)")
+    ap.add_argument("--per-node", type=int, default=8, help="devices per node, for --layouts")
     args = ap.parse_args(argv)
     try:
         cfg = ModelConfig.preset(args.model) if args.model in ("flash", "pro", "tiny") else \
@@ -149,6 +152,11 @@ def main(argv=None) -> int:
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.layouts:
+        from .parallel.plan_layouts import format_layouts
+
+        print(format_layouts(args.model, cfg, prof, args.context, args.batch, args.per_node))
+        return 0
     print(f"{args.model} on {args.devices} x {prof.name} ({prof.memory_gib.value:g} GiB each, 10% headroom), "
           f"context {args.context:,}, batch {args.batch}")
     print(f"  weights ({prof.weight_format})        {_gib(p['weights'])}")

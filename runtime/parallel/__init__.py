@@ -32,5 +32,5 @@ def setup(parallel, profile, checkpoint: Path):
     cfg = ModelConfig.from_file(Path(checkpoint) / "config.json")
     layout.check(cfg)                                    # refused here: nothing loaded, no process group joined
     par = join(profile, layout, cfg)
-    reader = ShardedReader(Path(checkpoint), cfg, layout, par.rank)
-    return par, reader
+    par.reader = ShardedReader(Path(checkpoint), cfg, layout, par.rank)     # kept: its bytes_read is reported
+    return par, par.reader

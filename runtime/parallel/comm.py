@@ -17,6 +17,7 @@ A collective that fails (a peer died: gloo reports a closed connection) or times
 from __future__ import annotations
 
 import os
+import re
 import time
 from datetime import timedelta
 
@@ -61,7 +62,8 @@ class Parallel:
         try:
             return fn()
         except (RuntimeError, ValueError) as e:          # DistBackendError / DistNetworkError are RuntimeErrors
-            first = (str(e).strip().splitlines() or ["no detail"])[0][:200]
+            first = (str(e).strip().splitlines() or ["no detail"])[0]
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]          # drop gloo's source-file prefix
             raise CollectiveError(f"rank {self.rank}: collective {what} failed after a peer rank stopped or hung "
                                   f"({first}); check the other ranks' output, then relaunch") from None
 

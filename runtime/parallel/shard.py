@@ -71,17 +71,23 @@ class ShardedReader:
     def __init__(self, path: Path, cfg: ModelConfig, layout: Layout, rank: int):
         self.path, self.cfg, self.layout, self.rank = path, cfg, layout, rank
         self.bytes_read = 0
+        self.reads: dict[str, int] = {}          # stored name (weights and .scale) -> bytes read of it
 
     def _read(self, handle, name: str, dim: int, lo: int, hi: int) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) [lo, hi) of a stored tensor, through a safetensors slice."""
         view = handle.get_slice(name)
         t = view[lo:hi] if dim == 0 else view[:, lo:hi]
-        self.bytes_read += t.numel() * t.element_size()
+        self._count(name, t.numel() * t.element_size())
         return t
+
+    def _count(self, name: str, n: int) -> None:
+        self.reads[name] = self.reads.get(name, 0) + n
+        self.bytes_read += n
 
     def decode(self, handles, found, name: str, kind: str, sl: Slice | None) -> torch.Tensor:
         if sl is None:                      # the whole tensor: exactly the single-device decode
-            self.bytes_read += sum(_nbytes(found[n]) for n in _with_scale(name, kind))
+            for n in _with_scale(name, kind):
+                self._count(n, _nbytes(found[n]))
             return _decode(handles, found, name, kind)
         h = handles[found[name][2]]
         if kind == "fp8":
@@ -91,7 +97,8 @@ class ShardedReader:
             size = found[name][1][sl.dim]
             w = self._read(h, name, sl.dim, b_lo * FP8_BLOCK, min(size, b_hi * FP8_BLOCK))
             s = self._read(handles[found[s_name][2]], s_name, sl.dim, b_lo, b_hi)
-            return formats.dequant_fp8_block(w, s).narrow(sl.dim, sl.lo - b_lo * FP8_BLOCK, sl.hi - sl.lo).contiguous()
+            full = formats.dequant_fp8_block(w, s)
+            return full.narrow(sl.dim, sl.lo - b_lo * FP8_BLOCK, sl.hi - sl.lo).clone()   # own storage: no slack
         if kind == "fp4":
             raise CheckpointError(f"{name}: FP4 tensors are routed experts, which are never sliced")
         t = self._read(h, name, sl.dim, sl.lo, sl.hi)

@@ -1,0 +1,126 @@
+"""Parallel layouts in the memory planner: which TP x EP x nodes fit a profile, and what one rank holds.
+
+    python -m runtime.plan --model flash --profile ascend-910b --context 131072 --layouts [--per-node 8]
+
+Per rank (rank 0, which holds the largest vocabulary block):
+- weights: every tensor of the official inventory this rank owns (`runtime.parallel.shard.owned_slice`, the
+  loader's own rule), at its sliced shape, in the profile's weight format (the arithmetic of
+  `runtime.plan.weight_bytes`, per tensor);
+- state: one KV head is never split, so every rank keeps the whole decode state of every sequence:
+  `runtime.plan.state_plan` with the MTP block's layer (the runtime allocates it) x batch.
+Proposals keep TP inside a node (its all-reduce runs twice per layer); EP may span nodes.
+
+`measured_rank_bytes(rt, state)` is the figure this plan is tested against: the bytes of the distinct tensor
+storages a loaded rank holds for its weights (the model's weight map) and for a decode state, as allocated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..checkpoint.inventory import FP4_BLOCK, FP8_BLOCK, expected_tensors
+from .layout import Layout, valid_ep, valid_tp
+from .shard import owned_slice
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], kind: str, profile) -> int:
+    """Bytes of one tensor in the profile's weight format (as `runtime.plan.weight_bytes` counts them)."""
+    fmt, n = profile.weight_format, math.prod(shape)
+    if kind == "i64":
+        return 8 * n
+    if kind == "f32":
+        return 4 * n
+    if fmt == "fp8_block" and kind == "fp8":
+        return n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
+    if fmt == "fp8_block" and kind == "fp4":
+        return n // 2 + n // FP4_BLOCK
+    if fmt == "w8a8_int8" and len(shape) == 2 and any(f in name for f in profile.int8_linears):
+        return n + 4 * shape[0]
+    if fmt == "float32":
+        return 4 * n
+    return 2 * n
+
+
+def rank_weight_bytes(cfg, profile, layout: Layout, rank: int = 0) -> int:
+    total = 0
+    for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
+        sl = owned_slice(name, shape, layout, rank, cfg.n_routed_experts)
+        if sl is False:
+            continue
+        if sl is not None:
+            shape = tuple(sl.hi - sl.lo if d == sl.dim else s for d, s in enumerate(shape))
+        total += tensor_bytes(name, shape, kind, profile)
+    return total
+
+
+def rank_plan(cfg, profile, layout: Layout, context: int, batch: int = 1, rank: int = 0) -> dict:
+    from ..plan import HEADROOM, state_plan
+
+    w = rank_weight_bytes(cfg, profile, layout, rank)
+    st = state_plan(cfg, profile, include_mtp=True)
+    state = batch * (st.fixed + st.per_token * context)
+    budget = profile.memory_gib.value * 2 ** 30 * HEADROOM
+    return {"layout": layout, "weights": w, "state": state, "total": w + state, "budget": budget,
+            "fits": w + state <= budget}
+
+
+def propose(cfg, profile, context: int, batch: int = 1, per_node: int = 8, max_ranks: int = 1024,
+            limit: int = 6) -> list[dict]:
+    """Fitting layouts, fewest ranks first (then the smaller per-rank total), TP within a node."""
+    found = []
+    for tp in valid_tp(cfg):
+        for ep in valid_ep(cfg):
+            lay = Layout(tp, ep)
+            if tp > per_node or lay.world > max_ranks:
+                continue
+            p = rank_plan(cfg, profile, lay, context, batch)
+            if p["fits"]:
+                p["nodes"] = math.ceil(lay.world / per_node)
+                found.append(p)
+    found.sort(key=lambda p: (p["layout"].world, p["total"]))
+    return found[:limit]
+
+
+def format_layouts(name: str, cfg, profile, context: int, batch: int = 1, per_node: int = 8) -> str:
+    gib = lambda b: f"{b / 2 ** 30:,.1f}"                                    # noqa: E731
+    rows = propose(cfg, profile, context, batch, per_node)
+    head = (f"layouts for {name} on {profile.name} ({profile.memory_gib.value:g} GiB per device, 10% headroom, "
+            f"{per_node} per node), context {context:,}, batch {batch}; per-rank GiB (rank 0):")
+    if not rows:
+        return head + "\n  no layout fits; use a larger profile or a shorter context"
+    lines = [head, "  TP  EP  ranks  nodes  weights  state  total  of budget"]
+    for p in rows:
+        lay = p["layout"]
+        lines.append(f"  {lay.tp:>2}  {lay.ep:>2}  {lay.world:>5}  {p['nodes']:>5}  {gib(p['weights']):>7}  "
+                     f"{gib(p['state']):>5}  {gib(p['total']):>5}  {gib(p['budget'])}")
+    lines.append("  launch: torchrun --nnodes NODES --nproc-per-node RANKS/NODES -m runtime.run --tp TP --ep EP ...")
+    return "\n".join(lines)
+
+
+def _storages(obj, seen: dict, visited: set) -> None:
+    """Distinct tensor storages reachable from obj (tensors, containers, plain objects' attributes)."""
+    if id(obj) in visited:
+        return
+    visited.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        s = obj.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _storages(v, seen, visited)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _storages(v, seen, visited)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for v in vars(obj).values():
+            _storages(v, seen, visited)
+
+
+def measured_rank_bytes(rt, state) -> tuple[int, int]:
+    """(weight bytes, state bytes) this rank holds: distinct storages of its weight map and of `state`."""
+    w, s = {}, {}
+    _storages(rt._weights[0], w, set())
+    _storages(state, s, set())
+    return sum(w.values()), sum(s.values())
