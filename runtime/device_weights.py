@@ -151,8 +151,9 @@ def pack_weights(tensors: dict[str, torch.Tensor], quantized: Iterable[str], wei
         else:
             out[name] = t.to(device=device, dtype=torch.float32)
     for (prefix, w), per in experts.items():
-        stack = torch.stack([per[e] for e in range(len(per))]).to(device=device, dtype=store)   # [E, out, in]
-        for e in range(len(per)):
-            out[f"{prefix}.{e}.{w}.weight"] = stack[e]
+        ids = sorted(per)                         # all E experts, or an expert-parallel rank's block of them
+        stack = torch.stack([per[e] for e in ids]).to(device=device, dtype=store)   # [E, out, in]
+        for i, e in enumerate(ids):
+            out[f"{prefix}.{e}.{w}.weight"] = stack[i]
     # fp8_block quantises the input of every linear stored FP8/FP4 on disk (as DeepSeek's kernels do)
     return out, (quantized if weight_format == "fp8_block" else frozenset(act_q))

@@ -280,3 +280,35 @@ def test_plan_cli_layouts():
         assert main(["--model", "flash", "--profile", "nvidia-h200", "--context", "131072", "--layouts"]) == 0
     rows = buf.getvalue().splitlines()
     assert rows[2].split()[:4] == ["1", "2", "2", "1"]      # V4-Flash: two H200s, EP 2, one node
+
+
+def test_device_storage_stacks_an_ep_ranks_experts(tiny_ckpt):
+    """On a device the experts of a layer are one [E_local, out, in] stack (grouped GEMM operand), also when an
+    EP rank holds only experts 4..7."""
+    from runtime.device_weights import expert_stack, pack_weights
+
+    cfg = ModelConfig.from_file(tiny_ckpt / "config.json")
+    ck = ShardedReader(tiny_ckpt, cfg, Layout(1, 2), 1).load(progress=False)
+    packed, _ = pack_weights(ck.tensors, ck.quantized, "bf16", "bfloat16", "cpu")
+    ws = [packed[f"layers.2.ffn.experts.{e}.w1.weight"] for e in range(4, 8)]
+    stack = expert_stack(ws)
+    assert stack is not None and stack.shape[0] == 4
+    assert torch.equal(stack[0].float(), ck.tensors["layers.2.ffn.experts.4.w1.weight"].bfloat16().float())
+
+
+# ------------------------------------------------------------------ NCCL on a real GPU (skipped elsewhere)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_nccl_world_size_one_matches_plain_run(tiny_ckpt):
+    """torchrun with one process: an NCCL process group, the rank's GPU from LOCAL_RANK, the sharded loader and
+    the embedding / head / token collectives on the GPU; greedy text equals the plain one-GPU run."""
+    profile = "nvidia-h100" if torch.cuda.get_device_capability(0) >= (8, 9) else "nvidia-a100"
+    args = ["-m", "runtime.run", "--profile", profile, "--checkpoint", str(tiny_ckpt), "--max-new-tokens", "16",
+            "--no-eos-stop", "--quiet"]
+    plain = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    p = _torchrun(1, [*args, "--tp", "1", "--ep", "1", "--show-dispatch"])
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out
+    assert "layout: TP 1 x EP 1" in out and "device cuda:0" in out
+    assert plain.stdout.strip() in out
