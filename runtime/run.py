@@ -53,6 +53,7 @@ def main(argv=None) -> int:
                           emulate=args.emulate, allow_fallback=args.allow_fallback)
         if not args.quiet:
             print(f"# {rt.describe()}", file=sys.stderr)
+            print(f"# {rt.memory.format()}", file=sys.stderr)
         if args.show_dispatch:
             print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
             if hasattr(rt.model, "placement"):          # an exported graph: where ONNX Runtime put its nodes
