@@ -194,7 +194,7 @@ class Runtime:
         if state.batch_size != ids.shape[0]:
             raise InputError(f"state holds {state.batch_size} sequences but input_ids has {ids.shape[0]} rows")
         self._check_length(max(state.positions) + ids.shape[1])
-        self.memory.check([p + ids.shape[1] for p in state.positions], chunk=ids.shape[1])
+        self.memory.check([p + ids.shape[1] for p in state.positions])
         with torch.inference_mode():
             return self.model.forward(ids, state.seqs).float().cpu()
 
@@ -238,7 +238,7 @@ class Runtime:
         for r in rows:
             self._check_ids([r])
             self._check_length(len(r) + max_new_tokens)
-        self.memory.check([len(r) + max_new_tokens for r in rows], chunk=max(map(len, rows)))
+        self.memory.check([len(r) + max_new_tokens for r in rows])
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         state = self.new_state(len(rows))
         out: list[list[int]] = [[] for _ in rows]

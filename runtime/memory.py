@@ -33,21 +33,23 @@ class MemoryPlan:
         """Planned state of sequences at these lengths (tokens each)."""
         return sum(self.state.fixed + self.state.per_token * n for n in lengths)
 
-    def needed(self, lengths: list[int], chunk: int) -> float:
-        return self.weights + self.state_bytes(lengths) + activation_bytes(
-            self.cfg, self.profile, min(chunk, CHUNK) * len(lengths), max(lengths))
+    def needed(self, lengths: list[int]) -> float:
+        # The workspace is sized for one full prefill chunk whatever the request (reserved, as a server would):
+        # then "the longest context that fits" does not depend on how a request is cut.
+        return self.weights + self.state_bytes(lengths) + activation_bytes(self.cfg, self.profile, CHUNK,
+                                                                           max(lengths))
 
     def max_context(self, batch: int) -> int:
         """The longest context every one of `batch` sequences may reach (capped at the model's positions)."""
         lo, hi = 0, self.cfg.max_position
         while lo < hi:                    # activations grow with the context too: search, don't solve
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.needed([mid] * batch, CHUNK) <= self.budget else (lo, mid - 1)
+            lo, hi = (mid, hi) if self.needed([mid] * batch) <= self.budget else (lo, mid - 1)
         return lo
 
-    def check(self, lengths: list[int], chunk: int = 1) -> None:
+    def check(self, lengths: list[int]) -> None:
         """Raise InputError if sequences reaching these lengths would not fit the budget."""
-        need = self.needed(lengths, chunk)
+        need = self.needed(lengths)
         if need > self.budget:
             B = len(lengths)
             raise InputError(
