@@ -1,4 +1,5 @@
-"""The CPU backend: runs the float32 reference op table (and, with a profile, its numerics emulation)."""
+"""The CPU backend: the float32 ops, with fast layouts of the costliest ones (`cpu_ops`, each checked against
+its reference), and, with a profile, the numerics emulation (reference ops only)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import platform
 
 import torch
 
+from . import cpu_ops  # noqa: F401  (registers the fast CPU implementations)
 from .base import DeviceInfo
 
 

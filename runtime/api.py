@@ -36,7 +36,9 @@ from .presets import preset
 from .profile import Profile, capabilities_needed, load_profile
 from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
-from .device_weights import pack_weights
+from .device_weights import nbytes, pack_weights
+from .memory import CHUNK, MemoryPlan
+from .plan import weight_bytes
 from .weight_formats import transform_weights
 
 # `--backend X` alone picks that backend's default profile.
@@ -91,6 +93,8 @@ class Runtime:
         self._weights = weights                      # (tensors, quantized names): what `with_ops` rebuilds from
         self.checkpoint, self.profile, self.dispatch = checkpoint, profile, dispatch
         self.backend, self.numerics = dispatch.backend, dispatch.numerics
+        held = sum(nbytes(w) for w in weights[0].values()) if weights else weight_bytes(model.cfg, profile)
+        self.memory = MemoryPlan(model.cfg, profile, held)        # printed by the CLI, enforced below
 
     @classmethod
     def load(cls, profile: "str | Path | Profile" = "cpu", checkpoint: str | Path | None = None,
@@ -171,6 +175,7 @@ class Runtime:
     def new_state(self, batch_size: int = 1) -> StateBatch:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.memory.check([1] * batch_size)
         return self.model.new_state(batch_size)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
@@ -198,6 +203,7 @@ class Runtime:
         if state.batch_size != ids.shape[0]:
             raise InputError(f"state holds {state.batch_size} sequences but input_ids has {ids.shape[0]} rows")
         self._check_length(max(state.positions) + ids.shape[1])
+        self.memory.check([p + ids.shape[1] for p in state.positions])
         with torch.inference_mode():
             return self.model.forward(ids, state.seqs).float().cpu()
 
@@ -241,14 +247,14 @@ class Runtime:
         for r in rows:
             self._check_ids([r])
             self._check_length(len(r) + max_new_tokens)
+        self.memory.check([len(r) + max_new_tokens for r in rows])
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         state = self.new_state(len(rows))
         out: list[list[int]] = [[] for _ in rows]
         t0 = time.perf_counter()
         with torch.inference_mode():
             # Sampling runs on the CPU (its generator is a CPU one): one [B, V] copy per step.
-            last = torch.cat([self.model.forward(torch.tensor([r]), [state.seqs[b]])[:, -1].float().cpu()
-                              for b, r in enumerate(rows)])                                  # [B, V]
+            last = torch.cat([self._prefill(r, state.seqs[b]) for b, r in enumerate(rows)])     # [B, V]
             t1 = time.perf_counter()
             active, steps = list(range(len(rows))), 0
             while active and max_new_tokens:
@@ -272,6 +278,13 @@ class Runtime:
             t2 = time.perf_counter()
         texts = [self.tokenizer.decode(o) for o in out]
         return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)
+
+    def _prefill(self, row: list[int], seq) -> torch.Tensor:
+        """Prefill one prompt in chunks of CHUNK tokens (bounded activations; the same math as one call:
+        every chunk continues the sequence's state) -> the last position's logits [1, V]."""
+        for i in range(0, len(row), CHUNK):
+            logits = self.model.forward(torch.tensor([row[i:i + CHUNK]]), [seq])
+        return logits[:, -1].float().cpu()
 
     def describe(self) -> str:
         c = self.config

@@ -13,7 +13,11 @@
   (values + gate scores of the last 2 x ratio tokens for CSA, ratio tokens for HCA; spec §11).
 Also: the same context's cache in a V3.2-style layout (DeepSeek-V3.2-Exp: 61 layers of MLA latents + indexer
 keys, no compression), for the model card's "V4-Pro needs ~10% of V3.2's KV cache at 1M tokens".
-Activations / workspace are not modelled yet (the plan says so); the device budget keeps 10% headroom.
+- activations / workspace: the live tensors of one forward chunk (`activation_bytes`: the residual streams,
+  the attention and MoE intermediates and the largest attention / indexer score block), for a prefill chunk of
+  `--chunk` tokens (default 4096) at the given context; the device budget keeps 10% headroom besides.
+`MemoryPlan` is the same arithmetic for a loaded runtime: it is printed at load and refuses (one line, before
+any allocation) a batch or context whose state would not fit the profile's memory next to the weights.
 """
 
 from __future__ import annotations
@@ -49,11 +53,20 @@ def index_entry_bytes(dtype: str, dim: int) -> float:
     return _FLOAT_BYTES[dtype] * dim
 
 
-def weight_bytes(cfg: ModelConfig, profile) -> int:
+def weight_bytes(cfg: ModelConfig, profile, active: bool = False) -> int:
+    """Bytes of every weight in the profile's format; `active=True`: the bytes one decoded token reads at
+    batch 1 (k of the E routed experts per layer, one embedding row, no MTP block)."""
     fmt, total = profile.weight_format, 0
     int8 = tuple(profile.int8_linears)
     for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
         n = math.prod(shape)
+        if active:
+            if name.startswith("mtp."):
+                continue
+            if name == "embed.weight":
+                n //= shape[0]
+            elif ".experts." in name:
+                n = n * cfg.experts_per_token / cfg.n_routed_experts
         if kind == "i64":
             total += 8 * n
         elif kind == "f32":
@@ -90,10 +103,12 @@ class StatePlan:
     compressor_state: int
 
 
-def state_plan(cfg: ModelConfig, profile, include_mtp: bool = False) -> StatePlan:
+def state_plan(cfg: ModelConfig, profile, include_mtp: bool = False, layout: str | None = None) -> StatePlan:
+    """Per-sequence state; `layout` = one float dtype for every row (what a runtime build actually stores,
+    e.g. "float32" for the torch runtime) instead of the profile's KV / indexer dtypes."""
     D, rope, W = cfg.head_dim, cfg.rope_dim, cfg.window
-    row = kv_entry_bytes(profile.kv_dtype, D, rope)
-    key = index_entry_bytes(profile.indexer_dtype, cfg.index_head_dim)
+    row = kv_entry_bytes(layout or profile.kv_dtype, D, rope)
+    key = index_entry_bytes(layout or profile.indexer_dtype, cfg.index_head_dim)
     per_token, window, comp = 0.0, 0, 0
     for layer in range(cfg.num_layers + (cfg.num_mtp if include_mtp else 0)):
         m = cfg.ratio(layer)
@@ -108,19 +123,39 @@ def state_plan(cfg: ModelConfig, profile, include_mtp: bool = False) -> StatePla
     return StatePlan(per_token, window + comp, window, comp)
 
 
-def plan(cfg: ModelConfig, profile, context: int, batch: int = 1, devices: int = 1) -> dict:
-    if context < 1 or batch < 1 or devices < 1:
-        raise InputError("context, batch and devices must be positive integers")
+def activation_bytes(cfg: ModelConfig, profile, tokens: int, context: int) -> int:
+    """Live activations of one forward chunk of `tokens` tokens (summed over the batch) at `context`: the
+    hc residual streams (in, out, a mix) and one sub-block's intermediates (q, kv, attention output, the
+    routed + shared experts' hidden states, the logits of the last position), plus the largest score block
+    (the reference's 256-query blocks: attention over window + selected rows, the indexer over every
+    compressed key) in float32."""
+    act = _FLOAT_BYTES.get(profile.compute_dtype, 4)
+    d, H, D = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    per_token = act * (3 * cfg.hc_mult * d + 2 * H * D + 2 * cfg.q_lora_rank + cfg.o_groups * cfg.o_lora_rank
+                       + 3 * (cfg.experts_per_token + cfg.n_shared_experts) * cfg.moe_inter_dim)
+    hca = [cfg.ratio(i) for i in range(cfg.num_layers) if cfg.ratio(i) > 4]
+    rows = cfg.window + max([cfg.index_topk] + [context // m for m in hca])
+    block = min(tokens, 256)
+    scores = 4 * block * max(H * rows, cfg.index_n_heads * context // 4)
+    return int(per_token * tokens + scores + 4 * cfg.vocab_size)
+
+
+def plan(cfg: ModelConfig, profile, context: int, batch: int = 1, devices: int = 1, chunk: int = 4096) -> dict:
+    if context < 1 or batch < 1 or devices < 1 or chunk < 1:
+        raise InputError("context, batch, devices and chunk must be positive integers")
     if context > cfg.max_position:
         raise InputError(f"context {context} exceeds the model's {cfg.max_position} positions")
     w = weight_bytes(cfg, profile)
     st = state_plan(cfg, profile)
     per_seq = st.fixed + st.per_token * context
-    total = w + batch * per_seq
+    act = activation_bytes(cfg, profile, min(chunk, context), context)
+    total = w + batch * per_seq + act
     budget = devices * profile.memory_gib.value * 2 ** 30 * HEADROOM
     spare = budget - w
     v32 = v32_per_token(profile) * context
-    return {"weights": w, "state_per_sequence": per_seq, "v32_style_state": v32, "vs_v32": per_seq / v32, "state_per_token": st.per_token, "state_fixed": st.fixed,
+    spare -= act
+    return {"weights": w, "activations": act, "active_weights": weight_bytes(cfg, profile, active=True),
+            "state_per_sequence": per_seq, "v32_style_state": v32, "vs_v32": per_seq / v32, "state_per_token": st.per_token, "state_fixed": st.fixed,
             "total": total, "budget": budget, "fits": total <= budget,
             "devices_needed": math.ceil(total / (profile.memory_gib.value * 2 ** 30 * HEADROOM)),
             "max_context": min(cfg.max_position, int((spare / batch - st.fixed) // st.per_token))
@@ -140,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, required=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens) the activations are sized for")
     ap.add_argument("--layouts", action="store_true",
                     help="propose TP x EP x nodes layouts that fit, with per-rank memory (runtime.parallel)")
     ap.add_argument("--per-node", type=int, default=8, help="devices per node, for --layouts")
@@ -148,7 +184,7 @@ def main(argv=None) -> int:
         cfg = ModelConfig.preset(args.model) if args.model in ("flash", "pro", "tiny") else \
             ModelConfig.from_file(Path(args.model))
         prof = load_profile(args.profile)
-        p = plan(cfg, prof, args.context, args.batch, args.devices)
+        p = plan(cfg, prof, args.context, args.batch, args.devices, args.chunk)
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +203,11 @@ def main(argv=None) -> int:
     print(f"  total                        {_gib(p['total'])} of {_gib(p['budget'])}: "
           f"{'fits' if p['fits'] else 'does NOT fit'}; needs {p['devices_needed']} device(s)")
     print(f"  max context at batch {args.batch}: {p['max_context']:,}; max batch at this context: {p['max_batch']:,}")
-    print("  (activations / workspace not modelled yet)")
+    print(f"  activations / workspace ({min(args.chunk, args.context):,}-token prefill chunk): "
+          f"{_gib(p['activations'])} (included in the total)")
+    print(f"  weights read per decoded token (batch 1): {_gib(p['active_weights'])} -> at the profile's "
+          f"{prof.bandwidth_gbps.value:g} GB/s, >= {p['active_weights'] / prof.bandwidth_gbps.value / 1e6:.1f} ms "
+          "per step (bandwidth bound)")
     return 0
 
 

@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         lead = rt.parallel is None or rt.parallel.rank == 0          # only rank 0 prints
         if not args.quiet and lead:
             print(f"# {rt.describe()}", file=sys.stderr)
+            print(f"# {rt.memory.format()}", file=sys.stderr)
         if args.show_dispatch and lead:
             if rt.parallel is not None and rt.parallel.distributed:
                 print(f"# {rt.parallel.describe()}", file=sys.stderr)

@@ -1,10 +1,14 @@
 """The memory planner's arithmetic against hand-computed cases (spec §11) and the real V4-Flash / V4-Pro configs."""
 
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+from runtime.checkpoint.inventory import expected_tensors
 from runtime.config import ModelConfig
 from runtime.plan import index_entry_bytes, kv_entry_bytes, plan, state_plan, weight_bytes
 from runtime.profile import load_profile
@@ -68,3 +72,60 @@ def test_v4_pro_needs_about_a_tenth_of_a_v32_style_cache_at_1m_tokens():
     assert 0.10 < p["vs_v32"] < 0.13                            # the model card: "10%"
     fp8 = plan(PRO, load_profile("nvidia-h100"), context=1 << 20)   # FP8 KV both sides, FP4 indexer keys
     assert 0.08 < fp8["vs_v32"] < 0.13
+
+
+def test_active_weights_and_activations_by_hand():
+    tiny, cpu = ModelConfig.preset("tiny"), load_profile("cpu")
+    d, inter = tiny.hidden_size, tiny.moe_inter_dim
+    full, active = weight_bytes(tiny, cpu), weight_bytes(tiny, cpu, active=True)
+    # active = everything but the MTP block, the unused routed experts and all but one embedding row
+    experts = tiny.num_layers * tiny.n_routed_experts * 3 * d * inter * 4
+    mtp = sum(4 * math.prod(s) for n, (s, _) in expected_tensors(tiny, "fp4").items() if n.startswith("mtp."))
+    embed = tiny.vocab_size * d * 4
+    assert active == full - mtp - experts * (1 - tiny.experts_per_token / tiny.n_routed_experts) - embed + d * 4
+    from runtime.plan import activation_bytes
+    # one token: 3 hc streams + q/o/kv/expert intermediates, the head's logits, a 1-query score block
+    one = activation_bytes(tiny, cpu, 1, 0)
+    assert one == 4 * (3 * 4 * d + 2 * 8 * 64 + 2 * 128 + 2 * 64 + 3 * 3 * inter) + 4 * 8 * (128 + 16) + 4 * 320
+
+
+def test_measured_state_bytes_per_token_equal_the_plan(tiny_rt, rng):
+    """The runtime's per-sequence state grows by exactly the planner's bytes per token (float32 rows: the
+    torch runtime's storage), and its fixed part stays within the planned fixed state."""
+    st = tiny_rt.new_state(1)
+    tiny_rt.forward(torch.randint(2, 300, (1, 1024), generator=rng), state=st)
+    a = st.nbytes()
+    tiny_rt.forward(torch.randint(2, 300, (1, 1024), generator=rng), state=st)
+    slope = (st.nbytes() - a) / 1024
+    plan_tok = tiny_rt.memory.state.per_token
+    assert abs(slope - plan_tok) <= 0.01 * plan_tok, (slope, plan_tok)
+    assert 0 < st.nbytes() - plan_tok * 2048 <= tiny_rt.memory.state.fixed
+
+
+def test_runtime_refuses_a_context_that_does_not_fit(tiny_ckpt, tmp_path):
+    import dataclasses
+
+    from runtime.api import Runtime
+    from runtime.errors import InputError
+    from runtime.profile import Measure
+
+    prof = load_profile("cpu")
+    small = dataclasses.replace(prof, memory_gib=Measure(0.2, "test", "high"))   # 184 MiB budget
+    rt = Runtime.load(small, checkpoint=tiny_ckpt, progress=False)
+    limit = rt.memory.max_context(1)
+    # weights ~29 MiB, a 4096-token chunk's activations ~90 MiB, the indexer's score block (16 heads x
+    # context/4 keys x 256 queries, float32) and the state (210 B/token) share the rest
+    assert 5_000 < limit < 100_000
+    with pytest.raises(InputError, match=f"longest context that fits at batch 1 is {limit:,}"):
+        rt.generate([5] * 10, max_new_tokens=limit)
+    with pytest.raises(InputError, match="lower the batch"):
+        rt.new_state(batch_size=10_000)
+    rt.generate([5] * 10, max_new_tokens=2)          # within budget: runs
+    yaml_path = tmp_path / "small.yaml"
+    yaml_path.write_text((Path(__file__).parent.parent / "hardware_profiles" / "cpu.yaml").read_text()
+                         .replace("value: 24,", "value: 0.2,"))
+    r = subprocess.run([sys.executable, "-m", "runtime.run", "--profile", str(yaml_path), "--checkpoint",
+                        str(tiny_ckpt), "--max-new-tokens", str(limit), "--no-eos-stop"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "longest context that fits" in r.stderr
+    assert r.stderr.strip().count("\n") <= 2 and "Traceback" not in r.stderr    # describe + plan lines, error

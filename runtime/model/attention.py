@@ -140,10 +140,14 @@ class Attention:
         o = torch.empty_like(q)
         for b in range(B):
             tok, st, p0 = slice(b * S, (b + 1) * S), states[b], starts[b]
-            pool, win_idx = self._window(st, kv[tok], p0)
-            idx = [win_idx]
+            if S == 1:                    # decode: the new row goes into its ring slot first, read in place
+                st.window[p0 % self.cfg.window] = kv[tok]
             if self.compressor is not None:
-                self.compressor.advance(st.comp_buf, st.comp, ckv[tok], csc[tok], p0)
+                self.compressor.advance(st.comp_buf, st.kv, ckv[tok], csc[tok], p0)
+            # pool = the layer's cache buffer [ring | compressed entries] (+ the chunk's own rows in prefill)
+            pool = st.kv.view() if S == 1 else torch.cat((st.kv.view(), kv[tok]))
+            idx = [self._window_idx(p0, S, st.kv.n)]
+            if self.compressor is not None:
                 visible = (pos[tok] + 1) // self.ratio                      # entries whose window closed
                 n_vis = (p0 + S) // self.ratio                              # = visible[-1], without a sync
                 if self.indexer is not None:
@@ -154,9 +158,12 @@ class Attention:
                 else:                                                       # HCA: every closed entry
                     sel = torch.arange(n_vis, device=x.device).expand(S, -1)
                     sel = torch.where(sel < visible[:, None], sel, -1)
-                idx.append(torch.where(sel >= 0, sel + pool.shape[0], -1))
-                pool = torch.cat((pool, st.comp.view()))
+                idx.append(torch.where(sel >= 0, sel + self.cfg.window, -1))   # entry w is row W + w
             o[tok] = ops.sparse_attention(q[tok], pool, torch.cat(idx, dim=1), self.sink, self.D ** -0.5)
+            if S > 1:                                                       # update the ring after prefill
+                keep = min(S, self.cfg.window)
+                ring = torch.arange(p0 + S - keep, p0 + S, device=x.device) % self.cfg.window
+                st.window[ring] = kv[tok][S - keep:]
         o = ops.round_act(o)
         o = self.rope(o, pos, inverse=True)                                    # undo RoPE at the query position
         z = ops.round_act(ops.group_linear(o.reshape(B * S, self.G, -1), self.wo_a))          # [T, G, o_lora]
@@ -164,18 +171,15 @@ class Attention:
         tap(f"{self.name}.attn.out", out)
         return out
 
-    def _window(self, st: LayerState, kv: torch.Tensor, p0: int):
-        """Rows for the chunk's window attention and each query's window indices into them.
+    def _window_idx(self, p0: int, S: int, n_cached: int) -> torch.Tensor:
+        """[S, W] rows of the pool each query's window reads: query p0+i sees tokens max(0, p0+i-W+1)..p0+i.
 
-        rows = [the last min(p0, W-1) cached tokens, then the chunk]; query t sees max(0, t-W+1)..t.
+        A token already in the ring (before p0, or every token in a one-token decode step, whose row was
+        written first) is read at its slot (token % W); in prefill a token of the chunk is read from the
+        chunk's rows appended after the `n_cached` cache rows.
         """
-        W, S, dev = self.cfg.window, kv.shape[0], kv.device
-        n_prev = min(p0, W - 1)
-        prev = st.window[torch.arange(p0 - n_prev, p0, device=dev) % W]
-        rows = torch.cat((prev, kv))
-        t = torch.arange(p0, p0 + S, device=dev)[:, None]
-        absolute = t - W + 1 + torch.arange(W, device=dev)[None, :]            # [S, W]
-        idx = torch.where(absolute >= 0, absolute - (p0 - n_prev), -1)
-        keep = min(S, W)                                                       # update the ring
-        st.window[torch.arange(p0 + S - keep, p0 + S, device=dev) % W] = kv[S - keep:]
-        return rows, idx
+        W, dev = self.cfg.window, self.sink.device
+        tokens = torch.arange(p0 - W + 1, p0 + S, device=dev).unfold(0, W, 1)     # [S, W] absolute
+        in_ring = tokens < (p0 + 1 if S == 1 else p0)
+        rows = torch.where(in_ring, tokens % W, n_cached + tokens - p0)
+        return torch.where(tokens >= 0, rows, -1)

@@ -1,8 +1,9 @@
 """Decode state: what a sequence keeps between forward calls, per layer (spec §8, §10, §11).
 
 Per sequence and layer:
-- `window`: ring of the last `W` raw KV rows, token p in slot p % W;
-- `comp`: compressed KV entries (ratio > 0), entry w summarising tokens [w*m, (w+1)*m);
+- `kv`: one growing [W + entries, D] buffer: rows [0, W) are the ring of the last `W` raw KV rows (token p in
+  slot p % W), rows W + w are the compressed entries (ratio > 0), entry w summarising tokens [w*m, (w+1)*m).
+  Attention reads this buffer in place (a decode step gathers from it without copying the cache);
 - `comp_buf`: the compressor's pending per-token projections (values and gate scores, `ape` included) for
   the open window and, for CSA, also the last complete window (the overlap half of the next entry);
 - `index_keys` / `index_buf`: the same two for the lightning indexer's own compressor (CSA only).
@@ -19,9 +20,9 @@ import torch
 class Rows:
     """An append-only [n, dim] float32 buffer with amortised growth (no re-materialisation per step)."""
 
-    def __init__(self, dim: int, device="cpu", capacity: int = 16):
-        self._buf = torch.empty(capacity, dim, device=device)
-        self.n = 0
+    def __init__(self, dim: int, device="cpu", capacity: int = 16, n: int = 0):
+        self._buf = torch.zeros(max(capacity, n, 1), dim, device=device)
+        self.n = n                    # leading rows in use (a ring region counts from the start)
 
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
@@ -34,6 +35,10 @@ class Rows:
 
     def view(self) -> torch.Tensor:
         return self._buf[: self.n]
+
+    def head(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of the live buffer (writable view; re-fetch after an append)."""
+        return self._buf[:rows]
 
     def nbytes(self) -> int:
         return self.n * self._buf.shape[1] * self._buf.element_size()
@@ -50,16 +55,26 @@ class Pending:
 
 class LayerState:
     def __init__(self, head_dim: int, window: int, ratio: int, csa: bool, comp_width: int,
-                 index_dim: int, index_width: int, device):
-        self.window = torch.zeros(window, head_dim, device=device)
-        self.comp = Rows(head_dim, device) if ratio else None
+                 index_dim: int, index_width: int, device, context: int = 0):
+        # `context`: tokens to reserve room for up front (no regrowth below it); 0 = grow on demand.
+        self.W = window
+        self.kv = Rows(head_dim, device, window + (context // ratio if ratio else 0), n=window)
         self.comp_buf = Pending(comp_width, device) if ratio else None
-        self.index_keys = Rows(index_dim, device) if csa else None
+        self.index_keys = Rows(index_dim, device, context // 4) if csa else None
         self.index_buf = Pending(index_width, device) if csa else None
 
+    @property
+    def window(self) -> torch.Tensor:
+        """The ring of raw KV rows [W, D] (a view into `kv`)."""
+        return self.kv.head(self.W)
+
+    @property
+    def n_comp(self) -> int:
+        return self.kv.n - self.W
+
     def nbytes(self) -> int:
-        total = self.window.numel() * 4
-        for rows in (self.comp, self.index_keys):
+        total = 0
+        for rows in (self.kv, self.index_keys):
             total += rows.nbytes() if rows is not None else 0
         for p in (self.comp_buf, self.index_buf):
             total += (p.kv.numel() + p.score.numel()) * 4 if p is not None else 0
@@ -67,8 +82,8 @@ class LayerState:
 
 
 class SequenceState:
-    def __init__(self, cfg, device="cpu"):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg, device="cpu", context: int = 0):
+        self.cfg, self.device, self.context = cfg, device, context
         self.reset()
 
     def nbytes(self) -> int:
@@ -83,7 +98,8 @@ class SequenceState:
             ratio, csa = cfg.ratio(layer), cfg.is_csa(layer)
             coff = 2 if csa else 1
             self.layers.append(LayerState(cfg.head_dim, cfg.window, ratio, csa, coff * cfg.head_dim,
-                                          cfg.index_head_dim, coff * cfg.index_head_dim, self.device))
+                                          cfg.index_head_dim, coff * cfg.index_head_dim, self.device,
+                                          self.context))
 
 
 class StateBatch:
@@ -112,5 +128,5 @@ class StateBatch:
 class DecodeState(StateBatch):
     """The torch model's state of a batch of sequences."""
 
-    def __init__(self, cfg, batch_size: int, device="cpu"):
-        super().__init__([SequenceState(cfg, device) for _ in range(batch_size)])
+    def __init__(self, cfg, batch_size: int, device="cpu", context: int = 0):
+        super().__init__([SequenceState(cfg, device, context) for _ in range(batch_size)])

@@ -194,7 +194,13 @@ def join(profile, layout: Layout, cfg) -> Parallel:
                               "torch.distributed.init_process_group first)")
         if backend == "hccl":
             import torch_npu  # noqa: F401  (registers the hccl backend)
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as e:      # a rank never came, or the rendezvous address is wrong
+            first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or ["no detail"])[0])[:160]
+            raise CollectiveError(f"rank {os.environ.get('RANK')}: could not join the {backend} process group of "
+                                  f"{os.environ.get('WORLD_SIZE')} ranks within {timeout:g} s ({first}); launch "
+                                  "every rank with the same MASTER_ADDR / MASTER_PORT (torchrun does)") from None
     world, rank = dist.get_world_size(), dist.get_rank()
     layout.check(cfg, world)
     device = device_for(profile.backend, int(os.environ.get("LOCAL_RANK", rank)))

@@ -7,7 +7,8 @@ Per rank (rank 0, which holds the largest vocabulary block):
   loader's own rule), at its sliced shape, in the profile's weight format (the arithmetic of
   `runtime.plan.weight_bytes`, per tensor);
 - state: one KV head is never split, so every rank keeps the whole decode state of every sequence:
-  `runtime.plan.state_plan` with the MTP block's layer (the runtime allocates it) x batch.
+  `runtime.plan.state_plan` with the MTP block's layer (the runtime allocates it) x batch;
+- workspace: one prefill chunk's activations (`runtime.plan.activation_bytes`), counted in the fit only.
 Proposals keep TP inside a node (its all-reduce runs twice per layer); EP may span nodes.
 
 `measured_rank_bytes(rt, state)` is the figure this plan is tested against: the bytes of the distinct tensor
@@ -55,15 +56,20 @@ def rank_weight_bytes(cfg, profile, layout: Layout, rank: int = 0) -> int:
     return total
 
 
-def rank_plan(cfg, profile, layout: Layout, context: int, batch: int = 1, rank: int = 0) -> dict:
-    from ..plan import HEADROOM, state_plan
+def rank_plan(cfg, profile, layout: Layout, context: int, batch: int = 1, rank: int = 0,
+              chunk: int = 4096) -> dict:
+    """Rank `rank`'s weights and state (`total`, what tests compare with a loaded rank) and, for the fit, the
+    workspace of one prefill chunk (`runtime.plan.activation_bytes` of the whole model: an upper bound, TP
+    would shrink its per-head parts)."""
+    from ..plan import HEADROOM, activation_bytes, state_plan
 
     w = rank_weight_bytes(cfg, profile, layout, rank)
     st = state_plan(cfg, profile, include_mtp=True)
     state = batch * (st.fixed + st.per_token * context)
+    act = activation_bytes(cfg, profile, min(chunk, context) * batch, context)
     budget = profile.memory_gib.value * 2 ** 30 * HEADROOM
-    return {"layout": layout, "weights": w, "state": state, "total": w + state, "budget": budget,
-            "fits": w + state <= budget}
+    return {"layout": layout, "weights": w, "state": state, "total": w + state, "activations": act,
+            "budget": budget, "fits": w + state + act <= budget}
 
 
 def propose(cfg, profile, context: int, batch: int = 1, per_node: int = 8, max_ranks: int = 1024,
@@ -90,11 +96,12 @@ def format_layouts(name: str, cfg, profile, context: int, batch: int = 1, per_no
             f"{per_node} per node), context {context:,}, batch {batch}; per-rank GiB (rank 0):")
     if not rows:
         return head + "\n  no layout fits; use a larger profile or a shorter context"
-    lines = [head, "  TP  EP  ranks  nodes  weights  state  total  of budget"]
+    lines = [head, "  TP  EP  ranks  nodes  weights  state  workspace  total  of budget"]
     for p in rows:
         lay = p["layout"]
         lines.append(f"  {lay.tp:>2}  {lay.ep:>2}  {lay.world:>5}  {p['nodes']:>5}  {gib(p['weights']):>7}  "
-                     f"{gib(p['state']):>5}  {gib(p['total']):>5}  {gib(p['budget'])}")
+                     f"{gib(p['state']):>5}  {gib(p['activations']):>9}  {gib(p['total'] + p['activations']):>5}  "
+                     f"{gib(p['budget'])}")
     lines.append("  launch: torchrun --nnodes NODES --nproc-per-node RANKS/NODES -m runtime.run --tp TP --ep EP ...")
     return "\n".join(lines)
 

@@ -1,0 +1,173 @@
+"""Fast CPU implementations of the ops where the reference's plain form costs the most (issue 6).
+
+Each is registered for the `cpu` backend and has the float32 reference (`runtime.ops`) as its oracle
+(tests/test_cpu_fast_ops.py). What they change is *how* the same math is laid out, never the math:
+- `sparse_attention`: a query block whose index lists overlap heavily (window rows shared by neighbouring
+  queries, HCA entries shared by all) attends over the *union* of its rows with a mask, through torch's
+  fused CPU flash-attention kernel, instead of materialising a [t, K, D] gather; blocks with little overlap
+  keep the reference's gather; a decode step attends its own rows. The sink enters exactly through the
+  kernel's log-sum-exp. Precondition (true in the model): a query's valid indices are distinct.
+- `indexer_topk`: the same scores as the reference (same expressions), then `topk` instead of a full sort;
+  rows where equal finite scores could reorder the result are re-done with the reference's stable sort, so
+  the selection and its order are the reference's exactly.
+- `hc_pre`: for the few tokens of a decode step, the 20 Sinkhorn rounds on each 4x4 mixing matrix run on
+  Python floats (double precision) instead of ~120 tiny tensor ops; larger chunks use the reference.
+- `routed_experts`: for a decode step's few tokens, groups read once on the host instead of per-expert
+  masks; larger chunks use the reference's grouping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.dispatch import register
+from runtime.ops import attention as ref_attention
+from runtime.ops import mhc as ref_mhc
+from runtime.ops import moe as ref_moe
+from runtime.ops.linear import project
+
+QUERY_BLOCK = 256
+UNION_FACTOR = 4          # dense-over-union when the union has at most 4x a query's row count
+SMALL_T = 8               # hc_pre: tokens up to which the scalar Sinkhorn is cheaper
+
+
+def _flash(q: torch.Tensor, rows: torch.Tensor, mask, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [t, H, D] over K = V = rows [U, D] (mask [t, U] additive or None) with the sink in the denominator.
+
+    torch's fused CPU flash kernel returns the softmax's log-sum-exp `lse` besides o; adding the sink term
+    e^sink to the denominator scales o by Z / (Z + e^sink) = sigmoid(lse - sink), exactly.
+    """
+    t, H, D = q.shape
+    kv = rows[None, None].expand(1, H, -1, -1)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(0, 1)[None], kv, kv, 0.0, False, attn_mask=mask, scale=scale)[:2]
+    return (o[0] * torch.sigmoid(lse[0] - sink[:, None])[..., None]).transpose(0, 1)       # [t, H, D]
+
+
+@register("sparse_attention", "cpu.union_flash", "cpu")
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Same contract as `runtime.ops.attention.sparse_attention`: q [T, H, D], kv [N, D], idx [T, K]."""
+    T = q.shape[0]
+    if T == 1:                                                      # a decode step: its rows, no mask
+        sel = idx[0][idx[0] >= 0]
+        return _flash(q, kv[sel], None, sink, scale) if sel.numel() else torch.zeros_like(q)
+    out = torch.empty_like(q)
+    N = kv.shape[0]
+    mark = torch.zeros(N + 1, dtype=torch.bool, device=q.device)   # slot N absorbs the -1 padding
+    for s in range(0, T, QUERY_BLOCK):
+        qb, ib = q[s:s + QUERY_BLOCK], idx[s:s + QUERY_BLOCK]
+        t, K = ib.shape
+        safe = torch.where(ib >= 0, ib, N)
+        mark.zero_()
+        mark[safe.flatten()] = True
+        rows = mark[:N].nonzero().squeeze(1)                                     # the union, ascending
+        if rows.numel() > UNION_FACTOR * K:                                      # little overlap: gather
+            out[s:s + QUERY_BLOCK] = ref_attention.sparse_attention(qb, kv, ib, sink, scale)
+            continue
+        where = torch.full((N + 1,), rows.numel(), dtype=torch.int64, device=q.device)
+        where[rows] = torch.arange(rows.numel(), device=q.device)
+        allowed = torch.zeros(t, rows.numel() + 1, dtype=torch.bool, device=q.device)
+        allowed.scatter_(1, where[safe], True)                                   # [t, U + 1]; last = padding
+        mask = torch.zeros(t, rows.numel(), device=q.device).masked_fill_(~allowed[:, :-1], float("-inf"))
+        o = _flash(qb, kv[rows], mask[None, None], sink, scale)
+        # a query with no rows at all: the reference gives 0 (every p_j = 0); the kernel's NaN must not leak
+        out[s:s + QUERY_BLOCK] = torch.where(allowed[:, :-1].any(-1)[:, None, None], o, 0.0)
+    return out
+
+
+@register("indexer_topk", "cpu.topk_exact_ties", "cpu")
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+                 k: int) -> torch.Tensor:
+    """Same contract and result as `runtime.ops.attention.indexer_topk`."""
+    T, N = q.shape[0], keys.shape[0]
+    out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
+    if N == 0 or k == 0:
+        return out
+    arange = torch.arange(N, device=q.device)
+    kk = min(k, N)
+    for s in range(0, T, QUERY_BLOCK):
+        qb, wb, vb = q[s:s + QUERY_BLOCK], weights[s:s + QUERY_BLOCK], visible[s:s + QUERY_BLOCK]
+        n = max(int(vb.max()), 1)           # causality: this block sees no key past its last visible one
+        score = torch.einsum("thd,nd->thn", qb, keys[:n]).relu_()
+        score = torch.einsum("thn,th->tn", score, wb)
+        score = score.masked_fill(arange[None, :n] >= vb[:, None], float("-inf"))
+        if n <= kk:                         # pad to the full key count: the reference's ranking of -inf rows
+            score = torch.cat((score, score.new_full((score.shape[0], N - n), float("-inf"))), dim=1)
+        vals, order = score.topk(min(kk + 1, score.shape[1]), dim=-1)
+        # Equal finite neighbours among the top kk+1 could be ordered differently from the stable sort's
+        # lower-index-first rule: redo exactly those rows with the reference's sort.
+        tie = ((vals[:, 1:] == vals[:, :-1]) & torch.isfinite(vals[:, 1:])).any(-1)
+        order = order[:, :kk]
+        if bool(tie.any()):
+            rows = tie.nonzero().squeeze(1)
+            order[rows] = torch.sort(score[rows], dim=-1, descending=True, stable=True).indices[:, :kk]
+        ok = torch.arange(kk, device=q.device)[None, :] < vb[:, None].clamp(max=kk)
+        out[s:s + QUERY_BLOCK, :kk] = torch.where(ok, order, torch.full_like(order, -1))
+    return out
+
+
+def _sinkhorn_scalar(comb: list, hc: int, eps: float, iters: int) -> list:
+    """The reference's Sinkhorn on one [hc][hc] matrix of Python floats, in place: columns, then
+    (iters - 1) rounds of rows and columns, each divided by (its sum + eps)."""
+    def columns():
+        for j in range(hc):
+            s = eps
+            for i in range(hc):
+                s += comb[i][j]
+            for i in range(hc):
+                comb[i][j] /= s
+    columns()
+    for _ in range(iters - 1):
+        for r in comb:
+            s = eps + sum(r)
+            for j in range(hc):
+                r[j] /= s
+        columns()
+    return comb
+
+
+@register("hc_pre", "cpu.scalar_sinkhorn", "cpu")
+def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
+           norm_eps: float, sinkhorn_iters: int):
+    """Same contract as `runtime.ops.mhc.hc_pre`."""
+    if X.shape[0] > SMALL_T:
+        return ref_mhc.hc_pre(X, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
+    hc = X.shape[-2]
+    mix = ref_mhc._mix(X, fn, norm_eps)
+    pre = torch.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
+    post = 2 * torch.sigmoid(mix[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = torch.softmax((mix[:, 2 * hc:] * scale[2] + base[2 * hc:]).view(-1, hc, hc), dim=-1) + hc_eps
+    done = [_sinkhorn_scalar(m, hc, hc_eps, sinkhorn_iters) for m in comb.tolist()]
+    comb = torch.tensor(done, dtype=X.dtype, device=X.device)
+    x = torch.einsum("th,thd->td", pre, X)
+    return x, post, comb
+
+
+@register("routed_experts", "cpu.small_batch", "cpu")
+def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
+                   ops) -> torch.Tensor:
+    """Same contract as `runtime.ops.moe.routed_experts`. For the few tokens of a decode step the groups
+    come from one host read of `idx` (no unique / mask / gather per expert); a single token uses its x and
+    weights as they are. Larger chunks use the reference's grouping."""
+    if x.shape[0] > SMALL_T:
+        return ref_moe.routed_experts(x, idx, weights, experts, limit, ops)
+    out = torch.zeros_like(x)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for t, row in enumerate(idx.tolist()):
+        for j, e in enumerate(row):
+            groups.setdefault(e, []).append((t, j))
+    for e, members in sorted(groups.items()):
+        w1, w2, w3 = experts[e]
+        if x.shape[0] == 1:
+            xe, we = x, weights[:, members[0][1]:members[0][1] + 1]
+        else:
+            tt = torch.tensor([t for t, _ in members], device=x.device)
+            xe, we = x[tt], weights[tt, torch.tensor([j for _, j in members], device=x.device)][:, None]
+        h = ops.round_act(ops.clamped_swiglu(project(ops, xe, w1), project(ops, xe, w3), limit) * we)
+        y = project(ops, h, w2)
+        if x.shape[0] == 1:
+            out += y
+        else:
+            out.index_add_(0, tt, y)
+    return out

@@ -1,0 +1,105 @@
+"""One benchmark scenario in a fresh process (its peak RSS is its own). Reads a JSON spec from argv[1],
+prints one JSON result line on stdout. Run by `python -m runtime.bench`; not a user command."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _status_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that across
+    exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _engine(spec: dict):
+    from .engines import HFEngine, OnnxEngine, TorchEngine
+    from ..api import Runtime
+
+    kind, ck = spec["engine"], Path(spec["checkpoint"])
+    if kind == "transformers":
+        return HFEngine(ck)
+    rt = Runtime.load(spec["profile"], checkpoint=ck, progress=False)
+    if kind == "onnx":
+        return OnnxEngine(rt)
+    dense = spec["context"] + spec["decode_steps"] + 8 if kind == "dense" else None
+    return TorchEngine(rt, dense_context=dense, chunk=spec["chunk"])
+
+
+def run(spec: dict) -> dict:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if spec.get("mem_limit_gib"):               # fail with an error instead of meeting the OOM killer
+        lim = int(spec["mem_limit_gib"] * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    t0 = time.perf_counter()
+    eng = _engine(spec)
+    res = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+    g = torch.Generator().manual_seed(spec.get("seed", 0))
+    N, vocab = spec["context"], spec["vocab"]
+    warm = eng.new_state()                      # warm-up: allocator, kernels, first-call work
+    eng.prefill(torch.randint(2, vocab, (1, 256), generator=g), warm)
+    for _ in range(3):
+        eng.step(5, warm)
+    del warm
+    res["rss_after_load_mib"] = _status_mib("VmRSS")
+    ids = torch.randint(2, vocab, (1, N), generator=g)
+    times, state = [], None
+    if spec["fill"] == "random":
+        state = eng.new_state()
+        eng.fill(state, N)
+        res["filled"] = "random"
+    else:
+        for _ in range(spec["repeats"]):
+            state = None                        # free the previous state before the next prefill
+            state = eng.new_state()
+            t = time.perf_counter()
+            logits = eng.prefill(ids, state)
+            times.append(time.perf_counter() - t)
+        res["prefill_s"] = times
+        res["prefill_tok_s"] = N / statistics.median(times)
+        tok = int(logits.argmax())
+    tok = 5 if spec["fill"] == "random" else tok
+    steps, tokens = [], [tok]
+    for _ in range(spec["decode_steps"]):
+        t = time.perf_counter()
+        logits = eng.step(tok, state)
+        steps.append(time.perf_counter() - t)
+        tok = int(logits.argmax())
+        tokens.append(tok)
+    res["greedy_tokens"] = tokens               # engines on the same weights should agree (same model)
+    res["decode_step_ms"] = [1e3 * s for s in steps]
+    res["state_bytes"] = eng.state_bytes(state)
+    if spec["engine"] == "ours":                # the planner's figure for the same sequence length
+        res["planned_state_bytes"] = eng.rt.memory.state_bytes([N + len(steps)])
+    res["peak_rss_mib"] = _status_mib("VmHWM")
+    return res
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    try:
+        res = run(spec)
+    except (MemoryError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, MemoryError) or "alloc" in msg.lower() or "memory" in msg.lower():
+            res = {"error": f"out of memory (limit {spec.get('mem_limit_gib')} GiB): {msg[:160]}",
+                   "peak_rss_mib": _status_mib("VmHWM")}
+        else:
+            raise
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The memory plan of a loaded runtime: the planner's arithmetic (`runtime.plan`) applied to what this build
+actually holds, printed at load and enforced before a batch or context is allocated.
+
+Weights are counted from the loaded tensors (their real storage); per-sequence state uses the planner's
+per-layer formulas in the layout this build stores (the torch runtime keeps every KV row, compressed entry and
+indexer key in float32 whatever the profile's cache dtype, which a deployment kernel would use instead), MTP
+block included; activations are one prefill chunk's (`runtime.plan.activation_bytes`). A batch or context
+that would not fit the profile's `memory_gib` (less 10% headroom) is refused with one line naming the
+largest that fits, instead of running into an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+from .plan import HEADROOM, activation_bytes, state_plan
+
+CHUNK = 4096                      # the prefill chunk activations are sized for (generate prefills in these)
+STATE_LAYOUT = "float32"          # what runtime.model.state stores
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2 ** 30:,.3f} GiB"
+
+
+class MemoryPlan:
+    def __init__(self, cfg, profile, weights: int, layout: str = STATE_LAYOUT):
+        self.cfg, self.profile, self.weights = cfg, profile, weights
+        self.budget = profile.memory_gib.value * 2 ** 30 * HEADROOM
+        self.state = state_plan(cfg, profile, include_mtp=True, layout=layout)
+        self.layout = layout
+
+    def state_bytes(self, lengths: list[int]) -> float:
+        """Planned state of sequences at these lengths (tokens each)."""
+        return sum(self.state.fixed + self.state.per_token * n for n in lengths)
+
+    def needed(self, lengths: list[int]) -> float:
+        # The workspace is sized for one full prefill chunk whatever the request (reserved, as a server would):
+        # then "the longest context that fits" does not depend on how a request is cut.
+        return self.weights + self.state_bytes(lengths) + activation_bytes(self.cfg, self.profile, CHUNK,
+                                                                           max(lengths))
+
+    def max_context(self, batch: int) -> int:
+        """The longest context every one of `batch` sequences may reach (capped at the model's positions)."""
+        lo, hi = 0, self.cfg.max_position
+        while lo < hi:                    # activations grow with the context too: search, don't solve
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.needed([mid] * batch) <= self.budget else (lo, mid - 1)
+        return lo
+
+    def check(self, lengths: list[int]) -> None:
+        """Raise InputError if sequences reaching these lengths would not fit the budget."""
+        need = self.needed(lengths)
+        if need > self.budget:
+            B = len(lengths)
+            raise InputError(
+                f"batch {B} at context {max(lengths):,} needs {_gib(need)} (weights {_gib(self.weights)}, state "
+                f"{_gib(self.state_bytes(lengths))}) but profile {self.profile.name} allows {_gib(self.budget)} "
+                f"({self.profile.memory_gib.value:g} GiB less 10% headroom); the longest context that fits at "
+                f"batch {B} is {self.max_context(B):,}: shorten the prompt or max_new_tokens, lower the batch, "
+                "or use a profile with more memory")
+
+    def format(self, batch: int = 1) -> str:
+        return (f"memory plan ({self.profile.name}, {self.profile.memory_gib.value:g} GiB less 10% headroom): "
+                f"weights {_gib(self.weights)}; state per sequence {self.state.fixed / 2 ** 20:,.2f} MiB + "
+                f"{self.state.per_token:,.1f} B/token ({self.layout} rows); max context at batch {batch}: "
+                f"{self.max_context(batch):,}")

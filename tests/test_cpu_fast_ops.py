@@ -1,0 +1,98 @@
+"""The CPU backend's fast ops (backends/cpu_ops.py) against their float32 references, and the whole model on
+the `cpu` profile (fast ops) against the model on the reference table."""
+
+import pytest
+import torch
+
+from backends import cpu_ops
+from runtime.model.state import DecodeState
+from runtime.model.transformer import Transformer
+from runtime.ops import attention, mhc, moe, reference_ops
+
+G = torch.Generator().manual_seed(7)
+
+
+def randn(*s):
+    return torch.randn(*s, generator=G)
+
+
+def _attention_case(kind, T, N, K, H=4, D=16):
+    q, kv, sink = randn(T, H, D), randn(N, D), randn(H)
+    if kind == "window":                               # neighbours share rows: the union path
+        idx = torch.arange(T)[:, None] + torch.arange(K)[None, :]
+    elif kind == "all":                                # HCA: every query sees the same entries
+        idx = torch.arange(K).expand(T, K).clone()
+    else:                                              # scattered picks: the gather path
+        idx = torch.stack([torch.randperm(N, generator=G)[:K] for _ in range(T)])
+    idx[0, : K // 2] = -1                              # padding
+    if T > 2:
+        idx[2] = -1                                    # a query that sees nothing (reference: zeros)
+    return q, kv, idx, sink
+
+
+@pytest.mark.parametrize("kind,T,N,K", [("window", 300, 400, 32), ("all", 300, 120, 100),
+                                        ("scattered", 300, 5000, 24), ("scattered", 1, 50, 24),
+                                        ("all", 1, 80, 80)])
+def test_sparse_attention_fast_matches_reference(kind, T, N, K):
+    q, kv, idx, sink = _attention_case(kind, T, N, K)
+    want64 = attention.sparse_attention(q.double(), kv.double(), idx, sink.double(), 0.25)
+    got, ref = cpu_ops.sparse_attention(q, kv, idx, sink, 0.25), attention.sparse_attention(q, kv, idx, sink, 0.25)
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() <= 2e-6
+    # no less accurate than the reference against a float64 evaluation of the same formula
+    assert (got.double() - want64).abs().max() <= 2 * (ref.double() - want64).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("T,N,k", [(40, 300, 16), (1, 1000, 16), (7, 5, 16)])
+def test_indexer_topk_fast_equals_reference(T, N, k):
+    q, w, keys = randn(T, 4, 8), randn(T, 4), randn(N, 8)
+    visible = torch.randint(0, N + 1, (T,), generator=G)
+    visible[0] = min(3, N)
+    assert torch.equal(cpu_ops.indexer_topk(q, w, keys, visible, k), attention.indexer_topk(q, w, keys, visible, k))
+
+
+def test_indexer_topk_fast_keeps_lower_index_first_on_ties():
+    # integer-valued keys make many exactly equal scores; the result must still be the stable sort's
+    q = torch.randint(-2, 3, (20, 2, 4), generator=G).float()
+    keys = torch.randint(-1, 2, (60, 4), generator=G).float()
+    w, visible = torch.ones(20, 2), torch.full((20,), 60)
+    want = attention.indexer_topk(q, w, keys, visible, 8)
+    assert torch.equal(cpu_ops.indexer_topk(q, w, keys, visible, 8), want)
+
+
+@pytest.mark.parametrize("T", [1, 3, 20])
+def test_hc_pre_fast_matches_reference(T):
+    X, fn, base, scale = randn(T, 4, 32), randn(24, 128) * 0.1, randn(24), randn(3).abs()
+    for got, want in zip(cpu_ops.hc_pre(X, fn, base, scale, 1e-6, 1e-6, 20),
+                         mhc.hc_pre(X, fn, base, scale, 1e-6, 1e-6, 20)):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_routed_experts_fast_matches_reference(T):
+    from runtime.model.params import Linear
+    d, inter, E, k = 16, 8, 5, 2
+    experts = [tuple(Linear(randn(*s), False) for s in ((inter, d), (d, inter), (inter, d))) for _ in range(E)]
+    x, idx = randn(T, d), torch.stack([torch.randperm(E, generator=G)[:k] for _ in range(T)])
+    idx[-1] = torch.tensor([4, 1])                  # experts shared between tokens when T > 1
+    w = randn(T, k).abs()
+    ops = reference_ops("exact")
+    got = cpu_ops.routed_experts(x, idx, w, experts, 10.0, ops)
+    assert torch.allclose(got, moe.routed_experts(x, idx, w, experts, 10.0, ops), atol=1e-5)
+
+
+def test_model_on_fast_ops_matches_reference_table(tiny_rt, rng):
+    """The `cpu` profile resolves the fast ops; prefill + decode logits stay within 1e-4 of the reference."""
+    assert {r.impl for r in tiny_rt.dispatch.rows} >= {"cpu.union_flash", "cpu.topk_exact_ties",
+                                                       "cpu.scalar_sinkhorn", "cpu.small_batch"}
+    m = tiny_rt.model
+    tensors, quantized = tiny_rt._weights
+    ref = Transformer(m.cfg, tensors, quantized, reference_ops("exact"))
+    ids = torch.randint(2, 300, (2, 330), generator=rng)
+    fast_state, ref_state = DecodeState(m.cfg, 2), DecodeState(m.cfg, 2)
+    got, want = m.forward(ids, fast_state.seqs), ref.forward(ids, ref_state.seqs)
+    assert (got - want).abs().max() <= 1e-4
+    for step in range(6):
+        nxt = want[:, -1].argmax(-1, keepdim=True)
+        got, want = m.forward(nxt, fast_state.seqs), ref.forward(nxt, ref_state.seqs)
+        assert (got - want).abs().max() <= 1e-4
