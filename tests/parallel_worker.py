@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N tests/parallel_worker.py CHECKPOINT OUT_DIR TP EP
 
-Through the public API inside the launched process group it records, for one fixed prompt: the prefill
+Through the public API inside a process group it initialises itself, it records, for one fixed prompt: the prefill
 logits and 32 greedy decode steps' logits (rank 0 writes them, safetensors), the tokens of `rt.generate`
 (which broadcasts rank 0's tokens), and per rank the bytes its sharded load read, the shapes it holds, and its
 measured weight + state bytes (JSON).
@@ -23,9 +23,13 @@ STEPS = 32
 
 def main() -> int:
     ckpt, out, tp, ep = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    import torch.distributed as dist
+
     from runtime.api import Runtime
     from runtime.parallel.plan_layouts import measured_rank_bytes
 
+    # The API inside a process group the caller initialised (the CLI tests cover the runtime's own init).
+    dist.init_process_group("gloo")
     rt = Runtime.load("cpu", checkpoint=ckpt, progress=False, parallel={"tp": tp, "ep": ep})
     par = rt.parallel
     state = rt.new_state(1)
@@ -36,8 +40,9 @@ def main() -> int:
         logits.append(rt.forward([[tokens[-1]]], state=state)[0])
     weights, state_bytes = measured_rank_bytes(rt, state)
     gen = rt.generate([PROMPT], max_new_tokens=STEPS, stop_at_eos=False).tokens[0]
+    mtp = rt.mtp_logits([PROMPT])[0]                                                   # the MTP block, sharded too
     if par.rank == 0:
-        save_file({"prefill": logits[0].contiguous(), "decode": torch.cat(logits[1:]).contiguous(),
+        save_file({"prefill": logits[0].contiguous(), "decode": torch.cat(logits[1:]).contiguous(), "mtp": mtp,
                    "tokens": torch.tensor(tokens), "generated": torch.tensor(gen)}, str(out / "logits.safetensors"))
     shapes = {n: list(t.shape) for n, t in rt._weights[0].items()
               if n.startswith(("layers.1.attn.", "layers.1.ffn.experts.", "embed", "head"))}

@@ -73,7 +73,8 @@ def reference(tiny_rt):
         tokens.append(int(logits[-1][-1].argmax()))
         logits.append(tiny_rt.forward([[tokens[-1]]], state=state)[0])
     gen = tiny_rt.generate([PROMPT], max_new_tokens=STEPS, stop_at_eos=False).tokens[0]
-    return {"prefill": logits[0], "decode": torch.cat(logits[1:]), "tokens": tokens, "generated": gen}
+    return {"prefill": logits[0], "decode": torch.cat(logits[1:]), "tokens": tokens, "generated": gen,
+            "mtp": tiny_rt.mtp_logits([PROMPT])[0]}
 
 
 LAYOUTS = {"tp2": (2, 1), "ep2": (1, 2), "tp2ep2": (2, 2)}
@@ -113,8 +114,9 @@ def test_layout_matches_single_process(runs, reference, name):
     assert len(ranks) == tp * ep
     dp = (logits["prefill"] - reference["prefill"]).abs().max().item()
     dd = (logits["decode"] - reference["decode"]).abs().max().item()
-    print(f"{name}: max |dlogit| prefill {dp:.2e}, decode ({STEPS} steps) {dd:.2e}")
-    assert dp <= TOL and dd <= TOL
+    dm = (logits["mtp"] - reference["mtp"]).abs().max().item()
+    print(f"{name}: max |dlogit| prefill {dp:.2e}, decode ({STEPS} steps) {dd:.2e}, MTP block {dm:.2e}")
+    assert dp <= TOL and dd <= TOL and dm <= TOL
     assert logits["tokens"].tolist() == reference["tokens"]
     # rt.generate broadcasts rank 0's tokens: every rank returns the single-process tokens
     assert all(r["generated"] == reference["generated"] for r in ranks)
@@ -215,6 +217,17 @@ def test_invalid_layout_refused_before_loading(tmp_path, tiny_ckpt):
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "valid --tp: 1, 2" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_profile_collective_timeout_is_validated():
+    from runtime.profile import ProfileError, parse_profile
+    from runtime.yaml_io import read_yaml
+
+    raw = read_yaml(ROOT / "hardware_profiles" / "cpu.yaml", ProfileError, "profile file")
+    assert load_profile("cpu").collective_timeout_s == 300.0
+    assert parse_profile({**raw, "collective_timeout_s": 30}, "t").collective_timeout_s == 30.0
+    with pytest.raises(ProfileError, match="collective_timeout_s' must be a positive number of seconds"):
+        parse_profile({**raw, "collective_timeout_s": 0}, "t")
 
 
 def test_layout_refusals_list_choices():

@@ -171,7 +171,9 @@ def device_for(backend: str, local_rank: int):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if backend == "ascend":
-        torch.npu.set_device(local_rank)                 # torch-npu registers torch.npu on import
+        import torch_npu  # noqa: F401  (registers torch.npu)
+
+        torch.npu.set_device(local_rank)
         return torch.device("npu", local_rank)
     return torch.device("cpu")
 
