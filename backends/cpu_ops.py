@@ -19,6 +19,7 @@ Each is registered for the `cpu` backend and has the float32 reference (`runtime
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from runtime.dispatch import register
 from runtime.ops import attention as ref_attention
@@ -110,6 +111,9 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
 def _sinkhorn_scalar(comb: list, hc: int, eps: float, iters: int) -> list:
     """The reference's Sinkhorn on one [hc][hc] matrix of Python floats, in place: columns, then
     (iters - 1) rounds of rows and columns, each divided by (its sum + eps)."""
+    if hc == 4:                                    # every V4 config: unrolled, ~5x faster in CPython
+        return _sinkhorn4(comb, eps, iters)
+
     def columns():
         for j in range(hc):
             s = eps
@@ -127,6 +131,21 @@ def _sinkhorn_scalar(comb: list, hc: int, eps: float, iters: int) -> list:
     return comb
 
 
+def _sinkhorn4(m: list, eps: float, iters: int) -> list:
+    (a0, a1, a2, a3), (b0, b1, b2, b3), (c0, c1, c2, c3), (d0, d1, d2, d3) = m
+    for it in range(iters):
+        if it:                                     # rows (not before the first column pass)
+            s = a0 + a1 + a2 + a3 + eps; a0 /= s; a1 /= s; a2 /= s; a3 /= s  # noqa: E702
+            s = b0 + b1 + b2 + b3 + eps; b0 /= s; b1 /= s; b2 /= s; b3 /= s  # noqa: E702
+            s = c0 + c1 + c2 + c3 + eps; c0 /= s; c1 /= s; c2 /= s; c3 /= s  # noqa: E702
+            s = d0 + d1 + d2 + d3 + eps; d0 /= s; d1 /= s; d2 /= s; d3 /= s  # noqa: E702
+        s = a0 + b0 + c0 + d0 + eps; a0 /= s; b0 /= s; c0 /= s; d0 /= s      # noqa: E702
+        s = a1 + b1 + c1 + d1 + eps; a1 /= s; b1 /= s; c1 /= s; d1 /= s      # noqa: E702
+        s = a2 + b2 + c2 + d2 + eps; a2 /= s; b2 /= s; c2 /= s; d2 /= s      # noqa: E702
+        s = a3 + b3 + c3 + d3 + eps; a3 /= s; b3 /= s; c3 /= s; d3 /= s      # noqa: E702
+    return [[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]]
+
+
 @register("hc_pre", "cpu.scalar_sinkhorn", "cpu")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
            norm_eps: float, sinkhorn_iters: int):
@@ -140,8 +159,28 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     comb = torch.softmax((mix[:, 2 * hc:] * scale[2] + base[2 * hc:]).view(-1, hc, hc), dim=-1) + hc_eps
     done = [_sinkhorn_scalar(m, hc, hc_eps, sinkhorn_iters) for m in comb.tolist()]
     comb = torch.tensor(done, dtype=X.dtype, device=X.device)
-    x = torch.einsum("th,thd->td", pre, X)
+    x = torch.bmm(pre.unsqueeze(1), X).squeeze(1)                      # [T, d]: one bmm, not an einsum
     return x, post, comb
+
+
+@register("hc_post", "cpu.baddbmm", "cpu")
+def hc_post(x: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """Same contract as `runtime.ops.mhc.hc_post`: post[j] * x + sum_i comb[i, j] * res[i], as one baddbmm."""
+    return torch.baddbmm(post.unsqueeze(-1) * x.unsqueeze(1), comb.transpose(1, 2), res)
+
+
+@register("rms_norm", "cpu.fused", "cpu")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Same contract as `runtime.ops.norm_rope.rms_norm`, through torch's fused kernel."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@register("apply_rope", "cpu.complex", "cpu")
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Same contract as `runtime.ops.norm_rope.apply_rope`: interleaved pairs as complex numbers times
+    (cos + i sin), conjugated for the inverse."""
+    rot = torch.complex(cos, -sin if inverse else sin)
+    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * rot).flatten(-2)
 
 
 @register("routed_experts", "cpu.small_batch", "cpu")

@@ -96,3 +96,28 @@ def test_model_on_fast_ops_matches_reference_table(tiny_rt, rng):
         nxt = want[:, -1].argmax(-1, keepdim=True)
         got, want = m.forward(nxt, fast_state.seqs), ref.forward(nxt, ref_state.seqs)
         assert (got - want).abs().max() <= 1e-4
+
+
+def test_small_fast_ops_match_reference():
+    from runtime.ops import norm_rope
+    x, res, post, comb = randn(5, 32), randn(5, 4, 32), randn(5, 4), randn(5, 4, 4)
+    assert torch.allclose(cpu_ops.hc_post(x, res, post, comb), mhc.hc_post(x, res, post, comb), atol=1e-6)
+    y, w = randn(3, 7, 48) * 3, randn(48)
+    for wt in (w, None):
+        assert torch.allclose(cpu_ops.rms_norm(y, wt, 1e-6), norm_rope.rms_norm(y, wt, 1e-6), atol=1e-6, rtol=1e-5)
+    r = randn(6, 3, 16)
+    cos, sin = norm_rope.rope_cos_sin(norm_rope.rope_frequencies(16, 10000.0, None), torch.arange(6) * 37)
+    cos, sin = cos[:, None], sin[:, None]
+    for inv in (False, True):
+        assert torch.allclose(cpu_ops.apply_rope(r, cos, sin, inv), norm_rope.apply_rope(r, cos, sin, inv), atol=1e-6)
+
+
+def test_unrolled_sinkhorn_equals_the_generic_loop():
+    m = (torch.softmax(randn(4, 4), -1) + 1e-6).tolist()
+    generic = [row[:] for row in m]
+    want = torch.tensor(m)
+    want = want / (want.sum(-2, keepdim=True) + 1e-6)
+    for _ in range(19):
+        want = want / (want.sum(-1, keepdim=True) + 1e-6)
+        want = want / (want.sum(-2, keepdim=True) + 1e-6)
+    assert torch.allclose(torch.tensor(cpu_ops._sinkhorn4(generic, 1e-6, 20)), want, atol=1e-6)

@@ -23,10 +23,13 @@ class Rope:
         base, yarn = (cfg.compress_rope_theta, cfg.yarn) if ratio else (cfg.rope_theta, None)
         self.freqs = rope_frequencies(cfg.rope_dim, base, yarn).to(device)
         self.dim, self.ops = cfg.rope_dim, ops
+        self._memo = (None, None)          # (positions tensor, its cos/sin): q, kv, output share one
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rotate the trailing rope dims of x [T, ..., D] at positions [T]."""
-        cos, sin = rope_cos_sin(self.freqs, positions)
+        if self._memo[0] is not positions:
+            self._memo = (positions, rope_cos_sin(self.freqs, positions))
+        cos, sin = self._memo[1]
         while cos.dim() < x.dim():
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         rot = self.ops.apply_rope(x[..., -self.dim:], cos, sin, inverse=inverse)
