@@ -99,6 +99,8 @@ def main(argv=None) -> int:
                         on_token=on_token if lead else None)
         if lead:
             sys.stdout.write("\n")
+        if rt.parallel is not None:
+            rt.parallel.close()                                   # every rank done: free the process group
         if not args.quiet and lead:
             n = len(g.tokens[0])
             total = g.prefill_seconds + g.decode_seconds

@@ -50,6 +50,8 @@ def main() -> int:
         "rank": par.rank, "bytes_read": par.reader.bytes_read, "weight_bytes": weights,
         "state_bytes": state_bytes, "positions": state.seqs[0].pos, "shapes": shapes,
         "generated": gen}))
+    par.close()                          # barrier, free the TP / EP groups
+    dist.destroy_process_group()         # the caller's group: the caller frees it
     return 0
 
 

@@ -28,9 +28,14 @@ def setup(parallel, profile, checkpoint: Path):
     from ..config import ModelConfig
     from .shard import ShardedReader
 
+    import os
+
+    import torch.distributed as dist
+
     layout = parse_layout(parallel)
     cfg = ModelConfig.from_file(Path(checkpoint) / "config.json")
-    layout.check(cfg)                                    # refused here: nothing loaded, no process group joined
+    launched = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 0)) or None
+    layout.check(cfg, launched)                          # refused here: nothing loaded, no process group joined
     par = join(profile, layout, cfg)
     par.reader = ShardedReader(Path(checkpoint), cfg, layout, par.rank)     # kept: its bytes_read is reported
     return par, par.reader

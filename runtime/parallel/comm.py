@@ -47,6 +47,7 @@ class Parallel:
         self.distributed = groups is not None
         self.tp_group, self.ep_group = groups or (None, None)
         self.timeout_s = timeout_s
+        self.owns_group = False              # set by join when it initialised the default process group
         self._steps = 0
         self._fault = _fault_for(rank) if self.distributed else None
 
@@ -56,6 +57,21 @@ class Parallel:
         ep_rank, tp_rank = self.layout.coords(self.rank)
         return (f"layout: {self.layout} | rank {self.rank} = (ep {ep_rank}, tp {tp_rank}) | device {self.device} | "
                 f"collective timeout {self.timeout_s:g} s")
+
+    def close(self) -> None:
+        """End of a run: wait for every rank (bounded by the timeout), then free the groups this context made
+        (and the default group if `join` initialised it). Exiting with live gloo groups can abort the process
+        in their destructors ("terminate called without an active exception")."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        self._call("final barrier", lambda: dist.barrier())
+        for g in {self.tp_group, self.ep_group} - {None}:
+            dist.destroy_process_group(g)
+        if self.owns_group:
+            dist.destroy_process_group()
+        self.distributed = False
 
     # ---- collectives (identity on one device) ----
     def _call(self, what: str, fn):
@@ -203,8 +219,16 @@ def join(profile, layout: Layout, cfg) -> Parallel:
             raise CollectiveError(f"rank {os.environ.get('RANK')}: could not join the {backend} process group of "
                                   f"{os.environ.get('WORLD_SIZE')} ranks within {timeout:g} s ({first}); launch "
                                   "every rank with the same MASTER_ADDR / MASTER_PORT (torchrun does)") from None
+        owns = True
+    else:
+        owns = False
     world, rank = dist.get_world_size(), dist.get_rank()
-    layout.check(cfg, world)
+    try:
+        layout.check(cfg, world)
+    except LayoutError:
+        if owns:
+            dist.destroy_process_group()
+        raise
     device = device_for(profile.backend, int(os.environ.get("LOCAL_RANK", rank)))
     # new_group is collective: every rank creates every group, in the same order.
     tp_group = ep_group = None
@@ -216,4 +240,6 @@ def join(profile, layout: Layout, cfg) -> Parallel:
         for ranks in layout.ep_groups():
             g = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
             ep_group = g if rank in ranks else ep_group
-    return Parallel(layout, rank, device, (tp_group, ep_group), timeout)
+    par = Parallel(layout, rank, device, (tp_group, ep_group), timeout)
+    par.owns_group = owns
+    return par
