@@ -136,6 +136,9 @@ class OnnxModel:
         feeds = {"ids": ids, "pos": np.array([s.pos for s in seqs], np.int64)}
         for n in self.names:
             parts = [s.arrays[n] for s in seqs]
+            if len(parts) == 1:                 # one sequence: feed its arrays as they are, no copy
+                feeds[n] = parts[0]
+                continue
             width = max(p.shape[1] for p in parts)
             feeds[n] = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in parts])
         out = self.sessions["decode"].run(None, feeds)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override the profile's numerics: exact float32, or DeepSeek's bf16/FP8/FP4 numerics")
     ap.add_argument("--no-eos-stop", action="store_true", help="keep generating past the EOS token")
     ap.add_argument("--quiet", action="store_true", help="print only the generated text")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice, one per physical core)")
     ap.add_argument("--tp", type=int, default=None,
                     help="tensor-parallel degree over query heads (multi-device; launch with torchrun)")
     ap.add_argument("--ep", type=int, default=None,
@@ -62,7 +64,7 @@ def _layout(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .api import Runtime
-    from .errors import V4Error
+    from .errors import InputError, V4Error
     from .parallel.comm import CollectiveError
 
     from .sampling import SamplingParams
@@ -70,6 +72,12 @@ def main(argv=None) -> int:
     try:
         # Validate sampling values before loading anything.
         SamplingParams(args.temperature, args.top_p, args.seed, args.max_new_tokens)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise InputError(f"--threads must be a positive integer, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         rt = Runtime.load(args.profile or args.backend, checkpoint=args.checkpoint, numerics=args.numerics,
                           emulate=args.emulate, allow_fallback=args.allow_fallback, parallel=_layout(args))
         lead = rt.parallel is None or rt.parallel.rank == 0          # only rank 0 prints

@@ -63,11 +63,19 @@ def test_profile_file_errors(tmp_path):
         load_profile(tmp_path / "y.yaml")
 
 
-def test_cpu_dispatch_is_the_reference():
+def test_cpu_dispatch_is_fast_ops_then_the_reference():
+    import backends.cpu  # noqa: F401  (registers the fast CPU implementations)
+
     t = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], False, False)
-    assert all(r.impl.startswith(("reference:", "numerics:")) for r in t.rows)
-    assert "sparse_attention  reference:attention.sparse_attention" in t.format()
+    impl = {r.op: r.impl for r in t.rows}
+    assert impl["sparse_attention"] == "cpu.union_flash" and impl["indexer_topk"] == "cpu.topk_exact_ties"
+    assert impl["linear"] == "reference:linear.linear" and impl["compress_pool"].startswith("reference:")
+    assert all(r.where == "cpu" for r in t.rows)
     assert t.as_dict()["ops"][0]["op"] == "linear"
+    # emulation (and the parity/ground-truth runs that use it) is the float32 reference for every op
+    e = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], True, False)
+    assert all(r.impl.startswith(("reference:", "numerics:")) for r in e.rows)
+    assert "sparse_attention  reference:attention.sparse_attention" in e.format()
 
 
 def test_cuda_dispatch_table():
