@@ -23,7 +23,7 @@ def _ratio_rows(results) -> list[dict]:
             row["prefill_speedup"] = ours["prefill_tok_s"] / r["prefill_tok_s"]
         if r.get("decode_ms") and ours.get("decode_ms"):
             row["decode_speedup"] = r["decode_ms"] / ours["decode_ms"]
-        if r.get("peak_rss_mib") and ours.get("peak_rss_mib"):
+        if r.get("peak_rss_mib") and ours.get("peak_rss_mib") and "error" not in r:   # a failed run's peak says little
             row["peak_rss_ratio"] = ours["peak_rss_mib"] / r["peak_rss_mib"]
         rows.append(row)
     return rows
@@ -106,7 +106,7 @@ def format_table(report: dict) -> str:
         lines.append("ours vs other engines (speedup = how many times faster ours is; memory = ours / theirs):")
         for q in ratios:
             parts = [f"{k} {q[k]:.2f}" for k in ("prefill_speedup", "decode_speedup", "peak_rss_ratio") if k in q]
-            lines.append(f"  vs {q['vs']:<13}@ {q['context']:>7,}: " + (", ".join(parts) or q.get("error", "")))
+            lines.append(f"  vs {q['vs']:<13}@ {q['context']:>7,}: " + (", ".join(parts) or q.get("error", "")[:80]))
     if "bandwidth" in report:
         b = report["bandwidth"]
         lines.append(f"memory bandwidth: read {b['read_gbps']:.1f} GB/s, copy {b['copy_gbps']:.1f} GB/s "
