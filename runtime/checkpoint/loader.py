@@ -118,12 +118,9 @@ def _decode(handles, found, name: str, kind: str) -> torch.Tensor:
     return w if kind == "i64" else w.to(torch.float32)
 
 
-def load_checkpoint(path: str | Path, progress: bool | None = None) -> LoadedCheckpoint:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist "
-                              "(make one: python -m runtime.checkpoint make --preset tiny --out DIR)")
-    cfg = ModelConfig.from_file(path / "config.json")
+def inventory(path: Path, cfg: ModelConfig):
+    """Read a checkpoint folder's index and shard headers, detect the experts' format and check every expected
+    tensor is there with its shape and dtype -> (shard files, headers, expert format, expected tensors)."""
     weight_map = _weight_map(path)
     files = sorted(set(weight_map.values()))
     found = _headers(path, files)
@@ -131,7 +128,16 @@ def load_checkpoint(path: str | Path, progress: bool | None = None) -> LoadedChe
     if expert_format is None:
         probe = found.get("layers.0.ffn.experts.0.w1.weight")
         expert_format = _EXPERT_KIND.get(probe[0], "fp4") if probe else "fp4"
-    expected = _check(cfg, found, expert_format, weight_map, path)
+    return files, found, expert_format, _check(cfg, found, expert_format, weight_map, path)
+
+
+def load_checkpoint(path: str | Path, progress: bool | None = None) -> LoadedCheckpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist "
+                              "(make one: python -m runtime.checkpoint make --preset tiny --out DIR)")
+    cfg = ModelConfig.from_file(path / "config.json")
+    files, found, expert_format, expected = inventory(path, cfg)
 
     show = sys.stderr.isatty() if progress is None else progress
     tensors: dict[str, torch.Tensor] = {}

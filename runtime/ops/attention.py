@@ -45,15 +45,22 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
     out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
     if N == 0 or k == 0:
         return out
-    arange = torch.arange(N, device=q.device)
     for s in range(0, T, QUERY_BLOCK):
         qb, wb, vb = q[s:s + QUERY_BLOCK], weights[s:s + QUERY_BLOCK], visible[s:s + QUERY_BLOCK]
         score = torch.einsum("thd,nd->thn", qb, keys).relu_()
         score = torch.einsum("thn,th->tn", score, wb)
-        score = score.masked_fill(arange[None, :] >= vb[:, None], float("-inf"))
-        # A stable descending sort keeps equal scores in index order: deterministic, lower index first.
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
-        kk = order.shape[1]
-        ok = torch.arange(kk, device=q.device)[None, :] < vb[:, None].clamp(max=kk)
-        out[s:s + QUERY_BLOCK, :kk] = torch.where(ok, order, torch.full_like(order, -1))
+        order = select_topk(score, vb, k)
+        out[s:s + QUERY_BLOCK, :order.shape[1]] = order
     return out
+
+
+def select_topk(score: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """The indexer's selection from full scores [t, N]: entries at or past `visible[t]` are masked; the best
+    min(k, N) ids, best first; -1 where fewer are visible."""
+    arange = torch.arange(score.shape[1], device=score.device)
+    score = score.masked_fill(arange[None, :] >= visible[:, None], float("-inf"))
+    # A stable descending sort keeps equal scores in index order: deterministic, lower index first.
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
+    kk = order.shape[1]
+    ok = torch.arange(kk, device=score.device)[None, :] < visible[:, None].clamp(max=kk)
+    return torch.where(ok, order, torch.full_like(order, -1))

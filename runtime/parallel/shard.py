@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from .. import formats
 from ..checkpoint.inventory import FP8_BLOCK
-from ..checkpoint.loader import _EXPERT_KIND, LoadedCheckpoint, _check, _decode, _headers, _open, _weight_map
+from ..checkpoint.loader import LoadedCheckpoint, _decode, _open, inventory
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from .layout import Layout
@@ -106,14 +106,7 @@ class ShardedReader:
 
     def load(self, progress: bool | None = None) -> LoadedCheckpoint:
         path, cfg = self.path, self.cfg
-        weight_map = _weight_map(path)
-        files = sorted(set(weight_map.values()))
-        found = _headers(path, files)
-        expert_format = cfg.expert_dtype
-        if expert_format is None:
-            probe = found.get("layers.0.ffn.experts.0.w1.weight")
-            expert_format = _EXPERT_KIND.get(probe[0], "fp4") if probe else "fp4"
-        expected = _check(cfg, found, expert_format, weight_map, path)
+        files, found, expert_format, expected = inventory(path, cfg)
         handles = {fname: _open(path / fname) for fname in files}     # memory maps, not reads
         show = sys.stderr.isatty() if progress is None else progress
         from tqdm import tqdm

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ..ops.attention import QUERY_BLOCK
+from ..ops.attention import QUERY_BLOCK, select_topk
 
 
 def tp_indexer_topk(par):
@@ -25,16 +25,11 @@ def tp_indexer_topk(par):
         out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
         if N == 0 or k == 0:                          # same on every rank: no collective is skipped unevenly
             return out
-        arange = torch.arange(N, device=q.device)
         for s in range(0, T, QUERY_BLOCK):
             qb, wb, vb = q[s:s + QUERY_BLOCK].float(), weights[s:s + QUERY_BLOCK].float(), visible[s:s + QUERY_BLOCK]
             part = torch.einsum("thn,th->tn", torch.einsum("thd,nd->thn", qb, keys.float()).relu_(), wb)
-            score = par.tp_sum(part)                                           # partial head sums -> full score
-            score = score.masked_fill(arange[None, :] >= vb[:, None], float("-inf"))
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
-            kk = order.shape[1]
-            ok = torch.arange(kk, device=q.device)[None, :] < vb[:, None].clamp(max=kk)
-            out[s:s + QUERY_BLOCK, :kk] = torch.where(ok, order, torch.full_like(order, -1))
+            order = select_topk(par.tp_sum(part), vb, k)                      # partial head sums -> full score
+            out[s:s + QUERY_BLOCK, :order.shape[1]] = order
         return out
 
     return indexer_topk
