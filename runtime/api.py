@@ -172,11 +172,15 @@ class Runtime:
         return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self._weights)
 
     # ------------------------------------------------------------------ forward
-    def new_state(self, batch_size: int = 1) -> StateBatch:
+    def new_state(self, batch_size: int = 1, context: int = 0) -> StateBatch:
+        """State for `batch_size` sequences; `context` (tokens) reserves their caches up front, after checking
+        that many tokens per sequence fit the profile's memory (0: grow on demand)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.memory.check([1] * batch_size)
-        return self.model.new_state(batch_size)
+        if not isinstance(context, int) or context < 0:
+            raise InputError(f"context must be a non-negative integer, got {context!r}")
+        self.memory.check([max(context, 1)] * batch_size)
+        return self.model.new_state(batch_size, context)
 
     def _check_ids(self, input_ids) -> torch.Tensor:
         try:
@@ -249,7 +253,7 @@ class Runtime:
             self._check_length(len(r) + max_new_tokens)
         self.memory.check([len(r) + max_new_tokens for r in rows])
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        state = self.new_state(len(rows))
+        state = self.new_state(len(rows), context=max(map(len, rows)) + max_new_tokens)   # checked above
         out: list[list[int]] = [[] for _ in rows]
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -104,7 +104,8 @@ class OnnxModel:
             out[kind] = counts
         return out
 
-    def new_state(self, batch_size: int) -> OnnxState:
+    def new_state(self, batch_size: int, context: int = 0) -> OnnxState:
+        # `context` is a hint the torch model preallocates with; these arrays grow by doubling on their own.
         return OnnxState(self.cfg, self.names, batch_size)
 
     def _empty(self, cap: int) -> dict[str, np.ndarray]:

@@ -129,3 +129,18 @@ def test_runtime_refuses_a_context_that_does_not_fit(tiny_ckpt, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "longest context that fits" in r.stderr
     assert r.stderr.strip().count("\n") <= 2 and "Traceback" not in r.stderr    # describe + plan lines, error
+
+
+def test_state_reserved_for_a_known_context_never_regrows(tiny_rt, rng):
+    """new_state(context=N) allocates every cache for N tokens up front (the plan's rows, no doubling)."""
+    st = tiny_rt.new_state(1, context=1024)
+    layers = st.seqs[0].layers
+    bufs = [(lay.kv._buf, lay.index_keys._buf if lay.index_keys is not None else None) for lay in layers]
+    cfg = tiny_rt.config
+    for i, lay in enumerate(layers[:cfg.num_layers]):
+        m = cfg.ratio(i)
+        assert lay.kv._buf.shape[0] == cfg.window + (1024 // m if m else 0)
+    tiny_rt.forward(torch.randint(2, 300, (1, 1000), generator=rng), state=st)
+    tiny_rt.forward(torch.randint(2, 300, (1, 24), generator=rng), state=st)
+    assert all(lay.kv._buf is kv and (lay.index_keys is None or lay.index_keys._buf is ik)
+               for lay, (kv, ik) in zip(layers, bufs))

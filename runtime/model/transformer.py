@@ -116,8 +116,9 @@ class Transformer:
         tap("final.logits", logits)
         return (logits, X) if return_hidden else logits
 
-    def new_state(self, batch_size: int) -> DecodeState:
-        return DecodeState(self.cfg, batch_size, self.device)
+    def new_state(self, batch_size: int, context: int = 0) -> DecodeState:
+        """Fresh state for `batch_size` sequences, with room for `context` tokens reserved up front."""
+        return DecodeState(self.cfg, batch_size, self.device, context)
 
     def _positions(self, starts: list[int], S: int) -> torch.Tensor:
         """[B, S] int64 positions starts[b] + 0..S-1, on the model's device."""
