@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import V4Error
+from ..profile import load_profile
 from .bandwidth import measure_bandwidth
 from .models import bench_checkpoint
 from .report import evaluate_targets, format_table
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
         ck = Path(args.checkpoint) if args.checkpoint else bench_checkpoint(model)
         if not (ck / "config.json").is_file():
             raise V4Error(f"{ck} is not a checkpoint folder (no config.json)")
+        load_profile(args.profile)                      # an unknown or invalid profile: one line, exit 2
         bw_ck = bench_checkpoint("bw-200mb") if args.bandwidth else None
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
@@ -139,7 +141,9 @@ def main(argv=None) -> int:
     report = {"machine": _machine(), "args": vars(args), "results": []}
     if args.bandwidth:
         print("measuring memory bandwidth ...", file=sys.stderr)
-        report["bandwidth"] = measure_bandwidth()
+        # a CUDA profile's decode reads HBM: measure that (the fraction of HBM bandwidth at batch 1)
+        dev = "cuda" if load_profile(args.profile).backend == "cuda" and torch.cuda.is_available() else "cpu"
+        report["bandwidth"] = measure_bandwidth(device=dev)
         specs.append({**base, "engine": "ours", "profile": args.profile, "context": 512, "repeats": 1,
                       "checkpoint": str(bw_ck), "scenario": "bandwidth"})
     for i, spec in enumerate(specs, 1):
@@ -153,7 +157,6 @@ def main(argv=None) -> int:
     if args.bandwidth:
         from ..config import ModelConfig
         from ..plan import weight_bytes
-        from ..profile import load_profile
 
         bw = next(r for r in report["results"] if r.get("scenario") == "bandwidth")
         cfg = ModelConfig.from_file(Path(bw["checkpoint"]) / "config.json")
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
     print(format_table(report))
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
-    return 0
+    return 1 if all("error" in r for r in report["results"]) else 0     # nothing measured: a failed run
 
 
 if __name__ == "__main__":

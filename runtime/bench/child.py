@@ -64,18 +64,16 @@ def run(spec: dict) -> dict:
             state = None                        # free the previous state before the next prefill
             state = eng.new_state()
             t = time.perf_counter()
-            logits = eng.prefill(ids, state)
+            tok = int(eng.prefill(ids, state).argmax())     # reading the token waits for a device to finish
             times.append(time.perf_counter() - t)
         res["prefill_s"] = times
         res["prefill_tok_s"] = N / statistics.median(times)
-        tok = int(logits.argmax())
     tok = 5 if spec["fill"] == "random" else tok
     steps, tokens = [], [tok]
     for _ in range(spec["decode_steps"]):
         t = time.perf_counter()
-        logits = eng.step(tok, state)
+        tok = int(eng.step(tok, state).argmax())            # synchronous: the step is done when this returns
         steps.append(time.perf_counter() - t)
-        tok = int(logits.argmax())
         tokens.append(tok)
     res["greedy_tokens"] = tokens               # engines on the same weights should agree (same model)
     res["decode_step_ms"] = [1e3 * s for s in steps]
@@ -83,13 +81,19 @@ def run(spec: dict) -> dict:
     if spec["engine"] == "ours":                # the planner's figure for the same sequence length
         res["planned_state_bytes"] = eng.rt.memory.state_bytes([N + len(steps)])
     res["peak_rss_mib"] = _status_mib("VmHWM")
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:   # a CUDA profile's device memory
+        res["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return res
 
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    from ..errors import V4Error
+
     try:
         res = run(spec)
+    except V4Error as e:                        # e.g. the profile's device is not on this machine: one line
+        res = {"error": str(e)}
     except (MemoryError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, MemoryError) or "alloc" in msg.lower() or "memory" in msg.lower():

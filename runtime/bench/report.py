@@ -109,8 +109,8 @@ def format_table(report: dict) -> str:
             lines.append(f"  vs {q['vs']:<13}@ {q['context']:>7,}: " + (", ".join(parts) or q.get("error", "")[:80]))
     if "bandwidth" in report:
         b = report["bandwidth"]
-        lines.append(f"memory bandwidth: read {b['read_gbps']:.1f} GB/s, copy {b['copy_gbps']:.1f} GB/s "
-                     f"({b['threads']} threads)")
+        lines.append(f"memory bandwidth ({b.get('device', 'cpu')}): read {b['read_gbps']:.1f} GB/s, copy "
+                     f"{b['copy_gbps']:.1f} GB/s ({b['threads']} threads)")
     for t in report.get("targets", []):
         lines.append(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['detail']}")
     return "\n".join(lines)
