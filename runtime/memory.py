@@ -12,14 +12,10 @@ largest that fits, instead of running into an out-of-memory kill.
 from __future__ import annotations
 
 from .errors import InputError
-from .plan import HEADROOM, activation_bytes, state_plan
+from .plan import HEADROOM, activation_bytes, gib, state_plan
 
 CHUNK = 4096                      # the prefill chunk activations are sized for (generate prefills in these)
 STATE_LAYOUT = "float32"          # what runtime.model.state stores
-
-
-def _gib(b: float) -> str:
-    return f"{b / 2 ** 30:,.3f} GiB"
 
 
 class MemoryPlan:
@@ -53,14 +49,14 @@ class MemoryPlan:
         if need > self.budget:
             B = len(lengths)
             raise InputError(
-                f"batch {B} at context {max(lengths):,} needs {_gib(need)} (weights {_gib(self.weights)}, state "
-                f"{_gib(self.state_bytes(lengths))}) but profile {self.profile.name} allows {_gib(self.budget)} "
+                f"batch {B} at context {max(lengths):,} needs {gib(need, 3)} (weights {gib(self.weights, 3)}, state "
+                f"{gib(self.state_bytes(lengths), 3)}) but profile {self.profile.name} allows {gib(self.budget, 3)} "
                 f"({self.profile.memory_gib.value:g} GiB less 10% headroom); the longest context that fits at "
                 f"batch {B} is {self.max_context(B):,}: shorten the prompt or max_new_tokens, lower the batch, "
                 "or use a profile with more memory")
 
     def format(self, batch: int = 1) -> str:
         return (f"memory plan ({self.profile.name}, {self.profile.memory_gib.value:g} GiB less 10% headroom): "
-                f"weights {_gib(self.weights)}; state per sequence {self.state.fixed / 2 ** 20:,.2f} MiB + "
+                f"weights {gib(self.weights, 3)}; state per sequence {self.state.fixed / 2 ** 20:,.2f} MiB + "
                 f"{self.state.per_token:,.1f} B/token ({self.layout} rows); max context at batch {batch}: "
                 f"{self.max_context(batch):,}")

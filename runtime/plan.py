@@ -163,8 +163,8 @@ def plan(cfg: ModelConfig, profile, context: int, batch: int = 1, devices: int =
             "max_batch": int(spare // per_seq) if spare > 0 else 0}
 
 
-def _gib(b: float) -> str:
-    return f"{b / 2 ** 30:,.2f} GiB"
+def gib(b: float, digits: int = 2) -> str:
+    return f"{b / 2 ** 30:,.{digits}f} GiB"
 
 
 def main(argv=None) -> int:
@@ -195,17 +195,17 @@ def main(argv=None) -> int:
         return 0
     print(f"{args.model} on {args.devices} x {prof.name} ({prof.memory_gib.value:g} GiB each, 10% headroom), "
           f"context {args.context:,}, batch {args.batch}")
-    print(f"  weights ({prof.weight_format})        {_gib(p['weights'])}")
-    print(f"  state per sequence           {_gib(p['state_per_sequence'])}  "
+    print(f"  weights ({prof.weight_format})        {gib(p['weights'])}")
+    print(f"  state per sequence           {gib(p['state_per_sequence'])}  "
           f"({p['state_per_token']:,.1f} B/token + {p['state_fixed'] / 2 ** 20:,.1f} MiB fixed)")
     print(f"  a V3.2-style cache (MLA 512+64 + indexer key per token and layer, same dtypes): "
-          f"{_gib(p['v32_style_state'])}; V4 needs {100 * p['vs_v32']:.1f}% of it")
-    print(f"  total                        {_gib(p['total'])} of {_gib(p['budget'])}: "
+          f"{gib(p['v32_style_state'])}; V4 needs {100 * p['vs_v32']:.1f}% of it")
+    print(f"  total                        {gib(p['total'])} of {gib(p['budget'])}: "
           f"{'fits' if p['fits'] else 'does NOT fit'}; needs {p['devices_needed']} device(s)")
     print(f"  max context at batch {args.batch}: {p['max_context']:,}; max batch at this context: {p['max_batch']:,}")
     print(f"  activations / workspace ({min(args.chunk, args.context):,}-token prefill chunk): "
-          f"{_gib(p['activations'])} (included in the total)")
-    print(f"  weights read per decoded token (batch 1): {_gib(p['active_weights'])} -> at the profile's "
+          f"{gib(p['activations'])} (included in the total)")
+    print(f"  weights read per decoded token (batch 1): {gib(p['active_weights'])} -> at the profile's "
           f"{prof.bandwidth_gbps.value:g} GB/s, >= {p['active_weights'] / prof.bandwidth_gbps.value / 1e6:.1f} ms "
           "per step (bandwidth bound)")
     return 0

@@ -58,7 +58,7 @@ def run(spec: dict) -> dict:
     if spec["fill"] == "random":
         state = eng.new_state()
         eng.fill(state, N)
-        res["filled"] = "random"
+        res["filled"], tok = "random", 5
     else:
         for _ in range(spec["repeats"]):
             state = None                        # free the previous state before the next prefill
@@ -68,7 +68,6 @@ def run(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
         res["prefill_s"] = times
         res["prefill_tok_s"] = N / statistics.median(times)
-    tok = 5 if spec["fill"] == "random" else tok
     steps, tokens = [], [tok]
     for _ in range(spec["decode_steps"]):
         t = time.perf_counter()
