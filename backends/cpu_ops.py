@@ -5,18 +5,24 @@ Each is registered for the `cpu` backend and has the float32 reference (`runtime
 - `sparse_attention`: a query block whose index lists overlap heavily (window rows shared by neighbouring
   queries, HCA entries shared by all) attends over the *union* of its rows with a mask, through torch's
   fused CPU flash-attention kernel, instead of materialising a [t, K, D] gather; blocks with little overlap
-  keep the reference's gather; a decode step attends its own rows. The sink enters exactly through the
-  kernel's log-sum-exp. Precondition (true in the model): a query's valid indices are distinct.
+  keep the reference's gather. The sink enters exactly through the kernel's log-sum-exp. A decode step's
+  one query attends its K rows with the padding masked (no host sync). Precondition (true in the model): a
+  query's valid indices are distinct.
 - `indexer_topk`: the same scores as the reference (same expressions), then `topk` instead of a full sort;
   rows where equal finite scores could reorder the result are re-done with the reference's stable sort, so
   the selection and its order are the reference's exactly.
-- `hc_pre`: for the few tokens of a decode step, the 20 Sinkhorn rounds on each 4x4 mixing matrix run on
-  Python floats (double precision) instead of ~120 tiny tensor ops; larger chunks use the reference.
+- `hc_pre`: for the few tokens of a decode step, the gates, the row softmax and the 20 Sinkhorn rounds on
+  each 4x4 mixing matrix run on Python floats (double precision) from one host read, instead of ~150 tiny
+  tensor ops; larger chunks use the reference.
+- `linear` (one F.linear for float32 weights), `apply_rope` (complex rotation built once per cos/sin):
+  a decode step of the tiny model is ~1,800 small torch calls, so calls per op are what costs there.
 - `routed_experts`: for a decode step's few tokens, groups read once on the host instead of per-expert
   masks; larger chunks use the reference's grouping.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,7 @@ from runtime.dispatch import register
 from runtime.ops import attention as ref_attention
 from runtime.ops import mhc as ref_mhc
 from runtime.ops import moe as ref_moe
+from runtime.ops.linear import linear as ref_linear
 from runtime.ops.linear import project
 
 QUERY_BLOCK = 256
@@ -45,14 +52,27 @@ def _flash(q: torch.Tensor, rows: torch.Tensor, mask, sink: torch.Tensor, scale:
     return (o[0] * torch.sigmoid(lse[0] - sink[:, None])[..., None]).transpose(0, 1)       # [t, H, D]
 
 
+@register("linear", "cpu.f_linear", "cpu")
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """Same contract as `runtime.ops.linear.linear`: one `F.linear` call for a float32 weight (a decode step
+    makes ~50 of these, so the reference's dequantize + transpose + matmul calls add up); other storages
+    go through the reference's dequantisation."""
+    if isinstance(w, torch.Tensor) and w.dtype == x.dtype:
+        return F.linear(x, w)
+    return ref_linear(x, w)
+
+
 @register("sparse_attention", "cpu.union_flash", "cpu")
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Same contract as `runtime.ops.attention.sparse_attention`: q [T, H, D], kv [N, D], idx [T, K]."""
     T = q.shape[0]
-    if T == 1:                                                      # a decode step: its rows, no mask
-        sel = idx[0][idx[0] >= 0]
-        return _flash(q, kv[sel], None, sink, scale) if sel.numel() else torch.zeros_like(q)
+    if T == 1:                          # a decode step: its K rows, padding masked; no host sync, ~9 calls
+        i = idx[0]
+        rows = kv[i.clamp(min=0)]                                                       # [K, D]
+        s = torch.mm(q[0], rows.T).mul_(scale).masked_fill_(i < 0, float("-inf"))     # [H, K]
+        p = torch.cat((s, sink[:, None]), dim=1).softmax(-1)                           # sink: the last column
+        return torch.mm(p[:, :-1], rows)[None]
     out = torch.empty_like(q)
     N = kv.shape[0]
     mark = torch.zeros(N + 1, dtype=torch.bool, device=q.device)   # slot N absorbs the -1 padding
@@ -146,19 +166,47 @@ def _sinkhorn4(m: list, eps: float, iters: int) -> list:
     return [[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]]
 
 
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+
+
+def _expanded_scale(scale: torch.Tensor, hc: int) -> torch.Tensor:
+    """[3] -> [(2+hc)*hc]: each mix's scale (pre, post, comb groups), built once per weight tensor."""
+    hit = _SCALES.get(id(scale))
+    if hit is None or hit[0] is not scale:       # the tensor itself is kept, so its id cannot be reused
+        hit = _SCALES[id(scale)] = (scale, scale.repeat_interleave(torch.tensor([hc, hc, hc * hc])))
+    return hit[1]
+
+
+_SCALES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 @register("hc_pre", "cpu.scalar_sinkhorn", "cpu")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
            norm_eps: float, sinkhorn_iters: int):
-    """Same contract as `runtime.ops.mhc.hc_pre`."""
+    """Same contract as `runtime.ops.mhc.hc_pre`. For a decode step's few tokens the per-token gates, the
+    row softmax and the Sinkhorn rounds run on Python floats (double precision) from one host read of the
+    mixes: ~13 torch calls instead of ~35 (+120 for a tensor Sinkhorn). The mixes are the reference's
+    (rms-normalised input @ fn.T, the same product with the scale applied before it)."""
     if X.shape[0] > SMALL_T:
         return ref_mhc.hc_pre(X, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
-    hc = X.shape[-2]
-    mix = ref_mhc._mix(X, fn, norm_eps)
-    pre = torch.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
-    post = 2 * torch.sigmoid(mix[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    comb = torch.softmax((mix[:, 2 * hc:] * scale[2] + base[2 * hc:]).view(-1, hc, hc), dim=-1) + hc_eps
-    done = [_sinkhorn_scalar(m, hc, hc_eps, sinkhorn_iters) for m in comb.tolist()]
-    comb = torch.tensor(done, dtype=X.dtype, device=X.device)
+    T, hc, d = X.shape
+    mix = F.linear(F.rms_norm(X.reshape(T, hc * d), (hc * d,), None, norm_eps), fn)     # [T, (2+hc)*hc]
+    rows = torch.addcmul(base, mix, _expanded_scale(scale, hc)).tolist()
+    out = []
+    for z in rows:
+        gates = [_sigmoid(v) for v in z[:2 * hc]]
+        comb = []
+        for i in range(hc):                                          # row softmax, then + eps
+            r = z[2 * hc + i * hc: 2 * hc + (i + 1) * hc]
+            top = max(r)
+            e = [math.exp(v - top) for v in r]
+            s = sum(e)
+            comb.append([v / s + hc_eps for v in e])
+        comb = _sinkhorn_scalar(comb, hc, hc_eps, sinkhorn_iters)
+        out.append([g + hc_eps for g in gates[:hc]] + [2 * g for g in gates[hc:]] + [v for r in comb for v in r])
+    packed = torch.tensor(out, dtype=X.dtype, device=X.device)                           # [T, (2+hc)*hc]
+    pre, post, comb = packed[:, :hc], packed[:, hc:2 * hc], packed[:, 2 * hc:].view(T, hc, hc)
     x = torch.bmm(pre.unsqueeze(1), X).squeeze(1)                      # [T, d]: one bmm, not an einsum
     return x, post, comb
 
@@ -178,9 +226,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 @register("apply_rope", "cpu.complex", "cpu")
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Same contract as `runtime.ops.norm_rope.apply_rope`: interleaved pairs as complex numbers times
-    (cos + i sin), conjugated for the inverse."""
-    rot = torch.complex(cos, -sin if inverse else sin)
-    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * rot).flatten(-2)
+    (cos + i sin), conjugated for the inverse. The complex factor is built once per (cos, sin, inverse): the
+    model reuses one cos/sin per positions tensor for every projection of a step."""
+    key = (id(cos), id(sin), inverse)
+    hit = _ROTATIONS.get(key)
+    if hit is None or hit[0] is not cos or hit[1] is not sin:
+        if len(_ROTATIONS) > 64:
+            _ROTATIONS.clear()
+        hit = _ROTATIONS[key] = (cos, sin, torch.complex(cos, -sin if inverse else sin))
+    pairs = x.float().unflatten(-1, (-1, 2))
+    try:                                      # a view when the pairs are laid out as complex numbers
+        z = torch.view_as_complex(pairs)
+    except RuntimeError:
+        z = torch.view_as_complex(pairs.contiguous())
+    return torch.view_as_real(z * hit[2]).flatten(-2)
+
+
+_ROTATIONS: dict[tuple, tuple] = {}
 
 
 @register("routed_experts", "cpu.small_batch", "cpu")

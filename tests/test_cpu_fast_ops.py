@@ -121,3 +121,25 @@ def test_unrolled_sinkhorn_equals_the_generic_loop():
         want = want / (want.sum(-1, keepdim=True) + 1e-6)
         want = want / (want.sum(-2, keepdim=True) + 1e-6)
     assert torch.allclose(torch.tensor(cpu_ops._sinkhorn4(generic, 1e-6, 20)), want, atol=1e-6)
+
+
+def test_decode_step_paths_match_reference():
+    """The one-token paths a decode step takes: F.linear for float32 weights (the reference's dequantisation
+    for other storages), the masked one-query attention (also with every index padding: zeros, like the
+    reference), and RoPE on a strided slice with its rotation cache hit twice and in both directions."""
+    from runtime.ops import norm_rope
+    from runtime.ops.linear import linear as ref_linear       # (runtime.ops.linear the module is shadowed)
+    x, w = randn(3, 48), randn(20, 48)
+    assert torch.allclose(cpu_ops.linear(x, w), ref_linear(x, w), atol=1e-5)
+    wb = w.to(torch.bfloat16)
+    assert torch.equal(cpu_ops.linear(x, wb), ref_linear(x, wb))
+    q, kv, sink = randn(1, 4, 16), randn(30, 16), randn(4)
+    for idx in (torch.tensor([[3, -1, 7, 29, -1, 0]]), torch.full((1, 5), -1)):
+        got, want = cpu_ops.sparse_attention(q, kv, idx, sink, 0.25), attention.sparse_attention(q, kv, idx, sink, 0.25)
+        assert torch.allclose(got, want, atol=1e-6)
+    heads = randn(6, 3, 40)[..., -16:]                                # strided, like Rope's slice of a head
+    cos, sin = norm_rope.rope_cos_sin(norm_rope.rope_frequencies(16, 10000.0, None), torch.arange(6) * 11)
+    cos, sin = cos[:, None], sin[:, None]
+    for inv in (False, True, False, True):
+        assert torch.allclose(cpu_ops.apply_rope(heads, cos, sin, inv), norm_rope.apply_rope(heads, cos, sin, inv),
+                              atol=1e-6)

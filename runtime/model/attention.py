@@ -23,15 +23,18 @@ class Rope:
         base, yarn = (cfg.compress_rope_theta, cfg.yarn) if ratio else (cfg.rope_theta, None)
         self.freqs = rope_frequencies(cfg.rope_dim, base, yarn).to(device)
         self.dim, self.ops = cfg.rope_dim, ops
-        self._memo = (None, None)          # (positions tensor, its cos/sin): q, kv, output share one
+        self._memo = (None, {})            # (positions tensor, its cos/sin): q, kv, output share one
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Rotate the trailing rope dims of x [T, ..., D] at positions [T]."""
         if self._memo[0] is not positions:
-            self._memo = (positions, rope_cos_sin(self.freqs, positions))
-        cos, sin = self._memo[1]
-        while cos.dim() < x.dim():
-            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+            self._memo = (positions, {2: rope_cos_sin(self.freqs, positions)})
+        shaped = self._memo[1]               # cos / sin [T, (1,)*, dim/2] per rank of x (views of one pair)
+        if x.dim() not in shaped:
+            cos, sin = shaped[2]
+            extra = (1,) * (x.dim() - 2)
+            shaped[x.dim()] = (cos.view(cos.shape[0], *extra, -1), sin.view(sin.shape[0], *extra, -1))
+        cos, sin = shaped[x.dim()]
         rot = self.ops.apply_rope(x[..., -self.dim:], cos, sin, inverse=inverse)
         return torch.cat((x[..., :-self.dim], self.ops.round_act(rot)), dim=-1)
 
