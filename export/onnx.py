@@ -30,7 +30,7 @@ import torch
 
 from runtime.errors import V4Error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 OPSET = 23
 EXPORTABLE_WEIGHT_FORMATS = ("float32",)
 WEIGHT_STORAGE = ("float32", "fp8")
@@ -50,7 +50,7 @@ def _dims(cfg, names):
         d = {0: B}
         if n.endswith((".comp", ".ikeys")):
             m = 4 if n.endswith(".ikeys") else cfg.ratio(int(n[1:n.index(".")]))
-            caps.setdefault(m, Dim(f"N{m}", min=2, max=1 << 24))      # one capacity per compression ratio
+            caps.setdefault(m, Dim(f"N{m}", min=1, max=1 << 24))      # one capacity per compression ratio
             d[1] = caps[m]
         return d
 
@@ -86,7 +86,8 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     from runtime.api import Runtime
     from runtime.parity.report import checkpoint_fingerprint
 
-    from .steps import Decode, Prefill, index_tap_names, state_names, state_shapes
+    from .chunk import Step, cache_ratio, fed_rows, is_cache, output_names
+    from .steps import index_tap_names, state_names, state_shapes
 
     out = Path(out)
     if weights not in WEIGHT_STORAGE:
@@ -103,24 +104,23 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    say(f"exporting prefill graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
     B, state_dims = _dims(cfg, names)
-    ids = torch.randint(2, min(cfg.vocab_size, 258), (2, 300))
-    prefill = _export(Prefill(cfg, tensors).eval(), (ids,), {"ids": {0: B, 1: torch.export.Dim("S", min=2,
-                                                                                                max=1 << 24)}},
-                      ["ids"], ["logits", *names, *index_tap_names(cfg)])
-    _save(storage(prefill), out, "prefill")
-    say(f"  prefill.onnx written ({time.perf_counter() - t0:.0f} s); exporting decode graph ...")
-    shapes = state_shapes(cfg, 2, 1024)
-    state = [torch.zeros(shapes[n]) for n in names]
-    decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.tensor([300, 517]), *state),
-                     {"ids": {0: B}, "pos": {0: B}, "state_in": state_dims}, ["ids", "pos", *names],
-                     ["logits", *[f"{n}.out" for n in names]])
-    _save(storage(decode), out, "decode")
+    start = torch.tensor([0, 1100])               # example values only: sizes must not coincide (duck shaping)
+    for kind, S in (("step", torch.export.Dim("S", min=1, max=1 << 24)), ("decode", None)):
+        say(f"exporting {kind} graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
+        ids = torch.randint(2, min(cfg.vocab_size, 258), (2, 300 if S is not None else 1))
+        shapes = state_shapes(cfg, 2, 0)
+        state = [torch.zeros((2, fed_rows(1100, ids.shape[1], cache_ratio(cfg, n)), shapes[n][2])) if is_cache(n)
+                 else torch.zeros(shapes[n]) for n in names]
+        graph = _export(Step(cfg, tensors).eval(), (ids, start, *state),
+                        {"ids": {0: B, 1: S} if S is not None else {0: B}, "start": {0: B}, "state_in": state_dims},
+                        ["ids", "start", *names], ["logits", *output_names(cfg)])
+        _save(storage(graph), out, kind)
+        say(f"  {kind}.onnx written ({time.perf_counter() - t0:.0f} s)")
     manifest = {"format_version": FORMAT_VERSION, "opset": OPSET, "profile": rt.profile.name,
                 "checkpoint": str(rt.checkpoint), "fingerprint": checkpoint_fingerprint(Path(rt.checkpoint)),
-                "weights": weights, "state": names, "index_taps": index_tap_names(cfg), "prefill_min_tokens": 2,
-                "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"}}
+                "weights": weights, "state": names, "index_taps": index_tap_names(cfg),
+                "graphs": {"step": "step.onnx", "decode": "decode.onnx"}}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
     from .op_docs import render
 
@@ -128,7 +128,7 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     for extra in ("config.json", "tokenizer.json"):
         if (Path(rt.checkpoint) / extra).is_file():
             shutil.copy(Path(rt.checkpoint) / extra, out / extra)
-    say(f"  decode.onnx written; done in {time.perf_counter() - t0:.0f} s -> {out}")
+    say(f"  done in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
 
