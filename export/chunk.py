@@ -56,6 +56,8 @@ def _ring(old, new, start, R: int):
 
 
 class Step(V4Graph):
+    sparse_moe = True
+
     def forward(self, ids: torch.Tensor, start: torch.Tensor, *state_in: torch.Tensor):
         cfg = self.cfg
         S = ids.shape[1]

@@ -66,6 +66,10 @@ class Weights(torch.nn.Module):
 
 
 class V4Graph(torch.nn.Module):
+    # Routed experts over their own tokens only. The static edge graphs stay dense: ScatterND's add reduction
+    # needs opset 16, and a static graph gains nothing from data-dependent sizes.
+    sparse_moe = False
+
     def __init__(self, cfg, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg, self.w = cfg, Weights(tensors)
@@ -96,8 +100,9 @@ class V4Graph(torch.nn.Module):
         o = torch.ops.dsv4.sparse_attention(q, pool, idx, self.w(f"{L}.attn.attn_sink"), cfg.head_dim ** -0.5)
         o = _rope(freqs, o, pos, cfg.rope_dim, inverse=True)                          # [B, S, H, D]
         wo_a = self.w(f"{L}.attn.wo_a.weight").view(cfg.o_groups, -1, o.shape[-1] * cfg.num_heads // cfg.o_groups)
-        z = torch.einsum("bsgk,gok->bsgo", o.reshape(B, S, cfg.o_groups, -1), wo_a)
-        return self._lin(z.flatten(2), f"{L}.attn.wo_b.weight")
+        # the grouped projection as one batched MatMul over groups (ONNX Runtime's Einsum is slower)
+        z = torch.matmul(o.reshape(B * S, cfg.o_groups, -1).transpose(0, 1), wo_a.transpose(1, 2))   # [g, BS, o]
+        return self._lin(z.transpose(0, 1).reshape(B, S, -1), f"{L}.attn.wo_b.weight")
 
     def _qkv(self, L: str, x, pos, freqs):
         cfg, eps = self.cfg, self.cfg.norm_eps
@@ -129,11 +134,16 @@ class V4Graph(torch.nn.Module):
         bias = None if hashed is not None else self.w(f"{L}.gate.bias")
         idx, wts = _gate(xt, self.w(f"{L}.gate.weight"), bias, hashed, cfg.experts_per_token, cfg.route_scale)
         y = torch.zeros_like(xt)
-        for e in range(cfg.n_routed_experts):       # dense over experts: a token's weight is 0 where not routed
-            we = (wts * (idx == e)).sum(-1, keepdim=True)
-            E = f"{L}.experts.{e}"
-            h = moe.clamped_swiglu(self._lin(xt, f"{E}.w1.weight"), self._lin(xt, f"{E}.w3.weight"), cfg.swiglu_limit)
-            y = y + self._lin(h * we, f"{E}.w2.weight")
+        for e in range(cfg.n_routed_experts):
+            E, hit = f"{L}.experts.{e}", idx == e
+            if self.sparse_moe:        # only the tokens routed to e (NonZero, gather, ScatterND-add back)
+                tok = torch.nonzero(hit.any(-1)).squeeze(-1)
+                we, xe = (wts * hit).sum(-1)[tok][:, None], xt[tok]
+            else:                      # dense over experts: a token's weight is 0 where not routed
+                we, xe = (wts * hit).sum(-1, keepdim=True), xt
+            h = moe.clamped_swiglu(self._lin(xe, f"{E}.w1.weight"), self._lin(xe, f"{E}.w3.weight"), cfg.swiglu_limit)
+            ye = self._lin(h * we, f"{E}.w2.weight")
+            y = y.index_add(0, tok, ye) if self.sparse_moe else y + ye
         if cfg.n_shared_experts:
             E = f"{L}.shared_experts"
             h = moe.clamped_swiglu(self._lin(xt, f"{E}.w1.weight"), self._lin(xt, f"{E}.w3.weight"), cfg.swiglu_limit)

@@ -106,21 +106,19 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     t0 = time.perf_counter()
     B, state_dims = _dims(cfg, names)
     start = torch.tensor([0, 1100])               # example values only: sizes must not coincide (duck shaping)
-    for kind, S in (("step", torch.export.Dim("S", min=1, max=1 << 24)), ("decode", None)):
-        say(f"exporting {kind} graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
-        ids = torch.randint(2, min(cfg.vocab_size, 258), (2, 300 if S is not None else 1))
-        shapes = state_shapes(cfg, 2, 0)
-        state = [torch.zeros((2, fed_rows(1100, ids.shape[1], cache_ratio(cfg, n)), shapes[n][2])) if is_cache(n)
-                 else torch.zeros(shapes[n]) for n in names]
-        graph = _export(Step(cfg, tensors).eval(), (ids, start, *state),
-                        {"ids": {0: B, 1: S} if S is not None else {0: B}, "start": {0: B}, "state_in": state_dims},
-                        ["ids", "start", *names], ["logits", *output_names(cfg)])
-        _save(storage(graph), out, kind)
-        say(f"  {kind}.onnx written ({time.perf_counter() - t0:.0f} s)")
+    say(f"exporting the step graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
+    ids = torch.randint(2, min(cfg.vocab_size, 258), (2, 300))
+    shapes = state_shapes(cfg, 2, 0)
+    state = [torch.zeros((2, fed_rows(1100, ids.shape[1], cache_ratio(cfg, n)), shapes[n][2])) if is_cache(n)
+             else torch.zeros(shapes[n]) for n in names]
+    graph = _export(Step(cfg, tensors).eval(), (ids, start, *state),
+                    {"ids": {0: B, 1: torch.export.Dim("S", min=1, max=1 << 24)}, "start": {0: B},
+                     "state_in": state_dims}, ["ids", "start", *names], ["logits", *output_names(cfg)])
+    _save(storage(graph), out, "step")
     manifest = {"format_version": FORMAT_VERSION, "opset": OPSET, "profile": rt.profile.name,
                 "checkpoint": str(rt.checkpoint), "fingerprint": checkpoint_fingerprint(Path(rt.checkpoint)),
                 "weights": weights, "state": names, "index_taps": index_tap_names(cfg),
-                "graphs": {"step": "step.onnx", "decode": "decode.onnx"}}
+                "graphs": {"step": "step.onnx"}}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
     from .op_docs import render
 

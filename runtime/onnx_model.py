@@ -78,7 +78,7 @@ class OnnxModel:
                 raise V4Error(f"ONNX Runtime did not start {providers} for {name} (got {s.get_providers()}); "
                               "install the provider's runtime or use profile onnx-cpu")
             self.sessions[kind] = s
-        self.providers = self.sessions["decode"].get_providers()
+        self.providers = self.sessions["step"].get_providers()
         self.tap_names = frozenset({"final.logits", *self.index_taps})     # what the graphs expose to parity
 
     def placement(self) -> dict[str, dict[str, int]]:
@@ -154,7 +154,7 @@ class OnnxModel:
         S, p0 = x.shape[1], [s.pos for s in seqs]
         taps = {} if recording() and S > 1 else None
         if S == 1:
-            logits = self._run("decode", x, seqs, None)
+            logits = self._run("step", x, seqs, None)
         else:
             logits = np.concatenate([self._run("step", x[:, i:i + CHUNK], seqs, taps) for i in range(0, S, CHUNK)],
                                     axis=1)
