@@ -1,8 +1,9 @@
 """The V4 graph in the fixed-shape form ONNX needs: a prefill from position 0, and a one-token decode step whose
 whole state is explicit tensors (the position too), with visibility by mask instead of Python control flow.
 
-It computes what runtime.model computes (the same op functions: rms_norm, RoPE, hc_pre / hc_post / hc_head,
-compress_pool, moe_gate, clamped SwiGLU; the sparse kernels as the custom ops of custom_ops.py), with the state
+It computes what runtime.model computes (the same op functions: rms_norm, RoPE, hc_head, compress_pool, clamped
+SwiGLU; graph-friendly equivalents of moe_gate, hc_pre and hc_post; the sparse kernels as the custom ops of
+custom_ops.py), with the state
 laid out for a graph (per layer, B sequences):
 - `win` [B, W, D]: ring of raw KV rows, token p in slot p % W;
 - `comp` [B, N, D] and (CSA) `ikeys` [B, N, di]: compressed entries, entry w in row w; N is the capacity the
@@ -51,6 +52,32 @@ def _gate(x, gate_w, bias, hashed, k: int, route_scale: float):
     idx = hashed if hashed is not None else torch.topk(s + bias, k, dim=-1).indices
     w = s.gather(-1, idx)
     return idx, w / w.sum(-1, keepdim=True) * route_scale
+
+
+def _hc_pre(X, fn, base, scale, hc_eps: float, norm_eps: float, iters: int):
+    """runtime.ops.mhc.hc_pre computed with the tokens innermost: the mixes as [rows(fn), T] and comb returned as
+    [hc, hc, T]. ONNX Runtime reduces and broadcasts over a trailing axis of hc = 4 about 8x slower than over T,
+    and its transpose optimizer would move a Transpose of comb back in front of the Sinkhorn rounds, so the
+    layout comes from the MatMul itself."""
+    hc = X.shape[-2]
+    xf = X.flatten(-2)                                                                # [T, hc*d]
+    r = torch.rsqrt((xf * xf).mean(-1) + norm_eps)                                    # [T]
+    mix = torch.matmul(fn, xf.transpose(0, 1)) * r                                    # [(2+hc)*hc, T]
+    pre = torch.sigmoid(mix[:hc] * scale[0] + base[:hc, None]) + hc_eps              # [hc, T]
+    post = 2 * torch.sigmoid(mix[hc:2 * hc] * scale[1] + base[hc:2 * hc, None])
+    c = (mix[2 * hc:] * scale[2] + base[2 * hc:, None]).view(hc, hc, -1)             # [i, j, T]
+    c = torch.softmax(c, dim=1) + hc_eps
+    c = c / (c.sum(0, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(1, keepdim=True) + hc_eps)
+        c = c / (c.sum(0, keepdim=True) + hc_eps)
+    x = torch.matmul(pre.transpose(0, 1)[:, None, :], X).squeeze(1)                 # MatMul, not Einsum
+    return x, post.transpose(0, 1), c
+
+
+def _hc_post(x, res, post, c):
+    """runtime.ops.mhc.hc_post with comb as [hc, hc, T]: X_new[j] = post[j] x + sum_i comb[i, j] res[i]."""
+    return post[..., None] * x[:, None, :] + torch.matmul(c.permute(2, 1, 0), res)
 
 
 class Weights(torch.nn.Module):
@@ -156,10 +183,10 @@ class V4Graph(torch.nn.Module):
         B, S = X.shape[:2]
 
         def hc(name, X, f):
-            x, post, comb = mhc.hc_pre(X.flatten(0, 1), self.w(f"{L}.hc_{name}_fn"), self.w(f"{L}.hc_{name}_base"),
-                                       self.w(f"{L}.hc_{name}_scale"), cfg.hc_eps, eps, cfg.hc_sinkhorn_iters)
+            x, post, comb = _hc_pre(X.flatten(0, 1), self.w(f"{L}.hc_{name}_fn"), self.w(f"{L}.hc_{name}_base"),
+                                    self.w(f"{L}.hc_{name}_scale"), cfg.hc_eps, eps, cfg.hc_sinkhorn_iters)
             y = f(norm_rope.rms_norm(x.view(B, S, -1), self.w(f"{L}.{name}_norm.weight"), eps))
-            return mhc.hc_post(y.flatten(0, 1), X.flatten(0, 1), post, comb).view_as(X)
+            return _hc_post(y.flatten(0, 1), X.flatten(0, 1), post, comb).view_as(X)
 
         X = hc("attn", X, attn)
         return hc("ffn", X, lambda x: self._ffn(layer, x, ids))
