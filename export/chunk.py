@@ -1,7 +1,8 @@
 """The `Step` graph: S tokens per sequence, each sequence continuing from its own position, the state before the
 chunk in, the logits and the state after it out. One graph serves a prefill from position 0 (an empty state),
 a prefill in fixed chunks (cost per token and workspace bounded by the chunk, not by the prompt), ragged
-continued chunks, and (exported a second time with S = 1) the decode step.
+continued chunks, and (S = 1) the decode step: as fast as a graph specialised to S = 1 (measured), and one
+export instead of two.
 
 Inputs: ids [B, S], start [B] (tokens each sequence has consumed), then per layer the state of export/graph.py,
 with one difference: the compressed caches `comp` / `ikeys` are fed with only their live rows, at least
@@ -113,11 +114,8 @@ class Step(V4Graph):
             entries, rows = self._entries(f"{L}.attn.compressor", x, start, pos, m, csa, cfg.head_dim, freqs, state,
                                           (f"L{i}.ckv", f"L{i}.csc"), out)
             out[f"L{i}.comp.new"] = entries
-            # pool = [ring, chunk, cache]; the chunk's entries written over their rows (in the Concat's output,
-            # which ONNX Runtime may update in place: no second copy of the cache)
-            pool = torch.cat((pool, state[f"L{i}.comp"]), dim=1)
-            pool = pool.scatter(1, (W + S + rows)[..., None].expand(-1, -1, pool.shape[-1]), entries)
             visible = (pos + 1) // m                                                  # [B, S]
+            comp = state[f"L{i}.comp"]
             if csa:
                 iq, iw = self._indexer_q(L, qr, x, pos, freqs)
                 ie, irows = self._entries(f"{L}.attn.indexer.compressor", x, start, pos, INDEXER_RATIO, True,
@@ -127,8 +125,24 @@ class Step(V4Graph):
                 keys = keys.scatter(1, irows[..., None].expand(-1, -1, keys.shape[-1]), ie)
                 sel = torch.ops.dsv4.indexer_topk(iq, iw, keys, visible, cfg.index_topk)
                 out[f"L{i}.indexer.topk"] = sel
+                # pool = [ring, chunk, the selected entries]: gathered from the cache, or from this chunk's
+                # entries for rows it wrote; the cache itself is never copied
+                K = sel.shape[-1]
+                flat = sel.clamp(min=0).flatten(1)                                    # [B, S*K]
+                new = flat - rows[:, :1]
+                mine = (new >= 0)[..., None]
+                picked = torch.where(mine, torch.gather(entries, 1, new.clamp(min=0, max=rows.shape[1] - 1)[..., None]
+                                                        .expand(-1, -1, entries.shape[-1])),
+                                     torch.gather(comp, 1, flat[..., None].expand(-1, -1, comp.shape[-1])))
+                pool = torch.cat((pool, picked), dim=1)
+                slot = W + S + torch.arange(S * K, device=x.device).view(1, S, K)
+                idx = torch.cat((idx, torch.where(sel >= 0, slot, -1)), dim=-1)
             else:
-                n = torch.arange(state[f"L{i}.comp"].shape[1], device=x.device)
+                # pool = [ring, chunk, cache] with this chunk's entries written over their rows (HCA attends to
+                # every visible entry, so the whole cache is in the pool anyway)
+                pool = torch.cat((pool, comp), dim=1)
+                pool = pool.scatter(1, (W + S + rows)[..., None].expand(-1, -1, pool.shape[-1]), entries)
+                n = torch.arange(comp.shape[1], device=x.device)
                 sel = torch.where(n[None, None, :] < visible[..., None], n, -1)       # [B, S, rows]
-            idx = torch.cat((idx, torch.where(sel >= 0, sel + W + S, -1)), dim=-1)
+                idx = torch.cat((idx, torch.where(sel >= 0, sel + W + S, -1)), dim=-1)
         return self._attend(L, x, q, pool, idx, pos, freqs)

@@ -1,19 +1,20 @@
-"""`python -m export.onnx`: export a V4 checkpoint as two ONNX graphs, prefill and decode, with custom nodes.
+"""`python -m export.onnx`: export a V4 checkpoint as one ONNX graph, `step`, with custom nodes.
 
     python -m export.onnx --checkpoint DIR --profile cpu --out OUT [--weights fp8]
     python -m export.onnx --checkpoint DIR --target ascend-edge --seq 128 --capacity 4096 --opset 15 --out OUT
 
     from export.onnx import export_model; export_model(checkpoint, "cpu", out)
 
-Writes into OUT (and nowhere else): `prefill.onnx` (ids [B, S >= 2] from position 0 -> logits, the decode state
-and each CSA layer's indexer top-k), `decode.onnx` (ids [B, 1], pos [B] and the whole state -> logits and the
-state), their weights as external data next to them (`*.weights`, paths relative to OUT), `export.json`
-(the manifest: state layout, opset, the checkpoint's fingerprint, the profile), `CUSTOM_OPS.md` (the custom
-nodes' reference page) and the checkpoint's config.json (and tokenizer.json when there is one). Opset 23; the V4 kernels are
-`com.deepseek.v4` nodes with model-local function bodies (export/custom_ops.py). `onnx.checker` with
-full_check passes for both graphs. Weights (`--weights`): `float32`, or `fp8` = as shipped, FP8 linears as
-e4m3 codes and FP4 experts repacked losslessly to int8, each through a blocked DequantizeLinear
-(export/weight_storage.py); the graphs compute in float32 either way.
+Writes into OUT (and nowhere else): `step.onnx` (ids [B, S >= 1] continuing each sequence from start [B], with
+the state before them -> logits, the state after them and each CSA layer's indexer top-k; export/chunk.py: it
+serves prefill, chunked prefill, ragged chunks and decode), its weights as external data next to it
+(`step.weights`, a path relative to OUT), `export.json` (the manifest: state layout, opset, the checkpoint's
+fingerprint, the profile), `CUSTOM_OPS.md` (the custom nodes' reference page) and the checkpoint's config.json
+(and tokenizer.json when there is one). Opset 23; the V4 kernels are `com.deepseek.v4` nodes with model-local
+function bodies (export/custom_ops.py). `onnx.checker` with full_check passes. Weights (`--weights`):
+`float32`, or `fp8` = as shipped, FP8 linears as e4m3 codes and FP4 experts repacked losslessly to int8, each
+through a blocked DequantizeLinear (export/weight_storage.py); the graph computes in float32 either way.
+FORMAT_VERSION 2: the step graph replaced version 1's prefill + decode pair (whole-state decode, one-call prefill).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _save(model, out: Path, name: str) -> None:
 
 def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: bool = True,
                  weights: str = "float32") -> Path:
-    """Export prefill and decode graphs of `checkpoint` under `profile` into the folder `out`; `weights`:
+    """Export the step graph of `checkpoint` under `profile` into the folder `out`; `weights`:
     "float32", or "fp8" (FP8 linears and FP4 experts stored as shipped, dequantised in the graph)."""
     from runtime.api import Runtime
     from runtime.parity.report import checkpoint_fingerprint

@@ -3,8 +3,7 @@ model: `forward(ids, seqs)`, `new_state(batch)`, `cfg`, `device`.
 
 Every multi-token call (a fresh prompt, a continued chunk, sequences at different positions) runs the `step`
 graph (export/chunk.py) in chunks of at most CHUNK tokens, so prefill cost per token and its workspace stay
-bounded by the chunk, not the prompt; one-token calls run the `decode` graph (the same graph exported with
-S = 1). The state of each sequence is numpy arrays: the rings, and compressed-entry caches with room for
+bounded by the chunk, not the prompt; one-token calls (decode) run the same graph with S = 1. The state of each sequence is numpy arrays: the rings, and compressed-entry caches with room for
 `capacity` tokens that grow (doubling) before a position would outrun them. A call feeds each cache with its
 live rows only (a view for one sequence, no copy) and writes back just the entries the graph returns, so a
 step's work follows the sequence's length, not the capacity. Execution providers are the profile's; the
@@ -26,7 +25,7 @@ from .model.state import StateBatch
 from .taps import recording, tap
 
 MIN_CAPACITY = 1024
-CHUNK = 1024            # tokens per step-graph call (measured: see the README's ONNX paragraph)
+CHUNK = 256             # tokens per step-graph call (measured 256 best of 128-2048 on the tiny model, one thread)
 
 
 class OnnxSequence:
@@ -67,6 +66,7 @@ class OnnxModel:
         self.manifest = json.loads((folder / "export.json").read_text())
         self.names, self.index_taps = self.manifest["state"], self.manifest["index_taps"]
         self.caches = [n for n in self.names if n.endswith((".comp", ".ikeys"))]
+        self.chunk = CHUNK
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")   # no int8 activations
@@ -156,8 +156,8 @@ class OnnxModel:
         if S == 1:
             logits = self._run("step", x, seqs, None)
         else:
-            logits = np.concatenate([self._run("step", x[:, i:i + CHUNK], seqs, taps) for i in range(0, S, CHUNK)],
-                                    axis=1)
+            logits = np.concatenate([self._run("step", x[:, i:i + self.chunk], seqs, taps)
+                                     for i in range(0, S, self.chunk)], axis=1)
         for name, parts in (taps or {}).items():
             # per sequence, the columns the reference keeps for this call: min(topk, entries closed by its end)
             width = max(t.shape[2] for t in parts)
