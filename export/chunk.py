@@ -99,7 +99,7 @@ class Step(V4Graph):
     def _attention(self, i: int, x, start, pos, state, out):
         cfg, L = self.cfg, f"layers.{i}"
         m, W = cfg.ratio(i), cfg.window
-        S = x.shape[1]
+        B, S = x.shape[:2]
         freqs = getattr(self, f"freqs{i}")
         q, qr, kv = self._qkv(L, x, pos, freqs)
         old = state[f"L{i}.win"]
@@ -125,18 +125,15 @@ class Step(V4Graph):
                 keys = keys.scatter(1, irows[..., None].expand(-1, -1, keys.shape[-1]), ie)
                 sel = torch.ops.dsv4.indexer_topk(iq, iw, keys, visible, cfg.index_topk)
                 out[f"L{i}.indexer.topk"] = sel
-                # pool = [ring, chunk, the selected entries]: gathered from the cache, or from this chunk's
-                # entries for rows it wrote; the cache itself is never copied
-                K = sel.shape[-1]
-                flat = sel.clamp(min=0).flatten(1)                                    # [B, S*K]
-                new = flat - rows[:, :1]
-                mine = (new >= 0)[..., None]
-                picked = torch.where(mine, torch.gather(entries, 1, new.clamp(min=0, max=rows.shape[1] - 1)[..., None]
-                                                        .expand(-1, -1, entries.shape[-1])),
-                                     torch.gather(comp, 1, flat[..., None].expand(-1, -1, comp.shape[-1])))
-                pool = torch.cat((pool, picked), dim=1)
-                slot = W + S + torch.arange(S * K, device=x.device).view(1, S, K)
-                idx = torch.cat((idx, torch.where(sel >= 0, slot, -1)), dim=-1)
+                # pool = [ring, chunk, this chunk's entries, the selected cache rows]: a selected entry comes from
+                # this chunk's entries if the chunk wrote its row, else from the cache, which is never copied
+                K, nw, N = sel.shape[-1], rows.shape[1], comp.shape[1]
+                flat = sel.clamp(min=0).flatten(1) + torch.arange(B, device=x.device)[:, None] * N   # [B, S*K]
+                picked = comp.flatten(0, 1)[flat]                                     # Gather of rows
+                pool = torch.cat((pool, entries, picked), dim=1)
+                slot = W + S + nw + torch.arange(S * K, device=x.device).view(1, S, K)
+                w0 = rows[:, :1, None]
+                idx = torch.cat((idx, torch.where(sel < 0, -1, torch.where(sel >= w0, W + S + sel - w0, slot))), dim=-1)
             else:
                 # pool = [ring, chunk, cache] with this chunk's entries written over their rows (HCA attends to
                 # every visible entry, so the whole cache is in the pool anyway)
