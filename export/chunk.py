@@ -135,11 +135,22 @@ class Step(V4Graph):
                 w0 = rows[:, :1, None]
                 idx = torch.cat((idx, torch.where(sel < 0, -1, torch.where(sel >= w0, W + S + sel - w0, slot))), dim=-1)
             else:
-                # pool = [ring, chunk, cache] with this chunk's entries written over their rows (HCA attends to
-                # every visible entry, so the whole cache is in the pool anyway)
-                pool = torch.cat((pool, comp), dim=1)
-                pool = pool.scatter(1, (W + S + rows)[..., None].expand(-1, -1, pool.shape[-1]), entries)
-                n = torch.arange(comp.shape[1], device=x.device)
-                sel = torch.where(n[None, None, :] < visible[..., None], n, -1)       # [B, S, rows]
-                idx = torch.cat((idx, torch.where(sel >= 0, sel + W + S, -1)), dim=-1)
+                cache = comp.scatter(1, rows[..., None].expand(-1, -1, comp.shape[-1]), entries)
+                return self._attend(L, x, q, None, None, pos, freqs, self._hca(L, q, pool, idx, cache, visible))
         return self._attend(L, x, q, pool, idx, pos, freqs)
+
+    def _hca(self, L: str, q, win, idx, cache, visible):
+        """SparseAttention's softmax for an HCA layer, which attends to every visible entry: the window rows
+        gathered per query (idx [B, S, W] into win), the entries with one dense MatMul over the whole cache under
+        a visibility mask; a per-query gather of ~all entries costs ~3x more at 16K tokens."""
+        B, S, H, D = q.shape
+        W, N = idx.shape[-1], cache.shape[1]
+        scale, sink = self.cfg.head_dim ** -0.5, self.w(f"{L}.attn.attn_sink")
+        rows = win.flatten(0, 1)[idx.clamp(min=0) + torch.arange(B, device=q.device)[:, None, None] * win.shape[1]]
+        s_win = torch.matmul(q, rows.transpose(-1, -2)) * scale + torch.where(idx < 0, NEG_INF, 0.0)[:, :, None]
+        s_ent = torch.matmul(q.reshape(B, S * H, D), cache.transpose(1, 2)).view(B, S, H, N) * scale
+        seen = torch.arange(N, device=q.device) < visible[..., None]                  # [B, S, N]
+        s_ent = s_ent + torch.where(seen, 0.0, NEG_INF)[:, :, None]
+        p = torch.softmax(torch.cat((s_win, s_ent, sink.view(1, 1, H, 1).expand(B, S, H, 1)), dim=-1), dim=-1)
+        o = torch.matmul(p[..., :W], rows)                                            # [B, S, H, D]
+        return o + torch.matmul(p[..., W:W + N].reshape(B, S * H, N), cache).view(B, S, H, D)

@@ -121,10 +121,13 @@ class V4Graph(torch.nn.Module):
         pooled = norm_rope.rms_norm(pooled, self.w(norm), self.cfg.norm_eps)
         return _rope(freqs, pooled, start, self.cfg.rope_dim)
 
-    def _attend(self, L: str, x, q, pool, idx, pos, freqs):
+    def _attend(self, L: str, x, q, pool, idx, pos, freqs, o=None):
+        """SparseAttention of q over the pool rows idx names (or a given attention output o), then the output
+        projection."""
         cfg = self.cfg
         B, S = x.shape[:2]
-        o = torch.ops.dsv4.sparse_attention(q, pool, idx, self.w(f"{L}.attn.attn_sink"), cfg.head_dim ** -0.5)
+        if o is None:
+            o = torch.ops.dsv4.sparse_attention(q, pool, idx, self.w(f"{L}.attn.attn_sink"), cfg.head_dim ** -0.5)
         o = _rope(freqs, o, pos, cfg.rope_dim, inverse=True)                          # [B, S, H, D]
         wo_a = self.w(f"{L}.attn.wo_a.weight").view(cfg.o_groups, -1, o.shape[-1] * cfg.num_heads // cfg.o_groups)
         # the grouped projection as one batched MatMul over groups (ONNX Runtime's Einsum is slower)
