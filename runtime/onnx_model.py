@@ -1,12 +1,13 @@
-"""Running the exported ONNX graphs (export/onnx.py) with ONNX Runtime, behind the same interface as the torch
+"""Running the exported ONNX graph (export/onnx.py) with ONNX Runtime, behind the same interface as the torch
 model: `forward(ids, seqs)`, `new_state(batch)`, `cfg`, `device`.
 
-Every multi-token call (a fresh prompt, a continued chunk, sequences at different positions) runs the `step`
-graph (export/chunk.py) in chunks of at most CHUNK tokens, so prefill cost per token and its workspace stay
-bounded by the chunk, not the prompt; one-token calls (decode) run the same graph with S = 1. The state of each sequence is numpy arrays: the rings, and compressed-entry caches with room for
-`capacity` tokens that grow (doubling) before a position would outrun them. A call feeds each cache with its
-live rows only (a view for one sequence, no copy) and writes back just the entries the graph returns, so a
-step's work follows the sequence's length, not the capacity. Execution providers are the profile's; the
+Every call runs the `step` graph (export/chunk.py): multi-token calls (a fresh prompt, a continued chunk,
+sequences at different positions) in chunks of at most CHUNK tokens, so prefill cost per token and its workspace
+stay bounded by the chunk, not the prompt; one-token calls (decode) with S = 1. The state of each sequence is
+numpy arrays: the rings, and compressed-entry caches with room for `capacity` tokens that grow (doubling) before
+a position would outrun them (`new_state(batch, context=N)` reserves N tokens up front). A call feeds each cache
+with its live rows only (a view for one sequence, no copy) and writes back just the entries the graph returns,
+so a step's work follows the sequence's length, not the capacity. Execution providers are the profile's; the
 session's actual providers are checked after creation, so a provider that did not load is an error, never a
 silent CPU run.
 """
