@@ -1,8 +1,9 @@
 """The V4 graph in the fixed-shape form ONNX needs: a prefill from position 0, and a one-token decode step whose
 whole state is explicit tensors (the position too), with visibility by mask instead of Python control flow.
 
-It computes what runtime.model computes (the same op functions: rms_norm, RoPE, hc_pre / hc_post / hc_head,
-compress_pool, moe_gate, clamped SwiGLU; the sparse kernels as the custom ops of custom_ops.py), with the state
+It computes what runtime.model computes (the same op functions: rms_norm, RoPE, hc_head, compress_pool, clamped
+SwiGLU; graph-friendly equivalents of moe_gate, hc_pre and hc_post; the sparse kernels as the custom ops of
+custom_ops.py), with the state
 laid out for a graph (per layer, B sequences):
 - `win` [B, W, D]: ring of raw KV rows, token p in slot p % W;
 - `comp` [B, N, D] and (CSA) `ikeys` [B, N, di]: compressed entries, entry w in row w; N is the capacity the
@@ -53,6 +54,32 @@ def _gate(x, gate_w, bias, hashed, k: int, route_scale: float):
     return idx, w / w.sum(-1, keepdim=True) * route_scale
 
 
+def _hc_pre(X, fn, base, scale, hc_eps: float, norm_eps: float, iters: int):
+    """runtime.ops.mhc.hc_pre computed with the tokens innermost: the mixes as [rows(fn), T] and comb returned as
+    [hc, hc, T]. ONNX Runtime reduces and broadcasts over a trailing axis of hc = 4 about 8x slower than over T,
+    and its transpose optimizer would move a Transpose of comb back in front of the Sinkhorn rounds, so the
+    layout comes from the MatMul itself."""
+    hc = X.shape[-2]
+    xf = X.flatten(-2)                                                                # [T, hc*d]
+    r = torch.rsqrt((xf * xf).mean(-1) + norm_eps)                                    # [T]
+    mix = torch.matmul(fn, xf.transpose(0, 1)) * r                                    # [(2+hc)*hc, T]
+    pre = torch.sigmoid(mix[:hc] * scale[0] + base[:hc, None]) + hc_eps              # [hc, T]
+    post = 2 * torch.sigmoid(mix[hc:2 * hc] * scale[1] + base[hc:2 * hc, None])
+    c = (mix[2 * hc:] * scale[2] + base[2 * hc:, None]).view(hc, hc, -1)             # [i, j, T]
+    c = torch.softmax(c, dim=1) + hc_eps
+    c = c / (c.sum(0, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(1, keepdim=True) + hc_eps)
+        c = c / (c.sum(0, keepdim=True) + hc_eps)
+    x = torch.matmul(pre.transpose(0, 1)[:, None, :], X).squeeze(1)                 # MatMul, not Einsum
+    return x, post.transpose(0, 1), c
+
+
+def _hc_post(x, res, post, c):
+    """runtime.ops.mhc.hc_post with comb as [hc, hc, T]: X_new[j] = post[j] x + sum_i comb[i, j] res[i]."""
+    return post[..., None] * x[:, None, :] + torch.matmul(c.permute(2, 1, 0), res)
+
+
 class Weights(torch.nn.Module):
     """Float32 checkpoint tensors as buffers (they become the graph's initializers)."""
 
@@ -66,6 +93,10 @@ class Weights(torch.nn.Module):
 
 
 class V4Graph(torch.nn.Module):
+    # Routed experts over their own tokens only. The static edge graphs stay dense: ScatterND's add reduction
+    # needs opset 16, and a static graph gains nothing from data-dependent sizes.
+    sparse_moe = False
+
     def __init__(self, cfg, tensors: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg, self.w = cfg, Weights(tensors)
@@ -90,14 +121,18 @@ class V4Graph(torch.nn.Module):
         pooled = norm_rope.rms_norm(pooled, self.w(norm), self.cfg.norm_eps)
         return _rope(freqs, pooled, start, self.cfg.rope_dim)
 
-    def _attend(self, L: str, x, q, pool, idx, pos, freqs):
+    def _attend(self, L: str, x, q, pool, idx, pos, freqs, o=None):
+        """SparseAttention of q over the pool rows idx names (or a given attention output o), then the output
+        projection."""
         cfg = self.cfg
         B, S = x.shape[:2]
-        o = torch.ops.dsv4.sparse_attention(q, pool, idx, self.w(f"{L}.attn.attn_sink"), cfg.head_dim ** -0.5)
+        if o is None:
+            o = torch.ops.dsv4.sparse_attention(q, pool, idx, self.w(f"{L}.attn.attn_sink"), cfg.head_dim ** -0.5)
         o = _rope(freqs, o, pos, cfg.rope_dim, inverse=True)                          # [B, S, H, D]
         wo_a = self.w(f"{L}.attn.wo_a.weight").view(cfg.o_groups, -1, o.shape[-1] * cfg.num_heads // cfg.o_groups)
-        z = torch.einsum("bsgk,gok->bsgo", o.reshape(B, S, cfg.o_groups, -1), wo_a)
-        return self._lin(z.flatten(2), f"{L}.attn.wo_b.weight")
+        # the grouped projection as one batched MatMul over groups (ONNX Runtime's Einsum is slower)
+        z = torch.matmul(o.reshape(B * S, cfg.o_groups, -1).transpose(0, 1), wo_a.transpose(1, 2))   # [g, BS, o]
+        return self._lin(z.transpose(0, 1).reshape(B, S, -1), f"{L}.attn.wo_b.weight")
 
     def _qkv(self, L: str, x, pos, freqs):
         cfg, eps = self.cfg, self.cfg.norm_eps
@@ -129,11 +164,16 @@ class V4Graph(torch.nn.Module):
         bias = None if hashed is not None else self.w(f"{L}.gate.bias")
         idx, wts = _gate(xt, self.w(f"{L}.gate.weight"), bias, hashed, cfg.experts_per_token, cfg.route_scale)
         y = torch.zeros_like(xt)
-        for e in range(cfg.n_routed_experts):       # dense over experts: a token's weight is 0 where not routed
-            we = (wts * (idx == e)).sum(-1, keepdim=True)
-            E = f"{L}.experts.{e}"
-            h = moe.clamped_swiglu(self._lin(xt, f"{E}.w1.weight"), self._lin(xt, f"{E}.w3.weight"), cfg.swiglu_limit)
-            y = y + self._lin(h * we, f"{E}.w2.weight")
+        for e in range(cfg.n_routed_experts):
+            E, hit = f"{L}.experts.{e}", idx == e
+            if self.sparse_moe:        # only the tokens routed to e (NonZero, gather, ScatterND-add back)
+                tok = torch.nonzero(hit.any(-1)).squeeze(-1)
+                we, xe = (wts * hit).sum(-1)[tok][:, None], xt[tok]
+            else:                      # dense over experts: a token's weight is 0 where not routed
+                we, xe = (wts * hit).sum(-1, keepdim=True), xt
+            h = moe.clamped_swiglu(self._lin(xe, f"{E}.w1.weight"), self._lin(xe, f"{E}.w3.weight"), cfg.swiglu_limit)
+            ye = self._lin(h * we, f"{E}.w2.weight")
+            y = y.index_add(0, tok, ye) if self.sparse_moe else y + ye
         if cfg.n_shared_experts:
             E = f"{L}.shared_experts"
             h = moe.clamped_swiglu(self._lin(xt, f"{E}.w1.weight"), self._lin(xt, f"{E}.w3.weight"), cfg.swiglu_limit)
@@ -146,10 +186,10 @@ class V4Graph(torch.nn.Module):
         B, S = X.shape[:2]
 
         def hc(name, X, f):
-            x, post, comb = mhc.hc_pre(X.flatten(0, 1), self.w(f"{L}.hc_{name}_fn"), self.w(f"{L}.hc_{name}_base"),
-                                       self.w(f"{L}.hc_{name}_scale"), cfg.hc_eps, eps, cfg.hc_sinkhorn_iters)
+            x, post, comb = _hc_pre(X.flatten(0, 1), self.w(f"{L}.hc_{name}_fn"), self.w(f"{L}.hc_{name}_base"),
+                                    self.w(f"{L}.hc_{name}_scale"), cfg.hc_eps, eps, cfg.hc_sinkhorn_iters)
             y = f(norm_rope.rms_norm(x.view(B, S, -1), self.w(f"{L}.{name}_norm.weight"), eps))
-            return mhc.hc_post(y.flatten(0, 1), X.flatten(0, 1), post, comb).view_as(X)
+            return _hc_post(y.flatten(0, 1), X.flatten(0, 1), post, comb).view_as(X)
 
         X = hc("attn", X, attn)
         return hc("ffn", X, lambda x: self._ffn(layer, x, ids))

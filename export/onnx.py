@@ -1,19 +1,20 @@
-"""`python -m export.onnx`: export a V4 checkpoint as two ONNX graphs, prefill and decode, with custom nodes.
+"""`python -m export.onnx`: export a V4 checkpoint as one ONNX graph, `step`, with custom nodes.
 
     python -m export.onnx --checkpoint DIR --profile cpu --out OUT [--weights fp8]
     python -m export.onnx --checkpoint DIR --target ascend-edge --seq 128 --capacity 4096 --opset 15 --out OUT
 
     from export.onnx import export_model; export_model(checkpoint, "cpu", out)
 
-Writes into OUT (and nowhere else): `prefill.onnx` (ids [B, S >= 2] from position 0 -> logits, the decode state
-and each CSA layer's indexer top-k), `decode.onnx` (ids [B, 1], pos [B] and the whole state -> logits and the
-state), their weights as external data next to them (`*.weights`, paths relative to OUT), `export.json`
-(the manifest: state layout, opset, the checkpoint's fingerprint, the profile), `CUSTOM_OPS.md` (the custom
-nodes' reference page) and the checkpoint's config.json (and tokenizer.json when there is one). Opset 23; the V4 kernels are
-`com.deepseek.v4` nodes with model-local function bodies (export/custom_ops.py). `onnx.checker` with
-full_check passes for both graphs. Weights (`--weights`): `float32`, or `fp8` = as shipped, FP8 linears as
-e4m3 codes and FP4 experts repacked losslessly to int8, each through a blocked DequantizeLinear
-(export/weight_storage.py); the graphs compute in float32 either way.
+Writes into OUT (and nowhere else): `step.onnx` (ids [B, S >= 1] continuing each sequence from start [B], with
+the state before them -> logits, the state after them and each CSA layer's indexer top-k; export/chunk.py: it
+serves prefill, chunked prefill, ragged chunks and decode), its weights as external data next to it
+(`step.weights`, a path relative to OUT), `export.json` (the manifest: state layout, opset, the checkpoint's
+fingerprint, the profile), `CUSTOM_OPS.md` (the custom nodes' reference page) and the checkpoint's config.json
+(and tokenizer.json when there is one). Opset 23; the V4 kernels are `com.deepseek.v4` nodes with model-local
+function bodies (export/custom_ops.py). `onnx.checker` with full_check passes. Weights (`--weights`):
+`float32`, or `fp8` = as shipped, FP8 linears as e4m3 codes and FP4 experts repacked losslessly to int8, each
+through a blocked DequantizeLinear (export/weight_storage.py); the graph computes in float32 either way.
+FORMAT_VERSION 2: the step graph replaced version 1's prefill + decode pair (whole-state decode, one-call prefill).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from runtime.errors import V4Error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 OPSET = 23
 EXPORTABLE_WEIGHT_FORMATS = ("float32",)
 WEIGHT_STORAGE = ("float32", "fp8")
@@ -50,7 +51,7 @@ def _dims(cfg, names):
         d = {0: B}
         if n.endswith((".comp", ".ikeys")):
             m = 4 if n.endswith(".ikeys") else cfg.ratio(int(n[1:n.index(".")]))
-            caps.setdefault(m, Dim(f"N{m}", min=2, max=1 << 24))      # one capacity per compression ratio
+            caps.setdefault(m, Dim(f"N{m}", min=1, max=1 << 24))      # one capacity per compression ratio
             d[1] = caps[m]
         return d
 
@@ -81,12 +82,13 @@ def _save(model, out: Path, name: str) -> None:
 
 def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: bool = True,
                  weights: str = "float32") -> Path:
-    """Export prefill and decode graphs of `checkpoint` under `profile` into the folder `out`; `weights`:
+    """Export the step graph of `checkpoint` under `profile` into the folder `out`; `weights`:
     "float32", or "fp8" (FP8 linears and FP4 experts stored as shipped, dequantised in the graph)."""
     from runtime.api import Runtime
     from runtime.parity.report import checkpoint_fingerprint
 
-    from .steps import Decode, Prefill, index_tap_names, state_names, state_shapes
+    from .chunk import Step, cache_ratio, fed_rows, is_cache, output_names
+    from .steps import index_tap_names, state_names, state_shapes
 
     out = Path(out)
     if weights not in WEIGHT_STORAGE:
@@ -103,24 +105,21 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    say(f"exporting prefill graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
     B, state_dims = _dims(cfg, names)
+    start = torch.tensor([0, 1100])               # example values only: sizes must not coincide (duck shaping)
+    say(f"exporting the step graph of {rt.checkpoint} ({cfg.num_layers} layers) ...")
     ids = torch.randint(2, min(cfg.vocab_size, 258), (2, 300))
-    prefill = _export(Prefill(cfg, tensors).eval(), (ids,), {"ids": {0: B, 1: torch.export.Dim("S", min=2,
-                                                                                                max=1 << 24)}},
-                      ["ids"], ["logits", *names, *index_tap_names(cfg)])
-    _save(storage(prefill), out, "prefill")
-    say(f"  prefill.onnx written ({time.perf_counter() - t0:.0f} s); exporting decode graph ...")
-    shapes = state_shapes(cfg, 2, 1024)
-    state = [torch.zeros(shapes[n]) for n in names]
-    decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.tensor([300, 517]), *state),
-                     {"ids": {0: B}, "pos": {0: B}, "state_in": state_dims}, ["ids", "pos", *names],
-                     ["logits", *[f"{n}.out" for n in names]])
-    _save(storage(decode), out, "decode")
+    shapes = state_shapes(cfg, 2, 0)
+    state = [torch.zeros((2, fed_rows(1100, ids.shape[1], cache_ratio(cfg, n)), shapes[n][2])) if is_cache(n)
+             else torch.zeros(shapes[n]) for n in names]
+    graph = _export(Step(cfg, tensors).eval(), (ids, start, *state),
+                    {"ids": {0: B, 1: torch.export.Dim("S", min=1, max=1 << 24)}, "start": {0: B},
+                     "state_in": state_dims}, ["ids", "start", *names], ["logits", *output_names(cfg)])
+    _save(storage(graph), out, "step")
     manifest = {"format_version": FORMAT_VERSION, "opset": OPSET, "profile": rt.profile.name,
                 "checkpoint": str(rt.checkpoint), "fingerprint": checkpoint_fingerprint(Path(rt.checkpoint)),
-                "weights": weights, "state": names, "index_taps": index_tap_names(cfg), "prefill_min_tokens": 2,
-                "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"}}
+                "weights": weights, "state": names, "index_taps": index_tap_names(cfg),
+                "graphs": {"step": "step.onnx"}}
     (out / "export.json").write_text(json.dumps(manifest, indent=1))
     from .op_docs import render
 
@@ -128,7 +127,7 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     for extra in ("config.json", "tokenizer.json"):
         if (Path(rt.checkpoint) / extra).is_file():
             shutil.copy(Path(rt.checkpoint) / extra, out / extra)
-    say(f"  decode.onnx written; done in {time.perf_counter() - t0:.0f} s -> {out}")
+    say(f"  done in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
 

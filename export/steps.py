@@ -1,5 +1,6 @@
-"""The two exported graphs: `Prefill` (ids [B, S] from position 0 -> logits and the decode state) and `Decode`
-(one token per sequence at its own position, the whole state in and out). State layout: export/graph.py."""
+"""The edge variant's two static graphs (export/edge.py): `Prefill` (ids [B, S] from position 0 -> logits and the
+decode state) and `Decode` (one token per sequence at its own position, the whole state in and out), and the state
+layout helpers the ONNX Runtime graph (export/chunk.py) shares. State layout: export/graph.py."""
 
 from __future__ import annotations
 

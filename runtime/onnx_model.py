@@ -1,12 +1,15 @@
-"""Running the exported ONNX graphs (export/onnx.py) with ONNX Runtime, behind the same interface as the torch
+"""Running the exported ONNX graph (export/onnx.py) with ONNX Runtime, behind the same interface as the torch
 model: `forward(ids, seqs)`, `new_state(batch)`, `cfg`, `device`.
 
-A fresh batch of equal-length prompts (>= 2 tokens) runs the prefill graph once; one-token steps run the decode
-graph on the whole batch, each sequence at its own position; anything else (a continued multi-token chunk, a
-one-token prompt) runs decode steps token by token. The state of each sequence is the decode graph's state as
-numpy arrays; compressed-entry caches grow (doubling) before a position would outrun them. Execution providers
-are the profile's; the session's actual providers are checked after creation, so a provider that did not load
-is an error, never a silent CPU run.
+Every call runs the `step` graph (export/chunk.py): multi-token calls (a fresh prompt, a continued chunk,
+sequences at different positions) in chunks of at most CHUNK tokens, so prefill cost per token and its workspace
+stay bounded by the chunk, not the prompt; one-token calls (decode) with S = 1. The state of each sequence is
+numpy arrays: the rings, and compressed-entry caches with room for `capacity` tokens that grow (doubling) before
+a position would outrun them (`new_state(batch, context=N)` reserves N tokens up front). A call feeds each cache
+with its live rows only (a view for one sequence, no copy) and writes back just the entries the graph returns,
+so a step's work follows the sequence's length, not the capacity. Execution providers are the profile's; the
+session's actual providers are checked after creation, so a provider that did not load is an error, never a
+silent CPU run.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from .model.state import StateBatch
 from .taps import recording, tap
 
 MIN_CAPACITY = 1024
+CHUNK = 256             # tokens per step-graph call (measured 256 best of 128-2048 on the tiny model, one thread)
 
 
 class OnnxSequence:
-    def __init__(self, cfg, names):
-        self.cfg, self.names = cfg, names
+    def __init__(self, cfg, names, context: int = 0):
+        self.cfg, self.names, self.context = cfg, names, context
         self.reset()
 
     def reset(self) -> None:
@@ -36,25 +40,21 @@ class OnnxSequence:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values()) if self.arrays else 0
 
-    def ensure(self, tokens: int, empty) -> None:
-        """Arrays for an empty or continued sequence, with compressed caches for at least `tokens` tokens."""
-        cap = max(MIN_CAPACITY, tokens)
+    def ensure(self, rows: dict[str, int], empty) -> None:
+        """Arrays for an empty or continued sequence, each compressed cache with at least rows[name] rows."""
         if self.arrays is None:
-            self.arrays = empty(cap)
-            return
-        for n, a in self.arrays.items():
-            if n.endswith((".comp", ".ikeys")):
-                m = 4 if n.endswith(".ikeys") else self.cfg.ratio(int(n[1:n.index(".")]))
-                need = -(-tokens // m) + 1
-                if a.shape[1] < need:
-                    grown = np.zeros((1, max(need, 2 * a.shape[1]), a.shape[2]), np.float32)
-                    grown[:, :a.shape[1]] = a
-                    self.arrays[n] = grown
+            self.arrays = empty(max(MIN_CAPACITY, self.context))
+        for n, need in rows.items():
+            a = self.arrays[n]
+            if a.shape[1] < need:
+                grown = np.zeros((1, max(need, 2 * a.shape[1]), a.shape[2]), np.float32)
+                grown[:, :a.shape[1]] = a
+                self.arrays[n] = grown
 
 
 class OnnxState(StateBatch):
-    def __init__(self, cfg, names, batch_size: int):
-        super().__init__([OnnxSequence(cfg, names) for _ in range(batch_size)])
+    def __init__(self, cfg, names, batch_size: int, context: int = 0):
+        super().__init__([OnnxSequence(cfg, names, context) for _ in range(batch_size)])
 
 
 class OnnxModel:
@@ -66,6 +66,8 @@ class OnnxModel:
         self.folder, self.cfg, self.device = folder, cfg, torch.device("cpu")
         self.manifest = json.loads((folder / "export.json").read_text())
         self.names, self.index_taps = self.manifest["state"], self.manifest["index_taps"]
+        self.caches = [n for n in self.names if n.endswith((".comp", ".ikeys"))]
+        self.chunk = CHUNK
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")   # no int8 activations
@@ -77,11 +79,11 @@ class OnnxModel:
                 raise V4Error(f"ONNX Runtime did not start {providers} for {name} (got {s.get_providers()}); "
                               "install the provider's runtime or use profile onnx-cpu")
             self.sessions[kind] = s
-        self.providers = self.sessions["decode"].get_providers()
+        self.providers = self.sessions["step"].get_providers()
         self.tap_names = frozenset({"final.logits", *self.index_taps})     # what the graphs expose to parity
 
     def placement(self) -> dict[str, dict[str, int]]:
-        """Which execution provider ran how many nodes of each graph: one profiled run on an empty state
+        """Which execution provider ran how many nodes of each graph: one profiled run on a fresh sequence
         (ONNX Runtime's profiler records each node's provider). The CPU provider's share is the fallback."""
         import onnxruntime as ort
 
@@ -91,10 +93,8 @@ class OnnxModel:
         out = {}
         for kind, name in self.manifest["graphs"].items():
             s = ort.InferenceSession(str(self.folder / name), so, providers=self.providers)
-            feeds = {"ids": np.full((1, 2 if kind == "prefill" else 1), 2, np.int64)}
-            if kind == "decode":
-                feeds.update({"pos": np.zeros(1, np.int64), **self._empty(MIN_CAPACITY)})
-            s.run(None, feeds)
+            seqs = self.new_state(1).seqs
+            s.run(None, self._feeds(np.full((1, 2 if kind == "step" else 1), 2, np.int64), seqs))
             events = json.loads(Path(s.end_profiling()).read_text())
             counts: dict[str, int] = {}
             for e in events:
@@ -105,59 +105,68 @@ class OnnxModel:
         return out
 
     def new_state(self, batch_size: int, context: int = 0) -> OnnxState:
-        # `context` is a hint the torch model preallocates with; these arrays grow by doubling on their own.
-        return OnnxState(self.cfg, self.names, batch_size)
+        # `context`: tokens each sequence's caches are allocated for up front (they still grow past it)
+        return OnnxState(self.cfg, self.names, batch_size, context)
 
     def _empty(self, cap: int) -> dict[str, np.ndarray]:
         from export.steps import state_shapes
 
         return {n: np.zeros(shape, np.float32) for n, shape in state_shapes(self.cfg, 1, cap).items()}
 
-    def _prefill(self, ids: np.ndarray, seqs) -> np.ndarray:
-        S = ids.shape[1]
-        out = self.sessions["prefill"].run(None, {"ids": ids})
-        logits, state, taps = out[0], out[1:1 + len(self.names)], out[1 + len(self.names):]
-        for b, s in enumerate(seqs):
-            s.ensure(S + 1, self._empty)
-            for n, a in zip(self.names, state):
-                row = a[b:b + 1]
-                if n.endswith((".comp", ".ikeys")):                  # into the capacity the decode graph reads
-                    s.arrays[n][:, :row.shape[1]] = row
-                else:
-                    s.arrays[n] = np.ascontiguousarray(row)
-            s.pos = S
-        k = min(self.cfg.index_topk, S // 4)                          # the columns the reference keeps
-        for name, t in zip(self.index_taps, taps if recording() else ()):
-            tap(name, torch.from_numpy(np.ascontiguousarray(t[..., :k])).reshape(t.shape[0] * t.shape[1], k))
-        return logits
+    def _feeds(self, ids: np.ndarray, seqs) -> dict[str, np.ndarray]:
+        """The graph inputs for ids [B, S] continuing `seqs`: each cache's live rows (enough for the batch's
+        furthest sequence: the rows past a shorter one's position are never read)."""
+        from export.chunk import cache_ratio, fed_rows
 
-    def _decode(self, ids: np.ndarray, seqs) -> np.ndarray:
+        S = ids.shape[1]
+        rows = {n: max(fed_rows(s.pos, S, cache_ratio(self.cfg, n)) for s in seqs) for n in self.caches}
         for s in seqs:
-            s.ensure(s.pos + 2, self._empty)
-        feeds = {"ids": ids, "pos": np.array([s.pos for s in seqs], np.int64)}
+            s.ensure(rows, self._empty)
+        feeds = {"ids": ids, "start": np.array([s.pos for s in seqs], np.int64)}
         for n in self.names:
-            parts = [s.arrays[n] for s in seqs]
-            if len(parts) == 1:                 # one sequence: feed its arrays as they are, no copy
-                feeds[n] = parts[0]
-                continue
-            width = max(p.shape[1] for p in parts)
-            feeds[n] = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in parts])
-        out = self.sessions["decode"].run(None, feeds)
-        for b, s in enumerate(seqs):
-            for n, a in zip(self.names, out[1:]):
-                s.arrays[n] = np.ascontiguousarray(a[b:b + 1])
-            s.pos += 1
+            parts = [s.arrays[n][:, :rows[n]] if n in rows else s.arrays[n] for s in seqs]
+            feeds[n] = parts[0] if len(parts) == 1 else np.concatenate(parts)   # one sequence: a view, no copy
+        return feeds
+
+    def _run(self, kind: str, ids: np.ndarray, seqs, taps: dict | None) -> np.ndarray:
+        """One graph call on ids [B, S]; the state written back into the sequences' arrays."""
+        from export.chunk import cache_ratio
+
+        out = self.sessions[kind].run(None, self._feeds(ids, seqs))
+        n_state = len(self.names)
+        for n, a in zip(self.names, out[1:1 + n_state]):
+            for b, s in enumerate(seqs):
+                if n in self.caches:               # this call's entries, in place at their rows
+                    r0 = s.pos // cache_ratio(self.cfg, n)
+                    s.arrays[n][0, r0:r0 + a.shape[1]] = a[b]
+                else:
+                    s.arrays[n] = a[b:b + 1]
+        if taps is not None:
+            for name, t in zip(self.index_taps, out[1 + n_state:]):
+                taps.setdefault(name, []).append(t)
+        for s in seqs:
+            s.pos += ids.shape[1]
         return out[0]
 
     def forward(self, ids: torch.Tensor, seqs, return_hidden: bool = False) -> torch.Tensor:
         if return_hidden:
             raise InputError("the ONNX export has no MTP block and no hidden-state output; use a torch profile")
         x = ids.cpu().numpy().astype(np.int64)
-        S = x.shape[1]
-        if S >= self.manifest["prefill_min_tokens"] and all(s.pos == 0 for s in seqs):
-            logits = self._prefill(x, seqs)
+        S, p0 = x.shape[1], [s.pos for s in seqs]
+        taps = {} if recording() and S > 1 else None
+        if S == 1:
+            logits = self._run("step", x, seqs, None)
         else:
-            logits = np.concatenate([self._decode(x[:, t:t + 1], seqs) for t in range(S)], axis=1)
+            logits = np.concatenate([self._run("step", x[:, i:i + self.chunk], seqs, taps)
+                                     for i in range(0, S, self.chunk)], axis=1)
+        for name, parts in (taps or {}).items():
+            # per sequence, the columns the reference keeps for this call: min(topk, entries closed by its end)
+            width = max(t.shape[2] for t in parts)
+            sel = np.concatenate([np.pad(t, ((0, 0), (0, 0), (0, width - t.shape[2])), constant_values=-1)
+                                  for t in parts], axis=1)
+            for b in range(len(seqs)):
+                k = min(self.cfg.index_topk, (p0[b] + S) // 4)
+                tap(name, torch.from_numpy(np.ascontiguousarray(sel[b, :, :k])))
         out = torch.from_numpy(logits)
         tap("final.logits", out)
         return out

@@ -1,6 +1,7 @@
 """The ONNX export (export/onnx.py) run by stock ONNX Runtime against the CPU float32 reference: prefill logits,
-decode steps across window and compression boundaries with sequences at different positions, identical indexer
-top-k sets (through the parity harness), generation; the files it writes and the errors it gives."""
+chunked prefill across chunk, window and compression boundaries, decode steps and multi-token chunks with
+sequences at different positions, live-row feeding of the caches, identical indexer top-k sets (through the
+parity harness), generation; the files it writes and the errors it gives."""
 
 import subprocess
 import sys
@@ -22,7 +23,7 @@ G = torch.Generator().manual_seed(0)
 
 @pytest.fixture(scope="module")
 def exported(tiny_ckpt, tmp_path_factory):
-    """One export of the tiny default for the module (about two minutes on two cores)."""
+    """One export of the tiny default for the module (about a minute and a half on two cores)."""
     root = tmp_path_factory.mktemp("onnx")
     out = export_model(tiny_ckpt, "cpu", root / "out", progress=False)
     return root, out
@@ -33,19 +34,18 @@ def ort_rt(exported):
     return Runtime.load("onnx-cpu", checkpoint=exported[1], progress=False)
 
 
-def test_export_writes_two_checked_graphs_into_out_only(exported):
+def test_export_writes_one_checked_graph_into_out_only(exported):
     root, out = exported
     assert sorted(p.name for p in root.iterdir()) == ["out"]
-    assert {p.name for p in out.iterdir()} == {"prefill.onnx", "prefill.weights", "decode.onnx", "decode.weights",
-                                               "export.json", "config.json", "CUSTOM_OPS.md"}
-    for name in ("prefill.onnx", "decode.onnx"):
-        m = onnx.load(str(out / name))
-        onnx.checker.check_model(m, full_check=True)
-        assert {(o.domain, o.version) for o in m.opset_import} >= {("", 23), ("com.deepseek.v4", 1)}
-        custom = {n.op_type for n in m.graph.node if n.domain == "com.deepseek.v4"}
-        assert custom == {"SparseAttention", "IndexerTopK"} and {f.name for f in m.functions} == custom
-    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
-    assert [i.name for i in dec.graph.input][:4] == ["ids", "pos", "L0.win", "L1.win"]
+    assert {p.name for p in out.iterdir()} == {"step.onnx", "step.weights", "export.json", "config.json",
+                                               "CUSTOM_OPS.md"}
+    m = onnx.load(str(out / "step.onnx"))
+    onnx.checker.check_model(m, full_check=True)
+    assert {(o.domain, o.version) for o in m.opset_import} >= {("", 23), ("com.deepseek.v4", 1)}
+    custom = {n.op_type for n in m.graph.node if n.domain == "com.deepseek.v4"}
+    assert custom == {"SparseAttention", "IndexerTopK"} and {f.name for f in m.functions} == custom
+    assert [i.name for i in m.graph.input][:4] == ["ids", "start", "L0.win", "L1.win"]
+    assert "L1.comp.new" in [o.name for o in m.graph.output]          # caches: only the call's entries come out
 
 
 def test_prefill_matches_the_reference_for_any_batch_and_length(ort_rt, tiny_rt):
@@ -54,9 +54,32 @@ def test_prefill_matches_the_reference_for_any_batch_and_length(ort_rt, tiny_rt)
         assert (ort_rt.forward(ids) - tiny_rt.forward(ids)).abs().max() <= 1e-4, (B, S)
 
 
-def test_decode_matches_the_reference_across_boundaries_at_ragged_positions(ort_rt, tiny_rt):
-    """Prompts of 100 and 37 tokens, then 40 one-token steps for both at once: crossing the 128-token window, HCA
-    entries of 16 and 128 and many CSA entries, each sequence at its own position."""
+@pytest.fixture
+def small_chunks(ort_rt, monkeypatch):
+    """Chunks of 37 tokens: prompts cross many chunk boundaries, none aligned to a window (4, 16, 128)."""
+    monkeypatch.setattr(ort_rt.model, "chunk", 37)
+    return ort_rt
+
+
+def test_chunked_prefill_then_decode_matches_the_reference(small_chunks, tiny_rt):
+    """A 300-token prompt for two sequences in chunks of 37 (the last one 4 tokens), then 10 decode steps: chunks
+    end mid-window for every ratio and cross the 128-token window and HCA entries of 16 and 128."""
+    ort_rt = small_chunks
+    ids = torch.randint(2, 258, (2, 300), generator=G)
+    st = {rt: rt.new_state(2) for rt in (ort_rt, tiny_rt)}
+    assert (ort_rt.forward(ids, state=st[ort_rt]) - tiny_rt.forward(ids, state=st[tiny_rt])).abs().max() <= 1e-4
+    for _ in range(10):
+        tok = torch.randint(2, 258, (2, 1), generator=G)
+        a, b = ort_rt.forward(tok, state=st[ort_rt]), tiny_rt.forward(tok, state=st[tiny_rt])
+        assert (a - b).abs().max() <= 1e-4
+    assert st[ort_rt].positions == [310, 310]
+
+
+def test_decode_and_ragged_chunks_match_the_reference(small_chunks, tiny_rt):
+    """Prompts of 100 and 37 tokens, 40 one-token steps for both at once (crossing the 128-token window, HCA
+    entries of 16 and 128 and many CSA entries, each sequence at its own position), then a 90-token chunk for
+    both (the step graph with two different start positions, in chunks of 37), then decode again."""
+    ort_rt = small_chunks
     prompts = [torch.randint(2, 258, (1, n), generator=G) for n in (100, 37)]
     states = {}
     for rt in (ort_rt, tiny_rt):
@@ -67,11 +90,34 @@ def test_decode_matches_the_reference_across_boundaries_at_ragged_positions(ort_
             rt.forward(p, state=one)
         states[rt] = st
     worst = 0.0
-    for k in range(40):
-        tok = torch.randint(2, 258, (2, 1), generator=G)
+    for n in [1] * 40 + [90] + [1] * 5:
+        tok = torch.randint(2, 258, (2, n), generator=G)
         a, b = ort_rt.forward(tok, state=states[ort_rt]), tiny_rt.forward(tok, state=states[tiny_rt])
         worst = max(worst, float((a - b).abs().max()))
-    assert worst <= 1e-4 and states[ort_rt].positions == [140, 77]
+    assert worst <= 1e-4 and states[ort_rt].positions == [235, 172]
+
+
+def test_decode_feeds_live_rows_and_writes_entries_in_place(ort_rt, tiny_rt):
+    """Caches reserved for 8192 tokens: a step feeds only the rows a position needs (a view of the arrays, not a
+    copy), the arrays are updated in place (no regrowth, no new arrays) and the numbers stay the reference's."""
+    from export.chunk import cache_ratio, fed_rows
+
+    model = ort_rt.model
+    st, ref = ort_rt.new_state(1, context=8192), tiny_rt.new_state(1)
+    ids = torch.randint(2, 258, (1, 130), generator=G)
+    ort_rt.forward(ids, state=st)
+    tiny_rt.forward(ids, state=ref)
+    seq = st.seqs[0]
+    arrays = {n: seq.arrays[n] for n in model.caches}
+    for _ in range(6):
+        feeds = model._feeds(np.full((1, 1), 5, np.int64), st.seqs)
+        for n in model.caches:
+            rows = fed_rows(seq.pos, 1, cache_ratio(model.cfg, n))
+            assert feeds[n].shape[1] == rows < arrays[n].shape[1] and np.shares_memory(feeds[n], arrays[n])
+        tok = torch.randint(2, 258, (1, 1), generator=G)
+        assert (ort_rt.forward(tok, state=st) - tiny_rt.forward(tok, state=ref)).abs().max() <= 1e-4
+    assert all(seq.arrays[n] is arrays[n] for n in model.caches)
+    assert arrays["L1.comp"].shape[1] >= 8192 // 4
 
 
 def test_parity_report_shows_identical_indexer_choices(ort_rt, tiny_rt):
@@ -100,10 +146,10 @@ def test_tampered_external_data_path_is_refused(exported, tmp_path):
 
     bad = tmp_path / "bad"
     shutil.copytree(exported[1], bad)
-    m = onnx.load(str(bad / "decode.onnx"), load_external_data=False)
+    m = onnx.load(str(bad / "step.onnx"), load_external_data=False)
     t = next(t for t in m.graph.initializer if t.external_data)
     next(e for e in t.external_data if e.key == "location").value = "../../etc/passwd"
-    onnx.save(m, str(bad / "decode.onnx"))
+    onnx.save(m, str(bad / "step.onnx"))
     with pytest.raises(ExportError, match="outside the export folder"):
         Runtime.load("onnx-cpu", checkpoint=bad, progress=False)
 
@@ -127,7 +173,7 @@ def test_onnx_model_rejects_what_the_export_lacks(ort_rt):
         ort_rt.mtp_logits([[0, 5, 6]])
     with pytest.raises(InputError, match="with_ops needs a torch model"):
         ort_rt.with_ops(apply_rope=lambda *a, **k: None)
-    assert np.isfinite(ort_rt.forward([[7]]).numpy()).all()         # a one-token prompt runs the decode graph
+    assert np.isfinite(ort_rt.forward([[7]]).numpy()).all()         # a one-token prompt: the graph at S = 1
 
 
 def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, tiny_rt, tmp_path):
@@ -142,7 +188,7 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
     ck = load_checkpoint(tiny_ckpt, progress=False)
     dst = tmp_path / "fp8"
     dst.mkdir()
-    for g in ("prefill", "decode"):
+    for g in ("step",):
         m = onnx.load(str(exported[1] / f"{g}.onnx"))
         stats = store_quantized(m, ck.tensors, ck.quantized, ck.expert_format)
         assert stats["fp8"] == 42 and stats["int8_from_fp4"] == 120          # 5 layers: 8 experts x 3 each
@@ -230,5 +276,5 @@ def test_execution_providers_are_checked_never_silently_replaced(exported, monke
 
 def test_node_placement_is_reported(ort_rt):
     placement = ort_rt.model.placement()
-    assert set(placement) == {"prefill", "decode"}
+    assert set(placement) == {"step"}
     assert all(set(c) == {"CPUExecutionProvider"} and c["CPUExecutionProvider"] > 100 for c in placement.values())

@@ -68,7 +68,7 @@ class TorchEngine:
 
 
 class OnnxEngine(TorchEngine):
-    """The exported graphs on ONNX Runtime (profile onnx-cpu): the prompt in one prefill-graph call."""
+    """The exported step graph on ONNX Runtime (profile onnx-cpu): the prompt in the runner's chunks."""
 
     def __init__(self, rt):
         self.rt, self.model = rt, rt.model
