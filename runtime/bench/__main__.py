@@ -9,8 +9,8 @@
 
 Each scenario is a child process (its own peak RSS). Prefill: chunks of --chunk tokens, --repeats runs at
 contexts up to 4096 and one run beyond (median, min, max). Decode: --decode-steps single-token steps at the
-context the prefill reached (median, p10, p90). The ONNX path runs up to 16K tokens (its prefill graph takes
-the prompt in one call). The dense baseline prefills up to 16K tokens and beyond that
+context the prefill reached (median, p10, p90). The ONNX path prefills through its step graph in 256-token
+chunks. The dense baseline prefills up to 16K tokens and beyond that
 decodes from a randomly filled state of the same shape (a dense 64K prefill takes hours on a CPU).
 transformers runs with an address-space limit of --hf-mem-limit GiB so a context it cannot hold ends in an
 error row rather than the OOM killer. Errors in the arguments print one line and exit with status 2.
