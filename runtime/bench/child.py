@@ -79,7 +79,9 @@ def run(spec: dict) -> dict:
     res["state_bytes"] = eng.state_bytes(state)
     if spec["engine"] == "ours":                # the planner's figure for the same sequence length
         res["planned_state_bytes"] = eng.rt.memory.state_bytes([N + len(steps)])
-    res["peak_rss_mib"] = _status_mib("VmHWM")
+    # The kernel's RSS counters are per-CPU approximations read at different moments: VmHWM was seen 0.2 MiB
+    # below an earlier VmRSS. A peak is at least every RSS this process observed.
+    res["peak_rss_mib"] = max(_status_mib("VmHWM"), _status_mib("VmRSS"), res["rss_after_load_mib"])
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:   # a CUDA profile's device memory
         res["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return res
