@@ -170,17 +170,6 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
 
 
-def _expanded_scale(scale: torch.Tensor, hc: int) -> torch.Tensor:
-    """[3] -> [(2+hc)*hc]: each mix's scale (pre, post, comb groups), built once per weight tensor."""
-    hit = _SCALES.get(id(scale))
-    if hit is None or hit[0] is not scale:       # the tensor itself is kept, so its id cannot be reused
-        hit = _SCALES[id(scale)] = (scale, scale.repeat_interleave(torch.tensor([hc, hc, hc * hc])))
-    return hit[1]
-
-
-_SCALES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 @register("hc_pre", "cpu.scalar_sinkhorn", "cpu")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
            norm_eps: float, sinkhorn_iters: int):
@@ -192,9 +181,11 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
         return ref_mhc.hc_pre(X, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
     T, hc, d = X.shape
     mix = F.linear(F.rms_norm(X.reshape(T, hc * d), (hc * d,), None, norm_eps), fn)     # [T, (2+hc)*hc]
-    rows = torch.addcmul(base, mix, _expanded_scale(scale, hc)).tolist()
+    sc, bs = scale.tolist(), base.tolist()
+    group = [0] * hc + [1] * hc + [2] * (hc * hc)                    # which scale each mix takes
     out = []
-    for z in rows:
+    for m in mix.tolist():
+        z = [v * sc[g] + b for v, g, b in zip(m, group, bs)]
         gates = [_sigmoid(v) for v in z[:2 * hc]]
         comb = []
         for i in range(hc):                                          # row softmax, then + eps
@@ -227,13 +218,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Same contract as `runtime.ops.norm_rope.apply_rope`: interleaved pairs as complex numbers times
     (cos + i sin), conjugated for the inverse. The complex factor is built once per (cos, sin, inverse): the
-    model reuses one cos/sin per positions tensor for every projection of a step."""
+    model reuses one cos/sin per positions tensor for every projection of a decode step."""
     key = (id(cos), id(sin), inverse)
     hit = _ROTATIONS.get(key)
-    if hit is None or hit[0] is not cos or hit[1] is not sin:
-        if len(_ROTATIONS) > 64:
-            _ROTATIONS.clear()
-        hit = _ROTATIONS[key] = (cos, sin, torch.complex(cos, -sin if inverse else sin))
+    if hit is None or hit[0] is not cos or hit[1] is not sin:   # kept tensors: their ids cannot be reused
+        hit = (cos, sin, torch.complex(cos, -sin if inverse else sin))
+        if cos.shape[0] <= SMALL_T:                             # decode-sized only: a few KB each
+            if len(_ROTATIONS) > 64:
+                _ROTATIONS.clear()
+            _ROTATIONS[key] = hit
     pairs = x.float().unflatten(-1, (-1, 2))
     try:                                      # a view when the pairs are laid out as complex numbers
         z = torch.view_as_complex(pairs)

@@ -1,4 +1,4 @@
-"""The ONNX backend: the exported prefill / decode graphs (export/onnx.py) run by ONNX Runtime.
+"""The ONNX backend: the exported step graph (export/onnx.py) run by ONNX Runtime.
 
 Probing imports onnxruntime (an optional extra: `pip install '.[onnx]'`) at load, never at import. The model
 runs inside the graphs, so the dispatch table names the graph node each op became: the V4 kernels are

@@ -1,13 +1,15 @@
-"""The V4 graph in the fixed-shape form ONNX needs: a prefill from position 0, and a one-token decode step whose
-whole state is explicit tensors (the position too), with visibility by mask instead of Python control flow.
+"""The V4 graph's pieces in the form ONNX needs, shared by the step graph (chunk.py) and the edge variant's
+prefill / decode graphs (steps.py): the whole state is explicit tensors (the positions too), with visibility by
+mask instead of Python control flow.
 
 It computes what runtime.model computes (the same op functions: rms_norm, RoPE, hc_head, compress_pool, clamped
 SwiGLU; graph-friendly equivalents of moe_gate, hc_pre and hc_post; the sparse kernels as the custom ops of
 custom_ops.py), with the state
 laid out for a graph (per layer, B sequences):
 - `win` [B, W, D]: ring of raw KV rows, token p in slot p % W;
-- `comp` [B, N, D] and (CSA) `ikeys` [B, N, di]: compressed entries, entry w in row w; N is the capacity the
-  runner allocates (>= context / ratio); rows past what the position allows are never visible;
+- `comp` [B, N, D] and (CSA) `ikeys` [B, N, di]: compressed entries, entry w in row w; N is what the runner
+  feeds (the step graph: the live rows; the edge decode graph: a fixed capacity); rows past what the position
+  allows are never visible;
 - `ckv` / `csc` [B, R, coff*c] and (CSA) `ikv` / `isc` [B, 8, 2*di]: the compressor's per-token projections and
   gate scores (ape added) of the last R positions, token p in slot p % R (R = 2 x ratio for CSA's overlapping
   windows, ratio for HCA). Entry w closes when the token at position w*m + m-1 arrives; the decode step always
@@ -105,7 +107,7 @@ class V4Graph(torch.nn.Module):
             base, yarn = (cfg.compress_rope_theta, cfg.yarn) if ratio else (cfg.rope_theta, None)
             self.register_buffer(f"freqs{layer}", norm_rope.rope_frequencies(cfg.rope_dim, base, yarn))
 
-    # ------------------------------------------------------------------ pieces shared by both graphs
+    # ------------------------------------------------------------------ pieces shared by every graph
     def _lin(self, x, name):
         return x @ self.w(name).T
 

@@ -24,7 +24,8 @@ def state_names(cfg) -> list[str]:
 
 
 def index_tap_names(cfg) -> list[str]:
-    """Extra prefill outputs: each CSA layer's indexer top-k [B, S, min(topk, ceil(S / 4))] (for parity)."""
+    """Extra outputs: each CSA layer's indexer top-k (for parity): [B, S, min(topk, ceil(S / 4))] from the edge
+    prefill graph, [B, S, min(topk, indexer rows fed)] from the step graph."""
     return [f"L{i}.indexer.topk" for i in range(cfg.num_layers) if cfg.is_csa(i)]
 
 

@@ -4,7 +4,7 @@ model: `forward(ids, seqs)`, `new_state(batch)`, `cfg`, `device`.
 Every call runs the `step` graph (export/chunk.py): multi-token calls (a fresh prompt, a continued chunk,
 sequences at different positions) in chunks of at most CHUNK tokens, so prefill cost per token and its workspace
 stay bounded by the chunk, not the prompt; one-token calls (decode) with S = 1. The state of each sequence is
-numpy arrays: the rings, and compressed-entry caches with room for `capacity` tokens that grow (doubling) before
+numpy arrays: the rings, and compressed-entry caches with room for max(MIN_CAPACITY, context) tokens that grow (doubling) before
 a position would outrun them (`new_state(batch, context=N)` reserves N tokens up front). A call feeds each cache
 with its live rows only (a view for one sequence, no copy) and writes back just the entries the graph returns,
 so a step's work follows the sequence's length, not the capacity. Execution providers are the profile's; the
@@ -61,10 +61,14 @@ class OnnxModel:
     def __init__(self, folder: Path, cfg, providers: list[str], threads: int):
         import onnxruntime as ort
 
-        from export.onnx import check_external_data
+        from export.onnx import FORMAT_VERSION, check_external_data
 
         self.folder, self.cfg, self.device = folder, cfg, torch.device("cpu")
         self.manifest = json.loads((folder / "export.json").read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise V4Error(f"{folder} holds an ONNX export of format {self.manifest.get('format_version')}; this "
+                          f"runtime reads format {FORMAT_VERSION}: re-export it (python -m export.onnx --checkpoint "
+                          "CKPT --out DIR)")
         self.names, self.index_taps = self.manifest["state"], self.manifest["index_taps"]
         self.caches = [n for n in self.names if n.endswith((".comp", ".ikeys"))]
         self.chunk = CHUNK
@@ -94,7 +98,7 @@ class OnnxModel:
         for kind, name in self.manifest["graphs"].items():
             s = ort.InferenceSession(str(self.folder / name), so, providers=self.providers)
             seqs = self.new_state(1).seqs
-            s.run(None, self._feeds(np.full((1, 2 if kind == "step" else 1), 2, np.int64), seqs))
+            s.run(None, self._feeds(np.full((1, 2), 2, np.int64), seqs))
             events = json.loads(Path(s.end_profiling()).read_text())
             counts: dict[str, int] = {}
             for e in events:
@@ -114,25 +118,33 @@ class OnnxModel:
         return {n: np.zeros(shape, np.float32) for n, shape in state_shapes(self.cfg, 1, cap).items()}
 
     def _feeds(self, ids: np.ndarray, seqs) -> dict[str, np.ndarray]:
-        """The graph inputs for ids [B, S] continuing `seqs`: each cache's live rows (enough for the batch's
-        furthest sequence: the rows past a shorter one's position are never read)."""
+        """The graph inputs for ids [B, S] continuing `seqs`: each cache's live rows. One sequence: views of its
+        arrays, no copy. Several: one zero-padded copy as wide as the furthest sequence's rows (the rows past a
+        shorter one's own are never read), so no sequence's arrays grow with its neighbours'."""
         from export.chunk import cache_ratio, fed_rows
 
         S = ids.shape[1]
-        rows = {n: max(fed_rows(s.pos, S, cache_ratio(self.cfg, n)) for s in seqs) for n in self.caches}
-        for s in seqs:
+        own = [{n: fed_rows(s.pos, S, cache_ratio(self.cfg, n)) for n in self.caches} for s in seqs]
+        for s, rows in zip(seqs, own):
             s.ensure(rows, self._empty)
         feeds = {"ids": ids, "start": np.array([s.pos for s in seqs], np.int64)}
         for n in self.names:
-            parts = [s.arrays[n][:, :rows[n]] if n in rows else s.arrays[n] for s in seqs]
-            feeds[n] = parts[0] if len(parts) == 1 else np.concatenate(parts)   # one sequence: a view, no copy
+            if n not in self.caches:
+                parts = [s.arrays[n] for s in seqs]
+                feeds[n] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            elif len(seqs) == 1:
+                feeds[n] = seqs[0].arrays[n][:, :own[0][n]]
+            else:
+                feeds[n] = np.zeros((len(seqs), max(r[n] for r in own), seqs[0].arrays[n].shape[2]), np.float32)
+                for b, (s, rows) in enumerate(zip(seqs, own)):
+                    feeds[n][b, :rows[n]] = s.arrays[n][0, :rows[n]]
         return feeds
 
-    def _run(self, kind: str, ids: np.ndarray, seqs, taps: dict | None) -> np.ndarray:
-        """One graph call on ids [B, S]; the state written back into the sequences' arrays."""
+    def _run(self, ids: np.ndarray, seqs, taps: dict | None) -> np.ndarray:
+        """One step-graph call on ids [B, S]; the state written back into the sequences' arrays."""
         from export.chunk import cache_ratio
 
-        out = self.sessions[kind].run(None, self._feeds(ids, seqs))
+        out = self.sessions["step"].run(None, self._feeds(ids, seqs))
         n_state = len(self.names)
         for n, a in zip(self.names, out[1:1 + n_state]):
             for b, s in enumerate(seqs):
@@ -149,23 +161,22 @@ class OnnxModel:
         return out[0]
 
     def forward(self, ids: torch.Tensor, seqs, return_hidden: bool = False) -> torch.Tensor:
+        from export.steps import INDEXER_RATIO
+
         if return_hidden:
             raise InputError("the ONNX export has no MTP block and no hidden-state output; use a torch profile")
         x = ids.cpu().numpy().astype(np.int64)
         S, p0 = x.shape[1], [s.pos for s in seqs]
         taps = {} if recording() and S > 1 else None
-        if S == 1:
-            logits = self._run("step", x, seqs, None)
-        else:
-            logits = np.concatenate([self._run("step", x[:, i:i + self.chunk], seqs, taps)
-                                     for i in range(0, S, self.chunk)], axis=1)
+        logits = np.concatenate([self._run(x[:, i:i + self.chunk], seqs, taps) for i in range(0, S, self.chunk)],
+                                axis=1)
         for name, parts in (taps or {}).items():
             # per sequence, the columns the reference keeps for this call: min(topk, entries closed by its end)
             width = max(t.shape[2] for t in parts)
             sel = np.concatenate([np.pad(t, ((0, 0), (0, 0), (0, width - t.shape[2])), constant_values=-1)
                                   for t in parts], axis=1)
             for b in range(len(seqs)):
-                k = min(self.cfg.index_topk, (p0[b] + S) // 4)
+                k = min(self.cfg.index_topk, (p0[b] + S) // INDEXER_RATIO)
                 tap(name, torch.from_numpy(np.ascontiguousarray(sel[b, :, :k])))
         out = torch.from_numpy(logits)
         tap("final.logits", out)

@@ -97,6 +97,51 @@ def test_decode_and_ragged_chunks_match_the_reference(small_chunks, tiny_rt):
     assert worst <= 1e-4 and states[ort_rt].positions == [235, 172]
 
 
+def test_caches_grow_mid_call_and_only_with_their_own_sequence(small_chunks, tiny_rt, monkeypatch):
+    """Caches that start with room for 8 tokens: they double inside chunked prefills and decode steps, for two
+    sequences at different positions; the numbers stay the reference's and the shorter sequence's caches
+    follow its own length, not its neighbour's."""
+    import runtime.onnx_model as om
+    from export.chunk import cache_ratio
+
+    monkeypatch.setattr(om, "MIN_CAPACITY", 8)
+    ort_rt = small_chunks
+    prompts = [torch.randint(2, 258, (1, n), generator=G) for n in (260, 9)]
+    states = {}
+    for rt in (ort_rt, tiny_rt):
+        st = rt.new_state(2)
+        for b, p in enumerate(prompts):
+            one = rt.new_state(1)
+            one.seqs = [st.seqs[b]]
+            rt.forward(p, state=one)
+        states[rt] = st
+    worst = 0.0
+    for n in [1] * 6 + [50] + [1] * 3:
+        tok = torch.randint(2, 258, (2, n), generator=G)
+        a, b = ort_rt.forward(tok, state=states[ort_rt]), tiny_rt.forward(tok, state=states[tiny_rt])
+        worst = max(worst, float((a - b).abs().max()))
+    assert worst <= 1e-4 and states[ort_rt].positions == [319, 68]
+    long, short = states[ort_rt].seqs
+    for n in ort_rt.model.caches:
+        m = cache_ratio(ort_rt.model.cfg, n)
+        assert short.arrays[n].shape[1] <= 2 * (68 // m + 64 // m + 2), n     # doubling past its own rows
+        if m == 4:
+            assert short.arrays[n].shape[1] < long.arrays[n].shape[1] // 2, n
+
+
+def test_an_export_of_another_format_is_refused(exported, tmp_path):
+    import json
+    import shutil
+
+    from runtime.errors import V4Error
+
+    old = shutil.copytree(exported[1], tmp_path / "old")
+    manifest = json.loads((old / "export.json").read_text())
+    (old / "export.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(V4Error, match=r"format 1; this runtime reads format \d+: re-export it"):
+        Runtime.load("onnx-cpu", checkpoint=old, progress=False)
+
+
 def test_decode_feeds_live_rows_and_writes_entries_in_place(ort_rt, tiny_rt):
     """Caches reserved for 8192 tokens: a step feeds only the rows a position needs (a view of the arrays, not a
     copy), the arrays are updated in place (no regrowth, no new arrays) and the numbers stay the reference's."""

@@ -69,7 +69,7 @@ def test_cpu_dispatch_is_fast_ops_then_the_reference():
     t = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], False, False)
     impl = {r.op: r.impl for r in t.rows}
     assert impl["sparse_attention"] == "cpu.union_flash" and impl["indexer_topk"] == "cpu.topk_exact_ties"
-    assert impl["linear"] == "reference:linear.linear" and impl["compress_pool"].startswith("reference:")
+    assert impl["linear"] == "cpu.f_linear" and impl["compress_pool"].startswith("reference:")
     assert all(r.where == "cpu" for r in t.rows)
     assert t.as_dict()["ops"][0]["op"] == "linear"
     # emulation (and the parity/ground-truth runs that use it) is the float32 reference for every op

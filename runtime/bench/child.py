@@ -31,7 +31,7 @@ def _engine(spec: dict):
         return HFEngine(ck)
     rt = Runtime.load(spec["profile"], checkpoint=ck, progress=False)
     if kind == "onnx":
-        return OnnxEngine(rt)
+        return OnnxEngine(rt, chunk=spec["chunk"])
     dense = spec["context"] + spec["decode_steps"] + 8 if kind == "dense" else None
     return TorchEngine(rt, dense_context=dense, chunk=spec["chunk"])
 

@@ -68,16 +68,14 @@ class TorchEngine:
 
 
 class OnnxEngine(TorchEngine):
-    """The exported step graph on ONNX Runtime (profile onnx-cpu): the prompt in the runner's chunks."""
+    """The exported step graph on ONNX Runtime (profile onnx-cpu): the prompt in --chunk calls, as for ours
+    (the runner splits each into its own graph-sized chunks), so no engine keeps a whole prompt's logits."""
 
-    def __init__(self, rt):
-        self.rt, self.model = rt, rt.model
+    def __init__(self, rt, chunk: int = 4096):
+        self.rt, self.model, self.chunk = rt, rt.model, chunk
 
     def new_state(self):
         return self.model.new_state(1)
-
-    def prefill(self, ids: torch.Tensor, state) -> torch.Tensor:
-        return self.model.forward(ids, state.seqs)[:, -1]
 
     def fill(self, state, n: int, seed: int = 0) -> None:
         raise NotImplementedError
