@@ -75,12 +75,10 @@ def test_chunked_prefill_then_decode_matches_the_reference(small_chunks, tiny_rt
     assert st[ort_rt].positions == [310, 310]
 
 
-def test_decode_and_ragged_chunks_match_the_reference(small_chunks, tiny_rt):
-    """Prompts of 100 and 37 tokens, 40 one-token steps for both at once (crossing the 128-token window, HCA
-    entries of 16 and 128 and many CSA entries, each sequence at its own position), then a 90-token chunk for
-    both (the step graph with two different start positions, in chunks of 37), then decode again."""
-    ort_rt = small_chunks
-    prompts = [torch.randint(2, 258, (1, n), generator=G) for n in (100, 37)]
+def _ragged_run(ort_rt, tiny_rt, prompt_lengths, calls):
+    """Two sequences prefilled one at a time to different lengths, then `calls` (tokens per call) for both at
+    once on ONNX Runtime and the reference -> (worst max |dlogit|, {runtime: state})."""
+    prompts = [torch.randint(2, 258, (1, n), generator=G) for n in prompt_lengths]
     states = {}
     for rt in (ort_rt, tiny_rt):
         st = rt.new_state(2)
@@ -90,11 +88,19 @@ def test_decode_and_ragged_chunks_match_the_reference(small_chunks, tiny_rt):
             rt.forward(p, state=one)
         states[rt] = st
     worst = 0.0
-    for n in [1] * 40 + [90] + [1] * 5:
+    for n in calls:
         tok = torch.randint(2, 258, (2, n), generator=G)
         a, b = ort_rt.forward(tok, state=states[ort_rt]), tiny_rt.forward(tok, state=states[tiny_rt])
         worst = max(worst, float((a - b).abs().max()))
-    assert worst <= 1e-4 and states[ort_rt].positions == [235, 172]
+    return worst, states
+
+
+def test_decode_and_ragged_chunks_match_the_reference(small_chunks, tiny_rt):
+    """Prompts of 100 and 37 tokens, 40 one-token steps for both at once (crossing the 128-token window, HCA
+    entries of 16 and 128 and many CSA entries, each sequence at its own position), then a 90-token chunk for
+    both (the step graph with two different start positions, in chunks of 37), then decode again."""
+    worst, states = _ragged_run(small_chunks, tiny_rt, (100, 37), [1] * 40 + [90] + [1] * 5)
+    assert worst <= 1e-4 and states[small_chunks].positions == [235, 172]
 
 
 def test_caches_grow_mid_call_and_only_with_their_own_sequence(small_chunks, tiny_rt, monkeypatch):
@@ -106,20 +112,7 @@ def test_caches_grow_mid_call_and_only_with_their_own_sequence(small_chunks, tin
 
     monkeypatch.setattr(om, "MIN_CAPACITY", 8)
     ort_rt = small_chunks
-    prompts = [torch.randint(2, 258, (1, n), generator=G) for n in (260, 9)]
-    states = {}
-    for rt in (ort_rt, tiny_rt):
-        st = rt.new_state(2)
-        for b, p in enumerate(prompts):
-            one = rt.new_state(1)
-            one.seqs = [st.seqs[b]]
-            rt.forward(p, state=one)
-        states[rt] = st
-    worst = 0.0
-    for n in [1] * 6 + [50] + [1] * 3:
-        tok = torch.randint(2, 258, (2, n), generator=G)
-        a, b = ort_rt.forward(tok, state=states[ort_rt]), tiny_rt.forward(tok, state=states[tiny_rt])
-        worst = max(worst, float((a - b).abs().max()))
+    worst, states = _ragged_run(ort_rt, tiny_rt, (260, 9), [1] * 6 + [50] + [1] * 3)
     assert worst <= 1e-4 and states[ort_rt].positions == [319, 68]
     long, short = states[ort_rt].seqs
     for n in ort_rt.model.caches:
