@@ -37,7 +37,6 @@ from .models import bench_checkpoint
 from .report import evaluate_targets, format_table
 
 
-
 def _machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
