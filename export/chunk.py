@@ -46,6 +46,14 @@ def output_names(cfg) -> list[str]:
     return [f"{n}.new" if is_cache(n) else f"{n}.out" for n in state_names(cfg)] + index_tap_names(cfg)
 
 
+def _batch_rows(x, idx):
+    """x [B, N, X] rows named per sequence by idx [B, ...] (-1 padding reads row 0) -> [B, ..., X], as one
+    Gather over the flattened batch."""
+    B, N = x.shape[:2]
+    offset = (torch.arange(B, device=x.device) * N).view(B, *(1,) * (idx.dim() - 1))
+    return x.flatten(0, 1)[idx.clamp(min=0) + offset]
+
+
 def _ring(old, new, start, R: int):
     """Ring [B, R, X] (position p in slot p % R) after appending rows new [B, S, X] at positions start + s."""
     S = new.shape[1]
@@ -127,9 +135,8 @@ class Step(V4Graph):
                 out[f"L{i}.indexer.topk"] = sel
                 # pool = [ring, chunk, this chunk's entries, the selected cache rows]: a selected entry comes from
                 # this chunk's entries if the chunk wrote its row, else from the cache, which is never copied
-                K, nw, N = sel.shape[-1], rows.shape[1], comp.shape[1]
-                flat = sel.clamp(min=0).flatten(1) + torch.arange(B, device=x.device)[:, None] * N   # [B, S*K]
-                picked = comp.flatten(0, 1)[flat]                                     # Gather of rows
+                K, nw = sel.shape[-1], rows.shape[1]
+                picked = _batch_rows(comp, sel.flatten(1))                            # [B, S*K, D]
                 pool = torch.cat((pool, entries, picked), dim=1)
                 slot = W + S + nw + torch.arange(S * K, device=x.device).view(1, S, K)
                 w0 = rows[:, :1, None]
@@ -146,7 +153,7 @@ class Step(V4Graph):
         B, S, H, D = q.shape
         W, N = idx.shape[-1], cache.shape[1]
         scale, sink = self.cfg.head_dim ** -0.5, self.w(f"{L}.attn.attn_sink")
-        rows = win.flatten(0, 1)[idx.clamp(min=0) + torch.arange(B, device=q.device)[:, None, None] * win.shape[1]]
+        rows = _batch_rows(win, idx)                                                  # [B, S, W, D]
         s_win = torch.matmul(q, rows.transpose(-1, -2)) * scale + torch.where(idx < 0, NEG_INF, 0.0)[:, :, None]
         s_ent = torch.matmul(q.reshape(B, S * H, D), cache.transpose(1, 2)).view(B, S, H, N) * scale
         seen = torch.arange(N, device=q.device) < visible[..., None]                  # [B, S, N]

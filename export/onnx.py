@@ -44,13 +44,15 @@ class ExportError(V4Error):
 def _dims(cfg, names):
     from torch.export import Dim
 
+    from .chunk import cache_ratio, is_cache
+
     B = Dim("B", min=1, max=4096)
     caps: dict[int, object] = {}
 
     def state_dims(n: str) -> dict:
         d = {0: B}
-        if n.endswith((".comp", ".ikeys")):
-            m = 4 if n.endswith(".ikeys") else cfg.ratio(int(n[1:n.index(".")]))
+        if is_cache(n):
+            m = cache_ratio(cfg, n)
             caps.setdefault(m, Dim(f"N{m}", min=1, max=1 << 24))      # one capacity per compression ratio
             d[1] = caps[m]
         return d

@@ -61,6 +61,7 @@ class OnnxModel:
     def __init__(self, folder: Path, cfg, providers: list[str], threads: int):
         import onnxruntime as ort
 
+        from export.chunk import cache_ratio, is_cache
         from export.onnx import FORMAT_VERSION, check_external_data
 
         self.folder, self.cfg, self.device = folder, cfg, torch.device("cpu")
@@ -70,7 +71,7 @@ class OnnxModel:
                           f"runtime reads format {FORMAT_VERSION}: re-export it (python -m export.onnx --checkpoint "
                           "CKPT --out DIR)")
         self.names, self.index_taps = self.manifest["state"], self.manifest["index_taps"]
-        self.caches = [n for n in self.names if n.endswith((".comp", ".ikeys"))]
+        self.caches = {n: cache_ratio(cfg, n) for n in self.names if is_cache(n)}     # cache -> its ratio
         self.chunk = CHUNK
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -121,10 +122,10 @@ class OnnxModel:
         """The graph inputs for ids [B, S] continuing `seqs`: each cache's live rows. One sequence: views of its
         arrays, no copy. Several: one zero-padded copy as wide as the furthest sequence's rows (the rows past a
         shorter one's own are never read), so no sequence's arrays grow with its neighbours'."""
-        from export.chunk import cache_ratio, fed_rows
+        from export.chunk import fed_rows
 
         S = ids.shape[1]
-        own = [{n: fed_rows(s.pos, S, cache_ratio(self.cfg, n)) for n in self.caches} for s in seqs]
+        own = [{n: fed_rows(s.pos, S, m) for n, m in self.caches.items()} for s in seqs]
         for s, rows in zip(seqs, own):
             s.ensure(rows, self._empty)
         feeds = {"ids": ids, "start": np.array([s.pos for s in seqs], np.int64)}
@@ -142,14 +143,12 @@ class OnnxModel:
 
     def _run(self, ids: np.ndarray, seqs, taps: dict | None) -> np.ndarray:
         """One step-graph call on ids [B, S]; the state written back into the sequences' arrays."""
-        from export.chunk import cache_ratio
-
         out = self.sessions["step"].run(None, self._feeds(ids, seqs))
         n_state = len(self.names)
         for n, a in zip(self.names, out[1:1 + n_state]):
             for b, s in enumerate(seqs):
                 if n in self.caches:               # this call's entries, in place at their rows
-                    r0 = s.pos // cache_ratio(self.cfg, n)
+                    r0 = s.pos // self.caches[n]
                     s.arrays[n][0, r0:r0 + a.shape[1]] = a[b]
                 else:
                     s.arrays[n] = a[b:b + 1]
