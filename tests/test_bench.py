@@ -31,6 +31,22 @@ def test_bench_runs_every_engine_end_to_end(tmp_path):
     target = next(t for t in rep["targets"] if "per token" in t["target"])
     assert target["met"], target            # measured state growth = the planner's bytes per token
     assert "ours vs other engines" in r.stdout and "vs transformers" in r.stdout
+    for x in res.values():    # the untimed counting steps ran, and continued the same greedy sequence
+        assert x["decode_aten_ops"] > 100 and len(x["greedy_tokens"]) == 1 + 3 + 4
+    assert "aten_ops_ratio" in r.stdout
+
+
+def test_aten_op_count_is_exact():
+    """The bench's op counter against hand-counted programs: each ATen op once, views included."""
+    import torch
+
+    from runtime.bench.child import count_aten_ops
+
+    x = torch.ones(3)
+    out, n = count_aten_ops(lambda: (x + 1) * 2)
+    assert n == 2 and out.tolist() == [4.0, 4.0, 4.0]
+    assert count_aten_ops(lambda: torch.cat((x[:2], x.view(3, 1)[:, 0])).sum())[1] == 5   # slice, view, select, cat, sum
+    assert count_aten_ops(lambda: 7)[1] == 0
 
 
 def test_bench_rejects_bad_arguments():

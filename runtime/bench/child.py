@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+COUNTED_STEPS = 4           # decode steps whose ATen ops are counted: every position mod the CSA ratio once
+
 
 def _status_mib(key: str) -> float:
     """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that across
@@ -34,6 +36,24 @@ def _engine(spec: dict):
         return OnnxEngine(rt, chunk=spec["chunk"])
     dense = spec["context"] + spec["decode_steps"] + 8 if kind == "dense" else None
     return TorchEngine(rt, dense_context=dense, chunk=spec["chunk"])
+
+
+def count_aten_ops(fn):
+    """(fn(), how many ATen operators it ran): every op torch dispatches below Python, views and copies
+    included. On a small model a decode step's time follows this count (each op costs ~1-3 us of dispatch
+    here, more than its arithmetic), so the bench reports it per engine to explain the decode ratios."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.n
 
 
 def run(spec: dict) -> dict:
@@ -74,11 +94,19 @@ def run(spec: dict) -> dict:
         tok = int(eng.step(tok, state).argmax())            # synchronous: the step is done when this returns
         steps.append(time.perf_counter() - t)
         tokens.append(tok)
-    res["greedy_tokens"] = tokens               # engines on the same weights should agree (same model)
     res["decode_step_ms"] = [1e3 * s for s in steps]
+    if spec["engine"] != "onnx":                # 4 more, untimed steps (a CSA window's cycle): the torch ops
+        counts = []                             # one step dispatches, on average
+        for _ in range(COUNTED_STEPS):
+            logits, n = count_aten_ops(lambda t=tok: eng.step(t, state))
+            tok = int(logits.argmax())
+            counts.append(n)
+            tokens.append(tok)
+        res["decode_aten_ops"] = sum(counts) / len(counts)
+    res["greedy_tokens"] = tokens               # engines on the same weights should agree (same model)
     res["state_bytes"] = eng.state_bytes(state)
     if spec["engine"] == "ours":                # the planner's figure for the same sequence length
-        res["planned_state_bytes"] = eng.rt.memory.state_bytes([N + len(steps)])
+        res["planned_state_bytes"] = eng.rt.memory.state_bytes([N + len(tokens) - 1])
     # The kernel's RSS counters are per-CPU approximations read at different moments: VmHWM was seen 0.2 MiB
     # below an earlier VmRSS. A peak is at least every RSS this process observed.
     res["peak_rss_mib"] = max(_status_mib("VmHWM"), _status_mib("VmRSS"), res["rss_after_load_mib"])

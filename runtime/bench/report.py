@@ -25,6 +25,8 @@ def _ratio_rows(results) -> list[dict]:
             row["decode_speedup"] = r["decode_ms"] / ours["decode_ms"]
         if r.get("peak_rss_mib") and ours.get("peak_rss_mib") and "error" not in r:   # a failed run's peak says little
             row["peak_rss_ratio"] = ours["peak_rss_mib"] / r["peak_rss_mib"]
+        if r.get("decode_aten_ops") and ours.get("decode_aten_ops"):
+            row["aten_ops_ratio"] = r["decode_aten_ops"] / ours["decode_aten_ops"]
         rows.append(row)
     return rows
 
@@ -42,7 +44,10 @@ def evaluate_targets(report: dict) -> list[dict]:
         add("prefill 4K vs transformers >= 5x", v, v >= 5, f"{v:.1f}x")
     if hf(8192) and ours(8192) and hf(8192).get("decode_ms") and ours(8192).get("decode_ms"):
         v = hf(8192)["decode_ms"] / ours(8192)["decode_ms"]
-        add("decode at 8K vs transformers >= 5x", v, v >= 5, f"{v:.1f}x")
+        ops = (f" (torch ops per step: transformers {hf(8192)['decode_aten_ops']:,.0f}, ours "
+               f"{ours(8192)['decode_aten_ops']:,.0f})" if hf(8192).get("decode_aten_ops") and
+               ours(8192).get("decode_aten_ops") else "")
+        add("decode at 8K vs transformers >= 5x", v, v >= 5, f"{v:.1f}x{ops}")
     if hf(16384) and ours(16384) and ours(16384).get("peak_rss_mib"):
         h = hf(16384)
         if "error" in h:
@@ -98,14 +103,17 @@ def format_table(report: dict) -> str:
             if r.get("prefill_tok_s") else f"{'-':>13} {'':>15}"
         dc = f"{r['decode_ms']:>9.2f} [{r['decode_p10_ms']:5.2f}-{r['decode_p90_ms']:5.2f}]"
         plan = f"{r['planned_state_bytes'] / 2 ** 20:>8.2f}" if r.get("planned_state_bytes") else f"{'-':>8}"
-        note = f"threads {r.get('threads')}" + (", state filled at random" if r.get("filled") else "")
+        note = (f"threads {r.get('threads')}" + (f", {r['decode_aten_ops']:,.0f} ops/step" if r.get("decode_aten_ops")
+                                                   else "") + (", state filled at random" if r.get("filled") else ""))
         lines.append(f"{name:<13}{r['context']:>8}  {pf}  {dc}  {r['state_bytes'] / 2 ** 20:>9.2f} {plan} "
                      f"{r['peak_rss_mib']:>12.0f}  {note}")
     ratios = _ratio_rows(report["results"])
     if ratios:
-        lines.append("ours vs other engines (speedup = how many times faster ours is; memory = ours / theirs):")
+        lines.append("ours vs other engines (speedup = how many times faster ours is; memory = ours / theirs; "
+                     "aten_ops_ratio = their torch ops per decode step / ours):")
         for q in ratios:
-            parts = [f"{k} {q[k]:.2f}" for k in ("prefill_speedup", "decode_speedup", "peak_rss_ratio") if k in q]
+            parts = [f"{k} {q[k]:.2f}" for k in ("prefill_speedup", "decode_speedup", "peak_rss_ratio",
+                                                 "aten_ops_ratio") if k in q]
             lines.append(f"  vs {q['vs']:<13}@ {q['context']:>7,}: " + (", ".join(parts) or q.get("error", "")[:80]))
     if "bandwidth" in report:
         b = report["bandwidth"]
