@@ -37,6 +37,7 @@ from runtime.ops.linear import project
 QUERY_BLOCK = 256
 UNION_FACTOR = 4          # dense-over-union when the union has at most 4x a query's row count
 SMALL_T = 8               # hc_pre: tokens up to which the scalar Sinkhorn is cheaper
+SCORE_BLOCK_FLOATS = 1 << 22   # indexer scores per query block (16 MB): below glibc's mmap threshold (32 MB max)
 
 
 def _flash(q: torch.Tensor, rows: torch.Tensor, mask, sink: torch.Tensor, scale: float) -> torch.Tensor:
@@ -107,8 +108,12 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
         return out
     arange = torch.arange(N, device=q.device)
     kk = min(k, N)
-    for s in range(0, T, QUERY_BLOCK):
-        qb, wb, vb = q[s:s + QUERY_BLOCK], weights[s:s + QUERY_BLOCK], visible[s:s + QUERY_BLOCK]
+    # Query blocks small enough that the [t, h, n] scores stay within SCORE_BLOCK_FLOATS: at 64K tokens a
+    # 256-query block would be 256 MB, which glibc maps fresh (zeroed pages, faulted in) on every block.
+    n_max = max(int(visible.max()), 1) if T > 1 else 1          # (a decode step's one query: no extra read)
+    block = max(1, min(QUERY_BLOCK, SCORE_BLOCK_FLOATS // (q.shape[1] * n_max)))
+    for s in range(0, T, block):
+        qb, wb, vb = q[s:s + block], weights[s:s + block], visible[s:s + block]
         n = max(int(vb.max()), 1)           # causality: this block sees no key past its last visible one
         score = torch.einsum("thd,nd->thn", qb, keys[:n]).relu_()
         score = torch.einsum("thn,th->tn", score, wb)
@@ -124,7 +129,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
             rows = tie.nonzero().squeeze(1)
             order[rows] = torch.sort(score[rows], dim=-1, descending=True, stable=True).indices[:, :kk]
         ok = torch.arange(kk, device=q.device)[None, :] < vb[:, None].clamp(max=kk)
-        out[s:s + QUERY_BLOCK, :kk] = torch.where(ok, order, torch.full_like(order, -1))
+        out[s:s + block, :kk] = torch.where(ok, order, torch.full_like(order, -1))
     return out
 
 

@@ -51,6 +51,27 @@ def test_indexer_topk_fast_equals_reference(T, N, k):
     assert torch.equal(cpu_ops.indexer_topk(q, w, keys, visible, k), attention.indexer_topk(q, w, keys, visible, k))
 
 
+def test_indexer_topk_fast_bounds_its_score_blocks(monkeypatch):
+    """Long contexts split the queries into blocks of at most SCORE_BLOCK_FLOATS scores (here 4 queries of
+    4 heads x 300 keys): the selection is still the reference's, and no [t, h, n] score exceeds the bound."""
+    q, w, keys = randn(37, 4, 8), randn(37, 4), randn(300, 8)
+    visible = torch.randint(1, 301, (37,), generator=G)
+    visible[5] = 300
+    monkeypatch.setattr(cpu_ops, "SCORE_BLOCK_FLOATS", 4 * 4 * 300)
+    seen = []
+    real = torch.einsum
+
+    def spy(eq, *ops):
+        out = real(eq, *ops)
+        seen.append(out.numel() if eq == "thd,nd->thn" else 0)
+        return out
+    monkeypatch.setattr(torch, "einsum", spy)
+    got = cpu_ops.indexer_topk(q, w, keys, visible, 16)
+    monkeypatch.undo()
+    assert torch.equal(got, attention.indexer_topk(q, w, keys, visible, 16))
+    assert len([n for n in seen if n]) == 10 and max(seen) <= 4 * 4 * 300      # ceil(37 / 4) blocks
+
+
 def test_indexer_topk_fast_keeps_lower_index_first_on_ties():
     # integer-valued keys make many exactly equal scores; the result must still be the stable sort's
     q = torch.randint(-2, 3, (20, 2, 4), generator=G).float()
