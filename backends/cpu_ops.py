@@ -13,7 +13,10 @@ Each is registered for the `cpu` backend and has the float32 reference (`runtime
   the selection and its order are the reference's exactly.
 - `hc_pre`: for the few tokens of a decode step, the gates, the row softmax and the 20 Sinkhorn rounds on
   each 4x4 mixing matrix run on Python floats (double precision) from one host read, instead of ~150 tiny
-  tensor ops; larger chunks use the reference.
+  tensor ops; larger chunks use the reference after mixes whose RMS comes from a batched dot product
+  instead of a [T, hc*d] tensor of squares. `hc_post`: one bmm and an in-place multiply-add. A prefill
+  chunk's large temporaries are fresh pages from the OS every time (glibc maps blocks over 32 MB anew), and
+  on this VM faulting them in cost more than the arithmetic on them.
 - `linear` (one F.linear for float32 weights), `apply_rope` (complex rotation built once per cos/sin):
   a decode step of the tiny model is ~1,800 small torch calls, so calls per op are what costs there.
 - `routed_experts`: for a decode step's few tokens, groups read once on the host instead of per-expert
@@ -182,9 +185,12 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     row softmax and the Sinkhorn rounds run on Python floats (double precision) from one host read of the
     mixes: ~13 torch calls instead of ~35 (+120 for a tensor Sinkhorn). The mixes are the reference's
     (rms-normalised input @ fn.T, the same product with the scale applied before it)."""
-    if X.shape[0] > SMALL_T:
-        return ref_mhc.hc_pre(X, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
     T, hc, d = X.shape
+    if T > SMALL_T:               # the reference after the mixes, which skip its [T, hc*d] squares
+        xf = X.flatten(-2)
+        sq = torch.bmm(xf.unsqueeze(1), xf.unsqueeze(2)).view(T, 1)                   # sum of squares, [T, 1]
+        mix = F.linear(xf, fn) * torch.rsqrt(sq / (hc * d) + norm_eps)
+        return ref_mhc.hc_pre_from_mix(X, mix, base, scale, hc_eps, sinkhorn_iters)
     mix = F.linear(F.rms_norm(X.reshape(T, hc * d), (hc * d,), None, norm_eps), fn)     # [T, (2+hc)*hc]
     sc, bs = scale.tolist(), base.tolist()
     group = [0] * hc + [1] * hc + [2] * (hc * hc)                    # which scale each mix takes
@@ -207,10 +213,12 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     return x, post, comb
 
 
-@register("hc_post", "cpu.baddbmm", "cpu")
+@register("hc_post", "cpu.bmm_addcmul", "cpu")
 def hc_post(x: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """Same contract as `runtime.ops.mhc.hc_post`: post[j] * x + sum_i comb[i, j] * res[i], as one baddbmm."""
-    return torch.baddbmm(post.unsqueeze(-1) * x.unsqueeze(1), comb.transpose(1, 2), res)
+    """Same contract as `runtime.ops.mhc.hc_post`: post[j] * x + sum_i comb[i, j] * res[i], as one bmm and an
+    in-place multiply-add: a prefill chunk's [T, hc, d] output is its only allocation (a large one is fresh
+    pages from the OS each time, and faulting them in cost more than the arithmetic)."""
+    return torch.bmm(comb.transpose(1, 2), res).addcmul_(post.unsqueeze(-1), x.unsqueeze(1))
 
 
 @register("rms_norm", "cpu.fused", "cpu")

@@ -25,8 +25,13 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     pre = sigmoid(.)+eps; post = 2*sigmoid(.) (no eps); comb = row softmax + eps, then Sinkhorn starting
     with a column normalisation and ending on one (iters-1 further row/column rounds).
     """
+    return hc_pre_from_mix(X, _mix(X, fn, norm_eps), base, scale, hc_eps, sinkhorn_iters)
+
+
+def hc_pre_from_mix(X: torch.Tensor, mix: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
+                    sinkhorn_iters: int):
+    """hc_pre after its mixes: X [T, hc, d], mix [T, (2+hc)*hc] -> (x, post, comb)."""
     hc = X.shape[-2]
-    mix = _mix(X, fn, norm_eps)
     pre = torch.sigmoid(mix[:, :hc] * scale[0] + base[:hc]) + hc_eps
     post = 2 * torch.sigmoid(mix[:, hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = (mix[:, 2 * hc:] * scale[2] + base[2 * hc:]).view(-1, hc, hc)
