@@ -76,10 +76,10 @@ class OnnxBackend:
 
 
 def _cached_export(checkpoint: Path, progress: bool) -> Path:
-    from export.onnx import FORMAT_VERSION, export_model
+    from export.onnx import FORMAT_VERSION, GRAPH_REVISION, export_model
     from runtime.api import build_once, cache_dir
     from runtime.parity.report import checkpoint_fingerprint
 
-    key = f"{checkpoint_fingerprint(checkpoint)[:16]}-v{FORMAT_VERSION}"
+    key = f"{checkpoint_fingerprint(checkpoint)[:16]}-v{FORMAT_VERSION}.{GRAPH_REVISION}"
     return build_once(cache_dir() / "onnx" / key, "export.json",
                       lambda tmp: export_model(checkpoint, "cpu", tmp, progress=progress))

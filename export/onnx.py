@@ -15,6 +15,8 @@ function bodies (export/custom_ops.py). `onnx.checker` with full_check passes. W
 `float32`, or `fp8` = as shipped, FP8 linears as e4m3 codes and FP4 experts repacked losslessly to int8, each
 through a blocked DequantizeLinear (export/weight_storage.py); the graph computes in float32 either way.
 FORMAT_VERSION 2: the step graph replaced version 1's prefill + decode pair (whole-state decode, one-call prefill).
+GRAPH_REVISION counts same-format changes to how the graph computes (a faster formulation): exports of an older
+revision still run; the runtime's cached automatic export is rebuilt.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from runtime.errors import V4Error
 
 FORMAT_VERSION = 2
+GRAPH_REVISION = 2          # 2: IndexerTopK scores its queries in 4 slices (cache-sized score blocks)
 OPSET = 23
 EXPORTABLE_WEIGHT_FORMATS = ("float32",)
 WEIGHT_STORAGE = ("float32", "fp8")
@@ -118,7 +121,8 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
                     {"ids": {0: B, 1: torch.export.Dim("S", min=1, max=1 << 24)}, "start": {0: B},
                      "state_in": state_dims}, ["ids", "start", *names], ["logits", *output_names(cfg)])
     _save(storage(graph), out, "step")
-    manifest = {"format_version": FORMAT_VERSION, "opset": OPSET, "profile": rt.profile.name,
+    manifest = {"format_version": FORMAT_VERSION, "graph_revision": GRAPH_REVISION, "opset": OPSET,
+                "profile": rt.profile.name,
                 "checkpoint": str(rt.checkpoint), "fingerprint": checkpoint_fingerprint(Path(rt.checkpoint)),
                 "weights": weights, "state": names, "index_taps": index_tap_names(cfg),
                 "graphs": {"step": "step.onnx"}}

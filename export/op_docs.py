@@ -23,10 +23,18 @@ def render() -> str:
         lines += [f"| input | `{n}` | {ty.get(t, t)} | {s} | {d} |" for n, t, s, d in spec["inputs"]]
         lines += [f"| output | `{n}` | {ty.get(t, t)} | {s} | {d} |" for n, t, s, d in spec["outputs"]]
         lines += [f"| attribute | `{n}` | {t} | — | {d} |" for n, t, d in spec["attributes"]]
-        ops = Counter(n.op_type for n in bodies[name].node)
-        lines += ["", "Function body: " + ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in sorted(ops.items())),
-                  ""]
+        lines += ["", "Function body: " + _ops(bodies[name]), ""]
+    helpers = [n for n in bodies if n not in custom_ops.SPEC]
+    if helpers:
+        lines += ["## Helper functions", "", "Called from the bodies above (same domain, also model-local); not "
+                  "nodes of the exported graph.", ""]
+        lines += [f"- `{n}`: {bodies[n].doc_string.strip()} Body: {_ops(bodies[n])}" for n in helpers] + [""]
     return "\n".join(lines)
+
+
+def _ops(body) -> str:
+    ops = Counter(n.op_type for n in body.node)
+    return ", ".join(f"{op} ×{k}" if k > 1 else op for op, k in sorted(ops.items()))
 
 
 if __name__ == "__main__":
