@@ -252,7 +252,7 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
 
 def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(tiny_ckpt, tiny_rt, tmp_path):
     """fp16 tolerance: every tensor of the graph is fp16 (2^-11 relative rounding per op); over five layers the
-    logits (|logit| <= ~8) move by a few thousandths (measured <= 0.0052, KL <= 1e-6): bounds 0.05 and 1e-4."""
+    logits (|logit| <= ~8) move by a few thousandths (measured <= 0.0060, KL <= 1e-6): bounds 0.05 and 1e-4."""
     import json
 
     import onnxruntime as ort
