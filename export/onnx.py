@@ -34,7 +34,7 @@ import torch
 from runtime.errors import V4Error
 
 FORMAT_VERSION = 2
-GRAPH_REVISION = 2          # 2: IndexerTopK scores its queries in 4 slices (cache-sized score blocks)
+GRAPH_REVISION = 3          # 2: IndexerTopK scores its queries in 4 slices (cache-sized score blocks); 3: in 8
 OPSET = 23
 EXPORTABLE_WEIGHT_FORMATS = ("float32",)
 WEIGHT_STORAGE = ("float32", "fp8")

@@ -47,13 +47,13 @@ def _run(model, args, so=None):
 def test_graph_has_custom_nodes_with_bodies_and_passes_the_checker(exported):
     assert [(n.domain, n.op_type) for n in exported.graph.node] == [(co.DOMAIN, "IndexerTopK"),
                                                                      (co.DOMAIN, "SparseAttention")]
-    # every body, and the helper IndexerTopK's body calls on each quarter of its queries
+    # every body, and the helper IndexerTopK's body calls on each eighth of its queries
     assert {f.name for f in exported.functions} == {"IndexerTopK", "IndexerTopKRows", "SparseAttention"}
     assert {(o.domain, o.version) for o in exported.opset_import} == {("", 23), (co.DOMAIN, 1)}
     onnx.checker.check_model(exported, full_check=True)
 
 
-# T = 37, 3, 6: IndexerTopK's quarters of the queries uneven, the last one empty; T = 1: three empty ones
+# T = 37, 3, 6: IndexerTopK's eighths of the queries uneven, the last ones empty; T = 1: seven empty ones
 @pytest.mark.parametrize("B,T,N,K,Nc", [(2, 37, 90, 20, 23), (1, 1, 5, 3, 1), (3, 130, 300, 40, 70),
                                         (2, 4, 9, 2, 40), (2, 3, 9, 2, 12), (1, 6, 9, 2, 30)])
 def test_stock_ort_runs_the_bodies_like_the_reference(exported, B, T, N, K, Nc):
