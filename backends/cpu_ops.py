@@ -8,7 +8,8 @@ Each is registered for the `cpu` backend and has the float32 reference (`runtime
   keep the reference's gather. The sink enters exactly through the kernel's log-sum-exp. A decode step's
   one query attends its K rows with the padding masked (no host sync). Precondition (true in the model): a
   query's valid indices are distinct.
-- `indexer_topk`: the same scores as the reference (same expressions), then `topk` instead of a full sort;
+- `indexer_topk`: the same scores as the reference (same expressions, in query blocks whose scores stay
+  under 16 MB instead of 256-query ones), then `topk` instead of a full sort;
   rows where equal finite scores could reorder the result are re-done with the reference's stable sort, so
   the selection and its order are the reference's exactly.
 - `hc_pre`: for the few tokens of a decode step, the gates, the row softmax and the 20 Sinkhorn rounds on

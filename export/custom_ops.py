@@ -98,7 +98,7 @@ def IndexerTopKRows(q: FLOAT, w: FLOAT, kt: FLOAT, visible: INT64, lo: INT64, hi
 def IndexerTopK(q: FLOAT, w: FLOAT, keys: FLOAT, visible: INT64, topk: int) -> INT64:
     # The queries in 8 slices: a 256-token chunk's [T, h, N] scores at once are 256 MB at 64K tokens (tiny model),
     # which ONNX Runtime scores 2x slower than in eighths (93 vs 46 ms; quarters: 60); an empty slice (decode
-    # has 7) costs its ~30 nodes' overhead, ~0.03 ms.
+    # has 7) costs its ~30 nodes' overhead, ~0.01 ms.
     kt = op.Unsqueeze(op.Transpose(keys, perm=[0, 2, 1]), [1])                        # [B, 1, d, N]
     step = op.Div(op.Add(op.Shape(q, start=1, end=2), op.Constant(value_ints=[7])), op.Constant(value_ints=[8]))
     b1 = step
@@ -206,17 +206,17 @@ def translation_table() -> dict:
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Add the model-local function bodies of every com.deepseek.v4 node the model uses (after export: the
     exporter would inline functions it was given)."""
+    protos = {f.name: f.to_function_proto() for f in FUNCTIONS}
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
-    for f in FUNCTIONS:                        # and the functions those bodies call (IndexerTopK -> ...Rows)
-        if f.name in used:
-            used |= {n.op_type for n in f.to_function_proto().node if n.domain == DOMAIN}
+    for name in used & protos.keys():          # and the functions those bodies call (IndexerTopK -> ...Rows)
+        used |= {n.op_type for n in protos[name].node if n.domain == DOMAIN}
     have = {f.name for f in model.functions}
     base = next(o.version for o in model.opset_import if o.domain == "")
     if base < MIN_BODY_OPSET:
         raise ValueError(f"the function bodies need default-domain opset >= {MIN_BODY_OPSET}, the model has {base}")
     for f in FUNCTIONS:
         if f.name in used and f.name not in have:
-            proto = f.to_function_proto()
+            proto = protos[f.name]
             for o in proto.opset_import:          # the body's ops mean the same from MIN_BODY_OPSET to OPSET
                 if o.domain == "":
                     o.version = base
