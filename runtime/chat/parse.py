@@ -7,9 +7,11 @@ server must not fail on what a model writes, so this one never raises. Rules:
 - content runs to EOS or to a `\\n\\n<｜DSML｜tool_calls` block; the block is parsed with the official DSML
   grammar (`>\\n` separators, `name="…" string="true|false"` parameters, no duplicate names). String
   parameters become JSON strings, string="false" ones are pasted as JSON after checking they parse.
-- anything malformed becomes plain content from the point where it broke, with an entry in `errors`:
-  a block that breaks before its first call starts is content as a whole; a call that breaks after it
-  started keeps the arguments streamed so far (never completed by guesswork) and finish_reason is "stop".
+- anything malformed becomes plain content from the point where it broke, with an entry in `errors`. A
+  call becomes visible (id, name, "{") only with its first argument text: a string parameter's header, a
+  checked JSON value, or the invoke's end. A call that breaks before that (bad header, a string="false"
+  value that is not JSON, ...) is content as a whole; one that breaks after keeps the arguments streamed
+  so far (never completed by guesswork) and finish_reason is then "stop", not "tool_calls".
 - finish_reason: "tool_calls" when well-formed calls were parsed, "stop" at EOS otherwise, "length" when the
   text ends without EOS (truncated; the server overrides this when it stopped on a stop string).
 - text after EOS is ignored. The EOS string must be in the text (decode with special tokens kept).
@@ -155,6 +157,8 @@ class IncrementalParser:
         self.eos = False
         self.clean_end = False             # text ended right after a closed tool-call block
         self.broken = False                # a started call broke
+        self.pending = None                # a parsed invoke header whose call is not visible yet
+        self.cur = None                    # the call being parsed (pending or started)
         self.finished = False
         self._after_eos = False            # non-blank text came after EOS (ignored, reported)
         self._delta = ParseDelta()
@@ -170,14 +174,19 @@ class IncrementalParser:
             self.reasoning.append(s)
             self._delta.reasoning_content += s
 
-    def _emit_args(self, s: str, start: bool = False):
-        idx = len(self.calls) - 1
-        call = self.calls[idx]
-        call["arguments"].append(s)
+    def _emit_args(self, s: str):
+        """Append argument text to the current call; the first piece starts the call (id, name, "{")."""
         tcs = self._delta.tool_calls
-        if start:
-            tcs.append(ToolCallDelta(idx, call["id"], call["name"], s))
-        elif tcs and tcs[-1].index == idx:
+        if self.pending is not None:         # the call becomes visible only with its first argument text
+            call, self.pending = self.pending, None
+            call["id"] = self.new_id()
+            self.calls.append(call)
+            self.call_open = True
+            s = "{" + s
+            tcs.append(ToolCallDelta(len(self.calls) - 1, call["id"], call["name"], ""))
+        idx = len(self.calls) - 1
+        self.calls[idx]["arguments"].append(s)
+        if tcs and tcs[-1].index == idx:
             tcs[-1].arguments += s
         else:
             tcs.append(ToolCallDelta(idx, arguments=s))
@@ -218,6 +227,8 @@ class IncrementalParser:
                 if self.call_open:
                     self.broken = True
                     self.errors.append(f"tool call {len(self.calls) - 1} was not closed")
+                elif self.pending is not None:
+                    self.errors.append("tool call was not closed")
                 else:
                     self.errors.append("tool-call block was not closed")
                 self._emit_content(self.raw + self.buf)
@@ -286,6 +297,7 @@ class IncrementalParser:
         self.errors.append(why)
         if self.call_open:
             self.broken, self.call_open = True, False
+        self.pending = None                # a call not yet visible is dropped: its text becomes content
         self._emit_content(self.raw)
         self.raw, self.mode = "", "content"
         return True
@@ -328,13 +340,11 @@ class IncrementalParser:
             if self.tool_names is not None and name not in self.tool_names:
                 return self._fail(f"tool call: unknown tool {name!r}")
             self._take(m.end())
-            self.calls.append({"id": self.new_id(), "name": name, "arguments": [], "params": set()})
-            self.call_open = True
-            self._emit_args("{", start=True)
+            self.pending = self.cur = {"id": None, "name": name, "arguments": [], "params": set()}
             self.sub = "params"
             return True
         if sub == "params":                        # expecting a parameter or the invoke's end
-            call = self.calls[-1]
+            call = self.cur
             opts = [(T.PARAM_OPEN, "param_head"), (T.INVOKE_CLOSE + "\n", "invoke_end")]
             if not call["params"]:
                 opts.append(("\n" + T.INVOKE_CLOSE + "\n", "invoke_end"))
@@ -361,7 +371,7 @@ class IncrementalParser:
             if m is False:
                 return self._fail('tool call: malformed parameter header (expected name="…" string="true|false">)')
             key, flag = m.group(1), m.group(2)
-            call = self.calls[-1]
+            call = self.cur
             if key in call["params"]:
                 return self._fail(f"tool call: duplicate parameter {key!r}")
             self._take(m.end())
