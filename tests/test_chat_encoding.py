@@ -244,3 +244,15 @@ def test_bad_messages_raise_one_line_input_error(messages, kw, needle):
     with pytest.raises(InputError) as e:
         encode_messages(messages, **kw)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resolve_reasoning_deepseek_mapping():
+    from runtime.chat import resolve_reasoning
+    assert resolve_reasoning() == ("thinking", None)
+    assert resolve_reasoning({"type": "disabled"}, "max") == ("chat", None)
+    assert resolve_reasoning({"type": "enabled"}, "medium") == ("thinking", "high")
+    assert resolve_reasoning(None, "ultra") == ("thinking", "max")
+    assert resolve_reasoning(True, "none") == ("chat", None)
+    for bad in (({"type": "maybe"}, None), (None, "extreme")):
+        with pytest.raises(InputError):
+            resolve_reasoning(*bad)
