@@ -280,3 +280,11 @@ def test_rendered_tool_calls_parse_back(arg_dicts, thinking):
     assert r.reasoning_content == ("R" if thinking else "")
     assert [c["function"]["name"] for c in r.tool_calls] == [f"tool{i}" for i in range(len(arg_dicts))]
     assert [json.loads(c["function"]["arguments"]) for c in r.tool_calls] == arg_dicts
+
+
+def test_to_message_openai_shape():
+    r = parse("R</think>" + block(invoke("f", param("a", "1"))) + E, "thinking")
+    m = r.to_message()
+    assert m["role"] == "assistant" and m["content"] is None and m["reasoning_content"] == "R"
+    assert m["tool_calls"] == r.tool_calls
+    assert parse("hi" + E).to_message() == {"role": "assistant", "content": "hi"}

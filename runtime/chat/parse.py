@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import secrets
 from dataclasses import dataclass, field
 
 from . import tokens as T
-
-_NAME_MAX = 512          # longest tool / parameter name accepted before a header counts as malformed
+from .scan import (INVOKE_HEAD, PARAM_HEAD, find, head, held_back, invoke_head_prefix, lit,
+                   param_head_prefix)
 
 
 def _reject_constant(name):
@@ -72,69 +71,14 @@ class ParsedCompletion:
     finish_reason: str             # "stop" | "tool_calls" | "length"
     errors: list[str] = field(default_factory=list)   # what was malformed, for logs; empty when well-formed
 
-
-def _held_back(buf: str, stops) -> int:
-    """Length of the longest suffix of buf that is a proper prefix of one of the stop strings."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(buf)), best, -1):
-            if s.startswith(buf[-n:]):
-                best = n
-                break
-    return best
-
-
-def _find(buf: str, stops):
-    """(position, stop) of the earliest stop string in buf, or (-1, None)."""
-    pos, hit = -1, None
-    for s in stops:
-        p = buf.find(s)
-        if p != -1 and (pos == -1 or p < pos):
-            pos, hit = p, s
-    return pos, hit
-
-
-def _lit(buf: str, lit: str):
-    """True if buf starts with lit, None if buf is a proper prefix of lit (wait), False otherwise."""
-    if buf.startswith(lit):
-        return True
-    return None if lit.startswith(buf) else False
-
-
-_INVOKE_HEAD = re.compile(r'\s*name="([^"]*)">\n')
-_PARAM_HEAD = re.compile(r' name="([^"]*)" string="(true|false)">')
-
-
-def _head(buf: str, regex, prefix_ok) -> object:
-    """Match a header at the start of buf: the match, None (could still match: wait) or False (cannot)."""
-    m = regex.match(buf)
-    if m:
-        return m
-    return None if prefix_ok(buf) else False
-
-
-def _invoke_head_prefix(buf: str) -> bool:
-    rest = buf.lstrip()
-    if len(rest) <= len('name="'):
-        return 'name="'.startswith(rest)
-    if not rest.startswith('name="'):
-        return False
-    name_end = rest.find('"', 6)
-    if name_end == -1:
-        return len(rest) - 6 <= _NAME_MAX and "\n" not in rest
-    return '">\n'.startswith(rest[name_end:])
-
-
-def _param_head_prefix(buf: str) -> bool:
-    if len(buf) <= len(' name="'):
-        return ' name="'.startswith(buf)
-    if not buf.startswith(' name="'):
-        return False
-    name_end = buf.find('"', 7)
-    if name_end == -1:
-        return len(buf) - 7 <= _NAME_MAX and "\n" not in buf
-    tail = buf[name_end:]
-    return any(full.startswith(tail) for full in ('" string="true">', '" string="false">'))
+    def to_message(self) -> dict:
+        """The OpenAI assistant message (content None when empty; reasoning_content only when present)."""
+        msg = {"role": "assistant", "content": self.content or None}
+        if self.reasoning_content:
+            msg["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        return msg
 
 
 class IncrementalParser:
@@ -152,7 +96,7 @@ class IncrementalParser:
         self.at_start = True
         self.buf = ""
         self.content, self.reasoning = [], []
-        self.calls: list[dict] = []        # {"id", "name", "arguments": [str], "closed": bool}
+        self.calls: list[dict] = []        # visible calls: {"id", "name", "arguments": [str], "params"}
         self.errors: list[str] = []
         self.eos = False
         self.clean_end = False             # text ended right after a closed tool-call block
@@ -262,7 +206,7 @@ class IncrementalParser:
     def _step_text(self, reasoning: bool) -> bool:
         buf = self.buf
         if reasoning and self.at_start:
-            ok = _lit(buf, T.THINK_START)
+            ok = lit(buf, T.THINK_START)
             if ok is None:
                 return False
             self.at_start = False
@@ -274,9 +218,9 @@ class IncrementalParser:
         if self.parse_tools:
             stops.append(T.TOOL_BLOCK_START)
         emit = self._emit_reasoning if reasoning else self._emit_content
-        pos, hit = _find(buf, stops)
+        pos, hit = find(buf, stops)
         if hit is None:
-            keep = _held_back(buf, stops)
+            keep = held_back(buf, stops)
             emit(buf[:len(buf) - keep])
             self.buf = buf[len(buf) - keep:]
             return False
@@ -310,7 +254,7 @@ class IncrementalParser:
     def _step_block(self) -> bool:
         buf, sub = self.buf, self.sub
         if sub == "open":
-            ok = _lit(buf, ">\n")
+            ok = lit(buf, ">\n")
             if ok is None:
                 return False
             if not ok:
@@ -319,10 +263,10 @@ class IncrementalParser:
             self.sub = "between"
             return True
         if sub == "between":                       # expecting an invoke or the block's end
-            for lit, nxt in ((T.INVOKE_OPEN, "invoke_head"), (T.TOOL_CALLS_CLOSE, "after")):
-                ok = _lit(buf, lit)
+            for marker, nxt in ((T.INVOKE_OPEN, "invoke_head"), (T.TOOL_CALLS_CLOSE, "after")):
+                ok = lit(buf, marker)
                 if ok:
-                    self._take(len(lit))
+                    self._take(len(marker))
                     self.sub = nxt
                     if nxt == "after":
                         self.raw = ""
@@ -331,7 +275,7 @@ class IncrementalParser:
                     return False
             return self._fail("tool-call block: expected <｜DSML｜invoke or </｜DSML｜tool_calls>")
         if sub == "invoke_head":
-            m = _head(buf, _INVOKE_HEAD, _invoke_head_prefix)
+            m = head(buf, INVOKE_HEAD, invoke_head_prefix)
             if m is None:
                 return False
             if m is False:
@@ -349,10 +293,10 @@ class IncrementalParser:
             if not call["params"]:
                 opts.append(("\n" + T.INVOKE_CLOSE + "\n", "invoke_end"))
             waiting = False
-            for lit, nxt in opts:
-                ok = _lit(buf, lit)
+            for marker, nxt in opts:
+                ok = lit(buf, marker)
                 if ok:
-                    self._take(len(lit))
+                    self._take(len(marker))
                     if nxt == "invoke_end":
                         self.call_open = False
                         self._emit_args("}")
@@ -365,7 +309,7 @@ class IncrementalParser:
                 return False
             return self._fail("tool call: expected <｜DSML｜parameter or </｜DSML｜invoke>")
         if sub == "param_head":
-            m = _head(buf, _PARAM_HEAD, _param_head_prefix)
+            m = head(buf, PARAM_HEAD, param_head_prefix)
             if m is None:
                 return False
             if m is False:
@@ -384,8 +328,8 @@ class IncrementalParser:
             return True
         if sub == "value":
             stops = (f"</{T.DSML}parameter", T.EOS)
-            pos, hit = _find(buf, stops)
-            end = pos if hit is not None else len(buf) - _held_back(buf, stops)
+            pos, hit = find(buf, stops)
+            end = pos if hit is not None else len(buf) - held_back(buf, stops)
             piece = self._take(end)
             if self.is_str:
                 if piece:
@@ -406,7 +350,7 @@ class IncrementalParser:
             self.sub = "param_end"
             return True
         if sub == "param_end":
-            ok = _lit(buf, ">\n")
+            ok = lit(buf, ">\n")
             if ok is None:
                 return False
             if not ok:
@@ -416,7 +360,7 @@ class IncrementalParser:
             self.sub = "params"
             return True
         # sub == "after": the block is closed; only EOS (or the end of the text) may follow
-        ok = _lit(buf, T.EOS)
+        ok = lit(buf, T.EOS)
         if ok is None:
             return False
         if ok:
