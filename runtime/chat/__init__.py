@@ -9,7 +9,7 @@ Serving one request:
     step = stream_decoder_keep_special(tokenizer)               # keeps </think>, DSML and EOS in the text
     parser = IncrementalParser(mode, tools=req.tools)           # tools=[] when tool_choice is "none"
     for token in generated: delta = parser.feed(step(token))    # stream delta.reasoning_content / .content /
-    parser.finish(); result = parser.result()                   #   .tool_calls; then finish_reason etc.
+    delta = parser.finish(); result = parser.result()           #   .tool_calls; then result.finish_reason
 """
 
 from .encoding import encode_messages  # noqa: F401

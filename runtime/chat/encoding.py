@@ -140,7 +140,7 @@ def encode_messages(messages, thinking_mode: str = "chat", reasoning_effort: str
         if ctx:
             raise InputError("request-level response_format cannot be attached when context is given")
         _attach(msgs, "response_format", response_format)
-    check_tool_results(ctx + msgs, "conversation")
+    check_tool_results(ctx + msgs, "context+messages" if ctx else "messages")
     ctx, msgs = merge_tool_messages(ctx), merge_tool_messages(msgs)
     full = ctx + msgs
     sort_tool_results(full)

@@ -373,7 +373,11 @@ class IncrementalParser:
 
 
 def parse_completion(text: str, thinking_mode: str = "chat", tools=None, call_ids=None) -> ParsedCompletion:
-    """Parse a whole completion (decoded with special tokens kept). Never raises on model output."""
+    """Parse a whole completion (decoded with special tokens kept). Never raises on model output.
+
+    tools: the request's tools (OpenAI format); None accepts any tool name, [] turns tool-call parsing off
+    (DSML then stays content, e.g. for tool_choice "none"). call_ids: a () -> id function (call_id_factory).
+    """
     p = IncrementalParser(thinking_mode, tools, call_ids)
     p.feed(text)
     p.finish()
