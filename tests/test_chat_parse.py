@@ -90,6 +90,12 @@ def test_two_calls_string_json_and_zero_parameters():
     assert len({c["id"] for c in r.tool_calls}) == 2
 
 
+def test_blank_line_after_invoke_header_is_accepted():
+    text = block(f'{T.INVOKE_OPEN} name="f">\n\n' + param("a", "1") + f"\n{T.INVOKE_CLOSE}") + E
+    r = parse(text)
+    assert r.finish_reason == "tool_calls" and r.tool_calls[0]["function"]["arguments"] == '{"a": "1"}'
+
+
 def test_call_ids_are_deterministic_for_a_seed_and_random_otherwise():
     text = block(invoke("f")) + E
     assert parse(text).tool_calls[0]["id"] == parse(text).tool_calls[0]["id"]
@@ -214,6 +220,8 @@ CASES = [t for n in (1, 2, 3, 4) for t in _turns(n)] + [
     (block(invoke("f", param("n", "nope", False))) + "tail" + E, "chat"),
     ("<think>r\n\n</think>c\n\n" + E + "after", "thinking"),
     ("x\n\n<｜DSML｜tool_c" + E, "chat"),
+    (block(f'{T.INVOKE_OPEN} name="f">\n\n' + param("a", "1") + f"\n{T.INVOKE_CLOSE}",
+           invoke("g", param("d", "x", True), param("d", "y", True))) + E, "chat"),
 ]
 
 

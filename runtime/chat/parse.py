@@ -290,8 +290,8 @@ class IncrementalParser:
         if sub == "params":                        # expecting a parameter or the invoke's end
             call = self.cur
             opts = [(T.PARAM_OPEN, "param_head"), (T.INVOKE_CLOSE + "\n", "invoke_end")]
-            if not call["params"]:
-                opts.append(("\n" + T.INVOKE_CLOSE + "\n", "invoke_end"))
+            if not call["params"]:         # the official grammar allows a blank line after the header
+                opts += [("\n" + T.PARAM_OPEN, "param_head"), ("\n" + T.INVOKE_CLOSE + "\n", "invoke_end")]
             waiting = False
             for marker, nxt in opts:
                 ok = lit(buf, marker)
