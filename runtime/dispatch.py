@@ -200,7 +200,13 @@ def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: 
                     break
         if pick is not None:
             chosen[op] = fn
-            reason = "preferred by profile" if profile.prefer.get(op) else f"{backend} implementation"
+            if profile.prefer.get(op):
+                reason = "preferred by profile"
+            elif pick.id == f"{backend}.torch":   # say so: a generic row must not look like a kernel choice
+                reason = f"plain torch on the {backend} device" + ("" if why_not else
+                                                                  f" (no {backend} kernel adapter in this build)")
+            else:
+                reason = f"{backend} implementation"
             rows.append(Resolution(op, pick.id, backend, f"{reason}; {note}" if note else reason, tuple(why_not)))
             continue
         if emulate:
@@ -212,7 +218,7 @@ def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: 
             if not allow_fallback:
                 raise DispatchError(f"profile {profile.name}: op {op} has no usable {backend} implementation "
                                     f"({detail}); add --allow-fallback to run the CPU reference, or --emulate")
-            reason = "fallback to the CPU reference"
+            reason = f"fallback to the CPU reference ({detail})"
         chosen[op] = fn = getattr(ref, op)
         rows.append(Resolution(op, f"reference:{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}", "cpu", reason,
                                tuple(why_not)))
