@@ -94,7 +94,8 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
         idx[start:start + n, 0, :m] = torch.where(ok, srt.indices[:, :m], -1).to(torch.int32)
         val[start:start + n, 0, :m] = srt.values[:, :m]
     shape = (*query.shape[:-2], 1, sparse_count)
-    return idx.reshape(shape), (val.reshape(shape).to(query.dtype) if return_value else torch.empty(0))
+    return idx.reshape(shape), (val.reshape(shape).to(query.dtype) if return_value else
+                                torch.empty(0, dtype=query.dtype))       # the meta function's empty values
 
 
 def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *, block_table=None,
