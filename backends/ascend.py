@@ -1,5 +1,9 @@
 """The Ascend backend (torch-npu on device `npu`): device probe and capabilities by SoC family.
 
+The capabilities here are the chip's facts; runtime.dispatch intersects them with what the profile declares,
+so a fused adapter is chosen only where both allow it, and a row that falls back to plain torch names the
+adapter it passed over and why (`--show-dispatch`).
+
 torch-npu is imported lazily, here only: installed without CANN it makes even `import torch` fail, so it is an
 optional extra (`pip install '.[ascend]'`) and never part of the default or CI install. The op adapters are in
 ascend_ops.py (tested against CPU twins of torch-npu; never run on an NPU); `--emulate` runs an Ascend profile's

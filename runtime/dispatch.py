@@ -194,7 +194,7 @@ def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: 
                 else:
                     fn, note = (impl.fn, "") if impl.prepare is None else impl.prepare(ctx)
                     if fn is None:
-                        why_not.append(f"{impl_id} refused: {note}")
+                        why_not.append(f"{impl_id}: {note}")
                         continue
                     pick = impl
                     break

@@ -168,9 +168,9 @@ def test_a_kernel_with_other_semantics_is_rejected_with_its_measured_error(monke
     t = _table(monkeypatch, "ascend-910b", _namespace(**{name: wrong}))
     row = _rows(t)[op]
     assert row.impl == "ascend.torch" and row.where == "ascend"                       # the next candidate runs
-    assert len(row.why_not) == 1 and row.why_not[0].startswith(f"{FUSED[op]} refused: self-test FAILED: ")
+    assert len(row.why_not) == 1 and row.why_not[0].startswith(f"{FUSED[op]}: self-test FAILED: ")
     assert measured in row.why_not[0]
-    assert f"rejected {FUSED[op]} refused: self-test FAILED" in t.format()            # --show-dispatch shows it
+    assert f"rejected {FUSED[op]}: self-test FAILED" in t.format()            # --show-dispatch shows it
     others = [o for o in FUSED if o != op]
     assert all(_rows(t)[o].impl == FUSED[o] for o in others)
 
@@ -214,3 +214,19 @@ def test_show_dispatch_on_an_a2_twin(monkeypatch, tiny_ckpt, capsys):
     for op, impl in FUSED.items():
         assert any(line.split()[1:3] == [op, impl] and "self-test passed" in line for line in err.splitlines()), op
     assert code == 2 and err.strip().splitlines()[-1].count("npu_sparse_flash_attention takes head dim 512") == 1
+
+
+def test_the_self_test_cache_is_per_device_and_survives_a_corrupt_file(monkeypatch, tmp_path):
+    _table(monkeypatch)                                                   # runs and caches the three tests
+    path = tmp_path / "home" / "ascend-selftest.json"
+    import json
+
+    keys = sorted(json.loads(path.read_text()))
+    assert len(keys) == 3 and all("CPU twin of torch-npu (not an NPU), torch-npu 2.14.0+cpu-twin" in k for k in keys)
+    other = _namespace()
+    other.npu = types.SimpleNamespace(get_device_name=lambda device=None: "another twin")
+    assert "ran at load" in _rows(_table(monkeypatch, npu=other))["moe_gate"].reason     # a new device: tested
+    assert "cached" in _rows(_table(monkeypatch))["moe_gate"].reason
+    path.write_text("{not json")                                          # a corrupt cache is ignored, rewritten
+    assert "ran at load" in _rows(_table(monkeypatch))["moe_gate"].reason
+    assert len(json.loads(path.read_text())) == 3

@@ -156,9 +156,9 @@ def test_grouped_mm_is_not_chosen_where_the_experts_are_not_bf16(tiny_ckpt, host
     rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, numerics="exact", progress=False)
     row = next(r for r in rt.dispatch.rows if r.op == "routed_experts")
     assert row.impl == "cuda.torch" and row.reason.startswith("plain torch on the cuda device")
-    assert row.why_not == ("cuda.grouped_mm refused: needs bf16 / fp16 expert stacks; weight format float32 with "
+    assert row.why_not == ("cuda.grouped_mm: needs bf16 / fp16 expert stacks; weight format float32 with "
                            "compute float32 stores the experts as float32",)
-    assert "rejected cuda.grouped_mm refused: needs bf16 / fp16 expert stacks" in rt.dispatch.format()
+    assert "rejected cuda.grouped_mm: needs bf16 / fp16 expert stacks" in rt.dispatch.format()
     assert rt.model.blocks[2].ffn.experts[0][0].weight.dtype == torch.float32          # what the row says
     ok = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
     row = next(r for r in ok.dispatch.rows if r.op == "routed_experts")
