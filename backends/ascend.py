@@ -1,5 +1,9 @@
 """The Ascend backend (torch-npu on device `npu`): device probe and capabilities by SoC family.
 
+The capabilities here are the chip's facts; runtime.dispatch intersects them with what the profile declares,
+so a fused adapter is chosen only where both allow it, and a row that falls back to plain torch names the
+adapter it passed over and why (`--show-dispatch`).
+
 torch-npu is imported lazily, here only: installed without CANN it makes even `import torch` fail, so it is an
 optional extra (`pip install '.[ascend]'`) and never part of the default or CI install. The op adapters are in
 ascend_ops.py (tested against CPU twins of torch-npu; never run on an NPU); `--emulate` runs an Ascend profile's
@@ -18,6 +22,20 @@ INSTALL_HINT = ("pip install '.[ascend]' (torch-npu matching your torch) on a ma
 # SoC ids reported by torch_npu.npu.get_soc_version() (vllm-ascend's table, spec ascend.md §1.2).
 SOC_FAMILIES = [(range(220, 226), "ascend-a2"), (range(250, 256), "ascend-a3"), (range(200, 206), "ascend-310p"),
                 (range(260, 261), "ascend-950")]
+
+
+_A2_A3 = frozenset({"fp32", "fp16", "bf16", "int8_w8a8", "graph_capture", "fused_sparse_attention", "fused_indexer",
+                    "fused_moe_gating", "fused_rope_interleave", "fused_clipped_swiglu"})
+# Interleaved npu_rotary_mul and npu_clipped_swiglu are documented for Atlas A2/A3 only (not 310P, not 950);
+# 310P has no bf16 and none of the DeepSeek fused ops; the compressor kernel is A3/950 (not A2); mHC is 950.
+FAMILY_CAPABILITIES = {
+    "ascend-a2": _A2_A3,
+    "ascend-a3": _A2_A3 | {"fused_compressor"},
+    "ascend-950": frozenset({"fp32", "fp16", "bf16", "int8_w8a8", "graph_capture", "fp8_gemm", "mxfp4",
+                             "fused_sparse_attention", "fused_indexer", "fused_moe_gating", "fused_compressor",
+                             "fused_mhc"}),
+    "ascend-310p": frozenset({"fp32", "fp16"}),
+}
 
 
 class AscendBackend:
@@ -44,10 +62,6 @@ class AscendBackend:
         return DeviceInfo("ascend", "npu:0", torch.npu.get_device_name(0), {"soc": soc, "family": family})
 
     def capabilities(self, info: DeviceInfo) -> frozenset[str]:
-        family = info.details["family"]
-        caps = {"fp32", "fp16"}
-        if family != "ascend-310p":
-            caps |= {"bf16", "int8_w8a8", "graph_capture"}
-        if family == "ascend-950":
-            caps |= {"fp8_gemm", "mxfp4"}
-        return frozenset(caps)
+        """What the chip family can run (spec ascend.md §2-3, the torch-npu 2.14 docs' product lists); dispatch
+        intersects this with what the profile declares, so a fused adapter runs only where both allow it."""
+        return FAMILY_CAPABILITIES.get(info.details["family"], frozenset({"fp32", "fp16"}))

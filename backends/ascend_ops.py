@@ -7,7 +7,12 @@ CPU semantic twin in tests) and states the layout and dtype it converts to. They
 Status: adapters exist for RMS norm, interleaved RoPE, clipped SwiGLU, the MoE gate (sqrt-softplus / hash),
 the lightning-indexer top-k, sparse attention with sinks, the routed experts as grouped matmuls, and the W8A8
 linear (dynamic per-token quant + quant matmul, ND or FRACTAL_NZ weight). They are proven against CPU twins of
-the documented semantics (tests/twins), not on an NPU. The W8A8 linear is registered as `linear` for
+the documented semantics (tests/twins) and their calls bound against the torch-npu 2.14.0 wheel's schemas and
+meta functions (tests/test_ascend_wheel_schema.py), not run on an NPU. Each is chosen only where the chip and the
+profile both have its capability (interleaved RoPE and clipped SwiGLU: A2/A3 only, per the docs) and the
+profile declares the kernel limits it reads (`KERNEL_LIMITS`); the gate, indexer and sparse-attention
+adapters, whose semantics torch-npu does not document, additionally pass a one-time self-test on the device
+against the reference op first (backends/ascend_selftest.py), and the dispatch row records the outcome. The W8A8 linear is registered as `linear` for
 `Int8Channel` weights (runtime.device_weights packs them at load, [K, N] ND; the FRACTAL_NZ cast needs the
 device and is not applied at load yet). The grouped-matmul experts want [E, K, N] stacks
 (`prepare_expert_weights`) and are not registered: on an NPU the experts run one by one through the linear.
@@ -20,8 +25,25 @@ import torch
 
 from runtime.device_weights import Int8Channel
 from runtime.dispatch import register
+from runtime.errors import V4Error
+
+from . import ascend_selftest
 
 from .torch_generic import register_generic, storage_group_linear, storage_linear
+
+
+class KernelLimitError(V4Error):
+    """A call exceeds a kernel limit the profile declares (one line: the limit and how to avoid the kernel)."""
+
+
+def _over(op: str, what: str, value: int, limit_name: str, limit: int, table_op: str):
+    raise KernelLimitError(f"{op}: {what} {value} is over the kernel limit {limit_name}={limit} of this profile; "
+                           f"set `prefer: {{{table_op}: [ascend.torch]}}` in the profile to run plain torch instead")
+
+
+def _shape(op: str, what: str, got, want: str, table_op: str):
+    raise KernelLimitError(f"{op} takes {what} {want}, this model has {got}; set `prefer: {{{table_op}: "
+                           "[ascend.torch]}` in the profile to run plain torch for this op")
 
 
 def get_torch_npu():
@@ -45,10 +67,12 @@ def apply_rope(npu, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inver
     The op wants 4-D BSND tensors and float32 here (V4 rotates in fp32): x [..., D] is viewed as
     [1, T, H, D] with cos/sin broadcast as [1, T, 1, D]."""
     shape = x.shape
-    x4 = x.reshape(1, shape[0], -1, shape[-1]).float()                       # [1, T, H, D]
+    # contiguous: the rope dims are often a slice of a wider head, and a strided view must not reach the kernel
+    x4 = x.reshape(1, shape[0], -1, shape[-1]).float().contiguous()          # [1, T, H, D]
     r1 = cos.reshape(shape[0], -1).repeat_interleave(2, dim=-1).reshape(1, shape[0], 1, shape[-1]).float()
     r2 = sin.reshape(shape[0], -1).repeat_interleave(2, dim=-1).reshape(1, shape[0], 1, shape[-1]).float()
-    y = npu.npu_rotary_mul(x4, r1, -r2 if inverse else r2, rotary_mode="interleave")
+    r2 = -r2 if inverse else r2
+    y = npu.npu_rotary_mul(x4, r1.contiguous(), r2.contiguous(), rotary_mode="interleave")
     return y.reshape(shape).to(x.dtype)
 
 
@@ -68,14 +92,24 @@ def prepare_w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.codes_kn, packed.scale
 
 
-def linear_w8a8(npu, x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+QUANT_MATMUL_MAX_N = 65535     # npu_quant_matmul: "last dims <= 65535" (the profiles' quant_matmul_max_n)
+
+
+def linear_w8a8(npu, x: torch.Tensor, w_kn: torch.Tensor, scale: torch.Tensor,
+                max_n: int = QUANT_MATMUL_MAX_N) -> torch.Tensor:
     """W8A8 linear: `npu_dynamic_quant` (per-token symmetric INT8 of a bf16 activation, scale = rowmax/127)
     then `npu_quant_matmul(x1 int8 [M, K], x2 int8 [K, N], scale fp32 [N], pertoken_scale fp32 [M],
     output_dtype=bf16)` = (x1 @ x2) * scale[n] * pertoken_scale[m]. Activations go in as bf16 (the op
-    takes fp16 / bf16 only); the result comes back as bf16."""
-    lead = x.shape[:-1]
+    takes fp16 / bf16 only); the result comes back as bf16. N over the kernel's limit (V4-Pro's attn.wq_b has
+    N = 65536 > 65535) is split into equal column slices of at most `max_n`, each with its slice of the
+    scale: every output column is the same sum over K, so the split changes no value."""
+    lead, N = x.shape[:-1], w_kn.shape[-1]
     xq, xs = npu.npu_dynamic_quant(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
-    y = npu.npu_quant_matmul(xq, w_kn, scale.float(), pertoken_scale=xs.float(), output_dtype=torch.bfloat16)
+    parts = -(-N // max_n)
+    step = -(-N // parts)
+    ys = [npu.npu_quant_matmul(xq, w_kn[:, s:s + step].contiguous(), scale[s:s + step].float().contiguous(),
+                               pertoken_scale=xs.float(), output_dtype=torch.bfloat16) for s in range(0, N, step)]
+    y = ys[0] if parts == 1 else torch.cat(ys, dim=-1)
     return y.reshape(*lead, -1)
 
 
@@ -88,7 +122,8 @@ def prepare_w8a8_nz(npu, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def moe_gate(npu, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None,
-             hash_experts: torch.Tensor | None, k: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             hash_experts: torch.Tensor | None, k: int, route_scale: float,
+             max_experts: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """`npu_moe_gating_top_k(logits, k, bias=, input_ids=, tid2eid=, renorm=0, norm_type=2, ...)
     -> (y, expert_idx int32, norm_out)` on logits = x @ gate_w.T, a float32 [T, E] ND tensor (bias float32 [E]:
     the op wants bias in x's dtype). norm_type=2 is sqrt(softplus(x)) (V4's score; 0 = softmax and 1 = sigmoid
@@ -100,6 +135,8 @@ def moe_gate(npu, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | No
     (cann-recipes golden); we pass factor 1.0 and renormalise / scale in Python, which is a no-op if the op
     normalised and correct if a build's hash path does not (vllm-ascend normalises in Python there).
     -> (idx int64 [T, k], weights float32 [T, k])."""
+    if gate_w.shape[0] > max_experts:
+        _over("npu_moe_gating_top_k", "expert count", gate_w.shape[0], "gating_max_experts", max_experts, "moe_gate")
     logits = (x.float() @ gate_w.float().T).contiguous()
     if hash_experts is not None:
         ids = torch.arange(logits.shape[0], dtype=torch.int64, device=logits.device)
@@ -116,8 +153,11 @@ def moe_gate(npu, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | No
 LI_BLOCK = 128   # paged-key block size for the indexer (a multiple of 16, at most 1024)
 
 
+LI_SPARSE_COUNTS = {3072, 4096, 5120, 6144, 7168, 8192}   # besides 1..2048 (the docs' sparse_count values)
+
+
 def indexer_topk(npu, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
-                 k: int) -> torch.Tensor:
+                 k: int, max_k: int = 2048) -> torch.Tensor:
     """`npu_lightning_indexer(query, key, weights, ..., layout_query="TND", layout_key="PA_BSND",
     sparse_count=k, sparse_mode=0) -> (indices int32 [T, 1, k], values)`; score = sum_h w_h relu(q_h . key).
     Our causality is "query t sees the first visible[t] keys", not right-down causal, so queries are sorted by
@@ -126,8 +166,14 @@ def indexer_topk(npu, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor
     mask (sparse_mode 0). The keys are one paged cache, bf16 [blocks, 128, 1, 128], shared by every batch
     through an int32 block_table whose rows are all arange(blocks): no key is copied per batch.
     The op writes -1 after the valid entries (fewer visible than k); queries with nothing visible are never
-    sent. -> int64 [T, k], best first, -1 padding (ties: the kernel's order; the reference takes the lower
+    sent, and any index at or past a row's visible count is forced to -1 (a kernel's padding must never name a
+    key the row cannot see). -> int64 [T, k], best first, -1 padding (ties: the kernel's order; the reference takes the lower
     index). The kernel takes 64 query heads of dim 128 and sparse_count <= 2048 (V4's indexer shape)."""
+    if k > max_k or not (1 <= k <= 2048 or k in LI_SPARSE_COUNTS):
+        _over("npu_lightning_indexer", "sparse_count", k, "indexer_max_sparse_count", max_k, "indexer_topk")
+    if tuple(q.shape[1:]) != (64, 128):
+        _shape("npu_lightning_indexer", "query heads x head dim", "x".join(map(str, q.shape[1:])), "64x128",
+               "indexer_topk")
     T, N = q.shape[0], keys.shape[0]
     out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
     vis = visible.to(torch.int64).clamp(max=N)
@@ -145,8 +191,12 @@ def indexer_topk(npu, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor
         weights[rows].to(torch.bfloat16).contiguous(),
         actual_seq_lengths_query=n_query.cumsum(0).to(torch.int32), actual_seq_lengths_key=counts_key.to(torch.int32),
         block_table=table, layout_query="TND", layout_key="PA_BSND", sparse_count=k, sparse_mode=0)
-    out[rows] = idx[:, 0, :].long()
+    got = idx[:, 0, :].long()
+    out[rows] = got.masked_fill(got >= vis[rows, None], -1)
     return out
+
+
+SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def sparse_attention(npu, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
@@ -162,6 +212,9 @@ def sparse_attention(npu, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, 
     lists are the whole mask (mode 3 would add a right-down causal cut). sinks float32 [H]: exp(sink_h) joins
     the denominator only. -> q.dtype [T, H, 512] (the kernel's output is bf16)."""
     T, H, D = q.shape
+    if D != 512 or H not in SFA_HEADS:
+        _shape("npu_sparse_flash_attention", "head dim 512 and query heads in", f"head dim {D}, {H} heads",
+               "1, 2, 4, ..., 128", "sparse_attention")
     N = kv.shape[0]
     order = torch.sort((idx < 0).to(torch.int32), dim=-1, stable=True).indices
     compact = idx.gather(-1, order).to(torch.int32).reshape(T, 1, -1).contiguous()
@@ -212,30 +265,53 @@ def expert_ffn(npu, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w
     return torch.zeros(x.shape[0], y.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, tok, y.float())
 
 
-def linear(npu, x: torch.Tensor, w) -> torch.Tensor:
+def linear(npu, x: torch.Tensor, w, max_n: int = QUANT_MATMUL_MAX_N) -> torch.Tensor:
     """The table's linear on an NPU: INT8-channel weights (`w8a8_int8`, stored [K, N] by
     runtime.device_weights) through `linear_w8a8`; bf16 / fp16 weights as a torch GEMM in their dtype on the
     NPU's cube units. Returns float32 like the reference."""
     if isinstance(w, Int8Channel):
-        return linear_w8a8(npu, x, w.codes_kn, w.scale).float()
+        return linear_w8a8(npu, x, w.codes_kn, w.scale, max_n).float()
     return storage_linear(x, w)
 
 
-# op -> (implementation id, adapter, capabilities it needs on the chip)
-ADAPTERS = {"linear": ("ascend.npu_quant_matmul+bf16_gemm", linear, ()),
-            "rms_norm": ("ascend.npu_rms_norm", rms_norm, ()),
-            "apply_rope": ("ascend.npu_rotary_mul", apply_rope, ()),
-            "clamped_swiglu": ("ascend.npu_clipped_swiglu", clamped_swiglu, ()),
-            "moe_gate": ("ascend.npu_moe_gating_top_k", moe_gate, ("fused_moe_gating",)),
-            "indexer_topk": ("ascend.npu_lightning_indexer", indexer_topk, ("fused_indexer",)),
-            "sparse_attention": ("ascend.npu_sparse_flash_attention", sparse_attention, ("fused_sparse_attention",))}
+# op -> (implementation id, adapter, capabilities it needs on the chip, profile kernel limits it reads)
+ADAPTERS = {"linear": ("ascend.npu_quant_matmul+bf16_gemm", linear, (), ("quant_matmul_max_n",)),
+            "rms_norm": ("ascend.npu_rms_norm", rms_norm, (), ()),
+            "apply_rope": ("ascend.npu_rotary_mul", apply_rope, ("fused_rope_interleave",), ()),
+            "clamped_swiglu": ("ascend.npu_clipped_swiglu", clamped_swiglu, ("fused_clipped_swiglu",), ()),
+            "moe_gate": ("ascend.npu_moe_gating_top_k", moe_gate, ("fused_moe_gating",), ("gating_max_experts",)),
+            "indexer_topk": ("ascend.npu_lightning_indexer", indexer_topk, ("fused_indexer",),
+                             ("indexer_max_sparse_count",)),
+            "sparse_attention": ("ascend.npu_sparse_flash_attention", sparse_attention, ("fused_sparse_attention",),
+                                 ())}
+# kernel limit (a profile's kernel_limits key) -> the adapter argument it sets
+KERNEL_LIMITS = {"quant_matmul_max_n": "max_n", "gating_max_experts": "max_experts",
+                 "indexer_max_sparse_count": "max_k"}
 
 
-def _bind(adapter):
-    return lambda *args, **kw: adapter(get_torch_npu(), *args, **kw)
+def _call(adapter, kw):
+    return lambda *args, **kwargs: adapter(get_torch_npu(), *args, **kw, **kwargs)
 
 
-for _op, (_id, _fn, _requires) in ADAPTERS.items():
-    register(_op, _id, "ascend", requires=_requires)(_bind(_fn))
+def _prepare(op: str, impl_id: str, adapter, limits: tuple[str, ...]):
+    """At resolve time: bind the profile's kernel limits, and self-test the adapters of undocumented semantics."""
+    def prepare(ctx):
+        missing = [n for n in limits if n not in ctx.kernel_limits]
+        if missing:
+            return None, f"needs kernel_limits {', '.join(missing)} declared in profile {ctx.profile.name}"
+        kw = {KERNEL_LIMITS[n]: int(ctx.kernel_limits[n]) for n in limits}
+        notes = [", ".join(f"{n}={ctx.kernel_limits[n]}" for n in limits)] if limits else []
+        if op in ascend_selftest.SELF_TESTS:
+            npu = get_torch_npu()
+            ok, detail = ascend_selftest.run_cached(op, impl_id, npu, lambda *a: adapter(npu, *a, **kw), ctx.device)
+            if not ok:
+                return None, detail
+            notes.append(detail)
+        return _call(adapter, kw), "; ".join(notes)
+    return prepare
+
+
+for _op, (_id, _fn, _requires, _limits) in ADAPTERS.items():
+    register(_op, _id, "ascend", requires=_requires, prepare=_prepare(_op, _id, _fn, _limits))(_call(_fn, {}))
 register("group_linear", "ascend.bf16_einsum", "ascend")(storage_group_linear)
 register_generic("ascend")           # plain torch on the NPU for every other op (registered last: least preferred)

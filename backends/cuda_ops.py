@@ -6,7 +6,10 @@
 - `sparse_attention`: gathered sparse attention with sinks through `scaled_dot_product_attention` (no dense
   masks: each query attends to its own gathered rows).
 - `routed_experts`: one grouped GEMM per projection over tokens sorted by expert (`torch.nn.functional.grouped_mm`)
-  on the [E, out, in] expert stacks `runtime.device_weights` lays out.
+  on the [E, out, in] expert stacks `runtime.device_weights` lays out. Chosen only where those stacks are bf16 /
+  fp16 (checked at resolve time from the load's weight format): elsewhere (`--numerics exact`, a float32
+  profile) the row is `cuda.torch` and says why, and a call without such stacks is an error, never a quiet
+  expert-by-expert loop.
 The other ops run as device-generic torch (`cuda.torch`, backends/torch_generic.py).
 
 Every function takes what its reference op takes and returns float32, so the model code is the same on every
@@ -23,8 +26,7 @@ import torch.nn.functional as F
 
 from runtime import formats
 from runtime.device_weights import BLOCK, Fp8Block, expert_stack
-from runtime.dispatch import register
-from runtime.ops.moe import routed_experts as ref_routed_experts
+from runtime.dispatch import DispatchError, register
 
 from .torch_generic import LOW_PRECISION, register_generic, storage_group_linear, storage_linear
 
@@ -90,10 +92,12 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ex
                    ops) -> torch.Tensor:
     """The reference's contract with one grouped GEMM per projection: token copies sorted by expert, group
     offsets from the per-expert counts, the [E, out, in] stacks as the grouped B operand (column-major view).
-    Experts not stored as low-precision stacks (FP8 blocks, float32) run one by one through the table's linear."""
+    Experts that are not bf16 / fp16 stacks are refused (dispatch only picks this where the load makes them)."""
     stacks = [expert_stack([e[j].weight for e in experts]) for j in range(3)]
     if any(s is None or s.dtype not in LOW_PRECISION for s in stacks):
-        return ref_routed_experts(x, idx, weights, experts, limit, ops)
+        kinds = sorted({"not one stack" if s is None else str(s.dtype).replace("torch.", "") for s in stacks})
+        raise DispatchError(f"cuda.grouped_mm needs the experts as bf16 / fp16 [E, out, in] stacks, got "
+                            f"{', '.join(kinds)}; load through Runtime.load (it stacks them), or prefer cuda.torch")
     w1, w2, w3 = stacks
     q_in, q_mid = experts[0][0].quantized, experts[0][1].quantized
     flat_e = idx.flatten()
@@ -113,11 +117,28 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ex
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-IMPLS = {"linear": ("cuda.scaled_mm_fp8+bf16_gemm", linear),
-         "group_linear": ("cuda.bf16_einsum", storage_group_linear),
-         "sparse_attention": ("cuda.sdpa_gathered", sparse_attention),
-         "routed_experts": ("cuda.grouped_mm", routed_experts)}
+_STORE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
+_COMPUTE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-for _op, (_id, _fn) in IMPLS.items():
-    register(_op, _id, "cuda")(_fn)
+
+def expert_storage_dtype(weight_format: str, compute_dtype: str) -> torch.dtype:
+    """The dtype runtime.device_weights.pack_weights stores routed experts in for this load."""
+    return _STORE.get(weight_format, _COMPUTE[compute_dtype])
+
+
+def _grouped_mm_prepare(ctx):
+    store = expert_storage_dtype(ctx.weight_format, ctx.numerics.compute)
+    if store not in LOW_PRECISION:
+        return None, (f"needs bf16 / fp16 expert stacks; weight format {ctx.weight_format} with compute "
+                      f"{ctx.numerics.compute} stores the experts as {str(store).replace('torch.', '')}")
+    return routed_experts, f"grouped GEMM over {str(store).replace('torch.', '')} expert stacks"
+
+
+IMPLS = {"linear": ("cuda.scaled_mm_fp8+bf16_gemm", linear, None),
+         "group_linear": ("cuda.bf16_einsum", storage_group_linear, None),
+         "sparse_attention": ("cuda.sdpa_gathered", sparse_attention, None),
+         "routed_experts": ("cuda.grouped_mm", routed_experts, _grouped_mm_prepare)}
+
+for _op, (_id, _fn, _prep) in IMPLS.items():
+    register(_op, _id, "cuda", prepare=_prep)(_fn)
 register_generic("cuda")

@@ -87,13 +87,16 @@ def test_twin_rejects_wrong_layouts():
 def test_adapters_are_registered_for_ascend_only():
     from runtime.dispatch import implementations
 
-    for op, (impl_id, _, requires) in ascend_ops.ADAPTERS.items():
+    for op, (impl_id, _, requires, _limits) in ascend_ops.ADAPTERS.items():
         impl = implementations(op)[impl_id]
-        assert impl.backend == "ascend" and impl.requires == frozenset(requires)
+        assert impl.backend == "ascend" and impl.requires == frozenset(requires) and impl.prepare is not None
     assert implementations("moe_gate")["ascend.npu_moe_gating_top_k"].requires == {"fused_moe_gating"}
     assert implementations("indexer_topk")["ascend.npu_lightning_indexer"].requires == {"fused_indexer"}
     assert implementations("sparse_attention")["ascend.npu_sparse_flash_attention"].requires == \
         {"fused_sparse_attention"}
+    # interleaved RoPE and clipped SwiGLU are A2/A3-only kernels: they need their own capabilities
+    assert implementations("apply_rope")["ascend.npu_rotary_mul"].requires == {"fused_rope_interleave"}
+    assert implementations("clamped_swiglu")["ascend.npu_clipped_swiglu"].requires == {"fused_clipped_swiglu"}
     # the W8A8 linear is the ascend linear; the experts run one by one through it (no grouped registration)
     assert "ascend.npu_quant_matmul+bf16_gemm" in implementations("linear")
     assert [i for i in implementations("routed_experts") if i.startswith("ascend.")] == ["ascend.torch"]
@@ -135,10 +138,10 @@ def test_moe_gate_adapter_hash_matches_reference():
     assert torch.equal(idx, ref_i) and torch.allclose(w, ref_w, atol=1e-5)
     wrong = _patched(npu_moe_gating_top_k={"norm_type": 0})                  # softmax scores: different weights
     assert not torch.allclose(ascend_ops.moe_gate(wrong, x, gw, None, hashed, 6, 1.5)[1], ref_w, atol=1e-3)
-    # the twin holds the documented hash contract: int64 ids with an int32 table, both or neither
+    # the twin holds the documented hash contract: int32/int64 ids and table, both or neither
     logits = x @ gw.T
-    with pytest.raises(AssertionError, match="tid2eid int32"):
-        twin.npu_moe_gating_top_k(logits, 6, input_ids=torch.arange(9), tid2eid=hashed, norm_type=2)
+    with pytest.raises(AssertionError, match="tid2eid int32/int64"):
+        twin.npu_moe_gating_top_k(logits, 6, input_ids=torch.arange(9), tid2eid=hashed.float(), norm_type=2)
     with pytest.raises(AssertionError, match="both input_ids and tid2eid"):
         twin.npu_moe_gating_top_k(logits, 6, tid2eid=hashed.int(), norm_type=2)
     with pytest.raises(AssertionError, match="renorm only 0"):
@@ -235,6 +238,9 @@ def test_expert_ffn_adapter_matches_reference():
     w13b, w2b = ascend_ops.prepare_expert_weights(experts)                          # bf16, the NPU dtype
     assert torch.allclose(ascend_ops.expert_ffn(twin, x, idx, w, w13b, w2b, 10.0), ref, atol=5e-2, rtol=2e-2)
     # counts read as a cumulative sum (group_list_type 0) are rejected: 5, 0, 0, 6, 3 is not non-decreasing
+    with pytest.raises(AssertionError, match="sum to x's rows"):               # the docs: groups cover x exactly
+        twin.npu_grouped_matmul([x[:13]], [w13], group_list=torch.tensor([5, 0, 0, 6, 3]), group_list_type=1,
+                                split_item=2, group_type=0)
     with pytest.raises(AssertionError, match="non-decreasing cumsum"):
         ascend_ops.expert_ffn(_patched(npu_grouped_matmul={"group_list_type": 0}), x, idx, w, w13, w2, 10.0)
     # per-expert [out, in] weights stacked untransposed do not chain: [M, d] @ [E, inter, 2*d]
@@ -253,3 +259,68 @@ def test_w8a8_nz_weight():
     assert torch.equal(ascend_ops.linear_w8a8(twin, x, w_nz, scale), ascend_ops.linear_w8a8(twin, x, w_nd, scale))
     with pytest.raises(AssertionError, match="x1 ND"):                              # the activation stays ND
         twin.npu_quant_matmul(twin.npu_format_cast(w_nd.t().contiguous(), 29), w_nz, scale)
+
+
+# ---- fixes from the torch-npu docs ----
+def test_w8a8_linear_splits_n_over_the_kernel_limit():
+    """npu_quant_matmul takes N <= 65535; V4-Pro's attn.wq_b has N = 65536: the adapter splits the columns."""
+    from runtime.ops.numerics import int8_roundtrip
+    from runtime.weight_formats import dequantize_int8_per_channel, quantize_int8_per_channel
+
+    N, K = 65536, 32
+    w = torch.randn(N, K, generator=G) / 8
+    x = torch.randn(3, K, generator=G).bfloat16().float()
+    w_kn, scale = ascend_ops.prepare_w8a8(w)
+    with pytest.raises(AssertionError, match="at most 65535"):                       # the twin holds the limit
+        twin.npu_quant_matmul(torch.zeros(3, K, dtype=torch.int8), w_kn, scale.float())
+    got = ascend_ops.linear_w8a8(twin, x, w_kn, scale)                               # 2 x 32768 columns
+    ref = int8_roundtrip(x) @ dequantize_int8_per_channel(*quantize_int8_per_channel(w)).T
+    assert got.shape == (3, N) and torch.allclose(got.float(), ref, rtol=2 ** -7, atol=1e-3)
+    # the unsplit product (the twin's formula over all N columns at once) gives the same bf16 numbers
+    xq, xs = twin.npu_dynamic_quant(x.bfloat16())
+    whole = ((xq.long() @ w_kn.long()).double() * scale.double() * xs.double()[:, None]).bfloat16()
+    assert torch.equal(got, whole)
+    # a smaller profile limit splits into more slices and still agrees
+    assert torch.equal(ascend_ops.linear_w8a8(twin, x, w_kn, scale, max_n=10000), whole)
+
+
+def test_indexer_adapter_forces_indices_past_visible_to_minus_one():
+    """A kernel whose padding names a key the row cannot see (here: a twin that pads with the row's last key
+    instead of -1) is corrected: every index at or past the row's visible count becomes -1."""
+    T, N, k = 6, 200, 16
+    q, w, keys = _bf16(T, 64, 128), _bf16(T, 64, scale=0.1), _bf16(N, 128)
+    visible = torch.tensor([3, 5, 16, 40, 199, 200])
+    ref = attention.indexer_topk(q, w, keys, visible, k)
+
+    def padding_past_visible(*a, **kw):
+        idx, val = twin.npu_lightning_indexer(*a, **kw)
+        return torch.where(idx < 0, torch.full_like(idx, N - 1), idx), val
+
+    ns = types.SimpleNamespace(npu_lightning_indexer=padding_past_visible)
+    got = ascend_ops.indexer_topk(ns, q, w, keys, visible, k)
+    assert torch.equal(got, ref) and (got[0, 3:] == -1).all()
+
+
+def test_rope_adapter_passes_contiguous_inputs():
+    T, H, D = 5, 3, 32
+    wide = torch.randn(T, H, 96, generator=G)
+    x = wide[..., -D:]                                          # the rope dims: a strided slice of the head
+    assert not x.is_contiguous()
+    cos, sin = norm_rope.rope_cos_sin(norm_rope.rope_frequencies(D, 10000.0, None), torch.arange(T))
+    assert torch.allclose(ascend_ops.apply_rope(twin, x, cos[:, None], sin[:, None]),
+                          norm_rope.apply_rope(x, cos[:, None], sin[:, None]), atol=1e-6)
+    with pytest.raises(AssertionError, match="contiguous"):    # the twin refuses a strided view
+        twin.npu_rotary_mul(wide[None, ..., -D:], torch.ones(1, T, 1, D), torch.ones(1, T, 1, D), "interleave")
+
+
+def test_adapters_refuse_shapes_and_limits_the_kernels_do_not_take():
+    from backends.ascend_ops import KernelLimitError
+
+    q, kv, idx, sink = _sfa_inputs()
+    with pytest.raises(KernelLimitError, match=r"head dim 512 .* this model has head dim 64.*prefer"):
+        ascend_ops.sparse_attention(twin, q[..., :64].contiguous(), kv[:, :64], idx, sink, 0.125)
+    with pytest.raises(KernelLimitError, match="indexer_max_sparse_count=512"):
+        ascend_ops.indexer_topk(twin, _bf16(2, 64, 128), _bf16(2, 64), _bf16(30, 128), torch.tensor([3, 4]), 1024,
+                                max_k=512)
+    with pytest.raises(KernelLimitError, match="gating_max_experts=32"):
+        ascend_ops.moe_gate(twin, *_gate_inputs()[:3], None, 6, 1.0, max_experts=32)

@@ -9,6 +9,7 @@ numerics end to end; it says nothing about NPU kernels.
 
 import pytest
 import torch
+import yaml
 
 import runtime.api
 from backends import ascend_ops
@@ -16,6 +17,7 @@ from backends.ascend import AscendBackend
 from backends.base import DeviceInfo
 from runtime.api import Runtime
 from runtime.device_weights import Int8Channel
+from runtime.profile import PROFILE_DIR, parse_profile
 from tests.twins import torch_npu_twin
 
 # KL to float32 / top-1 bounds: the emulation's documented ones (tests/test_emulation.py).
@@ -27,8 +29,16 @@ def _kl_top1(a, b):
     return (pa.exp() * (pa - pb)).sum(-1).mean().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
+def _tiny_shaped(profile: str):
+    """The shipped profile with plain torch preferred for the two attention kernels, whose fixed shapes (64 x 128
+    indexer heads, head dim 512) the tiny model does not have (that refusal is tested below)."""
+    raw = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text())
+    raw["prefer"] = {"sparse_attention": ["ascend.torch"], "indexer_topk": ["ascend.torch"]}
+    return parse_profile(raw, f"{profile}+tiny.yaml")
+
+
 @pytest.mark.parametrize("profile", list(TOLERANCE))
-def test_model_through_the_ascend_table_on_a_twin(profile, tiny_ckpt, tiny_rt, monkeypatch):
+def test_model_through_the_ascend_table_on_a_twin(profile, tiny_ckpt, tiny_rt, monkeypatch, tmp_path):
     family, soc, max_kl, min_agree = TOLERANCE[profile]
 
     class CpuHostedAscend(AscendBackend):
@@ -40,10 +50,19 @@ def test_model_through_the_ascend_table_on_a_twin(profile, tiny_ckpt, tiny_rt, m
     real = runtime.api.get_backend
     monkeypatch.setattr(runtime.api, "get_backend", lambda n: CpuHostedAscend() if n == "ascend" else real(n))
     monkeypatch.setattr(ascend_ops, "get_torch_npu", lambda: torch_npu_twin)
-    rt = Runtime.load(profile, checkpoint=tiny_ckpt, progress=False)
+    monkeypatch.setenv("DSV4RT_HOME", str(tmp_path))              # a fresh self-test cache
+    if profile == "ascend-910b":     # the shipped profile picks the attention kernels: the tiny shapes are refused
+        rt = Runtime.load(profile, checkpoint=tiny_ckpt, progress=False)
+        with pytest.raises(ascend_ops.KernelLimitError, match="npu_sparse_flash_attention takes head dim 512"):
+            rt.forward([[1, 2, 3]])
+    rt = Runtime.load(_tiny_shaped(profile), checkpoint=tiny_ckpt, progress=False)
     impl = {r.op: r.impl for r in rt.dispatch.rows}
     assert impl["linear"] == "ascend.npu_quant_matmul+bf16_gemm" and impl["rms_norm"] == "ascend.npu_rms_norm"
-    assert impl["apply_rope"] == "ascend.npu_rotary_mul" and impl["hc_pre"] == "ascend.torch"
+    assert impl["hc_pre"] == "ascend.torch" and impl["sparse_attention"] == "ascend.torch"
+    a2 = profile == "ascend-910b"    # interleaved RoPE, clipped SwiGLU and the gate kernel: A2/A3 only
+    assert (impl["apply_rope"] == "ascend.npu_rotary_mul") == a2
+    assert (impl["clamped_swiglu"] == "ascend.npu_clipped_swiglu") == a2
+    assert (impl["moe_gate"] == "ascend.npu_moe_gating_top_k") == a2
     wq_b = rt.model.blocks[1].attn.wq_b.weight
     assert isinstance(wq_b, Int8Channel) if profile == "ascend-910b" else wq_b.dtype == torch.float16
     emu = Runtime.load(profile, checkpoint=tiny_ckpt, emulate=True, progress=False)

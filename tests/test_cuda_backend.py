@@ -20,6 +20,7 @@ from backends.cuda import CudaBackend
 from backends import cuda_ops
 from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
+from runtime.dispatch import DispatchError
 from runtime.device_weights import Fp8Block, Int8Channel, dequantize, expert_stack, pack_weights
 from runtime.formats import decode_e8m0, dequant_fp8_block, quant_fp8_block
 from runtime.model.params import Linear
@@ -140,10 +141,30 @@ def test_grouped_experts_match_the_per_expert_reference():
     ops = reference_ops(MODES["exact"])
     ref = moe.routed_experts(x, idx, w, experts, 10.0, ops)                   # per expert, float32 values
     got = cuda_ops.routed_experts(x, idx, w, experts, 10.0, ops)
-    assert (got - ref).abs().max() <= 2 ** -7 * ref.abs().max()
-    # experts that are not one stack run one by one through the table: the reference's result exactly
+    # bf16 activations in and between the grouped GEMMs: measured 0.0036-0.0080 of the output's max over 12 seeds
+    # and test orders (2026-12-01); the bound is 3x the largest (2^-7 was below it: an order-dependent failure)
+    assert (got - ref).abs().max() <= 0.024 * ref.abs().max()
+    # experts that are not one bf16 stack are refused, never run one by one behind the table's back
     loose = [tuple(Linear(l.weight.clone(), False) for l in e) for e in experts]
-    assert torch.equal(cuda_ops.routed_experts(x, idx, w, loose, 10.0, ops), ref)
+    with pytest.raises(DispatchError, match="cuda.grouped_mm needs the experts as bf16 / fp16 .* not one stack"):
+        cuda_ops.routed_experts(x, idx, w, loose, 10.0, ops)
+    f32 = [tuple(Linear(l.weight.float(), False) for l in e) for e in _expert_linears(dtype_format="float32")[0]]
+    with pytest.raises(DispatchError, match="got float32"):
+        cuda_ops.routed_experts(x, idx, w, f32, 10.0, ops)
+
+
+def test_grouped_mm_is_not_chosen_where_the_experts_are_not_bf16(tiny_ckpt, hosted_cuda):
+    """`--numerics exact` on a GPU stores float32 experts: the row says plain torch runs, and why."""
+    rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, numerics="exact", progress=False)
+    row = next(r for r in rt.dispatch.rows if r.op == "routed_experts")
+    assert row.impl == "cuda.torch" and row.reason.startswith("plain torch on the cuda device")
+    assert row.why_not == ("cuda.grouped_mm: needs bf16 / fp16 expert stacks; weight format float32 with "
+                           "compute float32 stores the experts as float32",)
+    assert "rejected cuda.grouped_mm: needs bf16 / fp16 expert stacks" in rt.dispatch.format()
+    assert rt.model.blocks[2].ffn.experts[0][0].weight.dtype == torch.float32          # what the row says
+    ok = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
+    row = next(r for r in ok.dispatch.rows if r.op == "routed_experts")
+    assert row.impl == "cuda.grouped_mm" and "grouped GEMM over bfloat16 expert stacks" in row.reason
 
 
 @pytest.mark.parametrize("fmt,compute", [("fp8_block", "bfloat16"), ("bf16", "bfloat16"), ("fp16", "float16"),

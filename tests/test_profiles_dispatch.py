@@ -150,3 +150,25 @@ def test_imports_have_no_device_side_effects():
             "assert 'torch_npu' not in sys.modules, 'torch_npu imported at import time'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("op,what", [("sparse_atention", "which is not an op"),
+                                     ("round_act", "which is set by the profile's numerics, not by prefer")])
+def test_prefer_naming_an_unknown_op_is_refused(op, what):
+    raw = _raw("cpu")
+    raw["prefer"] = {op: ["cpu.union_flash"]}
+    prof = parse_profile(raw, "pref.yaml")           # parsing does not know the op names: resolve does
+    with pytest.raises(DispatchError) as e:
+        resolve(prof, "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], False, True)
+    msg = str(e.value)
+    assert msg.startswith(f"profile cpu: prefer names {op!r}, {what}; ops: linear, group_linear,") and "\n" not in msg
+
+
+def test_capabilities_are_the_probe_intersected_with_the_profile():
+    from runtime.dispatch import effective_capabilities
+
+    prof = load_profile("ascend-910b")
+    probed = frozenset({"fp32", "bf16", "fused_indexer", "fused_mhc"})
+    assert effective_capabilities(prof, probed) == {"fp32", "bf16", "fused_indexer"}
+    t = resolve(prof, "cpu", "cpu", probed, prof.numerics, False, True)
+    assert t.capabilities == {"fp32", "bf16", "fused_indexer"} and t.as_dict()["kernel_limits"]["window"] == 128

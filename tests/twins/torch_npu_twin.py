@@ -13,7 +13,12 @@ re-exported here, so this module is the whole op namespace an adapter receives.
 
 from __future__ import annotations
 
+import types
+
 import torch
+
+__version__ = "2.14.0+cpu-twin"     # what the self-test cache keys on, with the device name below
+npu = types.SimpleNamespace(get_device_name=lambda device=None: "CPU twin of torch-npu (not an NPU)")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -32,6 +37,7 @@ def npu_rotary_mul(input: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rota
     assert rotary_mode in ("half", "interleave"), "npu_rotary_mul: rotary_mode is 'half' or 'interleave'"
     assert input.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, "npu_rotary_mul: 4-D input, r1, r2"
     assert input.dtype in _FLOATS and r1.dtype == r2.dtype == input.dtype, "npu_rotary_mul: one float dtype"
+    assert input.is_contiguous() and r1.is_contiguous() and r2.is_contiguous(), "npu_rotary_mul: contiguous inputs"
     D = input.shape[-1]
     assert D % 2 == 0 and D < 896, "npu_rotary_mul: D even and < 896"
     assert r1.shape == r2.shape and r1.shape[-1] == D, "npu_rotary_mul: r1/r2 [.., D] like input"
@@ -79,6 +85,7 @@ def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
         "npu_quant_matmul: x1 ND, x2 ND or FRACTAL_NZ"
     assert 2 <= x1.dim() <= 6 and x2.dim() >= 2 and x1.shape[-1] == x2.shape[-2], "npu_quant_matmul: [.., M, K] @ [.., K, N]"
     n = x2.shape[-1]
+    assert x1.shape[-1] <= 65535 and n <= 65535, "npu_quant_matmul: the last dims of x1 and x2 are at most 65535"
     assert scale.dim() == 1 and scale.shape[0] in (1, n) and scale.dtype in (torch.float32, torch.bfloat16), \
         "npu_quant_matmul: scale (1,) or (n,) float32 / bfloat16"
     assert output_dtype in (None, torch.int8, torch.float16, torch.bfloat16)
@@ -117,11 +124,12 @@ def npu_moe_gating_top_k(x: torch.Tensor, k: int, *, bias=None, input_ids=None, 
     """norm = softmax | sigmoid | sqrt(softplus) (norm_type 0 | 1 | 2); experts = tid2eid[input_ids] (hash) or
     top-k of norm + bias within the k_group best of group_count groups (stable: lower id first on ties);
     y = norm at those experts, / (sum + eps) unless softmax, * routed_scaling_factor.
-    -> (y in x's dtype [T, k], expert_idx int32 [T, k], norm_out float32 [T, E] if out_flag else empty)."""
+    -> (y in x's dtype [T, k], expert_idx int32 [T, k], norm_out float32 [T, E]: the docs give norm_out x's
+    shape whatever out_flag says, as the meta function does)."""
     assert x.dim() == 2 and x.dtype in _FLOATS, "npu_moe_gating_top_k: 2-D fp16/bf16/fp32 x"
     T, E = x.shape
     assert E <= 2048 and E % group_count == 0, "npu_moe_gating_top_k: E <= 2048, divisible by group_count"
-    assert 1 <= k <= min(E // group_count * k_group, 32), "npu_moe_gating_top_k: 1 <= k <= 32"
+    assert 1 <= k <= E // group_count * k_group, "npu_moe_gating_top_k: 1 <= k <= E / group_count * k_group"
     assert renorm == 0, "npu_moe_gating_top_k: renorm only 0 (norm, then top-k)"
     assert norm_type in (0, 1, 2) and group_select_mode in (0, 1)
     assert (input_ids is None) == (tid2eid is None), "npu_moe_gating_top_k: hash needs both input_ids and tid2eid"
@@ -131,9 +139,11 @@ def npu_moe_gating_top_k(x: torch.Tensor, k: int, *, bias=None, input_ids=None, 
     norm = (xf.softmax(-1) if norm_type == 0 else torch.sigmoid(xf) if norm_type == 1
             else torch.sqrt(torch.nn.functional.softplus(xf)))
     if input_ids is not None:
-        assert input_ids.dtype == torch.int64 and input_ids.shape == (T,), "npu_moe_gating_top_k: input_ids int64 [T]"
-        assert tid2eid.dtype == torch.int32 and tid2eid.dim() == 2 and tid2eid.shape[1] == k, \
-            "npu_moe_gating_top_k: tid2eid int32 [n, k]"
+        # the docs allow int32 or int64 for both (cann-recipes' custom op wanted int64 ids, int32 table)
+        assert input_ids.dtype in (torch.int32, torch.int64) and input_ids.shape == (T,), \
+            "npu_moe_gating_top_k: input_ids int32/int64 [T]"
+        assert tid2eid.dtype in (torch.int32, torch.int64) and tid2eid.dim() == 2 and tid2eid.shape[1] == k, \
+            "npu_moe_gating_top_k: tid2eid int32/int64 [n, k]"
         assert bool(((input_ids >= 0) & (input_ids < tid2eid.shape[0])).all()), "npu_moe_gating_top_k: input_ids range"
         idx = tid2eid[input_ids].long()
         assert bool(((idx >= 0) & (idx < E)).all()), "npu_moe_gating_top_k: tid2eid entries in [0, E)"
@@ -150,7 +160,7 @@ def npu_moe_gating_top_k(x: torch.Tensor, k: int, *, bias=None, input_ids=None, 
     if norm_type != 0:
         y = y / (y.sum(-1, keepdim=True) + eps)
     y = y * routed_scaling_factor
-    return y.to(x.dtype), idx.to(torch.int32), (norm if out_flag else torch.empty(0))
+    return y.to(x.dtype), idx.to(torch.int32), norm
 
 
 def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
@@ -160,7 +170,8 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        per_token_scale_dtype=None):
     """The float (non-quantised) M-split case only: one x [M, K], weight = one [E, K, N] tensor or E [K, N]
     tensors, group_type 0, group_list int64 [E] as a cumulative sum (type 0) or counts (type 1); rows of
-    group e are x[start_e:end_e] @ weight[e]. split_item 2/3: one output [M, N] (rows past the groups: 0)."""
+    group e are x[start_e:end_e] @ weight[e]. split_item 2/3: one output [M, N]. The docs: the groups cover x
+    exactly (the last cumsum, or the sum of the counts, equals M), and a counts list is not of length 1."""
     assert isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)), "npu_grouped_matmul: tensor lists"
     assert all(v is None for v in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale,
                                    activation_input)) and act_type == 0, "twin: float grouped matmul only"
@@ -176,8 +187,10 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     assert group_list_type in (0, 1), "npu_grouped_matmul: group_list_type 0 (cumsum) or 1 (counts)"
     gl = group_list.tolist()
     ends = gl if group_list_type == 0 else torch.tensor(gl).cumsum(0).tolist()
-    assert all(b >= a for a, b in zip([0] + ends, ends)) and (not ends or ends[-1] <= xs.shape[0]), \
-        "npu_grouped_matmul: group_list must be a non-decreasing cumsum (type 0) / non-negative counts within M"
+    assert all(b >= a for a, b in zip([0] + ends, ends)), \
+        "npu_grouped_matmul: group_list must be a non-decreasing cumsum (type 0) / non-negative counts (type 1)"
+    assert ends and ends[-1] == xs.shape[0], "npu_grouped_matmul: group_list must sum to x's rows M"
+    assert group_list_type == 0 or len(gl) != 1, "npu_grouped_matmul: a counts group_list is not of length 1"
     out = torch.zeros(xs.shape[0], ws[0].shape[1], dtype=torch.float32)
     for w, a, b in zip(ws, [0] + ends, ends):
         out[a:b] = xs[a:b].float() @ w.float()

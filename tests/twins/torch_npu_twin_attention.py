@@ -94,7 +94,8 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
         idx[start:start + n, 0, :m] = torch.where(ok, srt.indices[:, :m], -1).to(torch.int32)
         val[start:start + n, 0, :m] = srt.values[:, :m]
     shape = (*query.shape[:-2], 1, sparse_count)
-    return idx.reshape(shape), (val.reshape(shape).to(query.dtype) if return_value else torch.empty(0))
+    return idx.reshape(shape), (val.reshape(shape).to(query.dtype) if return_value else
+                                torch.empty(0, dtype=query.dtype))       # the meta function's empty values
 
 
 def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *, block_table=None,
@@ -107,7 +108,8 @@ def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *
     at the first -1 (the golden's `break`), which is why padding must come last. sparse_mode 3 also masks
     positions > S2 - S1 + i. sinks (assumed: float32 [N1], absent from the 2.14 doc; the V4 / GPT-OSS
     semantics) add exp(sink_h) to the denominator only. value None = shared KV (value = key).
-    -> (out in query's dtype, softmax_max, softmax_sum float32 [rows, N1] if return_softmax_lse else empty)."""
+    -> (out in query's dtype, softmax_max, softmax_sum float32 if return_softmax_lse else empty): shaped as the
+    meta function says, [KV_N, T, N1 / KV_N] (TND) or [B, KV_N, S1, N1 / KV_N] (BSND), KV_N = 1."""
     value = key if value is None else value
     assert query.dtype in _HALF and key.dtype == query.dtype and value.dtype == query.dtype, \
         "npu_sparse_flash_attention: query, key, value one dtype, bf16 or fp16"
@@ -159,4 +161,9 @@ def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *
     out = out.reshape(*query.shape[:-1], D).to(query.dtype)
     if not return_softmax_lse:
         smax, ssum = torch.empty(0), torch.empty(0)
+    elif layout_query == "TND":
+        smax, ssum = smax[None], ssum[None]                                    # [1, T, N1]
+    else:
+        B, S1 = query.shape[:2]
+        smax, ssum = smax.view(B, 1, S1, N1), ssum.view(B, 1, S1, N1)
     return out, smax, ssum
