@@ -240,3 +240,17 @@ def test_the_runtime_loads_and_runs_a_sparse_checkpoint(tmp_path):
     rt = Runtime.load("cpu", checkpoint=tmp_path / "t", progress=False)
     logits = rt.forward([[0, 72, 105, 33]])
     assert logits.shape == (1, 4, 320) and bool(logits.isfinite().all())
+
+
+def test_the_dry_run_bench_loads_runs_and_watches_memory(tmp_path):
+    """runtime.bench.dry_run on the tiny sparse checkpoint: a child process loads it, prefills 8 tokens, decodes 2,
+    and reports its anonymous memory; a run that passes the memory cap is stopped and says so."""
+    from runtime.bench.dry_run import run
+
+    folder = write_sparse_checkpoint(tmp_path / "t", preset("tiny"))
+    res = run(folder, "cpu", max_anon_gib=8, timeout_s=300)
+    assert "error" not in res, res.get("error")
+    assert res["finite"] and len(res["decode_s"]) == 2 and res["prefill_s"] > 0 and res["load_s"] > 0
+    assert 0 < res["anon_after_load_gib"] <= res["peak_anon_gib"] + 0.05 < 8
+    stopped = run(folder, "cpu", max_anon_gib=0.02, timeout_s=300)      # below an interpreter's own footprint
+    assert stopped["error"].startswith("stopped: anonymous memory passed 0.02 GiB")
