@@ -99,7 +99,8 @@ def fp8_block_linear(x: torch.Tensor, w) -> torch.Tensor:
     a = x.reshape(-1, K)
     if a.stride(-1) != 1:
         a = a.contiguous()
-    codes, scale = w.codes, w.scale.float().contiguous()
+    codes = w.codes if w.codes.stride(-1) == 1 else w.codes.contiguous()
+    scale = w.scale.float().contiguous()                    # [N/128, K/128] powers of two (e8m0 decodes exactly)
     N = codes.shape[0]
     M = a.shape[0]
     y = torch.empty(M, N, dtype=torch.float32, device=a.device)
