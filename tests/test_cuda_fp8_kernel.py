@@ -131,7 +131,7 @@ def test_blockwise_twin_rejects_what_cuda_rejects():
 class CpuHostedCuda(CudaBackend):
     """TWIN of a CUDA device: CudaBackend whose probe reports an sm_90 GPU while computing on the CPU."""
 
-    triton, blockwise = True, False
+    has_triton, blockwise = True, False
 
     def probe(self) -> DeviceInfo:
         return DeviceInfo("cuda", "cpu", "CPU-hosted twin of an sm_90 GPU", {"sm": 90})
@@ -139,7 +139,7 @@ class CpuHostedCuda(CudaBackend):
     def capabilities(self, info):
         """A GPU's capabilities; `triton` runs here because the interpreter takes the CPU tensors."""
         caps = set(super().capabilities(info))
-        caps |= {"triton"} if self.triton else set()
+        caps |= {"triton"} if self.has_triton else set()
         caps |= {"scaled_mm_blockwise"} if self.blockwise else set()
         return frozenset(caps)
 
@@ -161,7 +161,7 @@ def test_the_dispatch_row_names_the_fp8_linear_that_runs(blockwise, impl, tiny_c
     p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
     assert (p.exp() * (p - q)).sum(-1).mean() < 0.03 and (got - ref).abs().max() < 0.25 * ref.abs().max()
     # without triton and blockwise scaling the per-K-block loop remains, and the row says so
-    backend.triton = backend.blockwise = False
+    backend.has_triton = backend.blockwise = False
     rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
     assert {r.op: r.impl for r in rt.dispatch.rows}["linear"] == "cuda.scaled_mm_fp8+bf16_gemm"
 
