@@ -1,10 +1,14 @@
 """The CUDA backend: device probe and capabilities by compute capability; its ops are in cuda_ops.py.
 
-The probe runs at `Runtime.load`, never at import. `--emulate` runs a CUDA profile's numerics on the CPU
+The probe runs at `Runtime.load`, never at import. Capabilities beyond the compute capability: `triton` (the
+package is installed and the device is a GPU: compiled Triton kernels take CUDA tensors only) and `scaled_mm_blockwise` (torch's blockwise-scaled FP8 GEMM: sm_90 with cuBLASLt >= 12.9), which select the
+FP8 linear (backends/cuda_ops.py). `--emulate` runs a CUDA profile's numerics on the CPU
 reference instead of a GPU.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -33,4 +37,11 @@ class CudaBackend:
             caps.add("bf16")
         if sm >= 89:                       # Ada and Hopper have FP8 tensor cores; Ampere does not
             caps.add("fp8_gemm")
+            # Triton emits e4m3 dots from sm_89 on, and its compiled kernels take CUDA tensors only.
+            if importlib.util.find_spec("triton") is not None and info.device.startswith("cuda"):
+                caps.add("triton")
+            from .cuda_fp8_blockwise import supported
+
+            if supported(sm) and info.device.startswith("cuda"):
+                caps.add("scaled_mm_blockwise")
         return frozenset(caps)

@@ -117,6 +117,32 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ex
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
+def linear_blockwise(x: torch.Tensor, w) -> torch.Tensor:
+    """FP8 blocks through ONE blockwise-scaled cuBLAS GEMM (backends/cuda_fp8_blockwise.py); others as `linear`."""
+    if isinstance(w, Fp8Block):
+        from .cuda_fp8_blockwise import blockwise_linear
+
+        return blockwise_linear(x, w)
+    return storage_linear(x, w)
+
+
+def linear_triton(x: torch.Tensor, w) -> torch.Tensor:
+    """FP8 blocks through ONE Triton kernel, act_quant fused (backends/cuda_fp8_triton.py); others as `linear`."""
+    if isinstance(w, Fp8Block):
+        from .cuda_fp8_triton import fp8_block_linear
+
+        return fp8_block_linear(x, w)
+    return storage_linear(x, w)
+
+
+# The FP8 linear is one GEMM per call wherever the device allows; the dispatch row names the one that runs.
+# Preference = registration order: cuBLAS blockwise scaling (sm_90, cuBLASLt >= 12.9), the Triton kernel (sm_89+
+# with triton installed), and only without either the loop of one row-wise `_scaled_mm` per K block (`linear`).
+register("linear", "cuda.scaled_mm_blockwise_fp8+bf16_gemm", "cuda", requires=("scaled_mm_blockwise",))(
+    linear_blockwise)
+register("linear", "cuda.triton_fp8_block+bf16_gemm", "cuda", requires=("triton",))(linear_triton)
+
+
 _STORE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
 _COMPUTE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
