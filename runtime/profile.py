@@ -24,7 +24,7 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 BACKENDS = ("cpu", "cuda", "ascend", "onnx")
 CAPABILITIES = ("fp32", "bf16", "fp16", "fp8_gemm", "int8_w8a8", "mxfp4", "fused_sparse_attention",
                 "fused_indexer", "fused_moe_gating", "fused_compressor", "fused_mhc", "fused_rope_interleave",
-                "fused_clipped_swiglu", "graph_capture")
+                "fused_clipped_swiglu", "graph_capture", "triton", "scaled_mm_blockwise")
 CONFIDENCE = ("high", "medium", "low")
 GRAPH_MODES = ("eager", "cudagraph", "aclgraph")
 # Which capability each choice needs on the chip (checked at validation: "FP8 on a chip without FP8").
