@@ -57,7 +57,7 @@ def test_head_norm_is_bf16_step_by_step():
 def official_sparse_attn(q, kv, sink, idx, scale, block=64):
     """DeepSeek's `sparse_attn_kernel` for one query row set, as a Python loop over its 64-slot blocks:
     q [t, H, D] bf16, kv [N, D] bf16, sink [H] float32, idx [t, K] (-1 = padding; block 0 holds a valid slot
-    as the official index lists do)."""
+    as the official index lists do, whose padding comes last)."""
     t, H, D = q.shape
     out = torch.empty(t, H, D)
     for i in range(t):
@@ -89,16 +89,21 @@ def _attention_case(t=3, H=4, D=32, N=300, K=200):
     q[..., 0] = 4.0
     idx = torch.stack([torch.randperm(N, generator=G)[:K] for _ in range(t)])
     idx = idx.sort(-1).values                           # ascending rows: each block raises the max
-    idx[:, 150:170] = -1                                # padding inside a later block
+    idx[:, 170:] = -1                                   # DeepSeek's lists: valid slots first, padding last
     sink = torch.randn(H, generator=G)
     return q, kv, sink, idx
+
+
+def _pads_first(idx):
+    """Our window lists put the padding before the valid rows (the same slots, rotated)."""
+    return torch.stack([torch.cat((r[r < 0], r[r >= 0])) for r in idx])
 
 
 def test_attention_probabilities_rounded_where_the_kernel_rounds():
     q, kv, sink, idx = _attention_case()
     scale = 32 ** -0.5
-    want = official_sparse_attn(q, kv, sink, idx, scale)
-    args = (q.float(), kv.float(), idx, sink, scale)
+    want = official_sparse_attn(q, kv, sink, idx, scale)             # the official slot layout
+    args = (q.float(), kv.float(), _pads_first(idx), sink, scale)   # ours: the blocks follow the valid slots
     got = attention.sparse_attention(*args, rnd=numerics.round_bf16)
     # the kernel rescales its accumulators step by step, we by one exp(m_b - m): float32 apart only
     # (measured 1.1e-7 of the largest output)
@@ -107,7 +112,7 @@ def test_attention_probabilities_rounded_where_the_kernel_rounds():
     assert (exact - want).abs().max().item() > 50 * (got - want).abs().max().item()   # the point matters
     # every CPU implementation that claims official numerics: decode step (T = 1) and prefill chunk
     for i in range(q.shape[0]):
-        one = cpu_ops.sparse_attention(q[i:i + 1].float(), kv.float(), idx[i:i + 1], sink, scale,
+        one = cpu_ops.sparse_attention(q[i:i + 1].float(), kv.float(), args[2][i:i + 1], sink, scale,
                                        rnd=numerics.round_bf16)
         assert (one - want[i:i + 1]).abs().max().item() <= 4e-7 * want.abs().max().item()
     assert torch.equal(cpu_ops.sparse_attention(*args, rnd=numerics.round_bf16), got)

@@ -26,9 +26,20 @@ def kernel_probs(scores: torch.Tensor, sink: torch.Tensor, rnd) -> tuple[torch.T
     exp(m_prev - m_b) per step; after the last block it adds exp(sink - m) to the sum and divides the float32
     output by it. So p_j = rnd(exp(s_j - m_b(j))) * exp(m_b(j) - m) and
     denom = sum_j exp(s_j - m_b(j)) * exp(m_b(j) - m) + exp(sink - m), m the row's max.
-    A block before any valid slot (running max -inf) adds nothing here (the kernel, whose lists start with a
-    valid slot, never meets one). Returns p [t, H, K] and denom [t, H, 1]; o = (p @ V) / denom.
+    The blocks are taken over the valid slots first, in their order, padding last: DeepSeek's index lists
+    put a window's padding after its valid rows (`get_window_topk_idxs`), ours before them, and where a list
+    holds only window rows, or no padding (every query from position W-1 on), this is the official block
+    layout exactly. (A compressed layer's query before position W-1 keeps its window padding before the
+    compressed rows in the official list: there the blocks can still differ.) A block before any valid
+    slot adds nothing. Returns p [t, H, K] in idx's slot order and denom [t, H, 1]; o = (p @ V) / denom.
     """
+    order = torch.sort(torch.isneginf(scores).all(1).to(torch.int8), dim=-1, stable=True).indices   # [t, K]
+    p, denom = _kernel_blocks(scores.gather(-1, order[:, None, :].expand_as(scores)), sink, rnd)
+    return torch.empty_like(p).scatter_(-1, order[:, None, :].expand_as(p), p), denom
+
+
+def _kernel_blocks(scores: torch.Tensor, sink: torch.Tensor, rnd) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel_probs` on slots already in the kernel's order."""
     t, H, K = scores.shape
     nb = -(-K // KERNEL_BLOCK)
     padded = torch.nn.functional.pad(scores, (0, nb * KERNEL_BLOCK - K), value=float("-inf"))
