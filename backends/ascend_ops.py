@@ -157,7 +157,7 @@ LI_SPARSE_COUNTS = {3072, 4096, 5120, 6144, 7168, 8192}   # besides 1..2048 (the
 
 
 def indexer_topk(npu, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
-                 k: int, max_k: int = 2048) -> torch.Tensor:
+                 k: int, max_k: int = 2048, rnd=None) -> torch.Tensor:
     """`npu_lightning_indexer(query, key, weights, ..., layout_query="TND", layout_key="PA_BSND",
     sparse_count=k, sparse_mode=0) -> (indices int32 [T, 1, k], values)`; score = sum_h w_h relu(q_h . key).
     Our causality is "query t sees the first visible[t] keys", not right-down causal, so queries are sorted by
@@ -168,7 +168,9 @@ def indexer_topk(npu, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor
     The op writes -1 after the valid entries (fewer visible than k); queries with nothing visible are never
     sent, and any index at or past a row's visible count is forced to -1 (a kernel's padding must never name a
     key the row cannot see). -> int64 [T, k], best first, -1 padding (ties: the kernel's order; the reference takes the lower
-    index). The kernel takes 64 query heads of dim 128 and sparse_count <= 2048 (V4's indexer shape)."""
+    index). The kernel takes 64 query heads of dim 128 and sparse_count <= 2048 (V4's indexer shape).
+    `rnd` (official numerics' bf16 points, `attention.index_scores`) is not applied: the kernel scores bf16
+    inputs in its own precision."""
     if k > max_k or not (1 <= k <= 2048 or k in LI_SPARSE_COUNTS):
         _over("npu_lightning_indexer", "sparse_count", k, "indexer_max_sparse_count", max_k, "indexer_topk")
     if tuple(q.shape[1:]) != (64, 128):
@@ -200,7 +202,7 @@ SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def sparse_attention(npu, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, rnd=None) -> torch.Tensor:
     """`npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, ..., layout_query="TND",
     layout_kv="TND", sparse_mode=0, attention_mode=2, sinks=) -> (out, softmax_max, softmax_sum)`.
     query bf16 [T, H, 512]; key = value = kv bf16 [N, 1, 512] (V4 shares K and V in one KV head); the MLA rope
@@ -210,7 +212,8 @@ def sparse_attention(npu, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, 
     FIRST, PADDING (-1) LAST, as the op requires: our idx may hold -1 anywhere, so each row is compacted by a
     stable sort (order of valid entries kept; it does not matter to the softmax). sparse_mode 0: the index
     lists are the whole mask (mode 3 would add a right-down causal cut). sinks float32 [H]: exp(sink_h) joins
-    the denominator only. -> q.dtype [T, H, 512] (the kernel's output is bf16)."""
+    the denominator only. -> q.dtype [T, H, 512] (the kernel's output is bf16). `rnd` (official numerics'
+    bf16 probabilities, `attention.kernel_probs`) is not applied: the kernel rounds in its own order."""
     T, H, D = q.shape
     if D != 512 or H not in SFA_HEADS:
         _shape("npu_sparse_flash_attention", "head dim 512 and query heads in", f"head dim {D}, {H} heads",

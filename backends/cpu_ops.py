@@ -7,11 +7,14 @@ Each is registered for the `cpu` backend and has the float32 reference (`runtime
   fused CPU flash-attention kernel, instead of materialising a [t, K, D] gather; blocks with little overlap
   keep the reference's gather. The sink enters exactly through the kernel's log-sum-exp. A decode step's
   one query attends its K rows with the padding masked (no host sync). Precondition (true in the model): a
-  query's valid indices are distinct.
+  query's valid indices are distinct. Under `official` numerics (`rnd` given) the fused kernel cannot round
+  its probabilities at DeepSeek's point: a decode step applies `kernel_probs` to its K rows, a prefill chunk
+  runs the reference's gather with `rnd`.
 - `indexer_topk`: the same scores as the reference (same expressions, in query blocks whose scores stay
   under 16 MB instead of 256-query ones), then `topk` instead of a full sort;
   rows where equal finite scores could reorder the result are re-done with the reference's stable sort, so
-  the selection and its order are the reference's exactly.
+  the selection and its order are the reference's exactly. The scores are `index_scores` (with `rnd`
+  under `official`: bf16 scores, where ties are common and those rows take the sort).
 - `hc_pre`: for the few tokens of a decode step, the gates, the row softmax and the 20 Sinkhorn rounds on
   each 4x4 mixing matrix run on Python floats (double precision) from one host read, instead of ~150 tiny
   tensor ops; larger chunks use the reference after mixes whose RMS comes from a batched dot product
@@ -69,15 +72,20 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 @register("sparse_attention", "cpu.union_flash", "cpu")
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, rnd=None) -> torch.Tensor:
     """Same contract as `runtime.ops.attention.sparse_attention`: q [T, H, D], kv [N, D], idx [T, K]."""
     T = q.shape[0]
     if T == 1:                          # a decode step: its K rows, padding masked; no host sync, ~9 calls
         i = idx[0]
         rows = kv[i.clamp(min=0)]                                                       # [K, D]
         s = torch.mm(q[0], rows.T).mul_(scale).masked_fill_(i < 0, float("-inf"))     # [H, K]
+        if rnd is not None:                                  # official: DeepSeek's kernel's bf16 probabilities
+            p, denom = ref_attention.kernel_probs(s[None], sink, rnd)
+            return torch.mm(p[0], rows).div_(denom[0])[None]
         p = torch.cat((s, sink[:, None]), dim=1).softmax(-1)                           # sink: the last column
         return torch.mm(p[:, :-1], rows)[None]
+    if rnd is not None:                 # official prefill: the reference's gather, probabilities rounded
+        return ref_attention.sparse_attention(q, kv, idx, sink, scale, rnd=rnd)
     out = torch.empty_like(q)
     N = kv.shape[0]
     mark = torch.zeros(N + 1, dtype=torch.bool, device=q.device)   # slot N absorbs the -1 padding
@@ -104,7 +112,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
 
 @register("indexer_topk", "cpu.topk_exact_ties", "cpu")
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
-                 k: int) -> torch.Tensor:
+                 k: int, rnd=None) -> torch.Tensor:
     """Same contract and result as `runtime.ops.attention.indexer_topk`."""
     T, N = q.shape[0], keys.shape[0]
     out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
@@ -119,8 +127,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, vis
     for s in range(0, T, block):
         qb, wb, vb = q[s:s + block], weights[s:s + block], visible[s:s + block]
         n = max(int(vb.max()), 1)           # causality: this block sees no key past its last visible one
-        score = torch.einsum("thd,nd->thn", qb, keys[:n]).relu_()
-        score = torch.einsum("thn,th->tn", score, wb)
+        score = ref_attention.index_scores(qb, keys[:n], wb, rnd)
         score = score.masked_fill(arange[None, :n] >= vb[:, None], float("-inf"))
         if n <= kk:                         # pad to the full key count: the reference's ranking of -inf rows
             score = torch.cat((score, score.new_full((score.shape[0], N - n), float("-inf"))), dim=1)

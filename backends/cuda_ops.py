@@ -64,11 +64,13 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, rnd=None) -> torch.Tensor:
     """The reference op's contract (q [T, H, D], kv [N, D] shared K = V, idx [T, K] with -1 padding, sink [H])
     in bf16 through SDPA: each query is a batch of one over its gathered rows plus one zero-valued key whose
     additive bias is the head's sink logit (q . 0 + sink = sink), so it adds exp(sink) to the denominator and
-    nothing to the output — exactly the sink. Softmax accumulates in float32 inside the kernel."""
+    nothing to the output — exactly the sink. Softmax accumulates in float32 inside the kernel.
+    `rnd` (official numerics) is not applied here: the bf16 kernel rounds its probabilities itself, in its
+    own blocking, not in `attention.kernel_probs`' 64-slot order; held to the emulation's tolerance."""
     T, H, D = q.shape
     out = torch.empty_like(q)
     kvb = torch.cat((kv, kv.new_zeros(1, D))).to(torch.bfloat16)               # row N = the sink's zero key

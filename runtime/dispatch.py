@@ -27,7 +27,8 @@ from .ops import OpTable, reference_ops
 from .ops.numerics import NumericsSpec
 
 # numerics op -> the NumericsSpec field that selects it
-NUMERICS_OPS = {"round_act": "compute", "quant_act": "act_quant", "kv_qat": "kv", "indexer_qat": "indexer"}
+NUMERICS_OPS = {"round_act": "compute", "quant_act": "act_quant", "kv_qat": "kv", "indexer_qat": "indexer",
+                "head_norm": "points", "inner_round": "points"}
 
 
 class DispatchError(V4Error):

@@ -16,7 +16,7 @@ def test_official_numerics_ops():
     H = torch.tensor([[1.0]])
     while H.shape[0] < 32:
         H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
-    h = v @ H.T / 32 ** 0.5                                         # rotated, by an explicit Sylvester matrix
+    h = (v @ H.T / 32 ** 0.5).to(torch.bfloat16).float()           # rotated (explicit Sylvester matrix), bf16
     s = torch.exp2(torch.ceil(torch.log2(h.abs().amax(-1, keepdim=True) / 6)))
     # every value is an e2m1 magnitude times the block's power-of-two scale, and the nearest one
     assert torch.all(torch.isin((y / s).abs(), torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6.])))

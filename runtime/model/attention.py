@@ -132,7 +132,7 @@ class Attention:
         xt, pos = x.reshape(B * S, -1), positions.reshape(-1)
         qr = ops.round_act(ops.rms_norm(project(ops, xt, self.wq_a), self.q_norm, eps))        # [T, q_lora]
         q = project(ops, qr, self.wq_b).unflatten(-1, (self.H, self.D))                          # [T, H, D]
-        q = self.rope(ops.round_act(ops.rms_norm(q, None, eps)), pos)
+        q = self.rope(ops.head_norm(ops, q, eps), pos)                                  # per-head, no weight
         kv = ops.round_act(ops.rms_norm(project(ops, xt, self.wkv), self.kv_norm, eps))        # [T, D]
         kv = self._kv_qat(self.rope(kv, pos))
         tap(f"{self.name}.attn.q", q)
@@ -159,13 +159,15 @@ class Attention:
                 if self.indexer is not None:
                     self.indexer.compressor.advance(st.index_buf, st.index_keys, ikv[tok], isc[tok], p0)
                     k = min(self.indexer.topk, n_vis)
-                    sel = ops.indexer_topk(iq[tok], iw[tok], st.index_keys.view(), visible, k)
+                    sel = ops.indexer_topk(iq[tok], iw[tok], st.index_keys.view(), visible, k,
+                                           rnd=ops.inner_round)
                     tap(f"{self.name}.indexer.topk", sel)
                 else:                                                       # HCA: every closed entry
                     sel = torch.arange(n_vis, device=x.device).expand(S, -1)
                     sel = torch.where(sel < visible[:, None], sel, -1)
                 idx.append(torch.where(sel >= 0, sel + self.cfg.window, -1))   # entry w is row W + w
-            o[tok] = ops.sparse_attention(q[tok], pool, torch.cat(idx, dim=1), self.sink, self.D ** -0.5)
+            o[tok] = ops.sparse_attention(q[tok], pool, torch.cat(idx, dim=1), self.sink, self.D ** -0.5,
+                                          rnd=ops.inner_round)
             if S > 1:                                                       # update the ring after prefill
                 keep = min(S, self.cfg.window)
                 ring = torch.arange(p0 + S - keep, p0 + S, device=x.device) % self.cfg.window

@@ -3,7 +3,10 @@
 The model never calls torch kernels for its V4-specific math directly: it calls `ops.<name>(...)` on an
 `OpTable`. The reference table binds every op to its plain float32 implementation in this package (each is
 also the test oracle of any faster implementation); backends build other tables. The numerics ops
-(`round_act`, `quant_act`, `kv_qat`, `indexer_qat`) say where a mode drops precision.
+(`round_act`, `quant_act`, `kv_qat`, `indexer_qat`, `head_norm`, `inner_round`) say where a mode drops
+precision. `inner_round` is not an op but the `rnd=` argument the model passes to `sparse_attention` and
+`indexer_topk`: None, or under `official` the bf16 rounding at DeepSeek's points inside them; every
+implementation of those two ops takes it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class OpTable:
     quant_act: Callable
     kv_qat: Callable
     indexer_qat: Callable
+    head_norm: Callable
+    inner_round: Callable | None
     numerics: str = "exact"
 
 

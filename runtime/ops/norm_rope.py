@@ -20,6 +20,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y if weight is None else y * weight
 
 
+def rms_norm_rounded(x: torch.Tensor, eps: float, rnd) -> torch.Tensor:
+    """The weightless RMS norm with every intermediate rounded by `rnd`, as DeepSeek's per-head query norm
+    `q *= torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)` runs on a bf16 tensor (spec §18.19): each
+    torch op computes in float32 and stores bf16, so the squares, their mean (a float32 sum over the head,
+    divided, then rounded), the sum with eps, the rsqrt and the product are each rounded."""
+    ms = rnd(rnd(x * x).mean(-1, keepdim=True))
+    return rnd(x * rnd(torch.rsqrt(rnd(ms + eps))))
+
+
 def rope_frequencies(rope_dim: int, base: float, yarn: Yarn | None) -> torch.Tensor:
     """Angular frequency per rotated pair, [rope_dim/2] float32.
 

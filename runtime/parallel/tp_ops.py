@@ -13,22 +13,23 @@ import dataclasses
 
 import torch
 
-from ..ops.attention import QUERY_BLOCK, select_topk
+from ..ops.attention import QUERY_BLOCK, index_scores, select_topk
 
 
 def tp_indexer_topk(par):
     """indexer_topk(q [T, h_local, d], weights [T, h_local], keys [N, d], visible [T], k) -> [T, k], with the
     head sum completed over the TP group of `par`."""
 
-    def indexer_topk(q, weights, keys, visible, k):
+    def indexer_topk(q, weights, keys, visible, k, rnd=None):
         T, N = q.shape[0], keys.shape[0]
         out = torch.full((T, k), -1, dtype=torch.int64, device=q.device)
         if N == 0 or k == 0:                          # same on every rank: no collective is skipped unevenly
             return out
         for s in range(0, T, QUERY_BLOCK):
             qb, wb, vb = q[s:s + QUERY_BLOCK].float(), weights[s:s + QUERY_BLOCK].float(), visible[s:s + QUERY_BLOCK]
-            part = torch.einsum("thn,th->tn", torch.einsum("thd,nd->thn", qb, keys.float()).relu_(), wb)
-            order = select_topk(par.tp_sum(part), vb, k)                      # partial head sums -> full score
+            part = index_scores(qb, keys.float(), wb, rnd)
+            full = par.tp_sum(part)                                            # partial head sums -> full score
+            order = select_topk(full if rnd is None else rnd(full), vb, k)   # official: a bf16 all-reduce
             out[s:s + QUERY_BLOCK, :order.shape[1]] = order
         return out
 
