@@ -8,6 +8,8 @@ checkpoint, or an overflow in a narrow dtype. The normal path pays for the check
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import V4Error
@@ -29,18 +31,13 @@ def _replay(model, prefill: torch.Tensor, decode: list[int], rec: FirstNonFinite
     decode step only (the earlier ones were finite)."""
     seqs = model.new_state(prefill.shape[0]).seqs
     step = CHUNK if chunked else prefill.shape[1]
+    off = contextlib.nullcontext()
     with torch.inference_mode():
         for i in range(0, prefill.shape[1], step):
-            if decode:
+            with off if decode else rec:
                 model.forward(prefill[:, i:i + step], seqs)
-            else:
-                with rec:
-                    model.forward(prefill[:, i:i + step], seqs)
         for j, tok in enumerate(decode):
-            if j == len(decode) - 1:
-                with rec:
-                    model.forward(torch.tensor([[tok]]), seqs)
-            else:
+            with rec if j == len(decode) - 1 else off:
                 model.forward(torch.tensor([[tok]]), seqs)
 
 
