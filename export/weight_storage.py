@@ -104,9 +104,10 @@ def store_quantized(model: onnx.ModelProto, tensors: dict[str, torch.Tensor], qu
         stats["bytes_after"] += codes.numel() + scale.numel() * 4
     missing = sorted(n for n in quantized if expected(n) and n not in stored)
     if missing:
-        raise StorageError(f"{len(missing)} quantised weight(s) would stay float32 in the graph ({', '.join(missing[:3])}"
-                           f"{', ...' if len(missing) > 3 else ''}): no initializer holds their values; export with "
-                           "--weights float32, or report this as an exporter bug")
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise StorageError(f"{len(missing)} quantised weight(s) would stay float32 in the graph ({shown}): no "
+                           "initializer holds their values; export with --weights float32, or report this as an "
+                           "exporter bug")
     del model.graph.initializer[:]
     model.graph.initializer.extend(inits)
     graph_nodes = list(model.graph.node)

@@ -61,7 +61,7 @@ def test_decode_step_names_the_step_and_the_compressor_tap(tiny_ckpt, tmp_path):
 
 def test_cli_prints_one_line(nan_q_norm):
     r = subprocess.run([sys.executable, "-m", "runtime.run", "--backend", "cpu", "--checkpoint", str(nan_q_norm),
-                        "--prompt", "Hello", "--max-new-tokens", "2", "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+                        "--prompt", "Hello", "--max-new-tokens", "2", "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "first non-finite tap L2.attn.q" in r.stderr
