@@ -22,10 +22,18 @@ import torch
 from onnx import helper, numpy_helper
 
 from runtime import formats
+from runtime.errors import V4Error
 
 
-class StorageError(ValueError):
-    """A weight is not exactly representable in the requested storage."""
+class StorageError(V4Error, ValueError):
+    """A weight is not exactly representable in the requested storage, or a quantised weight would stay
+    float32 in the graph (one line: `python -m export.onnx` prints it and exits 2)."""
+
+
+def in_step_graph(name: str) -> bool:
+    """Whether the exported step graph holds this checkpoint weight: every main-model weight; not the MTP
+    block's (`mtp.*`: the step graph has no MTP block, export/chunk.py Step)."""
+    return not name.startswith("mtp.")
 
 
 def _key(a: np.ndarray) -> str:
@@ -59,15 +67,21 @@ def _dq_nodes(name: str, codes: torch.Tensor, scale: torch.Tensor, block: int, t
     return [q, s], node
 
 
-def store_quantized(model: onnx.ModelProto, tensors: dict[str, torch.Tensor], quantized, expert_format: str) -> dict:
+def store_quantized(model: onnx.ModelProto, tensors: dict[str, torch.Tensor], quantized, expert_format: str,
+                    expected=in_step_graph) -> dict:
     """Replace the float32 initializers of the checkpoint's FP8 / FP4 weights by DequantizeLinear of their codes.
+    Every quantised weight for which `expected(name)` holds must be found in the graph (as W or W.T): one that
+    is not (the exporter folded it into another constant, rounded or scaled it) would stay float32 silently,
+    so it is an error naming it.
     -> counts {"fp8": n, "int8_from_fp4": n, "bytes_before": b, "bytes_after": b}."""
-    wanted = {}
+    wanted, twins = {}, {}
     for name in quantized:
         w = tensors[name].float()
-        wanted[_key(w.numpy())] = (name, False)
-        wanted[_key(w.t().contiguous().numpy())] = (name, True)
+        wanted.setdefault(_key(w.numpy()), (name, False))
+        wanted.setdefault(_key(w.t().contiguous().numpy()), (name, True))
+        twins.setdefault(_key(w.numpy()), []).append(name)      # equal weights: one initializer stores them all
     inits, nodes, stats = [], [], {"fp8": 0, "int8_from_fp4": 0, "bytes_before": 0, "bytes_after": 0}
+    stored: set[str] = set()
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init) if init.data_type == onnx.TensorProto.FLOAT else None
         hit = wanted.get(_key(arr)) if arr is not None and arr.ndim == 2 else None
@@ -76,6 +90,7 @@ def store_quantized(model: onnx.ModelProto, tensors: dict[str, torch.Tensor], qu
             continue
         src, transposed = hit
         w = tensors[src].float()
+        stored.update(twins[_key(w.numpy())])
         fp4 = ".experts." in src and expert_format == "fp4"
         codes, scale, block = _int8_from_fp4(w) if fp4 else _fp8(w)
         values = codes.float() if fp4 else codes.view(torch.float8_e4m3fn).float()
@@ -87,6 +102,12 @@ def store_quantized(model: onnx.ModelProto, tensors: dict[str, torch.Tensor], qu
         stats["int8_from_fp4" if fp4 else "fp8"] += 1
         stats["bytes_before"] += arr.nbytes
         stats["bytes_after"] += codes.numel() + scale.numel() * 4
+    missing = sorted(n for n in quantized if expected(n) and n not in stored)
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise StorageError(f"{len(missing)} quantised weight(s) would stay float32 in the graph ({shown}): no "
+                           "initializer holds their values; export with --weights float32, or report this as an "
+                           "exporter bug")
     del model.graph.initializer[:]
     model.graph.initializer.extend(inits)
     graph_nodes = list(model.graph.node)

@@ -30,6 +30,7 @@ from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
 from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
 from .model.state import StateBatch
+from .nonfinite import finite, raise_non_finite
 from .model.transformer import Transformer
 from .ops.numerics import MODES
 from .presets import preset
@@ -208,8 +209,15 @@ class Runtime:
             raise InputError(f"state holds {state.batch_size} sequences but input_ids has {ids.shape[0]} rows")
         self._check_length(max(state.positions) + ids.shape[1])
         self.memory.check([p + ids.shape[1] for p in state.positions])
+        start = list(state.positions)
         with torch.inference_mode():
-            return self.model.forward(ids, state.seqs).float().cpu()
+            logits = self.model.forward(ids, state.seqs).float().cpu()
+        if not finite(logits):
+            row, pos = (int(i) for i in (~torch.isfinite(logits)).any(-1).nonzero()[0])
+            raise_non_finite(self.model, f"forward (row {row}, position {start[row] + pos})", ids, chunked=False,
+                             note="" if not any(start) else " (located on fresh sequences: this call "
+                             "continued a state, whose history the re-run does not have)")
+        return logits
 
     def mtp_logits(self, input_ids) -> torch.Tensor:
         """MTP draft logits for fresh sequences: [B, S-1, vocab], row t predicting token t+2 from the main
@@ -258,7 +266,12 @@ class Runtime:
         t0 = time.perf_counter()
         with torch.inference_mode():
             # Sampling runs on the CPU (its generator is a CPU one): one [B, V] copy per step.
-            last = torch.cat([self._prefill(r, state.seqs[b]) for b, r in enumerate(rows)])     # [B, V]
+            last = []
+            for b, r in enumerate(rows):
+                last.append(self._prefill(r, state.seqs[b]))
+                if not finite(last[-1]):
+                    raise_non_finite(self.model, f"prefill of prompt {b}", torch.tensor([r]))
+            last = torch.cat(last)                                                              # [B, V]
             t1 = time.perf_counter()
             active, steps = list(range(len(rows))), 0
             while active and max_new_tokens:
@@ -279,6 +292,11 @@ class Runtime:
                 active = [b for _, b in still]
                 last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1].float().cpu()
                 steps += len(active)
+                if not finite(last):
+                    j = int((~torch.isfinite(last)).any(-1).nonzero()[0])
+                    b = active[j]
+                    raise_non_finite(self.model, f"decode step {len(out[b])} of prompt {b}", torch.tensor([rows[b]]),
+                                     out[b])
             t2 = time.perf_counter()
         texts = [self.tokenizer.decode(o) for o in out]
         return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)

@@ -7,6 +7,7 @@ tensor to the CPU (float32, or int64 for index taps), in call order; a name tapp
 forward (per sequence of a batch) is concatenated. Each tap comes back as rows of its last dim ([tokens x
 heads x streams, features] for activations, [queries, k] for index sets), so taps from prompts of different
 lengths concatenate too (index sets with fewer entries, where few were visible, are padded with -1).
+`FirstNonFinite` is a recorder that only notes the first tap holding a NaN or Inf.
 """
 
 from __future__ import annotations
@@ -76,3 +77,16 @@ class TapRecorder:
 
     def __exit__(self, *exc) -> None:
         _ACTIVE.remove(self)
+
+
+class FirstNonFinite(TapRecorder):
+    """Keeps only the name of the first tap (in call order) holding a NaN or Inf; copies nothing. Used on the
+    error path of Runtime.forward / generate to say where non-finite values first appeared."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def record(self, name: str, t: torch.Tensor) -> None:
+        if self.first is None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            self.first = name

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 from runtime.bench.bandwidth import measure_bandwidth
-from runtime.bench.report import evaluate_targets
+import pytest
+
+from runtime.bench.report import evaluate_targets, format_table
 
 
 def test_bench_runs_every_engine_end_to_end(tmp_path):
@@ -65,6 +67,56 @@ def test_targets_are_computed_from_results_not_assumed():
     assert t[0]["met"] and abs(t[0]["value"] - 10) < 1e-9
 
 
-def test_bandwidth_measure_is_sane():
-    b = measure_bandwidth(gib=0.125, repeats=2)
-    assert 0.1 < b["read_gbps"] < 2000 and 0.1 < b["copy_gbps"] < 2000
+def test_bandwidth_is_bytes_over_median_time(monkeypatch):
+    """The figures' arithmetic on a fake clock (each timed call takes 2 ms, 3 ms, 2 ms, ...): a read moves the
+    buffer once, a copy twice (read + write), the warm-up round is dropped, the median is taken."""
+    import runtime.bench.bandwidth as bw
+
+    ticks = iter([0, 9, 9, 10, 10, 12, 12, 16, 20, 22, 22, 25, 30, 32, 32, 36])   # 4 calls per round
+    monkeypatch.setattr(bw.time, "perf_counter", lambda: next(ticks) / 1000)
+    b = measure_bandwidth(gib=1 / 1024, repeats=3)                       # 1 MiB: reads 2 ms, copies 4, 3, 4 ms
+    assert b["read_gbps"] == pytest.approx(2 ** 20 / 2e-3 / 1e9)
+    assert b["copy_gbps"] == pytest.approx(2 * 2 ** 20 / 4e-3 / 1e9)
+
+
+BASE = {"args": {"hf_mem_limit": 16.0}, "machine": {}}
+OURS_16K = {"engine": "ours", "context": 16384, "peak_rss_mib": 600.0}
+MEMORY = "peak memory of a 16K prefill <= 1/4 of transformers'"
+
+
+def _memory_target(hf_result):
+    return next(t for t in evaluate_targets({**BASE, "results": [OURS_16K, hf_result]}) if t["target"] == MEMORY)
+
+
+def test_16k_memory_target_met_only_when_transformers_ran_out_of_memory():
+    """Failed before: any transformers error at 16K (a bug, a missing module, a timeout) counted as "met"."""
+    hf = {"engine": "transformers", "context": 16384}
+    for other in ({**hf, "error": "KeyError: 'rope_theta'"},                       # a crash, no oom flag at all
+                  {**hf, "error": "timed out after 3600 s", "oom": False},
+                  {**hf, "error": "killed by SIGKILL (out of memory or another cause)", "oom": False}):
+        t = _memory_target(other)
+        assert t["met"] is None and t["value"] is None and t["detail"].startswith("not measured"), t
+    oom = _memory_target({**hf, "error": "out of memory (limit 16.0 GiB): DefaultCPUAllocator: not enough memory",
+                          "oom": True})
+    assert oom["met"] is True and oom["value"] == pytest.approx(600 / 16384) and "ran out of memory" in oom["detail"]
+    measured = _memory_target({**hf, "peak_rss_mib": 3000.0})
+    assert measured["met"] is True and measured["value"] == pytest.approx(0.2)
+    assert _memory_target({**hf, "peak_rss_mib": 2000.0})["met"] is False
+    table = format_table({**BASE, "machine": {"cpu": "x", "cores": 2, "memory_gib": 4, "torch": "t", "date": "d"},
+                          "results": [], "targets": [_memory_target({**hf, "error": "KeyError: 'x'"})]})
+    assert f"[not measured] {MEMORY}" in table
+
+
+def test_only_allocation_failures_count_as_out_of_memory():
+    import torch
+
+    from runtime.bench.child import is_out_of_memory
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                         "not enough memory: you tried to allocate 8589934592 bytes."))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64"))
+    for e in (RuntimeError("expected all tensors to be on the same device"), RuntimeError("memory format mismatch"),
+              RuntimeError("alloc of a tensor with negative size"), ValueError("out of memory"), KeyError("memory")):
+        assert not is_out_of_memory(e), e

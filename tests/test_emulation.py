@@ -1,15 +1,21 @@
 """Weight-format transforms (pure functions) and emulated deployments of the tiny model vs float32.
 
-Tolerances are the documented ones (README "Emulated numerics"), set a little above what was measured on
-the tiny default (2 x 300 tokens): they catch a broken transform, not rounding noise.
+The emulation figures and their tolerances come from runtime/parity/emulation.py, whose command
+(`python -m runtime.parity.emulation`) prints the README's table: tolerances ~3x the measured KL and top-1
+disagreement, and the README's rows are checked against what this test measures.
 """
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
+from runtime.parity.emulation import LABELS, TOLERANCES, kl_and_top1, measure, table_row
 from runtime.weight_formats import dequantize_int8_per_channel, quantize_int8_per_channel, transform_weights
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_int8_per_channel_quantisation():
@@ -45,21 +51,25 @@ def test_transforms_touch_only_what_the_format_says(tiny_ckpt):
         transform_weights(t, ck.quantized, "int3")
 
 
-# profile -> (max mean KL in nats, min top-1 agreement); measured: bf16 0.003/0.98, 910B 0.010/0.93,
-# 310P 0.0005/0.999, H100 (= DeepSeek's own numerics) 0.021/0.89.
-TOLERANCES = {"cpu-bf16": (0.01, 0.95), "ascend-910b": (0.03, 0.88), "ascend-310p": (0.003, 0.98),
-              "nvidia-h100": (0.06, 0.82)}
-
-
 @pytest.mark.parametrize("profile", list(TOLERANCES))
-def test_emulated_profiles_stay_within_documented_tolerance(profile, tiny_ckpt, tiny_rt):
-    rt = Runtime.load(profile, checkpoint=tiny_ckpt, emulate=True, progress=False)
-    assert rt.dispatch.emulated and rt.profile.name == profile
-    ids = torch.randint(2, 258, (2, 300), generator=torch.Generator().manual_seed(0))
-    a, b = tiny_rt.forward(ids), rt.forward(ids)
-    assert torch.isfinite(b).all() and not torch.equal(a, b)
-    pa, pb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (pa.exp() * (pa - pb)).sum(-1).mean().item()
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+def test_emulated_profiles_stay_within_documented_tolerance(profile, tiny_rt):
+    """The README table's measurement (runtime.parity.emulation, the command that prints it), held to its
+    tolerance (~3x the measured KL and top-1 disagreement), and the README's row is what was measured."""
+    fig = measure(profile, reference=tiny_rt)
+    assert not fig["identical"]
     max_kl, min_agree = TOLERANCES[profile]
-    assert kl <= max_kl and agree >= min_agree, (profile, kl, agree)
+    assert fig["kl"] <= max_kl and fig["top1"] >= min_agree, (profile, fig)
+    row = next(ln for ln in README.read_text().splitlines() if ln.startswith(f"| {LABELS[profile]} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == table_row(profile, fig).strip("|").split("|")[3].strip()      # the tolerance: from the code
+    kl_doc, top1_doc = float(cells[1]), float(cells[2])
+    # the figures: as printed by `python -m runtime.parity.emulation`, up to the run-to-run jitter of a
+    # threaded float32 reduction order (none was seen between 1 and 2 threads)
+    assert abs(kl_doc - fig["kl"]) <= 0.05 * fig["kl"] and abs(top1_doc - fig["top1"]) <= 0.005, (row, fig)
+
+
+def test_kl_and_top1_on_known_answers():
+    ref = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]))
+    cand = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.6, 0.3]]))
+    kl, top1 = kl_and_top1(ref, cand)
+    assert kl == pytest.approx((0.5 * math.log(2) + 0.25 * math.log(0.5)) / 2) and top1 == 0.5

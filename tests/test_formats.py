@@ -71,12 +71,33 @@ def test_round_e2m1_ties_to_even_code():
 
 
 def test_quant_roundtrip_exact_on_representable_values(rng):
+    """Values already on the grid come back unchanged (compared with the input, not with another round trip)."""
     w = formats.decode_e4m3(torch.randint(0, 0x7E, (256, 384), dtype=torch.uint8, generator=rng))
-    q, s = formats.quant_fp8_block(w)
-    assert torch.equal(formats.dequant_fp8_block(q, s), formats.dequant_fp8_block(*formats.quant_fp8_block(w)))
-    x = torch.randn(64, 128, generator=rng)
-    d = formats.dequant_fp4(*formats.quant_fp4(x))
-    assert torch.equal(formats.dequant_fp4(*formats.quant_fp4(d)), d)
+    assert torch.equal(formats.dequant_fp8_block(*formats.quant_fp8_block(w)), w)
+    fp4_grid = torch.tensor(formats.FP4_GRID)
+    v = fp4_grid[torch.randint(0, len(fp4_grid), (64, 128), generator=rng)] * torch.where(
+        torch.rand(64, 128, generator=rng) < 0.5, -1.0, 1.0)
+    v[:, ::32] = 6.0                                 # each 32-block reaches the grid's max: scale 2^0
+    assert torch.equal(formats.dequant_fp4(*formats.quant_fp4(v)), v)
+
+
+def test_quant_roundtrip_error_within_half_a_step(rng):
+    """Random values: |dequant(quant(x)) - x| is at most half the grid step at x. FP8 e4m3 (3 mantissa bits):
+    2^-4 |x| for normal values, 2^-10 s for subnormals (s = the 128 x 128 block's power-of-two scale). FP4 e2m1
+    (grid 0, .5, 1, 1.5, 2, 3, 4, 6): half the gap around x, at most 1 s (between 4 and 6), per 32 inputs."""
+    x = torch.randn(256, 384, generator=rng) * torch.logspace(-3, 2, 384)          # blocks of very different size
+    d = formats.dequant_fp8_block(*formats.quant_fp8_block(x))
+    s = torch.exp2(torch.ceil(torch.log2(x.view(2, 128, 3, 128).abs().amax((1, 3)) / 448)))
+    s = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    err = (d - x).abs()
+    assert torch.all(err <= x.abs() * 2 ** -4 + s * 2 ** -10) and err.max() > 0
+    y = torch.randn(64, 128, generator=rng)
+    d4 = formats.dequant_fp4(*formats.quant_fp4(y))
+    s4 = torch.exp2(torch.ceil(torch.log2(y.view(64, 4, 32).abs().amax(-1) / 6))).repeat_interleave(32, 1)
+    a = (y / s4).abs()
+    half_gap = torch.where(a < 2, 0.25, torch.where(a < 4, 0.5, 1.0)) * s4
+    assert torch.all((d4 - y).abs() <= half_gap * (1 + 1e-6)) and (d4 - y).abs().max() > 0
+    assert torch.equal(formats.dequant_fp4(*formats.quant_fp4(d4)), d4)          # grid values are fixed points
 
 
 def test_generator_weights_decode_to_their_masters():

@@ -31,7 +31,6 @@ from runtime.ops import reference_ops
 from runtime.ops.norm_rope import rope_frequencies
 from runtime.presets import preset
 
-transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4ForCausalLM  # noqa: E402
 
 from runtime.bench.hf_reference import hf_config as _hf_config  # noqa: E402

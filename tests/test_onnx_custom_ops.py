@@ -3,12 +3,13 @@ run by stock ONNX Runtime through their function bodies, equal to our float32 re
 that has a kernel for a node uses the kernel instead of the body."""
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxruntime_extensions as ext
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-co = pytest.importorskip("export.custom_ops")
+import export.custom_ops as co
 
 G = torch.Generator().manual_seed(0)
 
@@ -65,7 +66,6 @@ def test_stock_ort_runs_the_bodies_like_the_reference(exported, B, T, N, K, Nc):
 
 
 def test_a_registered_kernel_replaces_the_body(exported):
-    ext = pytest.importorskip("onnxruntime_extensions")
     calls = []
 
     @ext.onnx_op(op_type="SparseAttention",

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
+import onnx
+import onnxruntime  # noqa: F401  (the test extra: a missing install fails here, it is never skipped)
+import onnxscript  # noqa: F401
 from export.onnx import ExportError, export_model  # noqa: E402
 from runtime import parity  # noqa: E402
 from runtime.api import Runtime  # noqa: E402

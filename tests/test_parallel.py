@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +84,7 @@ def runs(tiny_ckpt, tmp_path_factory):
     """One launch per layout, one after the other (2 cores: concurrent launches would only contend), plus TP 2
     as two one-process "nodes" (two torchrun launches, static rendezvous on 127.0.0.1)."""
     base = tmp_path_factory.mktemp("parallel")
-    started, procs, t0 = {}, [], time.perf_counter()
+    started, procs = {}, []
     for name, (tp, ep) in LAYOUTS.items():
         out = base / name
         out.mkdir()
@@ -97,7 +96,6 @@ def runs(tiny_ckpt, tmp_path_factory):
     args = ["-m", "tests.parallel_worker", str(tiny_ckpt), str(out), "2", "1"]
     procs = [_torchrun(1, args, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
     _finish(procs)
-    started["seconds"] = time.perf_counter() - t0
     return started
 
 
@@ -152,19 +150,16 @@ def test_each_rank_holds_its_slices(runs, tiny_ckpt):
 
 def test_per_rank_memory_matches_planner(runs, tiny_ckpt):
     """Measured = distinct storages of the rank's weight map + its decode state after prefill and decode;
-    planned = runtime.parallel.plan_layouts.rank_plan for that rank, layout and context. Within 10%."""
+    planned = runtime.parallel.plan_layouts.rank_plan for that rank, layout and context. Measured 2026-12-01:
+    +0.11% (TP 2), +0.16% (EP 2), +0.17% (TP 2 x EP 2) on every rank; bound 0.5%, about 3x that."""
     cfg, prof = ModelConfig.from_file(tiny_ckpt / "config.json"), load_profile("cpu")
     for name, (tp, ep) in LAYOUTS.items():
         for r in _load(runs[name])[1]:
             p = rank_plan(cfg, prof, Layout(tp, ep), r["positions"], rank=r["rank"])
             measured = r["weight_bytes"] + r["state_bytes"]
             print(f"{name} rank {r['rank']}: measured {measured / 2**20:.3f} MiB, planned {p['total'] / 2**20:.3f} MiB")
-            assert abs(measured - p["total"]) <= 0.10 * p["total"]
+            assert abs(measured - p["total"]) <= 0.005 * p["total"]
             assert abs(r["weight_bytes"] - p["weights"]) <= 0.01 * p["weights"]
-
-
-def test_launch_time(runs):
-    print(f"parallel launches: {runs['seconds']:.1f} s")
 
 
 # ------------------------------------------------------------------ failures

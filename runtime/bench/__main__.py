@@ -50,12 +50,14 @@ def _run_child(spec: dict, timeout: float) -> dict:
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+        return {**spec, "error": f"timed out after {timeout:.0f} s", "oom": False}
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        why = "killed (out of memory?)" if r.returncode in (-9, 137) else tail[:200]
-        return {**spec, "error": why}
+        # SIGKILL may be the kernel's OOM killer or anything else: not counted as out of memory (only the
+        # child's own allocation failure under its address-space limit is, child.is_out_of_memory)
+        why = "killed by SIGKILL (out of memory or another cause)" if r.returncode in (-9, 137) else tail[:200]
+        return {**spec, "error": why, "oom": False}
     return {**spec, **json.loads(lines[-1])}
 
 

@@ -115,6 +115,17 @@ def run(spec: dict) -> dict:
     return res
 
 
+# What torch and Python say when an allocation fails (the CPU allocator under RLIMIT_AS, CUDA's caching
+# allocator): only these count as running out of memory.
+OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "not enough memory", "out of memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in OOM_MESSAGES)
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     from ..errors import V4Error
@@ -125,11 +136,10 @@ def main() -> int:
         res = {"error": str(e)}
     except (MemoryError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, MemoryError) or "alloc" in msg.lower() or "memory" in msg.lower():
-            res = {"error": f"out of memory (limit {spec.get('mem_limit_gib')} GiB): {msg[:160]}",
-                   "peak_rss_mib": _status_mib("VmHWM")}
-        else:
-            raise
+        if not is_out_of_memory(e):
+            raise                               # any other failure: the parent reports it, never as memory
+        res = {"error": f"out of memory (limit {spec.get('mem_limit_gib')} GiB): {msg[:160]}", "oom": True,
+               "peak_rss_mib": _status_mib("VmHWM")}
     print(json.dumps(res))
     return 0
 

@@ -87,7 +87,7 @@ UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 **
 
 
 def _rows(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str,
-          exposed: frozenset[str] | None = None) -> list[dict]:
+          exposed: frozenset[str] | None = None, weights: str = "") -> list[dict]:
     """`exposed`: the taps the candidate can produce at all (an exported graph exposes only a few); None = all."""
     rows, upstream = [], UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
     for name in sorted(ref.tap_order, key=model_order):
@@ -103,12 +103,12 @@ def _rows(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str
             continue
         if kind in INDEX_KINDS:
             m = index_metrics(ref.taps[name], cand.taps[name])
-            bound, rule = tol.bound(kind, dtype, backend, "jaccard_min")
+            bound, rule = tol.bound(kind, dtype, backend, "jaccard_min", weights)
             ok = "error" not in m and bound is not None and m["jaccard"] >= bound
             row.update(type="index", metrics=m, bound={"jaccard_min": bound, "rule": rule})
         else:
             m = float_metrics(ref.taps[name], cand.taps[name])
-            bound, rule = tol.bound(kind, dtype, backend, "rel_rms_max")
+            bound, rule = tol.bound(kind, dtype, backend, "rel_rms_max", weights)
             ok = "error" not in m and not (m["nan"] or m["inf"]) and bound is not None and m["rel_rms"] <= bound
             if "error" not in m:
                 row["growth"] = m["rel_rms"] / upstream
@@ -131,10 +131,10 @@ def _blame(rows: list[dict]) -> dict:
                     "(or the compute dtype's unit roundoff, before the first tap)"}
 
 
-def _e2e_row(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str) -> dict:
+def _e2e_row(ref: SideRun, cand: SideRun, tol: Tolerances, dtype: str, backend: str, weights: str = "") -> dict:
     m = e2e_metrics(ref.step_logits, cand.step_logits, ref.greedy, cand.greedy)
-    kl_max, r1 = tol.bound("e2e", dtype, backend, "kl_max")
-    top1_min, r2 = tol.bound("e2e", dtype, backend, "top1_min")
+    kl_max, r1 = tol.bound("e2e", dtype, backend, "kl_max", weights)
+    top1_min, r2 = tol.bound("e2e", dtype, backend, "top1_min", weights)
     ok = kl_max is not None and top1_min is not None and m["kl_mean"] <= kl_max and m["top1_agreement"] >= top1_min
     return {"metrics": m, "bound": {"kl_max": kl_max, "top1_min": top1_min, "rules": [r1, r2]},
             "verdict": "pass" if ok else "fail"}
@@ -234,8 +234,9 @@ def compare(reference="cpu", candidates=("cpu-bf16",), checkpoint=None, prompts=
         run = run_side(c.runtime, c.label, ids, decode_steps, runs[ref.label].greedy, bar)
         runs[c.label] = run
         dtype, backend = c.runtime.dispatch.compute_dtype, c.runtime.dispatch.backend
-        taps = _rows(runs[ref.label], run, tol, dtype, backend, getattr(c.runtime.model, "tap_names", None))
-        e2e = _e2e_row(runs[ref.label], run, tol, dtype, backend)
+        weights = c.runtime.profile.weight_format
+        taps = _rows(runs[ref.label], run, tol, dtype, backend, getattr(c.runtime.model, "tap_names", None), weights)
+        e2e = _e2e_row(runs[ref.label], run, tol, dtype, backend, weights)
         rep = _repeatability(run, run_side(c.runtime, c.label, ids, decode_steps, runs[ref.label].greedy, bar)) \
             if repeat >= 2 else None
         failed = [r["tap"] for r in taps if r["verdict"] == "fail"] + (["e2e"] if e2e["verdict"] == "fail" else [])

@@ -9,19 +9,18 @@ that reruns the comparison on exactly those inputs. Nothing is pickled.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
 import re
 import shlex
-import struct
 from importlib import metadata
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .fingerprint import checkpoint_fingerprint  # noqa: F401  (re-exported: backends/onnx.py, export/onnx.py)
 from .html import render_html, render_markdown
 from .tolerances import DEFAULT as DEFAULT_TOLERANCES
 
@@ -47,20 +46,6 @@ def environment() -> dict:
             "versions": {d: _version(d) for d in ("torch", "numpy", "safetensors", "onnxruntime", "torch-npu",
                                                   "transformers")},
             "cuda": torch.version.cuda, "cann": cann}
-
-
-def checkpoint_fingerprint(path: Path) -> str:
-    """sha256 over config.json, the index and every shard's name, size and safetensors header (tensor names,
-    dtypes, shapes, offsets): identifies a checkpoint without reading its weights."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json"):
-        if (path / name).is_file():
-            h.update((path / name).read_bytes())
-    for shard in sorted(path.glob("*.safetensors")):
-        with shard.open("rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            h.update(shard.name.encode() + str(shard.stat().st_size).encode() + f.read(min(n, 1 << 26)))
-    return h.hexdigest()
 
 
 def _finite(obj):

@@ -11,7 +11,7 @@ from ..yaml_io import read_yaml
 
 DEFAULT = Path(__file__).with_name("tolerances.yaml")
 BOUNDS = ("rel_rms_max", "jaccard_min", "kl_max", "top1_min")
-MATCH = ("kind", "dtype", "backend")
+MATCH = ("kind", "dtype", "weights", "backend")
 
 
 class ToleranceError(V4Error):
@@ -23,11 +23,13 @@ class Tolerances:
     rules: tuple[dict, ...]
     source: str
 
-    def bound(self, kind: str, dtype: str, backend: str, name: str):
-        """The first rule matching (kind, dtype, backend) that sets `name`: (value, rule index) or (None, None)."""
+    def bound(self, kind: str, dtype: str, backend: str, name: str, weights: str = ""):
+        """The first rule matching (kind, dtype, weights, backend) that sets `name`: (value, rule index) or
+        (None, None). `weights` is the candidate's weight format (bf16, w8a8_int8, fp8_block, ...); a rule
+        without a `weights` pattern matches any."""
+        keys = (("kind", kind), ("dtype", dtype), ("weights", weights), ("backend", backend))
         for i, r in enumerate(self.rules):
-            if all(fnmatch(v, r.get(k, "*")) for k, v in (("kind", kind), ("dtype", dtype), ("backend", backend))) \
-                    and name in r:
+            if all(fnmatch(v, r.get(k, "*")) for k, v in keys) and name in r:
                 return r[name], i
         return None, None
 
