@@ -27,6 +27,29 @@ def _lit(s: str) -> xgr.Grammar:
     return xgr.Grammar.from_ebnf("root ::= " + json.dumps(s, ensure_ascii=False))
 
 
+def _raw_string(max_len) -> xgr.Grammar:
+    """A string="true" value: raw text without '<' (which would open a DSML tag), up to maxLength characters."""
+    if isinstance(max_len, int) and max_len >= 0:
+        return xgr.Grammar.from_ebnf(f"root ::= [^<]{{0,{max_len}}}")
+    return xgr.Grammar.from_ebnf("root ::= [^<]*")
+
+
+def _json_safe(schema):
+    """The schema with every length-bounded plain string given an equivalent pattern: xgrammar 0.2.9 writes
+    min/maxLength strings with a character class that lets raw control characters through (invalid JSON);
+    its pattern path escapes correctly. The pattern admits no quote or backslash (no escapes needed)."""
+    if isinstance(schema, list):
+        return [_json_safe(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _json_safe(v) for k, v in schema.items()}
+    if out.get("type") == "string" and ("maxLength" in out or "minLength" in out) and not (
+            {"pattern", "format", "enum", "const"} & set(out)):
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo},{hi}}}$'
+    return out
+
+
 def _tokenizer_info(tokenizer, vocab_size: int) -> xgr.TokenizerInfo:
     if isinstance(tokenizer, ByteTokenizer):
         vocab = [bytes([i - BYTE_OFFSET]) if BYTE_OFFSET <= i < BYTE_OFFSET + 256 else b"" for i in range(vocab_size)]
@@ -93,7 +116,7 @@ class Grammars:
 
     def _schema(self, schema: dict, param: str) -> xgr.Grammar:
         try:
-            return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+            return xgr.Grammar.from_json_schema(json.dumps(_json_safe(schema)), any_whitespace=False)
         except Exception as e:       # xgrammar raises its own error types for schemas it cannot compile
             raise APIError(400, f"{param}: schema not supported by the grammar engine ({e})"[:300], param=param) from None
 
@@ -108,7 +131,7 @@ class Grammars:
             sep = "\n" if i else ""
             if sub.get("type") == "string" and "enum" not in sub:
                 parts += [_lit(f'{sep}{T.PARAM_OPEN} name="{k}" string="true">'),
-                          xgr.Grammar.from_ebnf('root ::= [^<]*'), _lit(T.PARAM_CLOSE)]
+                          _raw_string(sub.get("maxLength")), _lit(T.PARAM_CLOSE)]
             else:
                 parts += [_lit(f'{sep}{T.PARAM_OPEN} name="{k}" string="false">'),
                           self._schema(sub or {"type": "object"}, "tools"), _lit(T.PARAM_CLOSE)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..chat import IncrementalParser, stream_decoder_keep_special
 from ..chat import tokens as T
+from ..chat.tokenize import decode_keep_special
 
 
 class Output:
@@ -21,7 +22,8 @@ class Output:
         self.parser = IncrementalParser("thinking" if thinking else "chat", tools=tools) if chat else None
         self.grammar, self.grammar_on = grammar, grammar is not None and not thinking
         self.raw, self.sent, self.stopped, self.entries = "", 0, False, []
-        self.tokens = 0
+        self.ids: list[int] = []
+        self.chat = chat
         self.eos = tokenizer.eos
 
     def _put(self, ev) -> None:
@@ -44,7 +46,7 @@ class Output:
 
     def token(self, tok: int, lp) -> bool:
         """Take one generated token; True to stop the sequence (a stop string or the grammar's end)."""
-        self.tokens += 1
+        self.ids.append(tok)
         if self.grammar is not None:
             if self.grammar_on:
                 self.grammar.accept(tok)
@@ -73,6 +75,10 @@ class Output:
 
     def finish(self, reason: str) -> None:
         if not self.stopped and reason != "cancelled":
+            # characters the incremental decoder still holds (an unfinished multi-byte sequence) come out
+            full = decode_keep_special(self.tok, self.ids) if self.chat else self.tok.decode(self.ids)
+            if full.startswith(self.raw):
+                self.raw = full
             self._release(self.raw[self.sent:])
         self.sent = len(self.raw)
         if self.parser is not None:
