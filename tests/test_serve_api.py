@@ -217,3 +217,12 @@ def test_error_statuses(server, client):
     finally:
         eng.rt.memory = plan
     assert client.completions.create(model=MODEL, prompt="still fine", max_tokens=1).choices
+
+
+def test_cli_bad_arguments_exit_2():
+    import subprocess
+    import sys
+
+    for args in (["--cache-block", "100"], ["--max-num-seqs", "0"], ["--port", "70000"]):
+        r = subprocess.run([sys.executable, "-m", "runtime.serve", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

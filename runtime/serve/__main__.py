@@ -44,7 +44,6 @@ def check_args(a) -> None:
 def load_into(S, a) -> None:
     """Load the runtime and start the engine (background thread of the server)."""
     from .. import Runtime
-    from ..chat import missing_special_tokens  # noqa: F401  (import check: the chat format is present)
     from .engine import Engine, serving_runtime
     from .grammar import Grammars
     from .prefix_cache import PrefixCache

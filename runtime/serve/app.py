@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -198,6 +197,3 @@ def create_app(S: ServerState) -> FastAPI:
     app.state.server = S
     return app
 
-
-def request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
