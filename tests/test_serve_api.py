@@ -189,6 +189,15 @@ def test_error_statuses(server, client):
     assert _status(lambda: chat(model=MODEL, messages=[], max_tokens=1))[0] == 400
     assert _status(lambda: chat(model=MODEL, messages=[{"role": "wizard", "content": "x"}]))[0] == 400
     assert _status(lambda: chat(model=MODEL, messages=HI, max_tokens=-1))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, max_tokens=0))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, seed=2 ** 70))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, top_p=0))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, logprobs=True, top_logprobs=21))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, stop=["a", "b", "c", "d", "e"]))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=[{"role": "user", "content": 5}]))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, response_format={"type": "yaml"}))[0] == 400
+    assert _status(lambda: chat(model=MODEL, messages=HI, tools=TOOLS,
+                                tool_choice={"type": "function", "function": {"name": "nope"}}))[0] == 400
     assert _status(lambda: chat(model=MODEL, messages=HI, tool_choice="required"))[0] == 400
     assert _status(lambda: chat(model=MODEL, messages=HI, extra_body={"thinking": {"type": "maybe"}}))[0] == 400
     assert _status(lambda: chat(model=MODEL, messages=HI, stream_options={"include_usage": True}))[0] == 400

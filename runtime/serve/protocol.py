@@ -35,10 +35,10 @@ class StreamOptions(_Base):
 
 class Sampling(_Base):
     model: str
-    max_tokens: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1 - MAX_N)
     stop: Optional[Union[str, list[str]]] = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -58,7 +58,7 @@ class Sampling(_Base):
 
 class ChatRequest(Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[dict[str, Any]]] = None
