@@ -6,6 +6,7 @@
     python -m runtime.bench --onnx --contexts 1024,4096       # the ONNX Runtime path next to torch
     python -m runtime.bench --bandwidth                       # memory bandwidth + a >= 200 MB decode
     python -m runtime.bench --quick                           # a smoke run (seconds)
+    python -m runtime.bench serve                             # serving: decode tok/s by concurrency, cached TTFT
 
 Each scenario is a child process (its own peak RSS). Prefill: chunks of --chunk tokens, --repeats runs at
 contexts up to 4096 and one run beyond (median, min, max). Decode: --decode-steps single-token steps at the
@@ -110,6 +111,11 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:                    # the serving engine's scenarios (runtime/bench/serve.py)
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     try:
         args, compare, contexts = parse(argv)
         model = args.model or ("tiny-hf" if "transformers" in compare else "tiny")

@@ -43,6 +43,13 @@ class Rows:
     def nbytes(self) -> int:
         return self.n * self._buf.shape[1] * self._buf.element_size()
 
+    @classmethod
+    def from_tensor(cls, rows: torch.Tensor, capacity: int = 0) -> "Rows":
+        """A buffer holding a copy of `rows` [n, dim] (room for `capacity` rows): rebuilds a cached state."""
+        out = cls(rows.shape[1], rows.device, max(capacity, rows.shape[0]), n=rows.shape[0])
+        out._buf[: rows.shape[0]] = rows
+        return out
+
 
 class Pending:
     """Compressor input rows not yet pooled: values and scores for positions [start, start + n)."""
@@ -51,6 +58,12 @@ class Pending:
         self.kv = torch.empty(0, width, device=device)
         self.score = torch.empty(0, width, device=device)
         self.start = 0
+
+    def copy(self) -> "Pending":
+        """An independent copy (values, scores, start): a prefix-cache checkpoint of the compressor."""
+        out = Pending(self.kv.shape[1], self.kv.device)
+        out.kv, out.score, out.start = self.kv.clone(), self.score.clone(), self.start
+        return out
 
 
 class LayerState:

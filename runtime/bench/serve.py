@@ -1,0 +1,126 @@
+"""`python -m runtime.bench serve`: the serving engine on the tiny model (in-process, no HTTP).
+
+- aggregate decode tokens/s at concurrency 1, 4, 16, 32 (each sequence: a short prompt, then --tokens greedy
+  tokens), with the batch-invariant op layout the server runs and, for comparison, the CPU table as it is
+  (not batch-invariant: what exactness costs);
+- time to first token of a 16K-token prompt cold, and with a 15.9K-token prefix already in the prefix cache.
+Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import torch
+
+
+class _Out:
+    def __init__(self):
+        self.n, self.first, self.done = 0, None, threading.Event()
+
+    def token(self, t, lp):
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.n += 1
+        return False
+
+    def finish(self, reason):
+        self.done.set()
+
+
+def _prompt(i: int, n: int) -> list[int]:
+    return [0] + [2 + (i * 31 + j * 7) % 250 for j in range(n - 1)]
+
+
+def decode_rate(rt, concurrency: int, tokens: int) -> float:
+    from ..serve.engine import Engine, GenParams, Sequence
+
+    eng = Engine(rt, max_num_seqs=max(32, concurrency)).start()
+    try:
+        outs = [_Out() for _ in range(concurrency)]
+        for i, o in enumerate(outs):
+            eng.submit(Sequence(_prompt(i, 24 + i), GenParams(max_tokens=tokens, ignore_eos=True), o))
+        while any(o.n == 0 for o in outs):
+            time.sleep(0.001)
+        t0, n0 = time.perf_counter(), sum(o.n for o in outs)
+        for o in outs:
+            o.done.wait()
+        return (sum(o.n for o in outs) - n0) / (time.perf_counter() - t0)
+    finally:
+        eng.stop()
+
+
+def ttft(rt, context: int, shared: int) -> dict:
+    from ..serve.engine import Engine, GenParams, Sequence
+    from ..serve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(rt.config.num_layers, 128, 4, 2 << 30)
+    eng = Engine(rt, cache=cache, prefill_tokens=1 << 20).start()
+
+    def first(ids):
+        o = _Out()
+        t = time.perf_counter()
+        seq = eng.submit(Sequence(ids, GenParams(max_tokens=1), o))
+        o.done.wait()
+        return o.first - t, seq.cached_tokens
+
+    try:
+        a = _prompt(1, context)
+        cold, _ = first(a)
+        b = a[:shared] + _prompt(2, context - shared)
+        hit, cached = first(b)
+    finally:
+        eng.stop()
+    return {"context": context, "shared": shared, "cold_s": cold, "hit_s": hit, "cached_tokens": cached,
+            "hit_over_cold": hit / cold}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per sequence in the decode runs")
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--shared", type=int, default=15900)
+    ap.add_argument("--no-plain", action="store_true", help="skip the non-invariant comparison")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    try:
+        levels = [int(x) for x in a.concurrency.split(",")]
+    except ValueError:
+        print(f"bench serve: --concurrency must be comma-separated integers, got {a.concurrency!r}", file=sys.stderr)
+        return 2
+    if a.shared >= a.context or a.tokens < 2 or min(levels) < 1:
+        print("bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1", file=sys.stderr)
+        return 2
+    from ..api import Runtime
+    from ..serve.engine import serving_runtime
+
+    plain = Runtime.load("cpu", progress=False)
+    inv = serving_runtime(plain)
+    res = {"threads": torch.get_num_threads(), "decode": [], "ttft": None}
+    with torch.inference_mode():
+        for c in levels:
+            row = {"concurrency": c, "invariant_tok_s": decode_rate(inv, c, a.tokens)}
+            if not a.no_plain:
+                row["plain_tok_s"] = decode_rate(plain, c, a.tokens)
+            res["decode"].append(row)
+            print(json.dumps(row), flush=True)
+        base = res["decode"][0]["invariant_tok_s"]
+        for row in res["decode"]:
+            row["speedup_vs_1"] = row["invariant_tok_s"] / base
+        res["ttft"] = ttft(inv, a.context, a.shared)
+    print(f"{'conc':>5} {'tok/s (invariant)':>18} {'x vs 1':>7} {'tok/s (plain table)':>20}")
+    for r in res["decode"]:
+        print(f"{r['concurrency']:>5} {r['invariant_tok_s']:>18.1f} {r['speedup_vs_1']:>7.2f} "
+              f"{r.get('plain_tok_s', float('nan')):>20.1f}")
+    t = res["ttft"]
+    print(f"TTFT {t['context']:,}-token prompt: cold {t['cold_s']:.2f} s, with {t['cached_tokens']:,} cached "
+          f"{t['hit_s']:.3f} s ({100 * t['hit_over_cold']:.1f}% of cold)")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0

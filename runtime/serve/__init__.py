@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: continuous-batching engine, exact prefix cache, HTTP front end."""

@@ -1,0 +1,272 @@
+"""The continuous-batching engine: one loop, many sequences, one batched decode forward per step.
+
+Each step: cancelled sequences are dropped (their state freed); waiting sequences join while fewer than
+`max_num_seqs` run and the memory plan says their state fits; sequences still prefilling advance by whole
+cache blocks under a token budget (`prefill_tokens` per step, at least one block); then every decoding
+sequence feeds its last token through ONE forward (ragged positions: each sequence continues at its own
+position). Prefill chunks are the prefix cache's blocks at absolute positions [k*block, (k+1)*block), one
+sequence per forward, so a prompt's prefill is the same computation whoever else is running and whether or
+not a prefix came from the cache. The model runs the table's ops padded to a fixed row count
+(`invariant.py`), so a decode row's bits do not depend on the batch either.
+
+A sequence talks to its HTTP handler through an `Output` (output.py), called on the engine thread:
+`constrain(logits)` (grammar masks), `token(id, logprobs) -> stop?` and `finish(reason)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError, V4Error
+from ..sampling import SamplingParams, sample
+from .metrics import Metrics
+from .prefix_cache import PrefixCache
+
+
+class QueueFull(V4Error):
+    """The engine's queue is full (HTTP 503 with Retry-After)."""
+
+
+class NoMemory(V4Error):
+    """The request's state does not fit the memory plan (HTTP 503)."""
+
+
+@dataclass
+class GenParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None          # None: off; k >= 0: the chosen token's logprob and the top k
+    stop_token_ids: frozenset = frozenset()
+    ignore_eos: bool = False
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: GenParams
+    output: object
+    id: int = field(default_factory=lambda: next(_ids))
+    state: object = None
+    done_tokens: int = 0                  # prompt tokens consumed into the state
+    cached_tokens: int = 0
+    out: list[int] = field(default_factory=list)
+    status: str = "waiting"               # waiting | prefill | decode | done
+    cancelled: bool = False
+    gen: torch.Generator | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_last: float = 0.0
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, rt, max_num_seqs: int = 32, max_queue: int = 256, prefill_tokens: int = 512,
+                 cache: PrefixCache | None = None, block: int = 128, metrics: Metrics | None = None):
+        self.rt, self.model, self.cfg = rt, rt.model, rt.config
+        self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
+        self.block = cache.block if cache is not None else block
+        self.prefill_tokens = max(prefill_tokens, self.block)
+        self.cache, self.metrics = cache, metrics or Metrics()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cv = threading.Condition()
+        self.stopped = False
+        self.steps = 0
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+
+    # ------------------------------------------------------------------ public (any thread)
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+        self.thread.join(timeout=10)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a sequence; raises InputError (too long), NoMemory or QueueFull."""
+        need = len(seq.prompt) + seq.params.max_tokens
+        if need > self.cfg.max_position:
+            raise InputError(f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds the "
+                             f"model's {self.cfg.max_position}-token context; shorten the prompt or max_tokens")
+        try:
+            self.rt.memory.check([need])
+        except InputError as e:
+            raise NoMemory(f"request state does not fit the memory plan: {e}") from None
+        p = seq.params
+        if p.temperature > 0:
+            seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            seq.gen = torch.Generator().manual_seed(seed)
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry shortly")
+            self.waiting.append(seq)
+            self.cv.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Cancel (client gone, stop string seen elsewhere): its state is freed at the start of the next step."""
+        with self.cv:
+            seq.cancelled = True
+            self.cv.notify_all()
+
+    def state_bytes(self) -> int:
+        return sum(s.state.nbytes() for s in list(self.running) if s.state is not None)
+
+    def idle(self) -> bool:
+        with self.cv:
+            return not self.running and not self.waiting
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.stopped and not self.running and not self.waiting:
+                    self.cv.wait(timeout=0.5)
+                if self.stopped:
+                    return
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as e:           # a bug: fail the sequences in flight, keep serving
+                self.error = f"{type(e).__name__}: {e}"
+                for s in list(self.running):
+                    self._finish(s, "error")
+                self.running.clear()
+
+    def step(self) -> None:
+        self.steps += 1
+        self._reap()
+        self._admit()
+        budget = self.prefill_tokens
+        for seq in [s for s in self.running if s.status == "prefill"]:
+            while budget > 0 and seq.status == "prefill" and not seq.cancelled:
+                budget -= self._prefill_chunk(seq)
+        dec = [s for s in self.running if s.status == "decode" and not s.cancelled]
+        if dec:
+            self._decode(dec)
+        self.running = [s for s in self.running if s.status != "done"]
+        m = self.metrics
+        m.running.set(len(self.running))
+        m.waiting.set(len(self.waiting))
+        m.state_bytes.set(self.state_bytes())
+        if self.cache is not None:
+            m.cache_bytes.set(self.cache.bytes)
+
+    def _reap(self) -> None:
+        with self.cv:
+            gone = [s for s in self.waiting if s.cancelled]
+            for s in gone:
+                self.waiting.remove(s)
+        for s in gone + [s for s in self.running if s.cancelled]:
+            self._finish(s, "cancelled")
+        self.running = [s for s in self.running if s.status != "done"]
+
+    def _admit(self) -> None:
+        while True:
+            with self.cv:
+                if not self.waiting or len(self.running) >= self.max_num_seqs:
+                    return
+                seq = self.waiting[0]
+                lengths = [len(s.prompt) + s.params.max_tokens for s in self.running + [seq]]
+                try:
+                    self.rt.memory.check(lengths)
+                except InputError:
+                    if self.running:           # wait for memory to free up
+                        return
+                self.waiting.popleft()
+            seq.state = self.model.new_state(1, 0).seqs[0]
+            if self.cache is not None:
+                hit, chain = self.cache.lookup(seq.prompt)
+                self.metrics.cache_queries.inc()
+                if hit:
+                    self.cache.restore(chain, seq.state)
+                    seq.done_tokens = seq.cached_tokens = hit
+                    self.metrics.cache_hits.inc()
+                    self.metrics.cached_tokens.inc(hit)
+            seq.status = "prefill"
+            self.running.append(seq)
+
+    # ------------------------------------------------------------------ prefill / decode
+    def _prefill_chunk(self, seq: Sequence) -> int:
+        start, B = seq.done_tokens, self.block
+        end = min((start // B + 1) * B, len(seq.prompt))
+        whole = end % B == 0
+        before = self.cache.mark(seq.state, self.cfg.num_layers) if self.cache is not None and whole else None
+        logits = self.model.forward(torch.tensor([seq.prompt[start:end]]), [seq.state])
+        seq.done_tokens = end
+        self.metrics.prompt_tokens.inc(end - start)
+        if before is not None:
+            k = end // B - 1
+            key = self.cache.keys(seq.prompt, k + 1)[k]
+            self.cache.store(key, seq.state, before, self.cache.wants_checkpoint(k, len(seq.prompt)))
+        if end == len(seq.prompt):
+            seq.status = "decode"
+            self._emit(seq, logits[0, -1].float().cpu())
+        return end - start
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        ids = torch.tensor([[s.out[-1]] for s in seqs])
+        logits = self.model.forward(ids, [s.state for s in seqs])[:, -1].float().cpu()
+        for i, s in enumerate(seqs):
+            self._emit(s, logits[i])
+
+    def _emit(self, seq: Sequence, row: torch.Tensor) -> None:
+        """Choose seq's next token from its logits row [V], hand it to its output, finish if it stopped."""
+        p = seq.params
+        raw = row
+        row = seq.output.constrain(row.clone()) if hasattr(seq.output, "constrain") else row
+        sp = SamplingParams(p.temperature, p.top_p, None, p.max_tokens)
+        tok = int(sample(row[None], sp, seq.gen)[0])
+        lp = None
+        if p.logprobs is not None:
+            logp = torch.log_softmax(raw, -1)
+            top = torch.topk(logp, p.logprobs) if p.logprobs else None
+            lp = (float(logp[tok]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
+        now = time.perf_counter()
+        if not seq.out:
+            self.metrics.ttft.observe(now - seq.t_submit)
+        else:
+            self.metrics.itl.observe(now - seq.t_last)
+        seq.t_last = now
+        seq.out.append(tok)
+        self.metrics.generation_tokens.inc()
+        eos = tok == self.cfg.eos_token_id and not p.ignore_eos
+        stop = seq.output.token(tok, lp)
+        if eos or tok in p.stop_token_ids or stop:
+            self._finish(seq, "stop")
+        elif len(seq.out) >= p.max_tokens or seq.state.pos + 1 >= self.cfg.max_position:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status == "done":
+            return
+        seq.status, seq.finish_reason, seq.state = "done", reason, None     # the state is freed here
+        try:
+            seq.output.finish(reason)
+        except Exception:                          # a handler's bug must not stop the loop
+            pass
+
+
+def serving_runtime(rt):
+    """`rt` with the batch-invariant op layout (invariant.py); the dispatch table records the replacement."""
+    from .invariant import batch_invariant_ops
+
+    if getattr(rt, "_weights", None) is None:
+        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch; "
+                      "serve a torch profile (cpu, cuda, ascend)")
+    return rt.with_ops(**batch_invariant_ops(rt.dispatch.ops))

@@ -1,0 +1,29 @@
+"""Prometheus metrics of the server (prometheus-client, one registry per server; names prefixed `dsv4:`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge("dsv4:num_requests_running", "sequences in the batch", registry=r)
+        self.waiting = Gauge("dsv4:num_requests_waiting", "sequences queued", registry=r)
+        self.prompt_tokens = Counter("dsv4:prompt_tokens", "prompt tokens prefilled (cache hits excluded)", registry=r)
+        self.generation_tokens = Counter("dsv4:generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("dsv4:time_to_first_token_seconds", "submit to first token", buckets=_LAT, registry=r)
+        self.itl = Histogram("dsv4:inter_token_latency_seconds", "between two tokens of a sequence",
+                             buckets=_LAT, registry=r)
+        self.cache_queries = Counter("dsv4:prefix_cache_queries", "prefix-cache lookups", registry=r)
+        self.cache_hits = Counter("dsv4:prefix_cache_hits", "lookups that reused a cached prefix", registry=r)
+        self.cached_tokens = Counter("dsv4:prefix_cache_cached_tokens", "prompt tokens served from the cache",
+                                     registry=r)
+        self.state_bytes = Gauge("dsv4:state_memory_bytes", "sequence state held by running requests", registry=r)
+        self.cache_bytes = Gauge("dsv4:prefix_cache_bytes", "bytes held by the prefix cache", registry=r)
+        self.requests = Counter("dsv4:requests", "finished requests by finish reason", ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""Request models of the OpenAI-compatible API (pydantic), and OpenAI's error JSON.
+
+Unknown fields are accepted and ignored, as OpenAI's own server does for forward compatibility; values are
+checked here so that bad input is a 400 with one line naming the field, never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class Sampling(_Base):
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: Optional[int] = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1 - MAX_N)
+    stop: Optional[Union[str, list[str]]] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if len(v) > 4 or any(not s for s in v):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+
+class ChatRequest(Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    response_format: Optional[dict[str, Any]] = None
+    thinking: Optional[Union[bool, dict[str, Any]]] = None
+    reasoning_effort: Optional[str] = None
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[int]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt is an empty token list")
+        return v
+
+
+class TokenizeRequest(_Base):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, Any]]] = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Base):
+    model: Optional[str] = None
+    tokens: list[int]
