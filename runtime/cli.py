@@ -1,6 +1,7 @@
 """The wrapper every command-line entry point runs its body in (`runtime.run`, `.checkpoint`, `.plan`, `.parity`,
 `.bench`, `export.onnx`), so that every CLI ends the same way:
 
+- a flag argparse cannot parse prints one line (`ArgumentParser`) and exits with status 2;
 - a `V4Error` (bad input: a file, a flag, a value, a checkpoint) prints one line `error: ...` on stderr and exits
   with status 2 (EXIT_BAD_INPUT);
 - a `CollectiveError` (a peer rank died or hung) prints one line and leaves at once with status 1: a normal
@@ -13,6 +14,7 @@ In a multi-process run (torchrun sets RANK) only rank 0 prints; every rank exits
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -23,6 +25,15 @@ from .errors import V4Error
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (`prog: error: ... (see --help)`, exit status 2) instead of the usage
+    block: a mistyped flag is bad input like any other."""
+
+    def error(self, message: str):
+        say(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)")
+        self.exit(EXIT_BAD_INPUT)
 
 
 def is_lead() -> bool:

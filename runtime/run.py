@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime.run", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
                     help="backend; alone it picks the backend's default profile (cpu, nvidia-h100, ascend-910b)")

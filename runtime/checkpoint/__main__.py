@@ -2,6 +2,9 @@
 
     python -m runtime.checkpoint make --preset tiny --out checkpoints/tiny [--seed 0]
     python -m runtime.checkpoint check checkpoints/tiny
+
+Bad input (a checkpoint that is missing, truncated, corrupt or does not match its config; an --out that names a
+file) prints one line and exits with status 2; Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import ArgumentParser
 from ..errors import V4Error
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     mk = sub.add_parser("make", help="write a random model in the official layout")
@@ -23,23 +27,26 @@ def main(argv=None) -> int:
     ck = sub.add_parser("check", help="validate a checkpoint folder against its config.json")
     ck.add_argument("path")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "make":
-            from .make import make_preset
+    from ..cli import run_cli
 
-            if args.preset != "tiny":
-                raise V4Error(f"preset {args.preset!r} is a full-size model; only 'tiny' can be generated here")
-            out = make_preset(args.out, args.preset, seed=args.seed, progress=True)
-            print(f"checkpoint written to {out}")
-        else:
-            from .loader import load_checkpoint
+    return run_cli(lambda: _run(args))
 
-            ck = load_checkpoint(args.path)
-            print(f"{args.path}: OK, {len(ck.tensors)} tensors, experts {ck.expert_format}, "
-                  f"{ck.config.num_layers} layers ({', '.join(ck.config.layer_kind(i) for i in range(ck.config.num_layers))})")
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    if args.cmd == "make":
+        from ..cli import writable_folder
+        from .make import make_preset
+
+        if args.preset != "tiny":
+            raise V4Error(f"preset {args.preset!r} is a full-size model; only 'tiny' can be generated here")
+        out = make_preset(writable_folder(args.out, "--out"), args.preset, seed=args.seed, progress=True)
+        print(f"checkpoint written to {out}")
+    else:
+        from .loader import load_checkpoint
+
+        ck = load_checkpoint(args.path)
+        print(f"{args.path}: OK, {len(ck.tensors)} tensors, experts {ck.expert_format}, "
+              f"{ck.config.num_layers} layers ({', '.join(ck.config.layer_kind(i) for i in range(ck.config.num_layers))})")
     return 0
 
 
