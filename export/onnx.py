@@ -159,9 +159,10 @@ def _storage(checkpoint, weights: str):
 
 
 def check_external_data(folder: Path, name: str) -> None:
-    """Refuse a graph whose external-data paths leave the export folder (a tampered or hand-edited export).
-    ONNX Runtime resolves a tensor's `location` against the folder of the `.onnx` file itself, so that is where
-    each location is resolved here; it must be relative, stay inside `folder` and name an existing file."""
+    """Refuse a graph whose external-data paths leave its folder (a tampered or hand-edited export). ONNX Runtime
+    resolves a tensor's `location` against the folder of the `.onnx` file itself (not the export folder), so
+    that is where each location is resolved here: it must be relative, stay inside the graph's folder (and so
+    inside `folder`) and name an existing file."""
     import onnx
     from google.protobuf.message import DecodeError
     from onnx.external_data_helper import _get_all_tensors
@@ -172,18 +173,19 @@ def check_external_data(folder: Path, name: str) -> None:
     except (DecodeError, OSError, ValueError, RuntimeError) as e:
         raise ExportError(f"{graph}: not a readable ONNX graph ({' '.join(str(e).split())[:160]}); re-export the "
                           "model") from None
-    root, base = folder.resolve(), graph.parent
+    base = graph.parent.resolve()
     for t in _get_all_tensors(m):
         for entry in t.external_data:
             if entry.key == "location":
                 loc = entry.value
                 target = (base / loc).resolve() if loc and "\0" not in loc else None
-                if target is None or Path(loc).is_absolute() or root not in target.parents:
+                if target is None or Path(loc).is_absolute() or base not in target.parents:
                     raise ExportError(f"{graph}: tensor {t.name} points at {loc!r} outside the export "
                                       "folder; refusing it (re-export the model)")
                 if not target.is_file():
-                    raise ExportError(f"{graph}: tensor {t.name} stores its data in {loc}, which is missing from "
-                                      f"{base}; copy the whole export folder or re-export the model")
+                    raise ExportError(f"{graph}: tensor {t.name} stores its data in {loc!r}, which is not in "
+                                      f"{graph.parent} (where ONNX Runtime looks for it); copy the whole export "
+                                      "folder or re-export the model")
 
 
 def main(argv=None) -> int:
