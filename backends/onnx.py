@@ -69,7 +69,8 @@ class OnnxBackend:
             raise BackendUnavailable(f"this ONNX Runtime build has no {missing[0]} (it has "
                                      f"{', '.join(onnxruntime.get_available_providers())}); {INSTALL[missing[0]]}")
 
-        folder = checkpoint if (checkpoint / "export.json").is_file() else _cached_export(checkpoint, progress)
+        # an export folder (its manifest is checked by OnnxModel), or a checkpoint exported once into the cache
+        folder = checkpoint if (checkpoint / "export.json").exists() else _cached_export(checkpoint, progress)
         from runtime.config import ModelConfig
 
         return OnnxModel(folder, ModelConfig.from_file(folder / "config.json"), self.providers, threads)

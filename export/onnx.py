@@ -3,6 +3,8 @@
     python -m export.onnx --checkpoint DIR --profile cpu --out OUT [--weights fp8]
     python -m export.onnx --checkpoint DIR --target ascend-edge --seq 128 --capacity 4096 --opset 15 --out OUT
 
+Bad input prints one line and exits with status 2 (nothing is written); Ctrl-C exits with status 130.
+
     from export.onnx import export_model; export_model(checkpoint, "cpu", out)
 
 Writes into OUT (and nowhere else): `step.onnx` (ids [B, S >= 1] continuing each sequence from start [B], with
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.cli import ArgumentParser
 from runtime.errors import V4Error
 
 FORMAT_VERSION = 2
@@ -156,25 +159,41 @@ def _storage(checkpoint, weights: str):
 
 
 def check_external_data(folder: Path, name: str) -> None:
-    """Refuse a graph whose external-data paths leave its folder (a tampered or hand-edited export)."""
+    """Refuse a graph whose external-data paths leave its folder (a tampered or hand-edited export). ONNX Runtime
+    resolves a tensor's `location` against the folder of the `.onnx` file itself (not the export folder), so
+    that is where each location is resolved here: it must be relative, stay inside the graph's folder (and so
+    inside `folder`) and name an existing file."""
     import onnx
+    from google.protobuf.message import DecodeError
     from onnx.external_data_helper import _get_all_tensors
 
-    m = onnx.load(str(folder / name), load_external_data=False)
-    root = folder.resolve()
+    graph = folder / name
+    try:
+        m = onnx.load(str(graph), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{graph}: not a readable ONNX graph ({' '.join(str(e).split())[:160]}); re-export the "
+                          "model") from None
+    base = graph.parent.resolve()
     for t in _get_all_tensors(m):
         for entry in t.external_data:
             if entry.key == "location":
-                target = (folder / entry.value).resolve()
-                if Path(entry.value).is_absolute() or root not in target.parents:
-                    raise ExportError(f"{folder / name}: tensor {t.name} points at {entry.value!r} outside the export "
+                loc = entry.value
+                target = (base / loc).resolve() if loc and "\0" not in loc else None
+                if target is None or Path(loc).is_absolute() or base not in target.parents:
+                    raise ExportError(f"{graph}: tensor {t.name} points at {loc!r} outside the export "
                                       "folder; refusing it (re-export the model)")
+                if not target.is_file():
+                    raise ExportError(f"{graph}: tensor {t.name} stores its data in {loc!r}, which is not in "
+                                      f"{graph.parent} (where ONNX Runtime looks for it); copy the whole export "
+                                      "folder or re-export the model")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
+    ap = ArgumentParser(prog="python -m export.onnx", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the generated tiny model)")
+    ap.add_argument("--checkpoint", required=True,
+                    help="official-layout checkpoint folder (make the tiny one: python -m runtime.checkpoint make "
+                         "--out DIR); required, so nothing is generated or cached outside --out")
     ap.add_argument("--profile", default="cpu", help="hardware profile whose weight format to export (cpu)")
     ap.add_argument("--weights", default="float32", choices=WEIGHT_STORAGE,
                     help="weight storage: float32, or fp8 (FP8 linears + FP4 experts as int8, dequantised in-graph)")
@@ -188,19 +207,24 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="ascend-edge: graph dtype")
     ap.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     args = ap.parse_args(argv)
+    from runtime.cli import run_cli
+
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
+    from runtime.cli import writable_folder
+
+    writable_folder(args.out, "--out")
     try:
         if args.target == "ascend-edge":
             from .edge import export_edge
 
             export_edge(args.checkpoint, args.out, args.batch, args.seq, args.capacity, args.opset, dtype=args.dtype)
-            return 0
-        export_model(args.checkpoint, args.profile, args.out, weights=args.weights)
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        else:
+            export_model(args.checkpoint, args.profile, args.out, weights=args.weights)
     except ModuleNotFoundError as e:
-        print(f"error: {e.name} is not installed; pip install '.[onnx]'", file=sys.stderr)
-        return 2
+        raise ExportError(f"{e.name} is not installed; pip install '.[onnx]'") from None
     return 0
 
 

@@ -52,15 +52,34 @@ def cache_dir() -> Path:
 
 def build_once(path: Path, done: str, build: Callable[[Path], object]) -> Path:
     """`path`, built by `build(folder)` into a temporary sibling and renamed into place unless `path/done`
-    exists: a concurrent builder either wins the rename or is discarded, so readers see all of it or none."""
-    if not (path / done).is_file():
+    exists: a concurrent builder either wins the rename or is discarded, so readers see all of it or none.
+    A build that fails leaves no temporary folder; a folder at `path` without `done` (half-built by hand or by
+    an older runtime) is moved aside and rebuilt rather than failing every later load."""
+    if (path / done).is_file():
+        return path
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    except OSError as e:
+        raise V4Error(f"cache folder {path.parent} cannot be written ({e.strerror or e}); set DSV4RT_HOME to a "
+                      "writable folder, or pass --checkpoint DIR") from None
+    try:
         build(tmp)
+        if path.exists() and not (path / done).is_file():
+            stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
+            try:
+                path.rename(stale / path.name)
+            except OSError:
+                pass                                  # another process moved or replaced it first
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp.rename(path)
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass                                      # a concurrent builder won the rename: use its folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)        # gone already when the rename succeeded
+    if not (path / done).is_file():
+        raise V4Error(f"{path} could not be built (no {done} after the build); remove the folder and retry")
     return path
 
 

@@ -1,13 +1,16 @@
 """User-facing errors of the runtime.
 
 Every problem a user can cause (bad checkpoint, bad config, bad input, bad sampling values) is raised as a
-`V4Error` whose message is one line naming the problem and the fix. The CLIs print that line and exit 2;
+`V4Error` whose message is one line naming the problem and the fix. The CLIs print that line and exit 2 (runtime/cli.py);
 anything else escaping is a bug in the runtime, not in the user's input.
 """
 
 
 class V4Error(Exception):
     """A one-line, user-actionable error."""
+
+    exit_status = 2            # what a CLI exits with (runtime/cli.py)
+    leave_at_once = False      # True: the CLI exits without interpreter teardown (a broken process group)
 
 
 class ConfigError(V4Error):

@@ -16,17 +16,52 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
-from .errors import InputError, V4Error
+from .errors import CheckpointError, InputError, V4Error
 from .model.state import StateBatch
 from .taps import recording, tap
+from .yaml_io import read_json
 
 MIN_CAPACITY = 1024
 CHUNK = 256             # tokens per step-graph call (measured 256 best of 128-2048 on the tiny model, one thread)
+
+
+def _bad_graph_name(name) -> bool:
+    """A graph path that is not a relative path inside the export folder (absolute, `..`, empty, NUL)."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        return True
+    p = PurePosixPath(name)
+    return p.is_absolute() or any(part in ("..", "") for part in name.split("/")) or p.suffix != ".onnx"
+
+
+def read_manifest(folder: Path, format_version: int) -> dict:
+    """export.json of an export folder, checked: its format, the state and tap names (lists of strings) and the
+    graphs (relative `.onnx` paths inside the folder). Anything else is a one-line error naming the key."""
+    path = folder / "export.json"
+    m = read_json(path, CheckpointError, "ONNX export manifest")
+    fix = "re-export it (python -m export.onnx --checkpoint CKPT --out DIR)"
+    if not isinstance(m, dict):
+        raise CheckpointError(f"{path}: not an export manifest (a JSON object); {fix}")
+    if m.get("format_version") != format_version:
+        raise CheckpointError(f"{folder} holds an ONNX export of format {str(m.get('format_version'))[:20]}; this "
+                              f"runtime reads format {format_version}: {fix}")
+    for key in ("state", "index_taps"):
+        if not isinstance(m.get(key), list) or not all(isinstance(n, str) and n for n in m[key]):
+            raise CheckpointError(f"{path}: key '{key}' must be a list of tensor names; {fix}")
+    graphs = m.get("graphs")
+    if not isinstance(graphs, dict) or "step" not in graphs:
+        raise CheckpointError(f"{path}: key 'graphs' must be an object naming the 'step' graph; {fix}")
+    for kind, name in graphs.items():
+        if _bad_graph_name(name):
+            raise CheckpointError(f"{path}: graph '{kind}' is {str(name)[:80]!r}, not a relative .onnx path inside "
+                                  f"the export folder (no absolute path, no '..'); refusing it")
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{path}: graph '{kind}' names {name}, which is not in {folder}; {fix}")
+    return m
 
 
 class OnnxSequence:
@@ -65,11 +100,7 @@ class OnnxModel:
         from export.onnx import FORMAT_VERSION, check_external_data
 
         self.folder, self.cfg, self.device = folder, cfg, torch.device("cpu")
-        self.manifest = json.loads((folder / "export.json").read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise V4Error(f"{folder} holds an ONNX export of format {self.manifest.get('format_version')}; this "
-                          f"runtime reads format {FORMAT_VERSION}: re-export it (python -m export.onnx --checkpoint "
-                          "CKPT --out DIR)")
+        self.manifest = read_manifest(folder, FORMAT_VERSION)
         self.names, self.index_taps = self.manifest["state"], self.manifest["index_taps"]
         self.caches = {n: cache_ratio(cfg, n) for n in self.names if is_cache(n)}     # cache -> its ratio
         self.chunk = CHUNK
@@ -79,7 +110,12 @@ class OnnxModel:
         self.sessions = {}
         for kind, name in self.manifest["graphs"].items():
             check_external_data(folder, name)
-            s = ort.InferenceSession(str(folder / name), so, providers=providers)
+            try:
+                s = ort.InferenceSession(str(folder / name), so, providers=providers)
+            except (RuntimeError, ValueError) as e:      # onnxruntime's Fail / InvalidGraph / InvalidProtobuf
+                first = (str(e).strip().splitlines() or ["no detail"])[0][:200]
+                raise V4Error(f"{folder / name}: ONNX Runtime cannot load the graph ({first}); re-export it "
+                              "(python -m export.onnx --checkpoint CKPT --out DIR)") from None
             if s.get_providers()[: len(providers)] != providers:
                 raise V4Error(f"ONNX Runtime did not start {providers} for {name} (got {s.get_providers()}); "
                               "install the provider's runtime or use profile onnx-cpu")
@@ -92,15 +128,18 @@ class OnnxModel:
         (ONNX Runtime's profiler records each node's provider). The CPU provider's share is the fallback."""
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "placement")
         out = {}
         for kind, name in self.manifest["graphs"].items():
-            s = ort.InferenceSession(str(self.folder / name), so, providers=self.providers)
-            seqs = self.new_state(1).seqs
-            s.run(None, self._feeds(np.full((1, 2), 2, np.int64), seqs))
-            events = json.loads(Path(s.end_profiling()).read_text())
+            # the profiler's dump goes to a temporary folder, removed with it: nothing is left behind
+            with tempfile.TemporaryDirectory(prefix="dsv4rt-placement-") as tmp:
+                so = ort.SessionOptions()
+                so.enable_profiling = True
+                so.profile_file_prefix = str(Path(tmp) / "placement")
+                s = ort.InferenceSession(str(self.folder / name), so, providers=self.providers)
+                seqs = self.new_state(1).seqs
+                s.run(None, self._feeds(np.full((1, 2), 2, np.int64), seqs))
+                events = json.loads(Path(s.end_profiling()).read_text())
+                del s
             counts: dict[str, int] = {}
             for e in events:
                 if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint.inventory import FP4_BLOCK, FP8_BLOCK, expected_tensors
+from .cli import ArgumentParser
 from .config import ModelConfig
-from .errors import InputError, V4Error
+from .errors import InputError
 from .profile import load_profile
 
 HEADROOM = 0.9
@@ -154,12 +155,17 @@ def plan(cfg: ModelConfig, profile, context: int, batch: int = 1, devices: int =
     spare = budget - w
     v32 = v32_per_token(profile) * context
     spare -= act
+    if spare <= batch * st.fixed:
+        max_context = 0
+    elif st.per_token == 0:          # every layer window-only: the state stops growing past the window
+        max_context = cfg.max_position
+    else:
+        max_context = min(cfg.max_position, int((spare / batch - st.fixed) // st.per_token))
     return {"weights": w, "activations": act, "active_weights": weight_bytes(cfg, profile, active=True),
             "state_per_sequence": per_seq, "v32_style_state": v32, "vs_v32": per_seq / v32, "state_per_token": st.per_token, "state_fixed": st.fixed,
             "total": total, "budget": budget, "fits": total <= budget,
             "devices_needed": math.ceil(total / (profile.memory_gib.value * 2 ** 30 * HEADROOM)),
-            "max_context": min(cfg.max_position, int((spare / batch - st.fixed) // st.per_token))
-            if spare > batch * st.fixed else 0,
+            "max_context": max_context,
             "max_batch": int(spare // per_seq) if spare > 0 else 0}
 
 
@@ -168,7 +174,7 @@ def gib(b: float, digits: int = 2) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.plan", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="flash", help="flash, pro, tiny, or a config.json path")
     ap.add_argument("--profile", default="nvidia-h200")
@@ -180,14 +186,16 @@ def main(argv=None) -> int:
                     help="propose TP x EP x nodes layouts that fit, with per-rank memory (runtime.parallel)")
     ap.add_argument("--per-node", type=int, default=8, help="devices per node, for --layouts")
     args = ap.parse_args(argv)
-    try:
-        cfg = ModelConfig.preset(args.model) if args.model in ("flash", "pro", "tiny") else \
-            ModelConfig.from_file(Path(args.model))
-        prof = load_profile(args.profile)
-        p = plan(cfg, prof, args.context, args.batch, args.devices, args.chunk)
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_cli
+
+    return run_cli(lambda: _report(args))
+
+
+def _report(args) -> int:
+    cfg = ModelConfig.preset(args.model) if args.model in ("flash", "pro", "tiny") else \
+        ModelConfig.from_file(Path(args.model))
+    prof = load_profile(args.profile)
+    p = plan(cfg, prof, args.context, args.batch, args.devices, args.chunk)
     if args.layouts:
         from .parallel.plan_layouts import format_layouts
 

@@ -1,4 +1,4 @@
-"""Hardware profiles: one YAML file per deployment target in `hardware_profiles/`, validated into a frozen
+"""Hardware profiles: one YAML file per deployment target in `runtime/hardware_profiles/` (package data), validated into a frozen
 `Profile`.
 
 A profile says which backend runs the model, what the device is (memory and bandwidth with their source and
@@ -10,6 +10,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -20,7 +21,7 @@ from .ops.numerics import ACT_QUANT, FLOAT_DTYPES, INDEXER_DTYPES, KV_DTYPES, Nu
 from .weight_formats import W8A8_DEFAULT, WEIGHT_FORMATS
 from .yaml_io import read_yaml
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+PROFILE_DIR = Path(__file__).resolve().parent / "hardware_profiles"      # package data: ships in the wheel
 BACKENDS = ("cpu", "cuda", "ascend", "onnx")
 CAPABILITIES = ("fp32", "bf16", "fp16", "fp8_gemm", "int8_w8a8", "mxfp4", "fused_sparse_attention",
                 "fused_indexer", "fused_moe_gating", "fused_compressor", "fused_mhc", "fused_rope_interleave",
@@ -85,17 +86,33 @@ _CHOICES = {"backend": BACKENDS, "compute_dtype": tuple(FLOAT_DTYPES), "kv_dtype
             "graph_mode": GRAPH_MODES}
 
 
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _positive(v: Any) -> float | None:
+    """`v` as a positive finite float, or None (bools, strings, NaN, infinity, 10**400 are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
 def _measure(raw: Any, key: str, bad) -> Measure:
     if not isinstance(raw, dict) or set(raw) != {"value", "source", "confidence"}:
         bad(key, "must be a mapping with exactly value, source, confidence")
     v = raw["value"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        bad(f"{key}.value", f"must be a positive number, got {v!r}")
+    if _positive(v) is None:
+        bad(f"{key}.value", f"must be a positive number, got {_show(v)}")
     if raw["confidence"] not in CONFIDENCE:
-        bad(f"{key}.confidence", f"must be one of {', '.join(CONFIDENCE)}, got {raw['confidence']!r}")
+        bad(f"{key}.confidence", f"must be one of {', '.join(CONFIDENCE)}, got {_show(raw['confidence'])}")
     if not isinstance(raw["source"], str) or not raw["source"].strip():
         bad(f"{key}.source", "must name where the number comes from")
-    return Measure(float(v), raw["source"], raw["confidence"])
+    return Measure(_positive(v), raw["source"], raw["confidence"])
 
 
 def capabilities_needed(weight_format: str, numerics: NumericsSpec) -> frozenset[str]:
@@ -114,7 +131,7 @@ def parse_profile(raw: Any, source: str) -> Profile:
     known = {f.name for f in fields(Profile)} - {"source"}
     for k in raw:
         if k not in known:
-            bad(k, f"is not a profile key; allowed: {', '.join(sorted(known))}")
+            bad(str(k)[:40], f"is not a profile key; allowed: {', '.join(sorted(known))}")
     for k in _REQUIRED:
         if k not in raw:
             bad(k, "is missing")
@@ -131,16 +148,16 @@ def parse_profile(raw: Any, source: str) -> Profile:
         if raw.get(k) == value and cap not in caps:
             bad(k, f"is {value!r} but the chip lacks capability '{cap}'; choose a format the chip supports")
     limits = raw.get("kernel_limits", {})
-    if not isinstance(limits, dict) or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0
-                                           for v in limits.values()):
+    if not isinstance(limits, dict) or any(not isinstance(k, str) or not isinstance(v, int) or isinstance(v, bool)
+                                           or v <= 0 for k, v in limits.items()):
         bad("kernel_limits", "must map names to positive integers")
     prefer = raw.get("prefer", {})
-    if not isinstance(prefer, dict) or any(not isinstance(v, list) or not all(isinstance(i, str) for i in v)
-                                           for v in prefer.values()):
+    if not isinstance(prefer, dict) or any(not isinstance(k, str) or not isinstance(v, list)
+                                           or not all(isinstance(i, str) for i in v) for k, v in prefer.items()):
         bad("prefer", "must map op names to lists of implementation ids")
     timeout = raw.get("collective_timeout_s", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        bad("collective_timeout_s", f"must be a positive number of seconds, got {timeout!r}")
+    if _positive(timeout) is None:
+        bad("collective_timeout_s", f"must be a positive number of seconds, got {_show(timeout)}")
     lin = raw.get("int8_linears", list(W8A8_DEFAULT))
     if not isinstance(lin, list) or not all(isinstance(i, str) for i in lin):
         bad("int8_linears", "must be a list of linear name fragments")
@@ -153,7 +170,7 @@ def parse_profile(raw: Any, source: str) -> Profile:
         graph_mode=raw.get("graph_mode", "eager"), int8_linears=tuple(lin),
         kernel_limits=MappingProxyType(dict(limits)),
         prefer=MappingProxyType({k: tuple(v) for k, v in prefer.items()}),
-        collective_timeout_s=float(timeout), source=source)
+        collective_timeout_s=_positive(timeout), source=source)
 
 
 def shipped_profiles() -> list[str]:

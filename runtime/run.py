@@ -8,7 +8,8 @@
 
 Errors in the input (checkpoint, backend, prompt, sampling values, a layout that does not divide the model)
 print one line and exit with status 2; a multi-device run whose peer rank died or hung prints one line and
-exits with status 1 within the profile's collective_timeout_s. Only rank 0 prints.
+exits with status 1 within the profile's collective_timeout_s; Ctrl-C prints one line and exits with status
+130. Only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime.run", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
                     help="backend; alone it picks the backend's default profile (cpu, nvidia-h100, ascend-910b)")
     ap.add_argument("--profile", default=None,
-                    help="hardware profile: a name from hardware_profiles/ or a path to a YAML file")
+                    help="hardware profile: a name from runtime/hardware_profiles/ or a path to a YAML file")
     ap.add_argument("--emulate", action="store_true",
                     help="run the profile's numerics (dtypes, weight format, quantisation) on the CPU reference")
     ap.add_argument("--allow-fallback", action="store_true",
@@ -53,7 +56,15 @@ def _layout(args):
     """{"tp", "ep"} from the flags and the launcher's WORLD_SIZE, or None for a plain one-device run."""
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", 0))
+    from .errors import InputError
+
+    for flag, value in (("--tp", args.tp), ("--ep", args.ep)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be a positive integer (1 = no split), got {value}")
+    raw = os.environ.get("WORLD_SIZE", "0").strip() or "0"
+    if not raw.isdigit():
+        raise InputError(f"WORLD_SIZE={raw!r} in the environment is not a process count; launch with torchrun")
+    world = int(raw)
     if args.tp is None and args.ep is None and not world:
         return None
     tp = args.tp or 1
@@ -63,70 +74,65 @@ def _layout(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .cli import run_cli
+
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
     from .api import Runtime
-    from .errors import InputError, V4Error
-    from .parallel.comm import CollectiveError
-
+    from .errors import InputError
     from .sampling import SamplingParams
+    from .yaml_io import require_text
 
-    try:
-        # Validate sampling values before loading anything.
-        SamplingParams(args.temperature, args.top_p, args.seed, args.max_new_tokens)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise InputError(f"--threads must be a positive integer, got {args.threads}")
-            import torch
+    # Validate the input before loading anything.
+    prompt = require_text(args.prompt, InputError, "--prompt")
+    SamplingParams(args.temperature, args.top_p, args.seed, args.max_new_tokens)
+    layout = _layout(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
 
-            torch.set_num_threads(args.threads)
-        rt = Runtime.load(args.profile or args.backend, checkpoint=args.checkpoint, numerics=args.numerics,
-                          emulate=args.emulate, allow_fallback=args.allow_fallback, parallel=_layout(args))
-        lead = rt.parallel is None or rt.parallel.rank == 0          # only rank 0 prints
-        if not args.quiet and lead:
-            print(f"# {rt.describe()}", file=sys.stderr)
-            print(f"# {rt.memory.format()}", file=sys.stderr)
-        if args.show_dispatch and lead:
-            if rt.parallel is not None and rt.parallel.distributed:
-                print(f"# {rt.parallel.describe()}", file=sys.stderr)
-            print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
-            if hasattr(rt.model, "placement"):          # an exported graph: where ONNX Runtime put its nodes
-                for graph, counts in rt.model.placement().items():
-                    print(f"# {graph} graph nodes by provider: " + ", ".join(f"{p} {n}" for p, n in counts.items()),
-                          file=sys.stderr)
-        ids = rt.encode(args.prompt)
-        text_of = rt.tokenizer.stream_decoder()
+        torch.set_num_threads(args.threads)
+    rt = Runtime.load(args.profile or args.backend, checkpoint=args.checkpoint, numerics=args.numerics,
+                      emulate=args.emulate, allow_fallback=args.allow_fallback, parallel=layout)
+    lead = rt.parallel is None or rt.parallel.rank == 0          # only rank 0 prints
+    if not args.quiet and lead:
+        print(f"# {rt.describe()}", file=sys.stderr)
+        print(f"# {rt.memory.format()}", file=sys.stderr)
+    if args.show_dispatch and lead:
+        if rt.parallel is not None and rt.parallel.distributed:
+            print(f"# {rt.parallel.describe()}", file=sys.stderr)
+        print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
+        if hasattr(rt.model, "placement"):          # an exported graph: where ONNX Runtime put its nodes
+            for graph, counts in rt.model.placement().items():
+                print(f"# {graph} graph nodes by provider: " + ", ".join(f"{p} {n}" for p, n in counts.items()),
+                      file=sys.stderr)
+    ids = rt.encode(prompt)
+    text_of = rt.tokenizer.stream_decoder()
 
-        def on_token(row: int, tok: int) -> None:
-            # A random tiny model emits arbitrary bytes: keep terminal control characters out.
-            sys.stdout.write("".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text_of(tok)))
-            sys.stdout.flush()
-
-        if lead:
-            sys.stdout.write(args.prompt)
-        g = rt.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_eos_stop,
-                        on_token=on_token if lead else None)
-        if lead:
-            sys.stdout.write("\n")
-        if rt.parallel is not None:
-            rt.parallel.close()                                   # every rank done: free the process group
-        if not args.quiet and lead:
-            n = len(g.tokens[0])
-            total = g.prefill_seconds + g.decode_seconds
-            print(f"# {g.prompt_tokens} prompt tokens in {g.prefill_seconds:.3f} s "
-                  f"({g.prompt_tokens / g.prefill_seconds:.1f} tokens/s prefill); {n} new tokens, "
-                  f"decode {g.decode_tokens_per_second:.1f} tokens/s; {n / total:.1f} tokens/s overall",
-                  file=sys.stderr)
-    except CollectiveError as e:
-        # A peer is gone: leave at once (a normal interpreter exit could wait on the broken process group).
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    def on_token(row: int, tok: int) -> None:
+        # A random tiny model emits arbitrary bytes: keep terminal control characters out.
+        sys.stdout.write("".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text_of(tok)))
         sys.stdout.flush()
-        import os
-        os._exit(1)
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+    if lead:
+        sys.stdout.write(prompt)
+    g = rt.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_eos_stop,
+                    on_token=on_token if lead else None)
+    if lead:
+        sys.stdout.write("\n")
+    if rt.parallel is not None:
+        rt.parallel.close()                                   # every rank done: free the process group
+    if not args.quiet and lead:
+        n = len(g.tokens[0])
+        total = g.prefill_seconds + g.decode_seconds
+        print(f"# {g.prompt_tokens} prompt tokens in {g.prefill_seconds:.3f} s "
+              f"({g.prompt_tokens / g.prefill_seconds:.1f} tokens/s prefill); {n} new tokens, "
+              f"decode {g.decode_tokens_per_second:.1f} tokens/s; {n / total:.1f} tokens/s overall",
+              file=sys.stderr)
     return 0
 
 

@@ -75,11 +75,84 @@ def test_bad_values(key, value, msg):
         ModelConfig.from_hf(raw)
 
 
+@pytest.mark.parametrize("key,value,msg", [
+    # wrong types: each names the key and what it must be (these raised ValueError / TypeError / AttributeError)
+    ("num_hidden_layers", "abc", r"key 'num_hidden_layers' has the wrong type: must be an integer, got 'abc'"),
+    ("num_hidden_layers", True, r"key 'num_hidden_layers' has the wrong type: must be an integer"),
+    ("num_hidden_layers", 5.5, r"key 'num_hidden_layers' has the wrong type"),
+    ("compress_ratios", 5, r"key 'compress_ratios' has the wrong type: must be a list, got 5"),
+    ("compress_ratios", [0, 4, "x", 4, 16, 0], r"key 'compress_ratios\[2\]' must be an integer, got 'x'"),
+    ("rope_scaling", "yarn", r"key 'rope_scaling' has the wrong type: must be an object"),
+    ("rope_scaling", {"type": "yarn", "factor": "big", "original_max_position_embeddings": 4},
+     r"key 'rope_scaling.factor' has the wrong type"),
+    ("quantization_config", [1], r"key 'quantization_config' has the wrong type"),
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": 5}, r"weight_block_size' is 5"),
+    ("expert_dtype", 4, r"key 'expert_dtype' is 4; allowed: null, \"fp4\", \"fp8\", \"bf16\""),
+    ("rms_norm_eps", float("nan"), r"key 'rms_norm_eps' must be a positive finite number, got nan"),
+    ("routed_scaling_factor", -1, r"must be a positive finite number"),
+    ("num_nextn_predict_layers", -1, r"key 'num_nextn_predict_layers' must be between 0 and 5"),
+    ("num_hash_layers", 9, r"key 'num_hash_layers' must be between 0 and 5"),
+    ("eos_token_id", [1, 2], r"key 'eos_token_id' has the wrong type: must be an integer"),
+    ("eos_token_id", 320, r"eos_token_id 320 is outside the vocabulary of 320 tokens"),
+    ("sliding_window", 0, r"key 'sliding_window' must be positive, got 0"),
+])
+def test_wrong_types_and_ranges_name_the_key(key, value, msg):
+    raw = preset("tiny")
+    raw[key] = value
+    with pytest.raises(ConfigError, match=msg) as e:
+        ModelConfig.from_hf(raw, source="cfg.json")
+    assert str(e.value).startswith("cfg.json: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,supported", [
+    ("norm_topk_prob", False, "true"), ("hidden_act", "gelu", '"silu"'), ("topk_method", "greedy", '"noaux_tc"'),
+    ("attention_bias", True, "false"), ("n_group", 8, "1"), ("topk_group", 4, "1"),
+    ("first_k_dense_replace", 3, "0"), ("moe_layer_freq", 2, "1"), ("num_key_value_heads", 8, "1"),
+    ("norm_topk_prob", 1, "true"),               # 1 is not JSON true
+])
+def test_values_the_graph_does_not_compute_are_refused(key, value, supported):
+    """These were accepted silently (the graph ran its one implementation regardless of the value)."""
+    raw = preset("tiny")
+    raw[key] = value
+    with pytest.raises(ConfigError, match=f"key '{key}' is .* which this runtime does not compute; "
+                                          f"it supports only {supported}"):
+        ModelConfig.from_hf(raw)
+    raw[key] = {"norm_topk_prob": True, "hidden_act": "silu", "topk_method": "noaux_tc", "attention_bias": False,
+                "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "moe_layer_freq": 1,
+                "num_key_value_heads": 1}[key]
+    assert ModelConfig.from_hf(raw) == ModelConfig.preset("tiny")          # the supported value is accepted
+
+
+@pytest.mark.parametrize("sub,value,msg", [
+    ("rope_scaling", {"mscale_all_dim": 1.0}, r"key 'rope_scaling.mscale_all_dim' is not computed"),
+    ("quantization_config", {"activation_scheme": "static"}, r"quantization_config.activation_scheme' is 'static'"),
+    ("quantization_config", {"scale_fmt": "fp32"}, r"quantization_config.scale_fmt' is 'fp32'"),
+    ("quantization_config", {"quant_method": "awq"}, r"quantization_config.quant_method' is 'awq'"),
+])
+def test_nested_values_not_computed_are_refused(sub, value, msg):
+    raw = preset("tiny")
+    raw[sub] = {**raw[sub], **value}
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig.from_hf(raw)
+
+
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no such config file"):
-        ModelConfig.from_file(tmp_path / "config.json")
-    (tmp_path / "config.json").write_text("{not json")
+    path = tmp_path / "config.json"
+    with pytest.raises(ConfigError, match="config file .*config.json does not exist"):
+        ModelConfig.from_file(path)
+    path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        ModelConfig.from_file(tmp_path / "config.json")
-    (tmp_path / "config.json").write_text(json.dumps(preset("tiny")))
-    assert ModelConfig.from_file(tmp_path / "config.json") == ModelConfig.preset("tiny")
+        ModelConfig.from_file(path)
+    path.write_bytes(json.dumps(preset("tiny")).encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"config.json: not UTF-8 text \(byte 0xff at offset 0\)"):
+        ModelConfig.from_file(path)
+    path.write_text("[" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        ModelConfig.from_file(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ConfigError, match="config.json is a folder, not a file"):
+        ModelConfig.from_file(path)
+    path.rmdir()
+    path.write_text(json.dumps(preset("tiny")))
+    assert ModelConfig.from_file(path) == ModelConfig.preset("tiny")

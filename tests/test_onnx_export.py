@@ -311,7 +311,11 @@ def test_execution_providers_are_checked_never_silently_replaced(exported, monke
         Runtime.load("onnx-cuda", checkpoint=exported[1], progress=False)
 
 
-def test_node_placement_is_reported(ort_rt):
+def test_node_placement_is_reported(ort_rt, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     placement = ort_rt.model.placement()
+    assert list(tmp_path.iterdir()) == []                 # the profiler's dump went to a folder that is removed
     assert set(placement) == {"step"}
     assert all(set(c) == {"CPUExecutionProvider"} and c["CPUExecutionProvider"] > 100 for c in placement.values())

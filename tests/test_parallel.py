@@ -41,8 +41,7 @@ def _port() -> int:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "DSV4RT_FAULT"}
-    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _torchrun(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0, port: int | None = None):
@@ -164,13 +163,15 @@ def test_per_rank_memory_matches_planner(runs, tiny_ckpt):
 
 # ------------------------------------------------------------------ failures
 def _spawn_ranks(args: list[str], fault: str, profile: Path, world: int = 2):
-    """Start `world` ranks of the CLI directly (the environment torchrun would set), with a fault injected."""
+    """Start `world` ranks of the CLI directly (the environment torchrun would set), with a fault injected by the
+    test-side wrapper tests/fault_rank.py."""
     port = _port()
     procs = []
     for r in range(world):
         env = _env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DSV4RT_FAULT=fault)
-        procs.append(subprocess.Popen([sys.executable, "-m", "runtime.run", "--profile", str(profile), *args],
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_rank.py"), fault,
+                                       "--profile", str(profile), *args],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -179,7 +180,7 @@ def _spawn_ranks(args: list[str], fault: str, profile: Path, world: int = 2):
 def test_dead_or_hung_rank_stops_the_others(tmp_path, mode):
     timeout = 4
     profile = tmp_path / "cpu-short-timeout.yaml"
-    profile.write_text((ROOT / "hardware_profiles" / "cpu.yaml").read_text() + f"collective_timeout_s: {timeout}\n")
+    profile.write_text((ROOT / "runtime" / "hardware_profiles" / "cpu.yaml").read_text() + f"collective_timeout_s: {timeout}\n")
     procs = _spawn_ranks(["--tp", "2", "--max-new-tokens", "32", "--no-eos-stop", "--quiet"],
                          f"1:5:{mode}", profile)                       # rank 1 exits / hangs at decode step 5
     try:
@@ -218,7 +219,7 @@ def test_profile_collective_timeout_is_validated():
     from runtime.profile import ProfileError, parse_profile
     from runtime.yaml_io import read_yaml
 
-    raw = read_yaml(ROOT / "hardware_profiles" / "cpu.yaml", ProfileError, "profile file")
+    raw = read_yaml(ROOT / "runtime" / "hardware_profiles" / "cpu.yaml", ProfileError, "profile file")
     assert load_profile("cpu").collective_timeout_s == 300.0
     assert parse_profile({**raw, "collective_timeout_s": 30}, "t").collective_timeout_s == 30.0
     with pytest.raises(ProfileError, match="collective_timeout_s' must be a positive number of seconds"):

@@ -14,7 +14,8 @@ context the prefill reached (median, p10, p90). The ONNX path prefills through i
 chunks. The dense baseline prefills up to 16K tokens and beyond that
 decodes from a randomly filled state of the same shape (a dense 64K prefill takes hours on a CPU).
 transformers runs with an address-space limit of --hf-mem-limit GiB so a context it cannot hold ends in an
-error row rather than the OOM killer. Errors in the arguments print one line and exit with status 2.
+error row rather than the OOM killer. Errors in the arguments print one line and exit with status 2 (an
+unwritable --json is found before any run); Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import ArgumentParser
 from ..errors import V4Error
 from ..profile import load_profile
 from .bandwidth import measure_bandwidth
@@ -75,7 +77,7 @@ def _summary(res: dict) -> dict:
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", help="profile of this runtime's engine (default cpu)")
     ap.add_argument("--model", default=None, help="tiny (default), tiny-hf (default with --compare transformers)")
@@ -111,23 +113,29 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    from ..cli import run_cli
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:                    # the serving engine's scenarios (runtime/bench/serve.py)
         from .serve import main as serve_main
 
-        return serve_main(argv[1:])
-    try:
-        args, compare, contexts = parse(argv)
-        model = args.model or ("tiny-hf" if "transformers" in compare else "tiny")
-        ck = Path(args.checkpoint) if args.checkpoint else bench_checkpoint(model)
-        if not (ck / "config.json").is_file():
-            raise V4Error(f"{ck} is not a checkpoint folder (no config.json)")
-        load_profile(args.profile)                      # an unknown or invalid profile: one line, exit 2
-        bw_ck = bench_checkpoint("bw-200mb") if args.bandwidth else None
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    vocab = min(json.loads((ck / "config.json").read_text())["vocab_size"], 258)
+        return run_cli(lambda: serve_main(argv[1:]))
+    return run_cli(lambda: _bench(argv))
+
+
+def _bench(argv) -> int:
+    from ..cli import writable_file
+    from ..config import ModelConfig
+
+    args, compare, contexts = parse(argv)
+    json_out = writable_file(args.json, "--json")          # checked before hours of runs, not after them
+    model = args.model or ("tiny-hf" if "transformers" in compare else "tiny")
+    ck = Path(args.checkpoint) if args.checkpoint else bench_checkpoint(model)
+    if not (ck / "config.json").is_file():
+        raise V4Error(f"{ck} is not a checkpoint folder (no config.json)")
+    load_profile(args.profile)                      # an unknown or invalid profile: one line, exit 2
+    bw_ck = bench_checkpoint("bw-200mb") if args.bandwidth else None
+    vocab = min(ModelConfig.from_file(ck / "config.json").vocab_size, 258)
     base = {"checkpoint": str(ck), "decode_steps": args.decode_steps, "chunk": args.chunk, "threads": args.threads,
             "vocab": vocab, "fill": "prefill"}
     specs = []
@@ -170,9 +178,12 @@ def main(argv=None) -> int:
             report["bandwidth"].update(active_weight_bytes=active, decode_ms=bw["decode_ms"], decode_gbps=got,
                                        fraction_of_read=got / report["bandwidth"]["read_gbps"])
     report["targets"] = evaluate_targets(report)
-    print(format_table(report))
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    print(format_table(report), flush=True)
+    try:
+        json_out.write_text(json.dumps(report, indent=2))
+    except OSError as e:
+        raise V4Error(f"cannot write --json {json_out}: {e.strerror or e} (the table above has the results)") from None
+    print(f"wrote {json_out}")
     return 1 if all("error" in r for r in report["results"]) else 0     # nothing measured: a failed run
 
 

@@ -9,6 +9,9 @@ holes (a few MiB on disk whatever the model; every value reads as zero), for dry
 `check` validates the config, every shard's header (names, shapes, dtypes against config.json, the shard the
 index names) and each shard's length against its header, without reading tensor data; `--decode` also
 decodes every tensor (as a load does).
+
+Bad input (a checkpoint that is missing, truncated, corrupt or does not match its config; an --out that names a
+file) prints one line and exits with status 2; Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import ArgumentParser
 from ..errors import V4Error
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     mk = sub.add_parser("make", help="write a random model in the official layout")
@@ -33,28 +37,31 @@ def main(argv=None) -> int:
     ck.add_argument("path")
     ck.add_argument("--decode", action="store_true", help="also decode every tensor (reads all the data)")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "make":
-            from .make import make_preset
+    from ..cli import run_cli
 
-            if args.sparse:
-                from ..presets import preset
-                from .sparse import disk_usage, write_sparse_checkpoint
+    return run_cli(lambda: _run(args))
 
-                out = write_sparse_checkpoint(args.out, preset(args.preset), progress=True)
-                print(f"sparse checkpoint written to {out} ({disk_usage(out) / 2 ** 20:,.1f} MiB on disk; "
-                      "data are holes that read as zeros)")
-                return 0
-            if args.preset != "tiny":
-                raise V4Error(f"preset {args.preset!r} is a full-size model; only 'tiny' can be generated with "
-                              "weights (add --sparse for a shape-true dry-run checkpoint)")
-            out = make_preset(args.out, args.preset, seed=args.seed, progress=True)
-            print(f"checkpoint written to {out}")
-        else:
-            print(_check(args.path, args.decode))
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _run(args) -> int:
+    if args.cmd == "make":
+        from ..cli import writable_folder
+        from .make import make_preset
+
+        if args.sparse:
+            from ..presets import preset
+            from .sparse import disk_usage, write_sparse_checkpoint
+
+            out = write_sparse_checkpoint(writable_folder(args.out, "--out"), preset(args.preset), progress=True)
+            print(f"sparse checkpoint written to {out} ({disk_usage(out) / 2 ** 20:,.1f} MiB on disk; "
+                  "data are holes that read as zeros)")
+            return 0
+        if args.preset != "tiny":
+            raise V4Error(f"preset {args.preset!r} is a full-size model; only 'tiny' can be generated with "
+                          "weights (add --sparse for a shape-true dry-run checkpoint)")
+        out = make_preset(writable_folder(args.out, "--out"), args.preset, seed=args.seed, progress=True)
+        print(f"checkpoint written to {out}")
+    else:
+        print(_check(args.path, args.decode))
     return 0
 
 

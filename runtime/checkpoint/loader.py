@@ -9,7 +9,6 @@ float32 (spec §3.1), with a progress bar on long loads.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from .. import formats
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..yaml_io import read_json
 from .inventory import expected_tensors, scale_shape, stored_shape
 
 # safetensors dtype string for each storage kind's weight and scale.
@@ -44,16 +44,24 @@ def _listing(names: list[str]) -> str:
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
+def _shard_name_ok(fname) -> bool:
+    """A shard file name inside the checkpoint folder: a plain name, no path, no NUL."""
+    return isinstance(fname, str) and fname not in ("", ".", "..") and not any(c in fname for c in "/\\\0")
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        for fname in set(wm.values()):
-            if Path(fname).name != fname:
-                raise CheckpointError(f"{index}: shard path {fname!r} leaves the checkpoint folder; refusing it")
+    if index.exists():
+        raw = read_json(index, CheckpointError, "checkpoint index")
+        wm = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' object "
+                                  "mapping tensor names to shard files)")
+        for name, fname in wm.items():
+            if not _shard_name_ok(fname):
+                what = f"shard path {fname!r} leaves the checkpoint folder; refusing it" if isinstance(fname, str) \
+                    else f"tensor {name!r} maps to {type(fname).__name__} {str(fname)[:40]!r}, not a shard file name"
+                raise CheckpointError(f"{index}: {what}")
         return wm
     single = path / "model.safetensors"
     if single.is_file():

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .. import formats
 from ..config import ModelConfig
+from ..errors import CheckpointError
 from ..presets import preset
 from .inventory import expected_tensors
 
@@ -92,7 +93,12 @@ def write_checkpoint(out: str | Path, hf_config: dict, seed: int = 0, shards: in
                      progress: bool = False) -> Path:
     """Write a complete checkpoint folder for `hf_config` (a config.json dict). Returns the folder."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} exists and is not a folder; name a folder for the checkpoint")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--out {out}: the folder cannot be created ({e.strerror or e}); name another") from None
     cfg = ModelConfig.from_hf(hf_config, source="generator config")
     expert_format = cfg.expert_dtype or "fp4"
     stored, _, _ = make_weights(cfg, seed, expert_format)

@@ -10,15 +10,16 @@ Where the collectives are (spec §15):
 - `ep_sum` after the routed experts (partial sums of each rank's experts);
 - `embed` / `gather_vocab`: vocab-parallel embedding (sum of one non-zero row) and head (all-gather);
 - `broadcast_tokens`: rank 0's sampled tokens, so every rank feeds the same ids.
-A collective that fails (a peer died: gloo reports a closed connection) or times out (a peer hangs) raises
-`CollectiveError`, one line naming the rank, the collective and the fix.
+A collective that fails in the process group (a torch.distributed `DistError`, or an error while waiting on the
+collective's Work: a peer died and gloo reports a closed connection, or a peer hangs and the wait times out)
+raises `CollectiveError`, one line naming the rank, the collective and the fix. An error while issuing a
+collective (a wrong shape or dtype) is a bug here, not a lost peer, and propagates unchanged.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from datetime import timedelta
 
 import torch
@@ -28,12 +29,17 @@ from .layout import Layout, LayoutError
 
 PG_BACKEND = {"cpu": "gloo", "cuda": "nccl", "ascend": "hccl"}
 DEFAULT_TIMEOUT_S = 300.0
-# Test hook: "RANK:STEPS[:hang]" makes that rank exit (or hang) at its STEPS-th token broadcast, i.e. mid-decode.
-FAULT_ENV = "DSV4RT_FAULT"
 
 
 class CollectiveError(V4Error):
     """A collective failed or timed out: another rank died, hung or was never started."""
+
+    exit_status = 1
+    leave_at_once = True       # a normal interpreter exit could wait on the broken process group
+
+
+class _PeerLost(Exception):
+    """Internal: an error raised while waiting on a collective's Work (its cause is the backend's error)."""
 
 
 class Parallel:
@@ -48,8 +54,6 @@ class Parallel:
         self.tp_group, self.ep_group = groups or (None, None)
         self.timeout_s = timeout_s
         self.owns_group = False              # set by join when it initialised the default process group
-        self._steps = 0
-        self._fault = _fault_for(rank) if self.distributed else None
 
     def describe(self) -> str:
         if not self.distributed:
@@ -66,7 +70,7 @@ class Parallel:
             return
         import torch.distributed as dist
 
-        self._call("final barrier", lambda: dist.barrier())
+        self._call("final barrier", lambda: dist.barrier(async_op=True))
         for g in {self.tp_group, self.ep_group} - {None}:
             dist.destroy_process_group(g)
         if self.owns_group:
@@ -74,11 +78,22 @@ class Parallel:
         self.distributed = False
 
     # ---- collectives (identity on one device) ----
-    def _call(self, what: str, fn):
+    def _call(self, what: str, issue):
+        """Run one collective: `issue()` starts it (async_op=True) and returns its Work. A torch.distributed
+        error, or any error while waiting on the Work, is the process group's (a peer died, or hung past the
+        timeout: gloo raises a plain RuntimeError from `wait`) and becomes a CollectiveError. Anything else
+        raised while issuing (a wrong shape or dtype) is a bug here and propagates unchanged."""
+        import torch.distributed as dist
+
         try:
-            return fn()
-        except (RuntimeError, ValueError) as e:          # DistBackendError / DistNetworkError are RuntimeErrors
-            first = (str(e).strip().splitlines() or ["no detail"])[0]
+            work = issue()
+            try:
+                return work.wait()
+            except RuntimeError as e:
+                raise _PeerLost(e) from e
+        except (dist.DistError, _PeerLost) as e:
+            cause = e.__cause__ if isinstance(e, _PeerLost) else e
+            first = (str(cause).strip().splitlines() or ["no detail"])[0]
             first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]          # drop gloo's source-file prefix
             raise CollectiveError(f"rank {self.rank}: collective {what} failed after a peer rank stopped or hung "
                                   f"({first}); check the other ranks' output, then relaunch") from None
@@ -87,7 +102,7 @@ class Parallel:
         import torch.distributed as dist
 
         x = x.contiguous()
-        self._call(what, lambda: dist.all_reduce(x, group=group))
+        self._call(what, lambda: dist.all_reduce(x, group=group, async_op=True))
         return x
 
     def tp_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +126,7 @@ class Parallel:
         if local.shape[-1] < chunk:                         # the last block may be short: pad for all_gather
             local = torch.nn.functional.pad(local, (0, chunk - local.shape[-1]))
         parts = [torch.empty_like(local) for _ in range(self.world)]
-        self._call("vocab all_gather", lambda: dist.all_gather(parts, local))
+        self._call("vocab all_gather", lambda: dist.all_gather(parts, local, async_op=True))
         return torch.cat(parts, dim=-1)[..., :n_vocab]
 
     def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -120,11 +135,8 @@ class Parallel:
             return tokens
         import torch.distributed as dist
 
-        self._steps += 1
-        if self._fault is not None and self._steps >= self._fault[0]:
-            _inject(self._fault[1])
         t = tokens.to(device=self.device, dtype=torch.int64).contiguous()
-        self._call("token broadcast", lambda: dist.broadcast(t, src=0))
+        self._call("token broadcast", lambda: dist.broadcast(t, src=0, async_op=True))
         return t.to(tokens.device)
 
     def routed_experts(self, ops, x, idx, w, experts, limit, local: range | None):
@@ -160,22 +172,6 @@ class VocabEmbedding:
         rows = self.weight[(ids - self.lo).clamp(0, self.hi - self.lo - 1)].float()
         rows = torch.where(mine[..., None], rows, torch.zeros((), device=rows.device))
         return self.par._all_reduce(rows, None, "embedding all_reduce")   # exact: one non-zero term per row
-
-
-def _fault_for(rank: int):
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    parts = spec.split(":")
-    if int(parts[0]) != rank:
-        return None
-    return int(parts[1]), (parts[2] if len(parts) > 2 else "exit")
-
-
-def _inject(kind: str) -> None:
-    if kind == "hang":
-        time.sleep(10 ** 6)
-    os._exit(1)
 
 
 SINGLE = Parallel()
@@ -214,7 +210,7 @@ def join(profile, layout: Layout, cfg) -> Parallel:
             import torch_npu  # noqa: F401  (registers the hccl backend)
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-        except (RuntimeError, ValueError) as e:      # a rank never came, or the rendezvous address is wrong
+        except (dist.DistError, ValueError) as e:    # a rank never came (DistStoreError), a bad MASTER_PORT
             first = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or ["no detail"])[0])[:160]
             raise CollectiveError(f"rank {os.environ.get('RANK')}: could not join the {backend} process group of "
                                   f"{os.environ.get('WORLD_SIZE')} ranks within {timeout:g} s ({first}); launch "

@@ -3,8 +3,9 @@
     python -m runtime.parity --reference cpu --candidate cpu-bf16 --candidate ascend-910b --emulate --out parity-out
     python -m runtime.parity --candidate nvidia-h100 --prompts prompts.txt --decode-steps 64 --out DIR
 
-Exit status: 0 when every row passes, 1 when a row fails (the reports and repro bundles are written), 2 on
-bad input (one line naming the problem).
+Exit status: 0 when every row passes; 1 when a row fails (the reports and repro bundles are written); 2 on bad
+input (one line naming the problem and the fix); 3 when the harness itself crashed (a bug in dsv4rt: the
+traceback, then one line; no verdict was reached); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runtime.parity", description=__doc__,
+    ap = ArgumentParser(prog="python -m runtime.parity", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", default="cpu", help="reference profile (default: cpu, the float32 reference)")
     ap.add_argument("--candidate", action="append", required=True,
@@ -24,42 +27,55 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the generated tiny model)")
     ap.add_argument("--prompts", default=None, help="a .txt file (one prompt per line) or a .json list")
     ap.add_argument("--decode-steps", type=int, default=32, help="teacher-forced decode steps per prompt")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per candidate (2: also report run-to-run spread)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs per candidate: 1, or 2 (default: a second run reports the run-to-run spread)")
     ap.add_argument("--tolerances", default=None, help="tolerance rules YAML (default: the shipped one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output folder for the reports")
     return ap
 
 
+EXIT_PASS, EXIT_FAIL, EXIT_CRASH = 0, 1, 3      # 2: bad input, 130: interrupted (runtime/cli.py)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..errors import V4Error
+    from ..cli import run_cli
+
+    return run_cli(lambda: _run(args, argv), crash_status=EXIT_CRASH)
+
+
+def _run(args, argv) -> int:
+    from ..cli import writable_folder
+    from ..errors import InputError, V4Error
     from .compare import compare, load_prompts
 
-    try:
-        prompts = None
-        if args.prompts:
-            from ..api import Runtime
+    if args.repeat not in (1, 2):
+        # compare() runs one extra run for the spread whatever N >= 2 says: refuse N > 2 rather than run 2
+        raise InputError(f"--repeat {args.repeat}: choose 1 (one run) or 2 (a second run for the run-to-run spread)")
+    out = writable_folder(args.out, "--out")          # checked before the runs, not after them
+    prompts = None
+    if args.prompts:
+        from ..api import Runtime
 
-            prompts = load_prompts(args.prompts, Runtime.load(args.reference, checkpoint=args.checkpoint,
-                                                              progress=False).tokenizer)
-        result = compare(args.reference, args.candidate, checkpoint=args.checkpoint, prompts=prompts,
-                         decode_steps=args.decode_steps, emulate=args.emulate, repeat=args.repeat,
-                         tolerances=args.tolerances, allow_fallback=args.allow_fallback, seed=args.seed)
-        out = result.write(args.out, command=["python", "-m", "runtime.parity", *(argv if argv is not None else sys.argv[1:])])
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileExistsError, NotADirectoryError, PermissionError) as e:
-        print(f"error: cannot write the report to {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        prompts = load_prompts(args.prompts, Runtime.load(args.reference, checkpoint=args.checkpoint,
+                                                          progress=False).tokenizer)
+    result = compare(args.reference, args.candidate, checkpoint=args.checkpoint, prompts=prompts,
+                     decode_steps=args.decode_steps, emulate=args.emulate, repeat=args.repeat,
+                     tolerances=args.tolerances, allow_fallback=args.allow_fallback, seed=args.seed)
     for r in result.report["results"]:
         e = r["e2e"]["metrics"]
         print(f"{r['candidate']}: {r['verdict'].upper()}  mean KL {e['kl_mean']:.3g}, top-1 {e['top1_agreement']:.3f}, "
               f"op to blame: {r['blame']['tap'] or 'none'}" + (f", failed: {', '.join(r['failed'][:6])}"
-                                                              if r["failed"] else ""))
+                                                              if r["failed"] else ""), flush=True)
+    try:
+        out = result.write(out, command=["python", "-m", "runtime.parity",
+                                         *(argv if argv is not None else sys.argv[1:])])
+    except OSError as e:
+        raise V4Error(f"cannot write the report to {args.out}: {e.strerror or e} (the verdicts are printed above)") \
+            from None
     print(f"reports: {out / 'report.html'}, {out / 'report.md'}, {out / 'report.json'}")
-    return 0 if result.passed else 1
+    return EXIT_PASS if result.passed else EXIT_FAIL
 
 
 if __name__ == "__main__":

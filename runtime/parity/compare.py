@@ -169,16 +169,11 @@ def _three_way(results: list[dict]) -> dict | None:
 
 def load_prompts(path: "str | Path", tokenizer) -> list[list[int]]:
     """A .txt file (one prompt per non-empty line) or a .json list of strings or of token-id lists."""
-    import json
+    from ..yaml_io import read_json, read_text, require_text
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompts file {path} does not exist")
     if path.suffix == ".json":
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raw = read_json(path, InputError, "prompts file")
         if not isinstance(raw, list) or not raw or not all(isinstance(p, (str, list)) for p in raw):
             raise InputError(f"{path}: expected a non-empty JSON list of strings or of token-id lists")
         for i, p in enumerate(raw):
@@ -186,8 +181,10 @@ def load_prompts(path: "str | Path", tokenizer) -> list[list[int]]:
                 if isinstance(p, list) else None
             if bad is not None:
                 raise InputError(f"{path}: prompt {i} has a token id {bad!r} that is not an integer")
+            if isinstance(p, str):
+                require_text(p, InputError, f"{path}: prompt {i}")
         return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in raw]
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in read_text(path, InputError, "prompts file").splitlines() if ln.strip()]
     if not lines:
         raise InputError(f"{path}: no prompts (one per non-empty line)")
     return [tokenizer.encode(ln) for ln in lines]
