@@ -1,4 +1,4 @@
-"""Hardware profiles: one YAML file per deployment target in `runtime/hardware_profiles/` (package data), validated into a frozen
+"""Hardware profiles: one YAML file per deployment target in `hardware_profiles/` (package data), validated into a frozen
 `Profile`.
 
 A profile says which backend runs the model, what the device is (memory and bandwidth with their source and
@@ -16,12 +16,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import hardware_profiles
+
 from .errors import V4Error
 from .ops.numerics import ACT_QUANT, FLOAT_DTYPES, INDEXER_DTYPES, KV_DTYPES, NumericsSpec
 from .weight_formats import W8A8_DEFAULT, WEIGHT_FORMATS
 from .yaml_io import read_yaml
 
-PROFILE_DIR = Path(__file__).resolve().parent / "hardware_profiles"      # package data: ships in the wheel
+PROFILE_DIR = Path(hardware_profiles.__file__).resolve().parent      # package data: ships in the wheel
 BACKENDS = ("cpu", "cuda", "ascend", "onnx")
 CAPABILITIES = ("fp32", "bf16", "fp16", "fp8_gemm", "int8_w8a8", "mxfp4", "fused_sparse_attention",
                 "fused_indexer", "fused_moe_gating", "fused_compressor", "fused_mhc", "fused_rope_interleave",

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
                     help="backend; alone it picks the backend's default profile (cpu, nvidia-h100, ascend-910b)")
     ap.add_argument("--profile", default=None,
-                    help="hardware profile: a name from runtime/hardware_profiles/ or a path to a YAML file")
+                    help="hardware profile: a name from hardware_profiles/ or a path to a YAML file")
     ap.add_argument("--emulate", action="store_true",
                     help="run the profile's numerics (dtypes, weight format, quantisation) on the CPU reference")
     ap.add_argument("--allow-fallback", action="store_true",

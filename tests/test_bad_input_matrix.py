@@ -114,7 +114,7 @@ def _prepare(base: Path, tiny: Path) -> dict[str, Path]:
                                         json.dumps({**good, "graphs": {"step": "../export-corrupt/step.onnx"}}))
     p["export-absolute"] = _export_folder(base, tiny, "export-absolute",
                                           json.dumps({**good, "graphs": {"step": str(base / "x.onnx")}}))
-    cpu = (ROOT / "runtime" / "hardware_profiles" / "cpu.yaml").read_text()
+    cpu = (ROOT / "hardware_profiles" / "cpu.yaml").read_text()
     (base / "profile-utf16.yaml").write_bytes(cpu.encode("utf-16"))
     (base / "profile-bad.yaml").write_text("name: [unclosed\n")
     assert "memory_gib: {value: 24," in cpu
@@ -131,8 +131,6 @@ def _prepare(base: Path, tiny: Path) -> dict[str, Path]:
 # ------------------------------------------------------------------ the matrix
 # (case id, module, argument builder, expected exit status, a fragment the error line must contain)
 # `status` None: any non-zero status. Builders get the prepared paths; `out` is a folder that must stay empty.
-NAN_REASON = ("non-finite logits are refused by the 'honest' branch (runtime/api.py forward/generate): until it is "
-              "merged the NaN checkpoint still exits 0 with garbage tokens")
 CASES = [
     ("run-config-is-a-folder", "runtime.run", lambda p: ["--checkpoint", p["cfg-folder"]], 2, "is a folder"),
     ("run-config-not-utf8", "runtime.run", lambda p: ["--checkpoint", p["cfg-utf16"]], 2, "not UTF-8 text"),
@@ -158,9 +156,8 @@ CASES = [
      "1 missing: layers.1.attn.wkv.weight"),
     ("run-missing-shard", "runtime.run", lambda p: ["--checkpoint", p["shard-missing-file"]], 2,
      f"shard {SHARD3} named by the index is missing"),
-    pytest.param("run-nan-weights", "runtime.run", lambda p: ["--checkpoint", p["nan-weights"], "--max-new-tokens",
-                                                              "2"], None, "", marks=pytest.mark.xfail(
-        strict=True, reason=NAN_REASON), id="run-nan-weights"),
+    ("run-nan-weights", "runtime.run", lambda p: ["--checkpoint", p["nan-weights"], "--max-new-tokens", "2"], 2,
+     "non-finite logits"),
     ("run-profile-not-utf8", "runtime.run", lambda p: ["--profile", p["base"] / "profile-utf16.yaml"], 2,
      "not UTF-8 text"),
     ("run-profile-bad-yaml", "runtime.run", lambda p: ["--profile", p["base"] / "profile-bad.yaml"], 2,

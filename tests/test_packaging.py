@@ -35,9 +35,9 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path):
           tmp_path / "wheel", src])
     wheel = next((tmp_path / "wheel").glob("dsv4rt-*.whl"))
     with zipfile.ZipFile(wheel) as z:
-        shipped = {n for n in z.namelist() if n.startswith("runtime/hardware_profiles/")}
-    assert {f"runtime/hardware_profiles/{p.name}" for p in (ROOT / "runtime" / "hardware_profiles").glob("*.yaml")} \
-        == shipped and "runtime/hardware_profiles/cpu.yaml" in shipped
+        shipped = {n for n in z.namelist() if n.startswith("hardware_profiles/") and n.endswith(".yaml")}
+    assert {f"hardware_profiles/{p.name}" for p in (ROOT / "hardware_profiles").glob("*.yaml")} \
+        == shipped and "hardware_profiles/cpu.yaml" in shipped
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv])                     # plain: no --system-site-packages
@@ -51,7 +51,7 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path):
                   "print(runtime.__file__); print(PROFILE_DIR); print(','.join(shipped_profiles()))"],
                  cwd=tmp_path, env=env).stdout.splitlines()
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv)), where
-    assert set(where[2].split(",")) == {p.stem for p in (ROOT / "runtime" / "hardware_profiles").glob("*.yaml")}
+    assert set(where[2].split(",")) == {p.stem for p in (ROOT / "hardware_profiles").glob("*.yaml")}
     demo = _run([py, "-m", "runtime.run", "--backend", "cpu", "--max-new-tokens", "2"], cwd=tmp_path, env=env)
     assert demo.stdout.startswith("Hello, DeepSeek-V4!"), demo.stdout
     assert "| profile cpu | backend cpu |" in demo.stderr and "2 new tokens" in demo.stderr, demo.stderr

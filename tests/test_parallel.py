@@ -180,7 +180,7 @@ def _spawn_ranks(args: list[str], fault: str, profile: Path, world: int = 2):
 def test_dead_or_hung_rank_stops_the_others(tmp_path, mode):
     timeout = 4
     profile = tmp_path / "cpu-short-timeout.yaml"
-    profile.write_text((ROOT / "runtime" / "hardware_profiles" / "cpu.yaml").read_text() + f"collective_timeout_s: {timeout}\n")
+    profile.write_text((ROOT / "hardware_profiles" / "cpu.yaml").read_text() + f"collective_timeout_s: {timeout}\n")
     procs = _spawn_ranks(["--tp", "2", "--max-new-tokens", "32", "--no-eos-stop", "--quiet"],
                          f"1:5:{mode}", profile)                       # rank 1 exits / hangs at decode step 5
     try:
@@ -219,7 +219,7 @@ def test_profile_collective_timeout_is_validated():
     from runtime.profile import ProfileError, parse_profile
     from runtime.yaml_io import read_yaml
 
-    raw = read_yaml(ROOT / "runtime" / "hardware_profiles" / "cpu.yaml", ProfileError, "profile file")
+    raw = read_yaml(ROOT / "hardware_profiles" / "cpu.yaml", ProfileError, "profile file")
     assert load_profile("cpu").collective_timeout_s == 300.0
     assert parse_profile({**raw, "collective_timeout_s": 30}, "t").collective_timeout_s == 30.0
     with pytest.raises(ProfileError, match="collective_timeout_s' must be a positive number of seconds"):

@@ -122,7 +122,7 @@ def test_runtime_refuses_a_context_that_does_not_fit(tiny_ckpt, tmp_path):
         rt.new_state(batch_size=10_000)
     rt.generate([5] * 10, max_new_tokens=2)          # within budget: runs
     yaml_path = tmp_path / "small.yaml"
-    yaml_path.write_text((Path(__file__).parent.parent / "runtime" / "hardware_profiles" / "cpu.yaml").read_text()
+    yaml_path.write_text((Path(__file__).parent.parent / "hardware_profiles" / "cpu.yaml").read_text()
                          .replace("value: 24,", "value: 0.2,"))
     r = subprocess.run([sys.executable, "-m", "runtime.run", "--profile", str(yaml_path), "--checkpoint",
                         str(tiny_ckpt), "--max-new-tokens", str(limit), "--no-eos-stop"],
