@@ -51,3 +51,9 @@ class AscendBackend:
         if family == "ascend-950":
             caps |= {"fp8_gemm", "mxfp4"}
         return frozenset(caps)
+
+    def load_weights(self, reader, weight_format: str, compute_dtype: str, device, int8_linears):
+        """Packed per tensor on the host, then copied to the device (runtime.weights.device)."""
+        from runtime.weights.device import device_weights
+
+        return device_weights(reader, weight_format, compute_dtype, device, int8_linears)

@@ -34,3 +34,9 @@ class CudaBackend:
         if sm >= 89:                       # Ada and Hopper have FP8 tensor cores; Ampere does not
             caps.add("fp8_gemm")
         return frozenset(caps)
+
+    def load_weights(self, reader, weight_format: str, compute_dtype: str, device, int8_linears):
+        """Packed per tensor on the host, then copied to the device (runtime.weights.device)."""
+        from runtime.weights.device import device_weights
+
+        return device_weights(reader, weight_format, compute_dtype, device, int8_linears)
