@@ -32,32 +32,34 @@ inline float e8m0(uint8_t s) {
   return s == 0 ? bits_f(0x00400000u) : bits_f(uint32_t(s) << 23);   // 2^(s-127); 2^-127 is subnormal
 }
 
-// e4m3 codes -> value * scale. Normal: exponent field + 120 rebias; subnormal (exp 0): mantissa * 2^-9.
+// e4m3 codes -> value * scale. Normal: exponent field + 120 rebias; subnormal (exp 0): mantissa * 2^-9;
+// 0x7F / 0xFF: NaN. Branch-free (integer masks) so that the loop vectorises.
 inline void dec_fp8(const uint8_t* c, float scale, float* out, int n) {
   for (int i = 0; i < n; ++i) {
     uint32_t b = c[i], mag = b & 0x7Fu;
-    float nv = bits_f((mag << 20) + (120u << 23));
-    float sv = float(mag & 7u) * 0.001953125f;
-    float v = mag >= 8u ? nv : sv;
-    v = mag == 0x7Fu ? bits_f(0x7FC00000u) : v;
-    out[i] = bits_f(f_bits(v) | ((b & 0x80u) << 24)) * scale;
+    uint32_t nbits = (mag << 20) + (120u << 23);
+    uint32_t sbits = f_bits(float(int32_t(mag & 7u)) * 0.001953125f);
+    uint32_t normal = 0u - uint32_t(mag >= 8u);
+    uint32_t bits = (nbits & normal) | (sbits & ~normal);
+    bits |= 0x7FC00000u & (0u - uint32_t(mag == 0x7Fu));
+    out[i] = bits_f(bits | ((b & 0x80u) << 24)) * scale;
   }
 }
 
-// one e2m1 nibble -> value. Normal (exp > 0): exponent field + 126 rebias; subnormal: 0 or 0.5.
+// one e2m1 nibble -> value. Normal (exp > 0): exponent field + 126 rebias; subnormal: 0 or 0.5. Branch-free.
 inline float dec_e2m1(uint32_t nib) {
   uint32_t mag = nib & 7u;
-  float nv = bits_f((mag << 22) + (126u << 23));
-  float sv = float(mag & 1u) * 0.5f;
-  float v = mag >= 2u ? nv : sv;
-  return bits_f(f_bits(v) | ((nib & 8u) << 28));
+  uint32_t nbits = (mag << 22) + (126u << 23);
+  uint32_t sbits = (mag & 1u) * 0x3F000000u;                 // 0.5f or 0
+  uint32_t normal = 0u - uint32_t(mag >= 2u);
+  return bits_f(((nbits & normal) | (sbits & ~normal)) | ((nib & 8u) << 28));
 }
 
 inline float bf16_f(uint16_t h) { return bits_f(uint32_t(h) << 16); }
 
 // acc[0..LANES) += a[0..n) * b[0..n) for n a multiple of LANES; returns the scalar tail's sum.
-inline float fma_lanes(float* acc, const float* a, const float* b, int n) {
-  int i = 0;
+inline float fma_lanes(float* __restrict acc, const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t i = 0;
   for (; i + LANES <= n; i += LANES)
     for (int j = 0; j < LANES; ++j) acc[j] += a[i + j] * b[i + j];
   float t = 0.f;
@@ -87,23 +89,23 @@ void parallel_rows(int64_t n0, int64_t n1, int nthreads, int64_t work, F f) {
   for (auto& t : th) t.join();
 }
 
-// Row-decoding GEMV: decode(n, k0, len, buf) writes W[n, k0:k0+len] as float32 into buf.
+// Row-decoding GEMV: decode(n, k0, len, buf) writes W[n, k0:k0+len] as float32 into buf. A whole row is
+// decoded (in `block`-wide pieces, one scale each) into a K-float buffer that stays in L1 / L2, then one long
+// multiply-add per x row: long loops are what the vectoriser does best.
 template <class Decode>
 void gemv(const float* x, int64_t M, int64_t K, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1,
           int nthreads, int block, Decode decode) {
   parallel_rows(n0, n1, nthreads, (n1 - n0) * K, [=](int64_t a, int64_t b) {
-    alignas(64) float buf[128];
-    alignas(64) float acc[MAX_M][LANES];
-    float tail[MAX_M];
+    std::vector<float> row(size_t(K) + LANES);
+    float* buf = row.data();
+    alignas(64) float acc[LANES];
     for (int64_t n = a; n < b; ++n) {
-      std::memset(acc, 0, sizeof(acc));
-      std::memset(tail, 0, sizeof(tail));
-      for (int64_t k0 = 0; k0 < K; k0 += block) {
-        int len = int(std::min<int64_t>(block, K - k0));
-        decode(n, k0, len, buf);
-        for (int64_t m = 0; m < M; ++m) tail[m] += fma_lanes(acc[m], x + m * ldx + k0, buf, len);
+      for (int64_t k0 = 0; k0 < K; k0 += block) decode(n, k0, int(std::min<int64_t>(block, K - k0)), buf + k0);
+      for (int64_t m = 0; m < M; ++m) {
+        std::memset(acc, 0, sizeof(acc));
+        float t = fma_lanes(acc, x + m * ldx, buf, int(K));
+        y[m * ldy + (n - n0)] = reduce(acc) + t;
       }
-      for (int64_t m = 0; m < M; ++m) y[m * ldy + (n - n0)] = reduce(acc[m]) + tail[m];
     }
   });
 }
@@ -135,25 +137,30 @@ void dsv4_fp4_gemv(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
     }
   const float* xp = xd.data();
   parallel_rows(n0, n1, nthreads, (n1 - n0) * K, [=](int64_t a, int64_t b) {
-    alignas(64) float lo[16], hi[16];
+    // one row at a time: its scales expanded per byte, then its codes decoded into two long runs (even /
+    // odd k), then one long multiply-add per x row: long loops are what the vectoriser does best.
+    std::vector<float> buf(size_t(2) * K);     // [scale per byte (H) | even k (H) | odd k (H)]
+    float* sc = buf.data();
+    float* lo = sc + H;
+    float* hi = lo + H;
     alignas(64) float acc[MAX_M][LANES];
     for (int64_t n = a; n < b; ++n) {
-      std::memset(acc, 0, sizeof(acc));
       const uint8_t* row = w + n * ldw;
       for (int64_t j = 0; j < K / 32; ++j) {
-        float sc = e8m0(s[n * lds + j]);
-        const uint8_t* c = row + j * 16;
-        for (int i = 0; i < 16; ++i) {
-          lo[i] = dec_e2m1(c[i] & 15u) * sc;
-          hi[i] = dec_e2m1(uint32_t(c[i]) >> 4) * sc;
-        }
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xe = xp + m * K + j * 16;
-          const float* xo = xe + H;
-          for (int i = 0; i < 16; ++i) acc[m][i] += xe[i] * lo[i] + xo[i] * hi[i];
-        }
+        float v = e8m0(s[n * lds + j]);
+        for (int t = 0; t < 16; ++t) sc[j * 16 + t] = v;
       }
-      for (int64_t m = 0; m < M; ++m) y[m * ldy + (n - n0)] = reduce(acc[m]);
+      for (int64_t i = 0; i < H; ++i) {
+        uint32_t c = row[i];
+        lo[i] = dec_e2m1(c & 15u) * sc[i];
+        hi[i] = dec_e2m1(c >> 4) * sc[i];
+      }
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xe = xp + m * K;
+        float t = fma_lanes(acc[m], xe, lo, int(H)) + fma_lanes(acc[m], xe + H, hi, int(H));
+        y[m * ldy + (n - n0)] = reduce(acc[m]) + t;
+      }
     }
   });
 }
