@@ -120,3 +120,17 @@ def test_reference_linear_is_the_oracle_for_storage(rng):
     x = torch.randn(2, 200, generator=rng)
     assert torch.equal(linear(x, w), x @ formats.dequant_fp8_block(w.codes, w.scale).T)
     assert torch.equal(w.dequantize_rows(64, 131), w.dequantize()[64:131])
+
+
+def test_storage_dequantize_equals_the_bit_level_decoders(rng):
+    """`dequantize()` (torch float8 casts, the reference ops' input) equals runtime.formats' independent
+    table decoders bit for bit, over every e4m3 / e2m1 code and a range of ue8m0 scales, NaN codes included."""
+    for N, K in ((256, 384), (131, 200)):
+        codes = torch.randint(0, 256, (N, K), dtype=torch.uint8, generator=rng).view(torch.float8_e4m3fn)
+        scale = torch.randint(0, 255, (-(-N // 128), -(-K // 128)), dtype=torch.uint8, generator=rng)
+        got = Fp8Stored(codes, scale.view(torch.float8_e8m0fnu)).dequantize()
+        want = formats.dequant_fp8_block(codes, scale.view(torch.float8_e8m0fnu))
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
+        packed = torch.randint(-128, 128, (N, 64), dtype=torch.int8, generator=rng)
+        s4 = torch.randint(0, 255, (N, 4), dtype=torch.uint8, generator=rng).view(torch.float8_e8m0fnu)
+        assert torch.equal(Fp4Stored(packed, s4).dequantize(), formats.dequant_fp4(packed, s4))

@@ -164,3 +164,25 @@ def test_memory_plan_says_resident_and_paged_and_warns(tiny_rt):
     assert warn.startswith("warning:") and "per decoded token" in warn
     # 99 GiB mapped, ~20.6 GiB of page cache: ~79% of the 2 GiB (2.15 GB) a token reads, from disk at 2 GB/s
     assert "79%" in warn and "0.9 s per decoded token" in warn
+
+
+def test_without_native_kernels_the_table_and_one_line_say_so(tiny_ckpt):
+    """A machine without a compiler (simulated with DSV4RT_NO_NATIVE) runs the torch tile path: the dispatch
+    table names it, one stderr line says why, and the logits stay the reference's."""
+    import os
+
+    code = f"""
+import torch
+from runtime.api import Runtime
+rt = Runtime.load('cpu', checkpoint={str(tiny_ckpt)!r}, progress=False)
+print([r.impl for r in rt.dispatch.rows if r.op == 'linear'][0])
+print(float(rt.forward([[0, 72, 105, 3]]).abs().sum()))
+"""
+    env = {**os.environ, "DSV4RT_NO_NATIVE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    impl, total = r.stdout.split()
+    assert impl == "cpu.stored_torch_tiles"
+    notes = [ln for ln in r.stderr.splitlines() if "native CPU kernels unavailable" in ln]
+    assert len(notes) == 1 and "DSV4RT_NO_NATIVE" in notes[0]
+    ref = Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False).forward([[0, 72, 105, 3]])
+    assert abs(float(total) - float(ref.abs().sum())) <= 1e-4 * float(ref.abs().sum())

@@ -7,8 +7,10 @@
 - `Int8Rows`: the W8A8 emulation's own storage: int8 codes [out, in] and one float32 scale per output channel.
 - bf16 / fp16 / float32 weights are plain tensors (bf16 as stored, a mmap view).
 
-Every kind gives its float32 values through `dequantize()` (the reference's exact dequantisation, the oracle
-of the kernels) and its held bytes through `nbytes`. `rows(lo, hi)` is a row range of the same storage (no
+Every kind gives its float32 values through `dequantize()` (the reference ops and the emulation compute with
+them; decoded with torch's own float8 casts and one broadcast multiply per block, so that a reference linear
+costs little more than its matmul -- tests check them bit for bit against `runtime.formats`' independent
+bit-level decoders over every code) and its held bytes through `nbytes`. `rows(lo, hi)` is a row range of the same storage (no
 copy; FP8 keeps its block scales and an offset) for the grouped `wo_a` projection.
 """
 
@@ -37,7 +39,7 @@ class Fp8Stored:
         return self.codes.device
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequant_fp8_block(self.codes, self.scale, FP8_BLOCK)
+        return _fp8_values(self.codes, self.scale)
 
     def dequantize_rows(self, lo: int, hi: int) -> torch.Tensor:
         """float32 rows [lo, hi) (the reference's values), decoding only those rows' codes."""
@@ -65,7 +67,11 @@ class Fp4Stored:
         return self.packed.device
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequant_fp4(self.packed, self.scale, FP4_BLOCK)
+        N, H = self.packed.shape
+        b = self.packed.view(torch.uint8).to(torch.int32)
+        v = torch.stack((formats.E2M1_TABLE[b & 15], formats.E2M1_TABLE[b >> 4]), dim=-1)     # [N, H, 2]
+        s = self.scale.view(torch.float8_e8m0fnu).float()                                     # [N, K/32]
+        return (v.view(N, s.shape[1], FP4_BLOCK) * s[..., None]).view(N, 2 * H)
 
     def dequantize_rows(self, lo: int, hi: int) -> torch.Tensor:
         return formats.dequant_fp4(self.packed[lo:hi], self.scale[lo:hi], FP4_BLOCK)
@@ -98,6 +104,16 @@ class Int8Rows:
 
 
 STORED = (Fp8Stored, Fp4Stored, Int8Rows)
+
+
+def _fp8_values(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes [N, K] x ue8m0 block scales -> float32 (code value x 2^(s-127), exact)."""
+    N, K = codes.shape
+    w = codes.view(torch.float8_e4m3fn).float()
+    s = scale.view(torch.float8_e8m0fnu).float()                    # [ceil(N/128), ceil(K/128)]
+    if N % FP8_BLOCK == 0 and K % FP8_BLOCK == 0:
+        return (w.view(N // FP8_BLOCK, FP8_BLOCK, K // FP8_BLOCK, FP8_BLOCK) * s[:, None, :, None]).view(N, K)
+    return w * s.repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
 
 
 def tensors_of(w) -> list[torch.Tensor]:
