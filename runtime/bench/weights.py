@@ -6,8 +6,10 @@ bytes, decode tokens/s and the effective bandwidth on the *stored* bytes a token
 
 Models: `tiny` (the embedded default) and `v4-width`: V4-Flash's own layer widths (d=4096, 64 heads x 512,
 q_lora 1024, o_groups 8 x 1024, 64 routed experts of 2048, top-6 + 1 shared) in 2 layers (CSA, HCA), no MTP
-block, vocab 8192: ~2 GB stored, ~15 GB as float32. It is generated once into the cache folder tensor by
-tensor (only the stored bytes are ever in memory).
+block, vocab 8192: ~2 GB stored, ~15 GB as float32 (the f32 path runs only where that fits in RAM);
+`v4-width-16e`: the same with 16 routed experts (~0.6 GB stored, ~4.5 GB float32), for the ratio to the f32
+path on a smaller host. Generated once into the cache folder tensor by tensor (only the stored bytes are
+ever in memory).
 Each measurement is a fresh child process: `RssAnon` / `RssFile` growth over the load (anonymous memory vs
 pages of the memory-mapped checkpoint), the load's wall time (the second of two loads: the shards are then in
 the page cache), then a 16-token prefill and `--decode-steps` single-token steps (median). `f32` is the former
@@ -34,11 +36,11 @@ V4_WIDTH = {"hidden_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 
             "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512}
 
 
-def v4_width_config() -> dict:
+def v4_width_config(experts: int = 64) -> dict:
     from ..presets import preset
 
     raw = preset("flash")
-    raw.update(V4_WIDTH)
+    raw.update(V4_WIDTH, n_routed_experts=experts)
     return raw
 
 
@@ -62,8 +64,17 @@ def write_streaming(out: Path, raw: dict, seed: int = 0, shard_bytes: int = 1 <<
             shards.append(cur)
             cur, size = {}, 0
 
+    from .. import formats
+
+    def encode(v, kind):                  # the generator's encoding, without decoding the result back
+        if kind == "fp8":
+            return formats.quant_fp8_block(v)
+        if kind == "fp4":
+            return formats.quant_fp4(v)
+        return _encode(v, kind)[:2]
+
     for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
-        w, s, _ = _encode(_init(name, shape, cfg, g), kind)
+        w, s = encode(_init(name, shape, cfg, g), kind)
         cur[name] = w.contiguous()
         if s is not None:
             cur[name.removesuffix(".weight") + ".scale"] = s.contiguous()
@@ -89,13 +100,13 @@ def bench_model(name: str) -> Path:
 
     if name == "tiny":
         return default_checkpoint()
-    if name != "v4-width":
+    if name not in ("v4-width", "v4-width-16e"):
         from ..errors import InputError
 
-        raise InputError(f"unknown model {name!r}; choose tiny or v4-width")
-    raw = v4_width_config()
+        raise InputError(f"unknown model {name!r}; choose tiny, v4-width or v4-width-16e")
+    raw = v4_width_config(16 if name == "v4-width-16e" else 64)
     key = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
-    return build_once(cache_dir() / f"bench-v4-width-{key}", "model.safetensors.index.json",
+    return build_once(cache_dir() / f"bench-{name}-{key}", "model.safetensors.index.json",
                       lambda tmp: write_streaming(tmp, raw))
 
 
@@ -205,7 +216,7 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench.weights", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,v4-width")
+    ap.add_argument("--models", default="tiny,v4-width-16e,v4-width")
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--decode-steps", type=int, default=6)
     ap.add_argument("--no-f32", action="store_true", help="skip the former float32 path")
