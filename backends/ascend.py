@@ -65,3 +65,9 @@ class AscendBackend:
         """What the chip family can run (spec ascend.md §2-3, the torch-npu 2.14 docs' product lists); dispatch
         intersects this with what the profile declares, so a fused adapter runs only where both allow it."""
         return FAMILY_CAPABILITIES.get(info.details["family"], frozenset({"fp32", "fp16"}))
+
+    def load_weights(self, reader, weight_format: str, compute_dtype: str, device, int8_linears):
+        """Packed per tensor on the host, then copied to the device (runtime.weights.device)."""
+        from runtime.weights.device import device_weights
+
+        return device_weights(reader, weight_format, compute_dtype, device, int8_linears)

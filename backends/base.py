@@ -31,3 +31,7 @@ class Backend(Protocol):
 
     # The weight formats this backend's ops run in their own storage (the CPU runs every format's values).
     weight_formats: frozenset[str]
+
+    def load_weights(self, reader, weight_format: str, compute_dtype: str, device, int8_linears):
+        """Stream `reader.tensors()` (runtime.checkpoint.CheckpointReader or a rank's ShardedReader) into this
+        backend's storage, one tensor at a time -> runtime.weights.Weights."""

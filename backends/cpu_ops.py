@@ -21,8 +21,9 @@ Each is registered for the `cpu` backend and has the float32 reference (`runtime
   instead of a [T, hc*d] tensor of squares. `hc_post`: one bmm and an in-place multiply-add. A prefill
   chunk's large temporaries are fresh pages from the OS every time (glibc maps blocks over 32 MB anew), and
   on this VM faulting them in cost more than the arithmetic on them.
-- `linear` (one F.linear for float32 weights), `apply_rope` (complex rotation built once per cos/sin):
-  a decode step of the tiny model is ~1,800 small torch calls, so calls per op are what costs there.
+- `linear` / `group_linear` on the checkpoint's storage (FP8 blocks, FP4 experts, bf16, W8A8 int8; one
+  F.linear for float32 weights): backends/cpu_stored.py. `apply_rope` (complex rotation built once per
+  cos/sin): a decode step of the tiny model is ~1,800 small torch calls, so calls per op are what costs there.
 - `routed_experts`: for a decode step's few tokens, groups read once on the host instead of per-expert
   masks; larger chunks use the reference's grouping.
 """
@@ -38,8 +39,9 @@ from runtime.dispatch import register
 from runtime.ops import attention as ref_attention
 from runtime.ops import mhc as ref_mhc
 from runtime.ops import moe as ref_moe
-from runtime.ops.linear import linear as ref_linear
 from runtime.ops.linear import project
+
+from . import cpu_stored
 
 QUERY_BLOCK = 256
 UNION_FACTOR = 4          # dense-over-union when the union has at most 4x a query's row count
@@ -60,14 +62,12 @@ def _flash(q: torch.Tensor, rows: torch.Tensor, mask, sink: torch.Tensor, scale:
     return (o[0] * torch.sigmoid(lse[0] - sink[:, None])[..., None]).transpose(0, 1)       # [t, H, D]
 
 
-@register("linear", "cpu.f_linear", "cpu")
-def linear(x: torch.Tensor, w) -> torch.Tensor:
-    """Same contract as `runtime.ops.linear.linear`: one `F.linear` call for a float32 weight (a decode step
-    makes ~50 of these, so the reference's dequantize + transpose + matmul calls add up); other storages
-    go through the reference's dequantisation."""
-    if isinstance(w, torch.Tensor) and w.dtype == x.dtype:
-        return F.linear(x, w)
-    return ref_linear(x, w)
+# Linears on the checkpoint's storage (backends/cpu_stored.py): the native kernels where they built (capability
+# `native_kernels`), else torch tiles -- the dispatch table shows which.
+register("linear", "cpu.stored_native", "cpu", requires=("native_kernels",))(cpu_stored.linear_native)
+register("linear", "cpu.stored_torch_tiles", "cpu")(cpu_stored.linear_torch_tiles)
+register("group_linear", "cpu.stored_native", "cpu", requires=("native_kernels",))(cpu_stored.group_linear_native)
+register("group_linear", "cpu.stored_torch_tiles", "cpu")(cpu_stored.group_linear_torch_tiles)
 
 
 @register("sparse_attention", "cpu.union_flash", "cpu")

@@ -45,3 +45,9 @@ class CudaBackend:
             if supported(sm) and info.device.startswith("cuda"):
                 caps.add("scaled_mm_blockwise")
         return frozenset(caps)
+
+    def load_weights(self, reader, weight_format: str, compute_dtype: str, device, int8_linears):
+        """Packed per tensor on the host, then copied to the device (runtime.weights.device)."""
+        from runtime.weights.device import device_weights
+
+        return device_weights(reader, weight_format, compute_dtype, device, int8_linears)

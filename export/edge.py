@@ -89,7 +89,7 @@ def export_edge(checkpoint, out, batch: int = 1, seq: int = 128, capacity: int =
     cfg, names = rt.config, state_names(rt.config)
     low = torch.float16 if dtype == "float16" else torch.float32
     # the whole graph computes in `dtype`: weights, activations and state (RoPE angles in float32, then cast)
-    tensors = {n: t.to(low) if t.is_floating_point() else t for n, t in rt._weights[0].items()}
+    tensors = {n: t.to(low) if t.is_floating_point() else t for n, t in rt.weights.values().items()}
     out.mkdir(parents=True, exist_ok=True)
     ids = torch.randint(2, min(cfg.vocab_size, 258), (batch, seq))
     prefill = _export(Prefill(cfg, tensors).eval(), (ids,), None, ["ids"],

@@ -107,7 +107,7 @@ def export_model(checkpoint, profile: str = "cpu", out="onnx-out", progress: boo
     if rt.profile.weight_format not in EXPORTABLE_WEIGHT_FORMATS:
         raise ExportError(f"profile {rt.profile.name} stores weights as {rt.profile.weight_format}; this build exports "
                           f"{', '.join(EXPORTABLE_WEIGHT_FORMATS)} weights only (use --profile cpu)")
-    cfg, tensors = rt.config, rt._weights[0]
+    cfg, tensors = rt.config, rt.weights.values()     # float32 initializers: the graph's own copy
     names = state_names(cfg)
     storage = _storage(rt.checkpoint, weights)
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)

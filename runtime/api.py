@@ -25,7 +25,7 @@ import torch
 
 from backends import BackendUnavailable, get_backend
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointReader
 from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
 from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
@@ -37,10 +37,9 @@ from .presets import preset
 from .profile import Profile, capabilities_needed, load_profile
 from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
-from .device_weights import nbytes, pack_weights
 from .memory import CHUNK, MemoryPlan
 from .plan import weight_bytes
-from .weight_formats import transform_weights
+from .weights import Weights
 
 # `--backend X` alone picks that backend's default profile.
 DEFAULT_PROFILE = {"cuda": "nvidia-h100", "ascend": "ascend-910b"}
@@ -107,14 +106,20 @@ class Generation:
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable,
-                 weights=None):
+                 weights: "Weights | None" = None):
         self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
         self.parallel = getattr(model, "parallel", None)   # runtime.parallel context (None: exported graph)
-        self._weights = weights                      # (tensors, quantized names): what `with_ops` rebuilds from
+        # The backend's storage of the checkpoint (runtime.weights.Weights): what `with_ops` rebuilds from, and
+        # the one weight source of export and bench (`weights.values()` where a float32 state dict is needed).
+        self.weights = weights
         self.checkpoint, self.profile, self.dispatch = checkpoint, profile, dispatch
         self.backend, self.numerics = dispatch.backend, dispatch.numerics
-        held = sum(nbytes(w) for w in weights[0].values()) if weights else weight_bytes(model.cfg, profile)
-        self.memory = MemoryPlan(model.cfg, profile, held)        # printed by the CLI, enforced below
+        if weights is not None:
+            self.memory = MemoryPlan(model.cfg, profile, weights.held_bytes(), mapped=weights.mapped_bytes(),
+                                     active=weight_bytes(model.cfg, profile, active=True))
+        else:
+            self.memory = MemoryPlan(model.cfg, profile, weight_bytes(model.cfg, profile))
+        # printed by the CLI, enforced below
 
     @classmethod
     def load(cls, profile: "str | Path | Profile" = "cpu", checkpoint: str | Path | None = None,
@@ -164,23 +169,22 @@ class Runtime:
             show = sys.stderr.isatty() if progress is None else progress
             model = build(path, prof, show, torch.get_num_threads())
             return cls(model, load_tokenizer(model.folder, model.cfg), path, prof, table)
-        ck = load_checkpoint(path, progress=progress) if reader is None else reader.load(progress)
-        if info.backend == "cpu":
-            # The reference and the emulation compute with float32 values of the weight format.
-            tensors, quantized = transform_weights(ck.tensors, ck.quantized, weight_format, prof.int8_linears)
+        if reader is None:
+            reader = CheckpointReader(path, progress)
         else:
-            # On a device the weights live in the format's own storage (FP8 blocks, INT8 channels, bf16 / fp16).
-            tensors, quantized = pack_weights(ck.tensors, ck.quantized, weight_format, spec.compute,
-                                              par.device if par else info.device, prof.int8_linears)
-        ck.tensors.clear()                # the float32 copy is not needed past this point
-        model = Transformer(ck.config, tensors, quantized, table.ops, par)
-        return cls(model, load_tokenizer(path, ck.config), path, prof, table, (tensors, quantized))
+            reader.progress = progress
+        # The backend streams the tensors into its own storage one at a time (runtime.weights): no float32 copy
+        # of the model is made on any backend.
+        weights = backend.load_weights(reader, weight_format, spec.compute, par.device if par else info.device,
+                                       prof.int8_linears)
+        model = Transformer(reader.cfg, weights.tensors, weights.quantized, table.ops, par)
+        return cls(model, load_tokenizer(path, reader.cfg), path, prof, table, weights)
 
     def with_ops(self, **replace: Callable) -> "Runtime":
         """This runtime with some ops of its table replaced (same weights, nothing copied): for experiments
         such as "what if this op were exact?", and for planting a known bug in a parity test. The dispatch
         table records each replacement."""
-        if self._weights is None:
+        if self.weights is None:
             raise InputError(f"with_ops needs a torch model; profile {self.profile.name} runs an exported graph")
         unknown = sorted(set(replace) - {r.op for r in self.dispatch.rows})
         if unknown:
@@ -188,8 +192,8 @@ class Runtime:
         rows = tuple(Resolution(r.op, f"replaced:{getattr(replace[r.op], '__name__', 'callable')}", r.where,
                                 "replaced with Runtime.with_ops") if r.op in replace else r for r in self.dispatch.rows)
         table = dataclasses.replace(self.dispatch, rows=rows, ops=dataclasses.replace(self.dispatch.ops, **replace))
-        model = Transformer(self.config, *self._weights, table.ops, self.parallel)
-        return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self._weights)
+        model = Transformer(self.config, self.weights.tensors, self.weights.quantized, table.ops, self.parallel)
+        return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self.weights)
 
     # ------------------------------------------------------------------ forward
     def new_state(self, batch_size: int = 1, context: int = 0) -> StateBatch:

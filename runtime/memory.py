@@ -1,7 +1,10 @@
 """The memory plan of a loaded runtime: the planner's arithmetic (`runtime.plan`) applied to what this build
 actually holds, printed at load and enforced before a batch or context is allocated.
 
-Weights are counted from the loaded tensors (their real storage); per-sequence state uses the planner's
+Weights are counted from the loaded storage (`runtime.weights.Weights.held_bytes`), split on the CPU into
+resident memory and pages of the memory-mapped checkpoint files (which the OS pages in when read and may drop
+again under pressure: a checkpoint larger than RAM still runs, paying disk reads for the experts a token
+routes to that are not cached -- `paging_warning` says when and what that is expected to cost); per-sequence state uses the planner's
 per-layer formulas in the layout this build stores (the torch runtime keeps every KV row, compressed entry and
 indexer key in float32 whatever the profile's cache dtype, which a deployment kernel would use instead), MTP
 block included; activations are one prefill chunk's (`runtime.plan.activation_bytes`). A batch or context
@@ -16,11 +19,23 @@ from .plan import HEADROOM, activation_bytes, gib, state_plan
 
 CHUNK = 4096                      # the prefill chunk activations are sized for (generate prefills in these)
 STATE_LAYOUT = "float32"          # what runtime.model.state stores
+DISK_GBPS = 2.0                   # assumed read bandwidth of the checkpoint's disk (NVMe) for the paging estimate
+
+
+def host_ram() -> tuple[int, int]:
+    """(total, available) bytes of this host's RAM from /proc/meminfo ((0, 0) where there is none)."""
+    try:
+        info = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/meminfo")}
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return info.get("MemTotal", 0), info.get("MemAvailable", 0)
 
 
 class MemoryPlan:
-    def __init__(self, cfg, profile, weights: int, layout: str = STATE_LAYOUT):
+    def __init__(self, cfg, profile, weights: int, layout: str = STATE_LAYOUT, mapped: int = 0,
+                 active: float | None = None):
         self.cfg, self.profile, self.weights = cfg, profile, weights
+        self.mapped, self.active = mapped, active     # of `weights`: bytes mapped from the checkpoint files; read per token
         self.budget = profile.memory_gib.value * 2 ** 30 * HEADROOM
         self.state = state_plan(cfg, profile, include_mtp=True, layout=layout)
         self.layout = layout
@@ -32,7 +47,8 @@ class MemoryPlan:
     def needed(self, lengths: list[int]) -> float:
         # The workspace is sized for one full prefill chunk whatever the request (reserved, as a server would):
         # then "the longest context that fits" does not depend on how a request is cut.
-        return self.weights + self.state_bytes(lengths) + activation_bytes(self.cfg, self.profile, CHUNK,
+        # Memory-mapped weights are file pages the OS can drop and re-read: not part of the resident budget.
+        return self.weights - self.mapped + self.state_bytes(lengths) + activation_bytes(self.cfg, self.profile, CHUNK,
                                                                            max(lengths))
 
     def max_context(self, batch: int) -> int:
@@ -55,8 +71,29 @@ class MemoryPlan:
                 f"batch {B} is {self.max_context(B):,}: shorten the prompt or max_new_tokens, lower the batch, "
                 "or use a profile with more memory")
 
+    def paging_warning(self, ram: tuple[int, int] | None = None) -> str | None:
+        """One line when the memory-mapped weights will not all stay in this host's page cache, with the expected
+        cost per decoded token (None when they fit, or nothing is mapped)."""
+        if not self.mapped:
+            return None
+        total, _ = host_ram() if ram is None else ram
+        room = 0.9 * total - (self.weights - self.mapped)            # RAM left for the page cache
+        if total == 0 or self.mapped <= room:
+            return None
+        miss = 1.0 - max(room, 0.0) / self.mapped                    # share of mapped reads not cached
+        per_token = (self.active or self.mapped) * miss
+        return (f"warning: {gib(self.mapped, 1)} of weights are memory-mapped but only ~{gib(max(room, 0), 1)} of "
+                f"RAM is left to cache them: about {100 * miss:.0f}% of the ~{gib(self.active or 0, 2)} a token reads "
+                f"will come from disk, ~{per_token / (DISK_GBPS * 1e9):.1f} s per decoded token at "
+                f"{DISK_GBPS:g} GB/s (prefill reuses what it pages in)")
+
     def format(self, batch: int = 1) -> str:
+        held = f"weights {gib(self.weights, 3)}"
+        if self.mapped:
+            held += (f" ({gib(self.weights - self.mapped, 3)} resident, {gib(self.mapped, 3)} memory-mapped from the "
+                     "checkpoint: paged in by the OS when read)")
+        warn = self.paging_warning()
         return (f"memory plan ({self.profile.name}, {self.profile.memory_gib.value:g} GiB less 10% headroom): "
-                f"weights {gib(self.weights, 3)}; state per sequence {self.state.fixed / 2 ** 20:,.2f} MiB + "
+                f"{held}; state per sequence {self.state.fixed / 2 ** 20:,.2f} MiB + "
                 f"{self.state.per_token:,.1f} B/token ({self.layout} rows); max context at batch {batch}: "
-                f"{self.max_context(batch):,}")
+                f"{self.max_context(batch):,}" + (f"\n{warn}" if warn else ""))

@@ -54,35 +54,58 @@ def index_entry_bytes(dtype: str, dim: int) -> float:
     return _FLOAT_BYTES[dtype] * dim
 
 
+def tensor_bytes(name: str, shape: tuple[int, ...], kind: str, profile, decoded: bool = False) -> int:
+    """Bytes one tensor (logical shape, checkpoint kind) takes in the storage the profile's backend keeps.
+
+    A device keeps the profile's weight format. The CPU backend keeps the checkpoint's own formats whatever the
+    format's values (runtime.weights.cpu): FP8 codes + ue8m0 block scales, FP4 pairs + per-32 scales, bf16 as
+    stored; float32 copies of 1-D weights and the MoE gate; W8A8 int8 + a float32 scale per channel for the
+    profile's `int8_linears`; fp16 storage (2 bytes, an upper bound: kept as stored where exact). `decoded`: a
+    tensor-parallel slice that cuts FP8 blocks, kept as float32 values on the CPU."""
+    fmt, n = profile.weight_format, math.prod(shape)
+    if kind == "i64":
+        return 8 * n
+    if kind == "f32":
+        return 4 * n
+    int8 = fmt == "w8a8_int8" and len(shape) == 2 and any(f in name for f in profile.int8_linears) \
+        and not name.endswith(("embed.weight", "head.weight"))
+    if int8:
+        return n + 4 * shape[0]
+    if profile.backend == "cpu":
+        if len(shape) == 1 or name.endswith(".gate.weight") or decoded:
+            return 4 * n
+        if fmt == "fp16" and kind != "f32":
+            return 2 * n
+        if kind == "fp8":
+            return n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
+        if kind == "fp4":
+            return n // 2 + n // FP4_BLOCK
+        return 2 * n
+    if fmt == "fp8_block" and kind == "fp8":
+        return n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
+    if fmt == "fp8_block" and kind == "fp4":
+        return n // 2 + n // FP4_BLOCK
+    if fmt == "float32":
+        return 4 * n
+    return 2 * n
+
+
 def weight_bytes(cfg: ModelConfig, profile, active: bool = False) -> int:
-    """Bytes of every weight in the profile's format; `active=True`: the bytes one decoded token reads at
-    batch 1 (k of the E routed experts per layer, one embedding row, no MTP block)."""
-    fmt, total = profile.weight_format, 0
-    int8 = tuple(profile.int8_linears)
+    """Bytes of every weight in the storage the profile's backend keeps (`tensor_bytes`); `active=True`: the
+    bytes one decoded token reads at batch 1 (k of the E routed experts per layer, one embedding row, no MTP
+    block)."""
+    total = 0
     for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
-        n = math.prod(shape)
+        b = tensor_bytes(name, shape, kind, profile)
         if active:
             if name.startswith("mtp."):
                 continue
             if name == "embed.weight":
-                n //= shape[0]
+                b //= shape[0]
             elif ".experts." in name:
-                n = n * cfg.experts_per_token / cfg.n_routed_experts
-        if kind == "i64":
-            total += 8 * n
-        elif kind == "f32":
-            total += 4 * n
-        elif fmt == "fp8_block" and kind == "fp8":
-            total += n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
-        elif fmt == "fp8_block" and kind == "fp4":
-            total += n // 2 + n // FP4_BLOCK
-        elif fmt == "w8a8_int8" and len(shape) == 2 and any(f in name for f in int8):
-            total += n + 4 * shape[0]
-        elif fmt == "float32":
-            total += 4 * n
-        else:                                            # bf16 / fp16 storage, or bf16 on disk
-            total += 2 * n
-    return total
+                b = b * cfg.experts_per_token / cfg.n_routed_experts
+        total += b
+    return int(total)
 
 
 # DeepSeek-V3.2-Exp's cache for comparison (its config.json): 61 layers, each caching per token one MLA latent of

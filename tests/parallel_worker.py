@@ -44,7 +44,7 @@ def main() -> int:
     if par.rank == 0:
         save_file({"prefill": logits[0].contiguous(), "decode": torch.cat(logits[1:]).contiguous(), "mtp": mtp,
                    "tokens": torch.tensor(tokens), "generated": torch.tensor(gen)}, str(out / "logits.safetensors"))
-    shapes = {n: list(t.shape) for n, t in rt._weights[0].items()
+    shapes = {n: list(t.shape) for n, t in rt.weights.tensors.items()
               if n.startswith(("layers.1.attn.", "layers.1.ffn.experts.", "embed", "head"))}
     (out / f"rank{par.rank}.json").write_text(json.dumps({
         "rank": par.rank, "bytes_read": par.reader.bytes_read, "weight_bytes": weights,

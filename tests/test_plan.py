@@ -78,11 +78,24 @@ def test_active_weights_and_activations_by_hand():
     tiny, cpu = ModelConfig.preset("tiny"), load_profile("cpu")
     d, inter = tiny.hidden_size, tiny.moe_inter_dim
     full, active = weight_bytes(tiny, cpu), weight_bytes(tiny, cpu, active=True)
+    # The CPU keeps the checkpoint's formats (FP4 experts: half a byte + one scale byte per 32; FP8: a byte +
+    # one per 128x128 block; bf16 2 bytes, float32 copies of 1-D weights and the gate).
     # active = everything but the MTP block, the unused routed experts and all but one embedding row
-    experts = tiny.num_layers * tiny.n_routed_experts * 3 * d * inter * 4
-    mtp = sum(4 * math.prod(s) for n, (s, _) in expected_tensors(tiny, "fp4").items() if n.startswith("mtp."))
-    embed = tiny.vocab_size * d * 4
-    assert active == full - mtp - experts * (1 - tiny.experts_per_token / tiny.n_routed_experts) - embed + d * 4
+    def stored(name, shape, kind):
+        n = math.prod(shape)
+        if kind == "fp4":
+            return n // 2 + n // 32
+        if kind == "fp8":
+            return n + math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128)
+        if kind == "bf16":
+            return 4 * n if len(shape) == 1 or name.endswith(".gate.weight") else 2 * n
+        return {"f32": 4, "i64": 8}[kind] * n
+    inv = expected_tensors(tiny, "fp4")
+    assert full == sum(stored(n, s, k) for n, (s, k) in inv.items())
+    experts = tiny.num_layers * tiny.n_routed_experts * 3 * (d * inter // 2 + d * inter // 32)
+    mtp = sum(stored(n, s, k) for n, (s, k) in inv.items() if n.startswith("mtp."))
+    embed = tiny.vocab_size * d * 2
+    assert active == int(full - mtp - experts * (1 - tiny.experts_per_token / tiny.n_routed_experts) - embed + d * 2)
     from runtime.plan import activation_bytes
     # one token: 3 hc streams + q/o/kv/expert intermediates, the head's logits, a 1-query score block
     one = activation_bytes(tiny, cpu, 1, 0)

@@ -69,8 +69,11 @@ def test_cpu_dispatch_is_fast_ops_then_the_reference():
     t = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], False, False)
     impl = {r.op: r.impl for r in t.rows}
     assert impl["sparse_attention"] == "cpu.union_flash" and impl["indexer_topk"] == "cpu.topk_exact_ties"
-    assert impl["linear"] == "cpu.f_linear" and impl["compress_pool"].startswith("reference:")
+    # without the native kernels (no compiler): the torch tile path on stored formats, shown in the table
+    assert impl["linear"] == "cpu.stored_torch_tiles" and impl["compress_pool"].startswith("reference:")
     assert all(r.where == "cpu" for r in t.rows)
+    n = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32", "native_kernels"}), MODES["exact"], False, False)
+    assert {r.op: r.impl for r in n.rows}["linear"] == "cpu.stored_native"
     assert t.as_dict()["ops"][0]["op"] == "linear"
     # emulation (and the parity/ground-truth runs that use it) is the float32 reference for every op
     e = resolve(load_profile("cpu"), "cpu", "cpu", frozenset({"fp32"}), MODES["exact"], True, False)

@@ -27,7 +27,7 @@ class TorchEngine:
             # attention over raw KV with the same weights (window layers' RoPE: rope_theta, no YaRN).
             cfg = dataclasses.replace(rt.config, window=dense_context,
                                       compress_ratios=(0,) * len(rt.config.compress_ratios))
-            self.model = Transformer(cfg, *rt._weights, rt.dispatch.ops)
+            self.model = Transformer(cfg, rt.weights.tensors, rt.weights.quantized, rt.dispatch.ops)
             self.chunk = min(chunk, DENSE_PREFILL_CHUNK)
 
     def new_state(self):

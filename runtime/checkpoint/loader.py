@@ -1,10 +1,13 @@
-"""Loading an official DeepSeek-V4 checkpoint folder into float32 tensors for the reference backend.
+"""Reading an official DeepSeek-V4 checkpoint folder: its inventory, then its tensors one at a time as stored.
 
 Reads `config.json`, `model.safetensors.index.json` (or a single `model.safetensors`) and the shards they
-name, memory-mapped and shard by shard (safetensors `safe_open`; no pickle anywhere). Before decoding
-anything it checks the whole inventory against the config and reports every missing, unexpected, mis-shaped
-or mis-typed tensor together in one error. Then it decodes FP8 block-scaled linears and FP4 experts to
-float32 (spec §3.1), with a progress bar on long loads.
+name, memory-mapped (safetensors `safe_open`; no pickle anywhere). Before reading any tensor it checks the
+whole inventory against the config and reports every missing, unexpected, mis-shaped or mis-typed tensor
+together in one error. `CheckpointReader.tensors()` then yields each tensor as a `Stored`: the checkpoint's
+bytes (FP8 e4m3 + ue8m0 block scales, FP4 e2m1 pairs + per-32 scales, bf16, fp32, int64; spec §3.1) as
+zero-copy views of the memory map, one at a time -- the backends turn each into their own storage
+(`runtime.weights`), so no float32 copy of the model is ever made. `load_checkpoint` decodes every tensor to
+float32 (FP8 / FP4 exactly, spec §3.1): the values the tests' references and transformers need.
 """
 
 from __future__ import annotations
@@ -117,13 +120,46 @@ def _check(cfg: ModelConfig, found, expert_format: str, weight_map: dict[str, st
     return expected
 
 
-def _decode(handles, found, name: str, kind: str) -> torch.Tensor:
-    w = handles[found[name][2]].get_tensor(name)
+@dataclass
+class Stored:
+    """One checkpoint tensor as stored: `data` in its stored dtype (a view of the memory map) and, for FP8 / FP4,
+    its ue8m0 `scale`. A tensor-parallel slice that cuts FP8 blocks cannot keep its block scales: it arrives
+    `decoded` (float32 values of the slice; runtime.parallel.shard)."""
+    name: str
+    kind: str                          # fp8 / fp4 / bf16 / f32 / i64 (runtime.checkpoint.inventory)
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    decoded: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in ("fp8", "fp4")
+
+    def values(self) -> torch.Tensor:
+        """float32 values (int64 for the routing table): the exact decode of the stored form."""
+        if self.decoded:
+            return self.data
+        if self.kind == "fp8":
+            return formats.dequant_fp8_block(self.data, self.scale)
+        if self.kind == "fp4":
+            return formats.dequant_fp4(self.data, self.scale)
+        return self.data if self.kind == "i64" else self.data.to(torch.float32)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale) if t is not None)
+
+
+def _read(handles, found, name: str, kind: str) -> Stored:
+    w = handles[found[name][2]].get_tensor(name)                 # a view of the memory map, not a read
+    s = None
     if kind in ("fp8", "fp4"):
         sname = name.removesuffix(".weight") + ".scale"          # may live in another shard
         s = handles[found[sname][2]].get_tensor(sname)
-        return formats.dequant_fp8_block(w, s) if kind == "fp8" else formats.dequant_fp4(w, s)
-    return w if kind == "i64" else w.to(torch.float32)
+    return Stored(name, kind, w, s)
+
+
+def _decode(handles, found, name: str, kind: str) -> torch.Tensor:
+    return _read(handles, found, name, kind).values()
 
 
 def inventory(path: Path, cfg: ModelConfig):
@@ -139,29 +175,69 @@ def inventory(path: Path, cfg: ModelConfig):
     return files, found, expert_format, _check(cfg, found, expert_format, weight_map, path)
 
 
+class CheckpointReader:
+    """A checked checkpoint folder whose tensors are read one at a time, as stored (`tensors()`)."""
+
+    def __init__(self, path: str | Path, progress: bool | None = None):
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder {path} does not exist "
+                                  "(make one: python -m runtime.checkpoint make --preset tiny --out DIR)")
+        self.path, self.progress = path, progress
+        self.cfg = ModelConfig.from_file(path / "config.json")
+        self.files, self.found, self.expert_format, self.expected = inventory(path, self.cfg)
+
+    def owned(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (logical shape, kind) of every tensor `tensors()` yields (all of them on one device)."""
+        return self.expected
+
+    def stored_bytes(self) -> int:
+        """Bytes on disk of the tensors `tensors()` yields (weights and their scales)."""
+        return sum(_entry_bytes(self.found[n]) for name, (_, kind) in self.expected.items()
+                   for n in _with_scale(name, kind))
+
+    def tensors(self):
+        """Yield a `Stored` per expected tensor, shard by shard (memory-mapped views; nothing is copied)."""
+        show = sys.stderr.isatty() if self.progress is None else self.progress
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(self.expected), desc=f"loading {self.path.name}", unit="tensor", disable=not show,
+                   file=sys.stderr)
+        handles = {fname: _open(self.path / fname) for fname in self.files}     # memory maps, not reads
+        for fname in self.files:
+            for name in handles[fname].keys():
+                if name in self.expected:
+                    try:
+                        item = _read(handles, self.found, name, self.expected[name][1])
+                    except (SafetensorError, RuntimeError) as e:
+                        raise CheckpointError(f"shard {fname}: tensor {name} cannot be read ({e}); "
+                                              "the shard is truncated or corrupt") from None
+                    yield item
+                    bar.update(1)
+        bar.close()
+
+
+def _with_scale(name: str, kind: str) -> list[str]:
+    return [name] + ([name.removesuffix(".weight") + ".scale"] if kind in ("fp8", "fp4") else [])
+
+
+_ITEM = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I64": 8, "I32": 4}
+
+
+def _entry_bytes(entry) -> int:
+    dtype, shape, _ = entry
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _ITEM.get(dtype, 4)
+
+
 def load_checkpoint(path: str | Path, progress: bool | None = None) -> LoadedCheckpoint:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist "
-                              "(make one: python -m runtime.checkpoint make --preset tiny --out DIR)")
-    cfg = ModelConfig.from_file(path / "config.json")
-    files, found, expert_format, expected = inventory(path, cfg)
-
-    show = sys.stderr.isatty() if progress is None else progress
+    """Every tensor decoded to float32 (int64 for tid2eid): the references' and transformers' input. The
+    runtime itself never calls this (it streams `CheckpointReader.tensors()` into a backend's storage)."""
+    reader = CheckpointReader(path, progress)
     tensors: dict[str, torch.Tensor] = {}
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(expected), desc=f"loading {path.name}", unit="tensor", disable=not show, file=sys.stderr)
-    handles = {fname: _open(path / fname) for fname in files}     # memory maps, not reads
-    for fname in files:
-        for name in handles[fname].keys():
-            if name in expected:
-                try:
-                    tensors[name] = _decode(handles, found, name, expected[name][1])
-                except (SafetensorError, RuntimeError) as e:
-                    raise CheckpointError(f"shard {fname}: tensor {name} cannot be read ({e}); "
-                                          "the shard is truncated or corrupt") from None
-                bar.update(1)
-    bar.close()
-    quantized = frozenset(n for n, (_, kind) in expected.items() if kind in ("fp8", "fp4"))
-    return LoadedCheckpoint(cfg, tensors, quantized, expert_format, path)
+    for item in reader.tensors():
+        tensors[item.name] = item.values()
+    quantized = frozenset(n for n, (_, kind) in reader.expected.items() if kind in ("fp8", "fp4"))
+    return LoadedCheckpoint(reader.cfg, tensors, quantized, reader.expert_format, reader.path)

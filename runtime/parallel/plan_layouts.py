@@ -21,27 +21,10 @@ import math
 
 import torch
 
-from ..checkpoint.inventory import FP4_BLOCK, FP8_BLOCK, expected_tensors
+from ..checkpoint.inventory import FP8_BLOCK, expected_tensors
+from ..plan import tensor_bytes
 from .layout import Layout, valid_ep, valid_tp
 from .shard import owned_slice
-
-
-def tensor_bytes(name: str, shape: tuple[int, ...], kind: str, profile) -> int:
-    """Bytes of one tensor in the profile's weight format (as `runtime.plan.weight_bytes` counts them)."""
-    fmt, n = profile.weight_format, math.prod(shape)
-    if kind == "i64":
-        return 8 * n
-    if kind == "f32":
-        return 4 * n
-    if fmt == "fp8_block" and kind == "fp8":
-        return n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
-    if fmt == "fp8_block" and kind == "fp4":
-        return n // 2 + n // FP4_BLOCK
-    if fmt == "w8a8_int8" and len(shape) == 2 and any(f in name for f in profile.int8_linears):
-        return n + 4 * shape[0]
-    if fmt == "float32":
-        return 4 * n
-    return 2 * n
 
 
 def rank_weight_bytes(cfg, profile, layout: Layout, rank: int = 0) -> int:
@@ -50,9 +33,12 @@ def rank_weight_bytes(cfg, profile, layout: Layout, rank: int = 0) -> int:
         sl = owned_slice(name, shape, layout, rank, cfg.n_routed_experts)
         if sl is False:
             continue
+        decoded = False
         if sl is not None:
+            size = shape[sl.dim]
+            decoded = kind == "fp8" and (sl.lo % FP8_BLOCK or (sl.hi % FP8_BLOCK and sl.hi != size))
             shape = tuple(sl.hi - sl.lo if d == sl.dim else s for d, s in enumerate(shape))
-        total += tensor_bytes(name, shape, kind, profile)
+        total += tensor_bytes(name, shape, kind, profile, bool(decoded))
     return total
 
 
@@ -128,6 +114,6 @@ def _storages(obj, seen: dict, visited: set) -> None:
 def measured_rank_bytes(rt, state) -> tuple[int, int]:
     """(weight bytes, state bytes) this rank holds: distinct storages of its weight map and of `state`."""
     w, s = {}, {}
-    _storages(rt._weights[0], w, set())
+    _storages(rt.weights.tensors, w, set())
     _storages(state, s, set())
     return sum(w.values()), sum(s.values())
