@@ -10,8 +10,8 @@
 Every kind gives its float32 values through `dequantize()` (the reference ops and the emulation compute with
 them; decoded with torch's own float8 casts and one broadcast multiply per block, so that a reference linear
 costs little more than its matmul -- tests check them bit for bit against `runtime.formats`' independent
-bit-level decoders over every code) and its held bytes through `nbytes`. `rows(lo, hi)` is a row range of the same storage (no
-copy; FP8 keeps its block scales and an offset) for the grouped `wo_a` projection.
+bit-level decoders over every code) and its held bytes through `nbytes()`. `dequantize_rows(lo, hi)` decodes
+one row range only (the torch tile path of backends/cpu_stored.py).
 """
 
 from __future__ import annotations
