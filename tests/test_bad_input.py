@@ -190,7 +190,7 @@ def test_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
 def _cli_mains():
     """(main, argv, the function its body calls first that we make raise) for each CLI."""
     return [("runtime.run", ["--max-new-tokens", "1"], "runtime.api.Runtime.load"),
-            ("runtime.checkpoint.__main__", ["check", "x"], "runtime.checkpoint.loader.load_checkpoint"),
+            ("runtime.checkpoint.__main__", ["check", "x"], "runtime.checkpoint.__main__._check"),
             ("runtime.plan", ["--context", "10"], "runtime.plan.plan"),
             ("runtime.parity.__main__", ["--candidate", "cpu-bf16", "--out", "OUT"], "runtime.parity.compare.compare"),
             ("runtime.bench.__main__", ["--quick"], "runtime.bench.__main__.parse"),

@@ -94,8 +94,9 @@ def head_norm_once(ops, q: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def head_norm_bf16(ops, q: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-head q norm as DeepSeek's code evaluates it on a bf16 tensor (every intermediate rounded)."""
-    return rms_norm_rounded(q, eps, round_bf16)
+    """Per-head q norm as DeepSeek's code evaluates it on a bf16 tensor (every intermediate rounded). Computed
+    from float32 and returned in q's dtype: a device's bf16 q must not mix bf16 and float32 intermediates."""
+    return rms_norm_rounded(q.float(), eps, round_bf16).to(q.dtype)
 
 
 @dataclass(frozen=True)
