@@ -27,7 +27,8 @@ PROFILE_DIR = Path(hardware_profiles.__file__).resolve().parent      # package d
 BACKENDS = ("cpu", "cuda", "ascend", "onnx")
 CAPABILITIES = ("fp32", "bf16", "fp16", "fp8_gemm", "int8_w8a8", "mxfp4", "fused_sparse_attention",
                 "fused_indexer", "fused_moe_gating", "fused_compressor", "fused_mhc", "fused_rope_interleave",
-                "fused_clipped_swiglu", "graph_capture", "triton", "scaled_mm_blockwise")
+                "fused_clipped_swiglu", "graph_capture", "triton", "scaled_mm_blockwise",
+                "native_kernels")
 CONFIDENCE = ("high", "medium", "low")
 GRAPH_MODES = ("eager", "cudagraph", "aclgraph")
 # Which capability each choice needs on the chip (checked at validation: "FP8 on a chip without FP8").
