@@ -95,7 +95,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), a.clip)
         self.opt.step(lr_at(self.step, a))
         self.step += 1
-        return {"lm": L.lm.item(), "mtp": L.mtp.item(), "kl": float(L.indexer), "qat": qat}
+        return {"lm": L.lm.item(), "mtp": L.mtp.item(), "kl": L.indexer.detach().item(), "qat": qat}
 
     @torch.no_grad()
     def evaluate(self, windows: torch.Tensor, qat: bool = False) -> dict:
