@@ -128,9 +128,10 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
                         _emit(out, hist, b, int(bonus[j]), on_token, eos, params)
                 else:
                     settle(seqs[j], marks[j], 0)            # exactly the state before the verify step
-                    redo.append(j)
                     nexts[b] = [int(fix[j])]
                     go = _emit(out, hist, b, int(fix[j]), on_token, eos, params)
+                    if go:
+                        redo.append(j)
                 if go:
                     still.append(b)
             if redo:

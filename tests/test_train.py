@@ -147,3 +147,12 @@ def test_export_is_what_the_runtime_loads(setup, tok, tmp_path):
         want = model.forward(ids, model.new_state(1).seqs)
     assert (got - want).abs().max().item() <= 1e-3
     assert sum(p.stat().st_size for p in folder.iterdir()) < 20e6
+
+
+def test_cli_bad_arguments_exit_2(tmp_path, capsys):
+    from runtime.train.__main__ import main
+
+    assert main(["--out", str(tmp_path / "r"), "--steps", "0"]) == 2
+    assert main(["--out", str(tmp_path / "r"), "--heldout", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
