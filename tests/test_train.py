@@ -146,6 +146,13 @@ def test_export_is_what_the_runtime_loads(setup, tok, tmp_path):
         model = Transformer(cfg, {**q, **tr.fixed}, tr.quantized, reference_ops("exact"))
         want = model.forward(ids, model.new_state(1).seqs)
     assert (got - want).abs().max().item() <= 1e-3
+    # Held-out figures through the runtime (runtime.train.evaluate) are the trainer's fake-quantised ones.
+    from runtime.train.evaluate import heldout_quality
+
+    windows = data.eval_windows(stream, 16, 3)
+    ours, theirs = heldout_quality(rt, windows), tr.evaluate(windows, qat=True)
+    assert ours["tokens"] == theirs["tokens"] == 48 and ours["top1"] == theirs["top1"]
+    assert abs(ours["ppl"] / theirs["ppl"] - 1) < 1e-4
     assert sum(p.stat().st_size for p in folder.iterdir()) < 20e6
 
 
