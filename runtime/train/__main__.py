@@ -4,9 +4,9 @@
     python -m runtime.train --out runs/v4-stdlib                       # again: resumes from its checkpoint
     python -m runtime.train --out runs/t --steps 20 --seq 64 --max-bytes 200000      # a quick look
 
-Writes OUT/tokenizer.json, OUT/train_state.{safetensors,json} (resumable), OUT/model/ (the official layout:
-config.json, index, FP8 / FP4 / bf16 tensors, tokenizer.json) and OUT/metrics.jsonl (held-out perplexity and
-next-token top-1, float32 and fake-quantised). The model has the tiny preset's shape (every V4 layer kind)
+Writes OUT/tokenizer.json, OUT/tokens-*.safetensors (the encoded split), OUT/train_state.{safetensors,json}
+(resumable), OUT/model/ (the official layout: config.json, index, FP8 / FP4 / bf16 tensors, tokenizer.json)
+and OUT/metrics.jsonl (held-out perplexity and next-token top-1, float32 and fake-quantised). The model has the tiny preset's shape (every V4 layer kind)
 with the tokenizer's vocabulary. Bad arguments print one line and exit with status 2.
 """
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> dict:
     import torch
+    from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
     from tqdm import tqdm
 
@@ -68,9 +69,15 @@ def run(argv=None) -> dict:
     hf = preset(a.preset)
     hf["vocab_size"] = tok.get_vocab_size()
     cfg = ModelConfig.from_hf(hf, source=f"preset {a.preset!r}")
-    train = data.token_stream(tok, train_texts, cfg.bos_token_id, cfg.eos_token_id)
-    held = data.eval_windows(data.token_stream(tok, held_texts, cfg.bos_token_id, cfg.eos_token_id),
-                             targs.seq, targs.eval_windows)
+    cache = out / f"tokens-{a.max_bytes or 'all'}-{a.heldout}.safetensors"    # the encoded split, for resuming
+    if cache.is_file():
+        streams = load_file(str(cache))
+    else:
+        streams = {"train": data.token_stream(tok, train_texts, cfg.bos_token_id, cfg.eos_token_id),
+                   "heldout": data.token_stream(tok, held_texts, cfg.bos_token_id, cfg.eos_token_id)}
+        save_file(streams, str(cache))
+    train = streams["train"]
+    held = data.eval_windows(streams["heldout"], targs.seq, targs.eval_windows)
     if train.numel() < targs.seq + 3:
         raise InputError(f"only {train.numel()} training tokens for --seq {targs.seq}; raise --max-bytes")
     tr = Trainer(cfg, hf, targs, out)
