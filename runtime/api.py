@@ -265,11 +265,14 @@ class Runtime:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop_at_eos: bool = True, on_token: Callable[[int, int], None] | None = None) -> Generation:
+                 stop_at_eos: bool = True, on_token: Callable[[int, int], None] | None = None,
+                 speculative: str | None = None) -> Generation:
         """Greedy (temperature 0) or sampled generation for one or several prompts (text or token ids).
 
         Prompts may differ in length: each is prefilled on its own, then all decode together, each at its
         own position. `on_token(row, token_id)` is called for every new token as soon as it is chosen.
+        `speculative="mtp"`: draft with the MTP block and verify in the main model (runtime.speculative):
+        the same tokens as plain decoding when greedy, the same distribution when sampling.
         """
         import time
 
@@ -284,6 +287,8 @@ class Runtime:
             self._check_length(len(r) + max_new_tokens)
         self.memory.check([len(r) + max_new_tokens for r in rows])
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if speculative is not None:
+            return self._generate_speculative(speculative, rows, params, gen, on_token)
         state = self.new_state(len(rows), context=max(map(len, rows)) + max_new_tokens)   # checked above
         out: list[list[int]] = [[] for _ in rows]
         t0 = time.perf_counter()
@@ -323,6 +328,19 @@ class Runtime:
             t2 = time.perf_counter()
         texts = [self.tokenizer.decode(o) for o in out]
         return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)
+
+    def _generate_speculative(self, method, rows, params, gen, on_token) -> Generation:
+        from . import speculative
+
+        if method != "mtp":
+            raise InputError(f"unknown speculative method {method!r}; the one supported is 'mtp'")
+        if not self.config.num_mtp or self._weights is None or getattr(self.parallel, "distributed", False):
+            raise InputError("speculative='mtp' needs a single-device torch model with an MTP block "
+                             f"(this one: {self.config.num_mtp} MTP blocks, profile {self.profile.name}); "
+                             "drop --speculative")
+        for r in rows:                      # the verify step may feed one draft past the last new token
+            self._check_length(len(r) + params.max_new_tokens + 1)
+        return speculative.generate(self, rows, params, gen, on_token)
 
     def _prefill(self, row: list[int], seq) -> torch.Tensor:
         """Prefill one prompt in chunks of CHUNK tokens (bounded activations; the same math as one call:

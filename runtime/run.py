@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible runs)")
     ap.add_argument("--numerics", default=None, choices=["exact", "official"],
                     help="override the profile's numerics: exact float32, or DeepSeek's bf16/FP8/FP4 numerics")
+    ap.add_argument("--speculative", default=None, choices=["mtp"],
+                    help="speculative decoding: draft with the MTP block, verify in the main model")
     ap.add_argument("--no-eos-stop", action="store_true", help="keep generating past the EOS token")
     ap.add_argument("--quiet", action="store_true", help="print only the generated text")
     ap.add_argument("--threads", type=int, default=None,
@@ -121,7 +123,7 @@ def _run(args) -> int:
         sys.stdout.write(prompt)
     g = rt.generate([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_eos_stop,
-                    on_token=on_token if lead else None)
+                    on_token=on_token if lead else None, speculative=args.speculative)
     if lead:
         sys.stdout.write("\n")
     if rt.parallel is not None:

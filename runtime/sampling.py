@@ -30,10 +30,9 @@ class SamplingParams:
             raise InputError(f"seed must be an integer, got {self.seed!r}")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B]."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from at temperature > 0: softmax(logits / T), cut to the top-p nucleus
+    (not renormalised: multinomial does that). logits [B, V] -> [B, V]."""
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1:
         sp, si = torch.sort(probs, dim=-1, descending=True, stable=True)
@@ -41,4 +40,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
         drop = (sp.cumsum(-1) - sp) >= params.top_p
         sp = sp.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B]."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=gen).squeeze(-1)

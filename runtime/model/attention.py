@@ -78,6 +78,8 @@ class Compressor:
             tap(self.name, pooled)        # the entries this chunk closed, before the cache's storage quantisation
             out.append(self.finish(pooled))
         keep = stop * m - (m if self.overlap and stop > 0 else 0)
+        if buf.retain is not None:                # a speculative step may be rolled back (state.settle)
+            keep = min(keep, buf.retain)
         buf.kv, buf.score, buf.start = all_kv[keep - start:].clone(), all_sc[keep - start:].clone(), keep
 
 

@@ -58,6 +58,9 @@ class Pending:
         self.kv = torch.empty(0, width, device=device)
         self.score = torch.empty(0, width, device=device)
         self.start = 0
+        # Set by `mark` for a speculative verify step: the compressor then drops no row at or after this
+        # position, so `settle` can cut the rows back to what any accepted prefix needs (None = normal).
+        self.retain: int | None = None
 
     def copy(self) -> "Pending":
         """An independent copy (values, scores, start): a prefix-cache checkpoint of the compressor."""
@@ -143,3 +146,64 @@ class DecodeState(StateBatch):
 
     def __init__(self, cfg, batch_size: int, device="cpu", context: int = 0):
         super().__init__([SequenceState(cfg, device, context) for _ in range(batch_size)])
+
+
+# ---------------------------------------------------------------- speculative steps: mark / settle
+# A verify step feeds S tokens (the decided one plus drafts) and may keep only a prefix of them. What such
+# a forward changes in a sequence's main-model layers: the ring slots of its S positions, the compressed
+# entries and indexer keys whose windows close inside the chunk (appended rows), the compressors' pending
+# rows (replaced), and `pos`. `mark` records the ring rows it will overwrite and makes the compressors keep
+# every pending row; `settle(keep)` then puts back the ring rows of the rejected positions, cuts the appended
+# rows to the windows the kept prefix closes and the pending rows to exactly the ones a sequence at that
+# position holds. Nothing of a rejected position survives; the MTP block's layers are never touched.
+
+
+class Mark:
+    def __init__(self, pos: int, S: int, rings: list):
+        self.pos, self.S, self.rings = pos, S, rings
+
+
+def _pending_start(end: int, m: int, overlap: bool) -> int:
+    """The first position a compressor's pending rows hold once `end` tokens are in (see Compressor.advance):
+    the open window, and for an overlapping compressor also the last closed one."""
+    closed = end // m
+    return closed * m - (m if overlap and closed > 0 else 0)
+
+
+def mark(seq: SequenceState, S: int) -> Mark:
+    """Prepare `seq` for a forward of S tokens that `settle` may partly undo."""
+    cfg, rings = seq.cfg, []
+    for layer in seq.layers[:cfg.num_layers]:
+        slots = (seq.pos + torch.arange(min(S, layer.W), device=layer.kv.view().device)) % layer.W
+        rings.append((slots, layer.window[slots].clone()))
+        for buf in (layer.comp_buf, layer.index_buf):
+            if buf is not None:
+                buf.retain = buf.start
+    return Mark(seq.pos, S, rings)
+
+
+def settle(seq: SequenceState, m: Mark, keep: int) -> None:
+    """Keep the first `keep` of the S tokens fed since `mark(seq, S)`; drop every trace of the others."""
+    cfg = seq.cfg
+    if seq.pos != m.pos + m.S or not 0 <= keep <= m.S:
+        raise ValueError(f"settle: sequence at {seq.pos}, marked at {m.pos} for {m.S} tokens, keep {keep}")
+    new = m.pos + keep
+    for i, (layer, (slots, rows)) in enumerate(zip(seq.layers[:cfg.num_layers], m.rings)):
+        if keep < slots.shape[0]:
+            layer.window[slots[keep:]] = rows[keep:]
+        ratio = cfg.ratio(i)
+        if ratio:
+            layer.kv.n = layer.W + new // ratio
+            _cut(layer.comp_buf, new, ratio, cfg.is_csa(i))
+        if layer.index_buf is not None:
+            layer.index_keys.n = new // 4
+            _cut(layer.index_buf, new, 4, True)
+    seq.pos = new
+
+
+def _cut(buf: Pending, end: int, m: int, overlap: bool) -> None:
+    start = _pending_start(end, m, overlap)
+    if start < buf.start:
+        raise ValueError(f"settle: pending rows start at {buf.start}, need {start} (was the state marked?)")
+    lo, hi = start - buf.start, end - buf.start
+    buf.kv, buf.score, buf.start, buf.retain = buf.kv[lo:hi].clone(), buf.score[lo:hi].clone(), start, None

@@ -1,0 +1,174 @@
+"""Speculative decoding with the MTP block: `Runtime.generate(..., speculative="mtp")`.
+
+Each step, for every active sequence: the MTP block drafts the token after the one already chosen (`tok`,
+decided but not yet fed), the main model verifies `[tok, draft]` in one forward, and the standard rule
+decides:
+- greedy: the draft is kept iff it is the main model's argmax, so the tokens are plain greedy decoding's;
+- sampling: the draft d ~ q is kept with probability min(1, p(d)/q(d)); on rejection the token is drawn from
+  norm(max(0, p - q)), so every emitted token has the target's distribution p exactly (Leviathan et al.,
+  Chen et al. 2023). p and q are the same temperature / top-p transform of the target's and the draft's logits.
+A kept draft also yields the main model's next token for free (from the verify's last position). On a
+rejection the verify step is undone exactly (`runtime.model.state.mark` / `settle`: ring slots, compressed
+entries and indexer keys closed in it, the compressors' pending rows) and the decided token is fed alone, as
+plain decoding does: keeping its row from the verify chunk instead would leave float-rounding traces of the
+rejected draft (a GEMM's bits depend on its batch: the MoE groups the draft with it), so the state always
+equals, bit for bit, that of a run that never saw a rejected token. Sequences accept independently in a
+batch (one verify forward for all, one re-feed forward for the rejected rows).
+
+MTP alignment (V3 convention, as `Transformer.forward_mtp`): the MTP block at position t reads the main
+model's final streams at t and the embedding of token t+1, and predicts token t+2. Its own (window-only)
+state only ever sees committed positions, so it never needs a rollback.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .memory import CHUNK
+from .model.state import mark, settle
+from .sampling import SamplingParams, probabilities
+
+# A draft function: the token histories of some sequences (prompt + emitted tokens, the last one decided but
+# not yet fed) -> draft logits [n, V] for the token after it. None = the model's MTP block.
+DraftFn = Callable[[list[list[int]]], torch.Tensor]
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, gen: torch.Generator | None):
+    """The speculative-sampling rule on rows of distributions p (target), q (draft) [B, V] and drafts [B]
+    drawn from q -> (kept [B] bool, token [B]): the draft where kept, else a draw from norm(max(0, p - q))."""
+    pd, qd = p.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+    u = torch.rand(draft.shape[0], generator=gen, dtype=p.dtype)
+    kept = u * qd < pd                       # u < p/q: probability min(1, p(d)/q(d)); q(d) > 0 as d ~ q
+    resid = (p - q).clamp(min=0)
+    mass = resid.sum(-1, keepdim=True)
+    # A rejection implies p(d) < q(d), hence residual mass > 0; rows with none are kept ones (p = q there).
+    resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p)
+    fresh = torch.multinomial(resid, 1, generator=gen)[:, 0]
+    return kept, torch.where(kept, draft, fresh)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, gen) -> torch.Tensor:
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=gen)[:, 0]
+
+
+def _dist(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    p = probabilities(logits, params)
+    return p / p.sum(-1, keepdim=True)
+
+
+def _prefill(model, row: list[int], seq):
+    """Prefill the main model and the MTP block on one prompt (chunks of CHUNK tokens) -> last logits [1, V]
+    and the final streams of the last position [1, 1, hc, d] (not yet read by the MTP block)."""
+    carry = None
+    for i in range(0, len(row), CHUNK):
+        logits, X = model.forward(torch.tensor([row[i:i + CHUNK]]), [seq], return_hidden=True)
+        Xs = X if carry is None else torch.cat((carry, X), dim=1)          # positions mtp_pos .. pos-1
+        nxt = row[seq.mtp_pos + 1:seq.pos]                                  # token after each but the last
+        if nxt:
+            model.forward_mtp(Xs[:, :-1], torch.tensor([nxt]), [seq])
+        carry = X[:, -1:]
+    return logits[:, -1].float().cpu(), carry
+
+
+def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=None, draft: DraftFn | None = None):
+    """Speculative generation for token-id prompts `rows` -> runtime.api.Generation (see module doc).
+    `decode_tokens` counts the tokens fed through verify steps; `rt.last_acceptance` holds (kept, drafted)."""
+    from .api import Generation
+
+    model, eos, limit = rt.model, rt.config.eos_token_id, params.max_new_tokens
+    state = rt.new_state(len(rows), context=max(map(len, rows)) + limit + 2)
+    out: list[list[int]] = [[] for _ in rows]
+    hist = [list(r) for r in rows]
+    kept_n = drafted = steps = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        pre = [_prefill(model, r, state.seqs[b]) for b, r in enumerate(rows)]
+        t1 = time.perf_counter()
+        # Per sequence: hidden streams of positions [mtp_pos, pos) awaiting the MTP block, and the token after
+        # each of them (the last one = the decided, unfed token `tok`).
+        hid = {b: x for b, (_, x) in enumerate(pre)}
+        first = _choose(torch.cat([lg for lg, _ in pre]), params, gen) if limit else []
+        active = []
+        for b in range(len(rows)):
+            if not limit:
+                break
+            tok = int(first[b])
+            if _emit(out, hist, b, tok, on_token, eos, params):
+                active.append(b)
+        nexts = {b: [hist[b][-1]] for b in active}
+        while active:
+            seqs = [state.seqs[b] for b in active]
+            q_logits = _draft_logits(model, active, seqs, hid, nexts, hist, draft)         # [n, V]
+            d = _choose(q_logits, params, gen)
+            ids = torch.tensor([[hist[b][-1], int(d[j])] for j, b in enumerate(active)])
+            marks = [mark(s, 2) for s in seqs]
+            logits, X = model.forward(ids, seqs, return_hidden=True)
+            logits = logits.float().cpu()
+            steps += 2 * len(active)
+            if params.temperature == 0:
+                target = logits[:, 0].argmax(-1)
+                kept = target == d
+                fix = target
+            else:
+                kept, fix = accept(_dist(logits[:, 0], params), _dist(q_logits, params), d, gen)
+            bonus = _choose(logits[:, 1], params, gen)
+            still, redo = [], []
+            for j, b in enumerate(active):
+                drafted += 1
+                if bool(kept[j]):
+                    kept_n += 1
+                    settle(seqs[j], marks[j], 2)
+                    hid[b], nexts[b] = X[j:j + 1, 0:2], [int(d[j]), int(bonus[j])]
+                    go = _emit(out, hist, b, int(d[j]), on_token, eos, params) and \
+                        _emit(out, hist, b, int(bonus[j]), on_token, eos, params)
+                else:
+                    settle(seqs[j], marks[j], 0)            # exactly the state before the verify step
+                    nexts[b] = [int(fix[j])]
+                    go = _emit(out, hist, b, int(fix[j]), on_token, eos, params)
+                    if go:
+                        redo.append(j)
+                if go:
+                    still.append(b)
+            if redo:
+                # The decided token alone, as plain decoding feeds it: the state then holds nothing that was
+                # computed next to the rejected draft, bit for bit; its streams feed the MTP block.
+                _, Xr = model.forward(ids[redo, :1], [seqs[j] for j in redo], return_hidden=True)
+                steps += len(redo)
+                for k, j in enumerate(redo):
+                    hid[active[j]] = Xr[k:k + 1]
+            active = still
+        t2 = time.perf_counter()
+    rt.last_acceptance = (kept_n, drafted)
+    texts = [rt.tokenizer.decode(o) for o in out]
+    return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)
+
+
+def _emit(out, hist, b: int, tok: int, on_token, eos: int, params: SamplingParams) -> bool:
+    """Record one new token of row b -> whether the row goes on."""
+    out[b].append(tok)
+    hist[b].append(tok)
+    if on_token:
+        on_token(b, tok)
+    return not (params.stop_at_eos and tok == eos) and len(out[b]) < params.max_new_tokens
+
+
+def _draft_logits(model, active, seqs, hid, nexts, hist, draft) -> torch.Tensor:
+    """Draft logits [n, V] for the token after each active row's decided token."""
+    if draft is not None:
+        return draft([hist[b] for b in active]).float().cpu()
+    out = [None] * len(active)
+    by_len: dict[int, list[int]] = {}
+    for j, b in enumerate(active):                   # the MTP block catches up 1 or 2 positions per row
+        by_len.setdefault(len(nexts[b]), []).append(j)
+    for js in by_len.values():
+        X = torch.cat([hid[active[j]] for j in js])
+        ids = torch.tensor([nexts[active[j]] for j in js])
+        lg = model.forward_mtp(X, ids, [seqs[j] for j in js])[:, -1].float().cpu()
+        for k, j in enumerate(js):
+            out[j] = lg[k]
+    return torch.stack(out)
