@@ -334,7 +334,7 @@ class Runtime:
 
         if method != "mtp":
             raise InputError(f"unknown speculative method {method!r}; the one supported is 'mtp'")
-        if not self.config.num_mtp or self._weights is None or getattr(self.parallel, "distributed", False):
+        if not self.config.num_mtp or self.weights is None or getattr(self.parallel, "distributed", False):
             raise InputError("speculative='mtp' needs a single-device torch model with an MTP block "
                              f"(this one: {self.config.num_mtp} MTP blocks, profile {self.profile.name}); "
                              "drop --speculative")

@@ -52,15 +52,15 @@ class _IndexerLog:
 
 
 def _recording_ops(base, log: _IndexerLog):
-    def indexer_topk(q, weights, keys, visible, k):
+    def indexer_topk(q, weights, keys, visible, k, rnd=None):
         log.pending = (q, weights, keys, visible)
-        return base.indexer_topk(q.detach(), weights.detach(), keys.detach(), visible, k)
+        return base.indexer_topk(q.detach(), weights.detach(), keys.detach(), visible, k, rnd=rnd)
 
-    def sparse_attention(q, kv, idx, sink, scale):
+    def sparse_attention(q, kv, idx, sink, scale, rnd=None):
         if log.pending is not None:                      # the CSA layer's main attention for the same queries
             log.pairs.append((log.pending, q, kv, scale))
             log.pending = None
-        return base.sparse_attention(q, kv, idx, sink, scale)
+        return base.sparse_attention(q, kv, idx, sink, scale, rnd=rnd)
 
     return dataclasses.replace(base, indexer_topk=indexer_topk, sparse_attention=sparse_attention)
 
