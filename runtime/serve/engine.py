@@ -266,7 +266,7 @@ def serving_runtime(rt):
     """`rt` with the batch-invariant op layout (invariant.py); the dispatch table records the replacement."""
     from .invariant import batch_invariant_ops
 
-    if getattr(rt, "_weights", None) is None:
+    if getattr(rt, "weights", None) is None:
         raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch; "
                       "serve a torch profile (cpu, cuda, ascend)")
     return rt.with_ops(**batch_invariant_ops(rt.dispatch.ops))
