@@ -69,7 +69,11 @@ def _load() -> tuple[object | None, str]:
         return None, "no C++ compiler found (set CXX, or install g++ / clang++)"
     from runtime.api import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _version(cxx).encode() + platform.machine().encode()
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as e:
+        return None, f"kernel source {SOURCE} is unreadable ({e.strerror or e})"
+    key = hashlib.sha256(source + _version(cxx).encode() + platform.machine().encode()
                          + repr((_FLAGS, _BASE)).encode()).hexdigest()[:16]
     final = cache_dir() / "kernels" / key
     if not (final / LIB).is_file():
