@@ -20,5 +20,14 @@ def tiny_rt(tiny_ckpt):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (many small kernels run faster so on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -21,13 +21,8 @@ PROMPTS = [[0, 72, 105, 33], [0] + list(range(40, 70)), [0, 5], [0] + [7, 9, 11]
 N_NEW = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Decoding's many small kernels run far faster on one thread on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Decoding's many small kernels run far faster on one thread on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _PLAIN: dict = {}

@@ -22,13 +22,8 @@ from runtime.train.tokenizer import train_tokenizer
 VOCAB = 400
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Training's many small kernels run far faster on one thread on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Training's many small kernels run far faster on one thread on a shared machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ float32 (FP8 / FP4 exactly, spec §3.1): the values the tests' references and tr
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +194,8 @@ class CheckpointReader:
 
     def stored_bytes(self) -> int:
         """Bytes on disk of the tensors `tensors()` yields (weights and their scales)."""
-        return sum(_entry_bytes(self.found[n]) for name, (_, kind) in self.expected.items()
-                   for n in _with_scale(name, kind))
+        return sum(entry_bytes(self.found[n]) for name, (_, kind) in self.expected.items()
+                   for n in with_scale(name, kind))
 
     def tensors(self):
         """Yield a `Stored` per expected tensor, shard by shard (memory-mapped views; nothing is copied)."""
@@ -217,19 +218,18 @@ class CheckpointReader:
         bar.close()
 
 
-def _with_scale(name: str, kind: str) -> list[str]:
+def with_scale(name: str, kind: str) -> list[str]:
+    """A stored tensor's names: the weight, and its `.scale` companion for FP8 / FP4."""
     return [name] + ([name.removesuffix(".weight") + ".scale"] if kind in ("fp8", "fp4") else [])
 
 
 _ITEM = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I64": 8, "I32": 4}
 
 
-def _entry_bytes(entry) -> int:
+def entry_bytes(entry) -> int:
+    """Stored bytes of a header entry (dtype, shape, shard)."""
     dtype, shape, _ = entry
-    n = 1
-    for s in shape:
-        n *= s
-    return n * _ITEM.get(dtype, 4)
+    return math.prod(shape) * _ITEM.get(dtype, 4)
 
 
 def load_checkpoint(path: str | Path, progress: bool | None = None) -> LoadedCheckpoint:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from .. import formats
 from ..checkpoint.inventory import FP8_BLOCK
-from ..checkpoint.loader import LoadedCheckpoint, Stored, _open, _read, inventory
+from ..checkpoint.loader import LoadedCheckpoint, Stored, _open, _read, entry_bytes, inventory, with_scale
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from .layout import Layout
@@ -89,8 +89,8 @@ class ShardedReader:
 
     def read(self, handles, found, name: str, kind: str, sl: Slice | None) -> Stored:
         if sl is None:                      # the whole tensor: exactly the single-device read
-            for n in _with_scale(name, kind):
-                self._count(n, _nbytes(found[n]))
+            for n in with_scale(name, kind):
+                self._count(n, entry_bytes(found[n]))
             return _read(handles, found, name, kind)
         h = handles[found[name][2]]
         if kind == "fp8":
@@ -127,7 +127,7 @@ class ShardedReader:
             if sl is False:
                 continue
             frac = 1.0 if sl is None else (sl.hi - sl.lo) / shape[sl.dim]
-            total += int(frac * sum(_nbytes(found[n]) for n in _with_scale(name, kind)))
+            total += int(frac * sum(entry_bytes(found[n]) for n in with_scale(name, kind)))
         return total
 
     def _inventory(self):
@@ -170,18 +170,3 @@ class ShardedReader:
         expected = self._inventory()[3]
         quantized = frozenset(n for n, (_, kind) in expected.items() if kind in ("fp8", "fp4") and n in tensors)
         return LoadedCheckpoint(self.cfg, tensors, quantized, self.expert_format, self.path)
-
-
-def _with_scale(name: str, kind: str) -> list[str]:
-    return [name] + ([name.removesuffix(".weight") + ".scale"] if kind in ("fp8", "fp4") else [])
-
-
-_ITEM = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I64": 8, "I32": 4}
-
-
-def _nbytes(entry) -> int:
-    dtype, shape, _ = entry
-    n = 1
-    for s in shape:
-        n *= s
-    return n * _ITEM.get(dtype, 4)

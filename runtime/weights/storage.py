@@ -25,10 +25,8 @@ from .. import formats
 FP8_BLOCK, FP4_BLOCK = 128, 32
 
 
-@dataclass(frozen=True)
-class Fp8Stored:
-    codes: torch.Tensor      # [N, K] float8_e4m3fn (or uint8 bytes)
-    scale: torch.Tensor      # [ceil(N/128), ceil(K/128)] float8_e8m0fnu (or uint8 bytes)
+class _CodesAt:
+    """`shape` and `device` of a storage whose `codes` tensor has the weight's shape."""
 
     @property
     def shape(self) -> torch.Size:
@@ -37,6 +35,12 @@ class Fp8Stored:
     @property
     def device(self) -> torch.device:
         return self.codes.device
+
+
+@dataclass(frozen=True)
+class Fp8Stored(_CodesAt):
+    codes: torch.Tensor      # [N, K] float8_e4m3fn (or uint8 bytes)
+    scale: torch.Tensor      # [ceil(N/128), ceil(K/128)] float8_e8m0fnu (or uint8 bytes)
 
     def dequantize(self) -> torch.Tensor:
         return _fp8_values(self.codes, self.scale)
@@ -81,17 +85,9 @@ class Fp4Stored:
 
 
 @dataclass(frozen=True)
-class Int8Rows:
+class Int8Rows(_CodesAt):
     codes: torch.Tensor      # [N, K] int8
     scale: torch.Tensor      # [N] float32
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
 
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scale[:, None]
