@@ -1,33 +1,48 @@
-"""Backends: a device probe, the capabilities it reports, and the op implementations it registers.
+"""Backends: one registry of backend names, each backend a small object behind `backends.base.Backend`.
 
-`get_backend(name)` returns the backend object; nothing here touches a device or imports a device library
-at import time (torch-npu in particular: installed without CANN it breaks `import torch`). Probing happens
-in `Backend.probe()`, called once by `Runtime.load`.
+`get_backend(name)` imports the backend's module on first use and returns its object; `names()` is the one list
+of backend names (the CLI's `--backend` choices, the profile schema's `backend:` values). Nothing here touches a
+device or imports a device library at import time (torch-npu in particular: installed without CANN it breaks
+`import torch`); probing happens in `Backend.probe()`, called once by `Runtime.load`.
+
+A backend outside this package (a plugin, a test's twin) joins with `register("name", "module:Class")` or
+`register("name", factory)`.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Callable
+
 from .base import Backend, BackendUnavailable, DeviceInfo
+
+# name -> "module:Class" (imported lazily) or a factory returning the backend object
+_REGISTRY: dict[str, "str | Callable[[], Backend]"] = {
+    "cpu": "backends.cpu:CpuBackend",
+    "cuda": "backends.cuda:CudaBackend",
+    "ascend": "backends.ascend:AscendBackend",
+    "onnx": "backends.onnx:OnnxBackend",
+}
+
+
+def names() -> tuple[str, ...]:
+    """Every registered backend name, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def register(name: str, entry: "str | Callable[[], Backend]") -> None:
+    """Add (or replace) the backend `name`: a "module:Class" path imported on first use, or a factory."""
+    _REGISTRY[name] = entry
 
 
 def get_backend(name: str) -> Backend:
-    if name == "cpu":
-        from .cpu import CpuBackend
-
-        return CpuBackend()
-    if name == "cuda":
-        from .cuda import CudaBackend
-
-        return CudaBackend()
-    if name == "ascend":
-        from .ascend import AscendBackend
-
-        return AscendBackend()
-    if name == "onnx":
-        from .onnx import OnnxBackend
-
-        return OnnxBackend()
-    raise BackendUnavailable(f"unknown backend {name!r}; available: cpu, cuda, ascend, onnx")
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise BackendUnavailable(f"unknown backend {name!r}; available: {', '.join(_REGISTRY)}")
+    if isinstance(entry, str):
+        module, _, cls = entry.partition(":")
+        entry = getattr(importlib.import_module(module), cls)
+    return entry()
 
 
-__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend"]
+__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend", "names", "register"]

@@ -13,7 +13,7 @@ numerics on the CPU reference.
 from __future__ import annotations
 
 from . import ascend_ops  # noqa: F401  (registers the adapters; does not import torch-npu)
-from .base import BackendUnavailable, DeviceInfo
+from .base import Backend, BackendUnavailable, DeviceInfo
 
 INSTALL_HINT = ("pip install '.[ascend]' (torch-npu matching your torch) on a machine with CANN >= 9.1.0, "
                 "then `source /usr/local/Ascend/cann/set_env.sh`; or add --emulate to run this profile's "
@@ -38,10 +38,24 @@ FAMILY_CAPABILITIES = {
 }
 
 
-class AscendBackend:
+class AscendBackend(Backend):
     name = "ascend"
     # No FP8 GEMM adapter yet (Ascend 950): fp8_block profiles are refused at load instead of running slowly.
     weight_formats = frozenset({"w8a8_int8", "bf16", "fp16", "float32"})
+    default_profile = "ascend-910b"
+
+    def process_group_backend(self) -> str:
+        import torch_npu  # noqa: F401  (registers the hccl backend)
+
+        return "hccl"
+
+    def rank_device(self, local_rank: int):
+        """This rank's own NPU (LOCAL_RANK)."""
+        import torch
+        import torch_npu  # noqa: F401  (registers torch.npu)
+
+        torch.npu.set_device(local_rank)
+        return torch.device("npu", local_rank)
 
     def probe(self) -> DeviceInfo:
         try:

@@ -133,7 +133,7 @@ def _device_key(npu) -> str:
 
 
 def _cache_file() -> Path:
-    from runtime.api import cache_dir   # lazy: runtime.api imports the backends package
+    from runtime.cache import cache_dir
 
     return cache_dir() / "ascend-selftest.json"
 

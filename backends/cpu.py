@@ -10,12 +10,17 @@ import platform
 import torch
 
 from . import cpu_ops  # noqa: F401  (registers the fast CPU implementations)
-from .base import DeviceInfo
+from .base import Backend, DeviceInfo
 
 
-class CpuBackend:
+class CpuBackend(Backend):
     name = "cpu"
     weight_formats = frozenset({"fp8_block", "float32", "bf16", "fp16", "w8a8_int8"})
+    default_profile = "cpu"
+    computes_every_format = True       # every format's values exactly: what emulation is
+
+    def process_group_backend(self) -> str:
+        return "gloo"
 
     def probe(self) -> DeviceInfo:
         return DeviceInfo("cpu", "cpu", platform.processor() or platform.machine(),

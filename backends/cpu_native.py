@@ -67,7 +67,7 @@ def _load() -> tuple[object | None, str]:
     cxx = _compiler()
     if cxx is None:
         return None, "no C++ compiler found (set CXX, or install g++ / clang++)"
-    from runtime.api import cache_dir
+    from runtime.cache import cache_dir
 
     try:
         source = SOURCE.read_bytes()

@@ -13,13 +13,22 @@ import importlib.util
 import torch
 
 from . import cuda_ops  # noqa: F401  (registers the CUDA implementations; touches no device)
-from .base import BackendUnavailable, DeviceInfo
+from .base import Backend, BackendUnavailable, DeviceInfo
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
     # INT8 channels (w8a8_int8) have no CUDA GEMM here: a profile asking for them is refused at load.
     weight_formats = frozenset({"fp8_block", "bf16", "fp16", "float32"})
+    default_profile = "nvidia-h100"
+
+    def process_group_backend(self) -> str:
+        return "nccl"
+
+    def rank_device(self, local_rank: int):
+        """This rank's own GPU (LOCAL_RANK)."""
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
 
     def probe(self) -> DeviceInfo:
         if not torch.cuda.is_available():

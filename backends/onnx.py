@@ -1,4 +1,4 @@
-"""The ONNX backend: the exported step graph (export/onnx.py) run by ONNX Runtime.
+"""The ONNX backend: the exported step graph (export/onnx.py) run by ONNX Runtime (backends/onnx_runner.py).
 
 Probing imports onnxruntime (an optional extra: `pip install '.[onnx]'`) at load, never at import. The model
 runs inside the graphs, so the dispatch table names the graph node each op became: the V4 kernels are
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from runtime.dispatch import register
 
-from .base import BackendUnavailable, DeviceInfo
+from .base import Backend, BackendUnavailable, DeviceInfo
 
 NODES = {"sparse_attention": "onnx:com.deepseek.v4::SparseAttention", "indexer_topk": "onnx:com.deepseek.v4::IndexerTopK"}
 OPS = ("linear", "group_linear", "rms_norm", "apply_rope", "sparse_attention", "indexer_topk", "compress_pool",
@@ -37,9 +37,11 @@ INSTALL = {"CUDAExecutionProvider": "pip install onnxruntime-gpu on a machine wi
            "CANNExecutionProvider": "pip install onnxruntime-cann (numpy<2) on a machine with CANN"}
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     name = "onnx"
     weight_formats = frozenset({"float32"})
+    default_profile = "onnx-cpu"
+    prefill_chunk = 256     # tokens per step-graph call (measured 256 best of 128-2048 on the tiny model, one thread)
     providers = ["CPUExecutionProvider"]
 
     def probe(self) -> DeviceInfo:
@@ -54,11 +56,11 @@ class OnnxBackend:
     def capabilities(self, info: DeviceInfo) -> frozenset[str]:
         return frozenset({"fp32"})
 
-    def build_model(self, checkpoint: Path, profile, progress: bool, threads: int):
+    def build_model(self, checkpoint: Path, profile, progress: bool, threads: int, chunk: int):
         """The ORT model for `checkpoint`: an export folder as is, or a checkpoint exported once into the cache."""
         import onnxruntime
 
-        from runtime.onnx_model import OnnxModel
+        from .onnx_runner import OnnxModel
 
         if profile.device_family not in PROVIDERS:
             raise BackendUnavailable(f"profile {profile.name}: device_family {profile.device_family!r} names no ONNX "
@@ -73,13 +75,19 @@ class OnnxBackend:
         folder = checkpoint if (checkpoint / "export.json").exists() else _cached_export(checkpoint, progress)
         from runtime.config import ModelConfig
 
-        return OnnxModel(folder, ModelConfig.from_file(folder / "config.json"), self.providers, threads)
+        return OnnxModel(folder, ModelConfig.from_file(folder / "config.json"), self.providers, threads, chunk)
+
+    def placement(self, model) -> list[str]:
+        """Where ONNX Runtime put each graph's nodes (one profiled run): the CPU provider's share is the fallback."""
+        return [f"{graph} graph nodes by provider: " + ", ".join(f"{p} {n}" for p, n in counts.items())
+                for graph, counts in model.placement().items()]
 
 
 def _cached_export(checkpoint: Path, progress: bool) -> Path:
-    from export.onnx import FORMAT_VERSION, GRAPH_REVISION, export_model
-    from runtime.api import build_once, cache_dir
-    from runtime.parity.report import checkpoint_fingerprint
+    from export.format import FORMAT_VERSION, GRAPH_REVISION
+    from export.onnx import export_model
+    from runtime.cache import build_once, cache_dir
+    from runtime.checkpoint.fingerprint import checkpoint_fingerprint
 
     key = f"{checkpoint_fingerprint(checkpoint)[:16]}-v{FORMAT_VERSION}.{GRAPH_REVISION}"
     return build_once(cache_dir() / "onnx" / key, "export.json",

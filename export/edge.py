@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .onnx import ExportError, _export, _save
+from .format import ExportError, index_tap_names, state_names, state_shapes
+from .trace import checkpoint_values, save_graph, trace_graph
 
 # ONNX Runtime's CANN EP graph mode: default-domain nodes of these types, opset >= 8, not all-constant inputs.
 CANN_GRAPH_OPS = frozenset("""Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization
@@ -72,9 +73,7 @@ def cann_coverage(model) -> dict:
 
 def export_edge(checkpoint, out, batch: int = 1, seq: int = 128, capacity: int = 1024, opset: int = 15,
                 progress: bool = True, dtype: str = "float16") -> Path:
-    from runtime.api import Runtime
-
-    from .steps import Decode, Prefill, index_tap_names, state_names, state_shapes
+    from .edge_graphs import Decode, Prefill
 
     if not 11 <= opset <= EXPORT_OPSET:
         raise ExportError(f"--opset {opset}: the edge variant targets opsets 11-{EXPORT_OPSET} (ATC takes 11-15)")
@@ -85,23 +84,23 @@ def export_edge(checkpoint, out, batch: int = 1, seq: int = 128, capacity: int =
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
-    rt = Runtime.load("cpu", checkpoint=checkpoint, progress=False)
-    cfg, names = rt.config, state_names(rt.config)
+    _, cfg, values = checkpoint_values(checkpoint, "cpu")
+    names = state_names(cfg)
     low = torch.float16 if dtype == "float16" else torch.float32
     # the whole graph computes in `dtype`: weights, activations and state (RoPE angles in float32, then cast)
-    tensors = {n: t.to(low) if t.is_floating_point() else t for n, t in rt.weights.values().items()}
+    tensors = {n: t.to(low) if t.is_floating_point() else t for n, t in values.items()}
     out.mkdir(parents=True, exist_ok=True)
     ids = torch.randint(2, min(cfg.vocab_size, 258), (batch, seq))
-    prefill = _export(Prefill(cfg, tensors).eval(), (ids,), None, ["ids"],
+    prefill = trace_graph(Prefill(cfg, tensors).eval(), (ids,), None, ["ids"],
                       ["logits", *names, *index_tap_names(cfg)], EXPORT_OPSET)
     shapes = state_shapes(cfg, batch, capacity)
-    decode = _export(Decode(cfg, tensors).eval(), (ids[:, :1], torch.full((batch,), seq),
+    decode = trace_graph(Decode(cfg, tensors).eval(), (ids[:, :1], torch.full((batch,), seq),
                                                     *[torch.zeros(shapes[n], dtype=low) for n in names]),
                      None, ["ids", "pos", *names], ["logits", *[f"{n}.out" for n in names]], EXPORT_OPSET)
     report = {"opset": opset, "dtype": dtype, "batch": batch, "seq": seq, "capacity": capacity, "graphs": {}}
     for name, model in (("prefill_edge", prefill), ("decode_edge", decode)):
         low = _lower(model, opset)
-        _save(low, out, name)
+        save_graph(low, out, name)
         report["graphs"][name] = cann_coverage(low)
         if progress:
             c = report["graphs"][name]

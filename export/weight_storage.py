@@ -8,7 +8,7 @@ blocked `DequantizeLinear` (opset 21+) of low-precision codes, so the file carri
 - FP4 e2m1 routed experts: ORT has no FP4 / E8M0 kernels, so they are repacked losslessly to INT8 (an e2m1
   value times 2 is an integer in [-12, 12]) with half the power-of-two scale per 32 inputs, `block_size=32`.
 Both are exact: the dequantised values equal the float32 ones bit for bit (checked per tensor here). ORT's
-DQ -> MatMul fusion would quantise activations to int8; runtime/onnx_model.py sets
+DQ -> MatMul fusion would quantise activations to int8; backends/onnx_runner.py sets
 `session.qdq_matmulnbits_accuracy_level=0`, which keeps it exact.
 """
 

@@ -11,114 +11,55 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import sys
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from backends import BackendUnavailable, get_backend
+from backends import get_backend, names as backend_names
 
+from .cache import default_checkpoint
 from .checkpoint import CheckpointReader
-from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
 from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
 from .model.state import StateBatch
 from .nonfinite import finite, raise_non_finite
 from .model.transformer import Transformer
 from .ops.numerics import MODES
-from .presets import preset
 from .profile import Profile, capabilities_needed, load_profile
-from .sampling import SamplingParams, sample
+from .sampling import Generation, SamplingParams, sample
 from .tokenizer import load_tokenizer
-from .memory import CHUNK, MemoryPlan
-from .plan import weight_bytes
+from .plan import PREFILL_CHUNK, MemoryPlan, weight_bytes
 from .weights import Weights
 
-# `--backend X` alone picks that backend's default profile.
-DEFAULT_PROFILE = {"cuda": "nvidia-h100", "ascend": "ascend-910b"}
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DSV4RT_HOME", Path.home() / ".cache" / "dsv4rt"))
-
-
-def build_once(path: Path, done: str, build: Callable[[Path], object]) -> Path:
-    """`path`, built by `build(folder)` into a temporary sibling and renamed into place unless `path/done`
-    exists: a concurrent builder either wins the rename or is discarded, so readers see all of it or none.
-    A build that fails leaves no temporary folder; a folder at `path` without `done` (half-built by hand or by
-    an older runtime) is moved aside and rebuilt rather than failing every later load."""
-    if (path / done).is_file():
-        return path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    except OSError as e:
-        raise V4Error(f"cache folder {path.parent} cannot be written ({e.strerror or e}); set DSV4RT_HOME to a "
-                      "writable folder, or pass --checkpoint DIR") from None
-    try:
-        build(tmp)
-        if path.exists() and not (path / done).is_file():
-            stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
-            try:
-                path.rename(stale / path.name)
-            except OSError:
-                pass                                  # another process moved or replaced it first
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            tmp.rename(path)
-        except OSError:
-            pass                                      # a concurrent builder won the rename: use its folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)        # gone already when the rename succeeded
-    if not (path / done).is_file():
-        raise V4Error(f"{path} could not be built (no {done} after the build); remove the folder and retry")
-    return path
-
-
-def default_checkpoint(seed: int = 0) -> Path:
-    """The embedded default: the tiny preset, generated once into the cache folder and reused."""
-    # Keyed by the generator's inputs, so a changed preset or format never reuses a stale folder.
-    key = hashlib.sha256(json.dumps([preset("tiny"), seed, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode())
-    path = cache_dir() / f"tiny-seed{seed}-{key.hexdigest()[:12]}"
-    return build_once(path, "model.safetensors.index.json", lambda tmp: make_preset(tmp, "tiny", seed=seed))
-
-
-@dataclass
-class Generation:
-    tokens: list[list[int]]         # generated ids per prompt (EOS included when it stopped there)
-    texts: list[str]
-    prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    decode_tokens: int              # tokens fed through one-token decode steps (all rows)
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+def _numerics(prof: Profile, numerics: str | None):
+    """(NumericsSpec, weight format): the profile's, or those of a `numerics` override."""
+    if numerics is None:
+        return prof.numerics, prof.weight_format
+    if numerics not in MODES:
+        raise V4Error(f"unknown numerics {numerics!r}; choose one of: {', '.join(MODES)}")
+    return MODES[numerics], "fp8_block" if numerics == "official" else "float32"
 
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable,
-                 weights: "Weights | None" = None):
+                 weights: "Weights | None" = None, device_backend=None, prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
         self.parallel = getattr(model, "parallel", None)   # runtime.parallel context (None: exported graph)
         # The backend's storage of the checkpoint (runtime.weights.Weights): what `with_ops` rebuilds from, and
-        # the one weight source of export and bench (`weights.values()` where a float32 state dict is needed).
+        # the one weight source of bench (`weights.values()` where a float32 state dict is needed).
         self.weights = weights
         self.checkpoint, self.profile, self.dispatch = checkpoint, profile, dispatch
         self.backend, self.numerics = dispatch.backend, dispatch.numerics
+        self.device_backend = device_backend           # the backends.base.Backend object this runtime runs on
+        self.prefill_chunk = prefill_chunk             # tokens per forward call of a prompt (the backend's)
         if weights is not None:
             self.memory = MemoryPlan(model.cfg, profile, weights.held_bytes(), mapped=weights.mapped_bytes(),
-                                     active=weight_bytes(model.cfg, profile, active=True))
+                                     active=weight_bytes(model.cfg, profile, active=True), chunk=prefill_chunk)
         else:
-            self.memory = MemoryPlan(model.cfg, profile, weight_bytes(model.cfg, profile))
+            self.memory = MemoryPlan(model.cfg, profile, weight_bytes(model.cfg, profile), chunk=prefill_chunk)
         # printed by the CLI, enforced below
 
     @classmethod
@@ -135,50 +76,42 @@ class Runtime:
         unless `allow_fallback`. `parallel` ({"tp": N, "ep": M}, a `runtime.parallel.Layout`): run sharded over
         N x M ranks of a torchrun-launched process group (checked against the model before anything loads).
         """
-        prof = load_profile(DEFAULT_PROFILE.get(profile, profile) if isinstance(profile, str) else profile)
-        spec, weight_format = prof.numerics, prof.weight_format
-        if numerics is not None:
-            if numerics not in MODES:
-                raise V4Error(f"unknown numerics {numerics!r}; choose one of: {', '.join(MODES)}")
-            spec = MODES[numerics]
-            weight_format = "fp8_block" if numerics == "official" else "float32"
+        # 1. the profile and its numerics; 2. the backend: probe, capability check, dispatch table
+        if isinstance(profile, str) and profile in backend_names():
+            profile = get_backend(profile).default_profile
+        prof = load_profile(profile)
+        spec, weight_format = _numerics(prof, numerics)
         backend = get_backend("cpu" if emulate else prof.backend)
-        info = backend.probe()
-        caps = backend.capabilities(info)
-        # The CPU computes every format's values exactly (that is what emulation is); a device must have them.
-        missing = frozenset() if info.backend == "cpu" else capabilities_needed(weight_format, spec) - caps
-        if missing:
-            raise BackendUnavailable(f"profile {prof.name} needs {', '.join(sorted(missing))} but {info.name} "
-                                     f"({info.device}) does not have it; choose a profile for this device, or add "
-                                     "--emulate to run this profile's numerics on the CPU")
-        if weight_format not in backend.weight_formats:
-            raise BackendUnavailable(f"backend {info.backend!r} cannot run weight format {weight_format!r} in this "
-                                     f"build (it runs {', '.join(sorted(backend.weight_formats))}); choose such a "
-                                     "profile, or add --emulate to run this profile's numerics on the CPU")
+        info, caps = backend.open(prof, weight_format, capabilities_needed(weight_format, spec))
         table = resolve(prof, info.backend, info.device, caps, spec, emulate, allow_fallback)
         path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-        par = reader = None
+        chunk = backend.prefill_chunk
+        # 3. a backend that runs a whole exported graph builds its model itself
+        if backend.build_model is not None:
+            show = sys.stderr.isatty() if progress is None else progress
+            model = backend.build_model(path, prof, show, torch.get_num_threads(), chunk)
+            return cls(model, load_tokenizer(model.folder, model.cfg), path, prof, table, None, backend, chunk)
+        # 4. the process group of a multi-device run (refuses a layout that does not divide the model), then this
+        # rank's reader; 5. the backend streams the tensors into its own storage one at a time (runtime.weights:
+        # no float32 copy of the model is made on any backend); 6. the model over those weights and the table
+        par = None
         if parallel is not None:
             from .parallel import setup
             from .parallel.tp_ops import parallel_dispatch
 
-            par, reader = setup(parallel, prof, path)       # refuses a layout that does not divide the model
-            table = parallel_dispatch(table, par)
-        build = getattr(backend, "build_model", None)
-        if build is not None:              # a backend that runs a whole exported graph (onnx)
-            show = sys.stderr.isatty() if progress is None else progress
-            model = build(path, prof, show, torch.get_num_threads())
-            return cls(model, load_tokenizer(model.folder, model.cfg), path, prof, table)
-        if reader is None:
-            reader = CheckpointReader(path, progress)
-        else:
+            par, reader = setup(parallel, prof, path, backend)
             reader.progress = progress
-        # The backend streams the tensors into its own storage one at a time (runtime.weights): no float32 copy
-        # of the model is made on any backend.
+            table = parallel_dispatch(table, par)
+        else:
+            reader = CheckpointReader(path, progress)
         weights = backend.load_weights(reader, weight_format, spec.compute, par.device if par else info.device,
                                        prof.int8_linears)
         model = Transformer(reader.cfg, weights.tensors, weights.quantized, table.ops, par)
-        return cls(model, load_tokenizer(path, reader.cfg), path, prof, table, weights)
+        return cls(model, load_tokenizer(path, reader.cfg), path, prof, table, weights, backend, chunk)
+
+    def placement(self) -> list[str]:
+        """Where the model's work runs beyond the dispatch table (an exported graph: nodes per provider)."""
+        return self.device_backend.placement(self.model) if self.device_backend is not None else []
 
     def with_ops(self, **replace: Callable) -> "Runtime":
         """This runtime with some ops of its table replaced (same weights, nothing copied): for experiments
@@ -193,7 +126,8 @@ class Runtime:
                                 "replaced with Runtime.with_ops") if r.op in replace else r for r in self.dispatch.rows)
         table = dataclasses.replace(self.dispatch, rows=rows, ops=dataclasses.replace(self.dispatch.ops, **replace))
         model = Transformer(self.config, self.weights.tensors, self.weights.quantized, table.ops, self.parallel)
-        return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self.weights)
+        return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self.weights, self.device_backend,
+                       self.prefill_chunk)
 
     # ------------------------------------------------------------------ forward
     def new_state(self, batch_size: int = 1, context: int = 0) -> StateBatch:
@@ -343,10 +277,11 @@ class Runtime:
         return speculative.generate(self, rows, params, gen, on_token)
 
     def _prefill(self, row: list[int], seq) -> torch.Tensor:
-        """Prefill one prompt in chunks of CHUNK tokens (bounded activations; the same math as one call:
-        every chunk continues the sequence's state) -> the last position's logits [1, V]."""
-        for i in range(0, len(row), CHUNK):
-            logits = self.model.forward(torch.tensor([row[i:i + CHUNK]]), [seq])
+        """Prefill one prompt in chunks of `prefill_chunk` tokens (bounded activations; the same math as one
+        call: every chunk continues the sequence's state) -> the last position's logits [1, V]."""
+        step = self.prefill_chunk
+        for i in range(0, len(row), step):
+            logits = self.model.forward(torch.tensor([row[i:i + step]]), [seq])
         return logits[:, -1].float().cpu()
 
     def describe(self) -> str:

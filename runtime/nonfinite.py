@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from .errors import V4Error
-from .memory import CHUNK
+from .plan.memory import PREFILL_CHUNK
 from .taps import FirstNonFinite
 
 
@@ -26,11 +26,11 @@ def finite(logits: torch.Tensor) -> bool:
 
 
 def _replay(model, prefill: torch.Tensor, decode: list[int], rec: FirstNonFinite, chunked: bool) -> None:
-    """Feed `prefill` ([B, S]; in CHUNK pieces when `chunked`, as generate does), then `decode` one token at a
+    """Feed `prefill` ([B, S]; in PREFILL_CHUNK pieces when `chunked`, as generate does), then `decode` one token at a
     time, on fresh sequences; `rec` is active during the prefill when there is no decode, else during the last
     decode step only (the earlier ones were finite)."""
     seqs = model.new_state(prefill.shape[0]).seqs
-    step = CHUNK if chunked else prefill.shape[1]
+    step = PREFILL_CHUNK if chunked else prefill.shape[1]
     off = contextlib.nullcontext()
     with torch.inference_mode():
         for i in range(0, prefill.shape[1], step):

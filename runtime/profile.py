@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 import hardware_profiles
+from backends import names as backend_names
 
 from .errors import V4Error
 from .ops.numerics import ACT_QUANT, FLOAT_DTYPES, INDEXER_DTYPES, KV_DTYPES, NumericsSpec
@@ -24,7 +25,6 @@ from .weight_formats import W8A8_DEFAULT, WEIGHT_FORMATS
 from .yaml_io import read_yaml
 
 PROFILE_DIR = Path(hardware_profiles.__file__).resolve().parent      # package data: ships in the wheel
-BACKENDS = ("cpu", "cuda", "ascend", "onnx")
 CAPABILITIES = ("fp32", "bf16", "fp16", "fp8_gemm", "int8_w8a8", "mxfp4", "fused_sparse_attention",
                 "fused_indexer", "fused_moe_gating", "fused_compressor", "fused_mhc", "fused_rope_interleave",
                 "fused_clipped_swiglu", "graph_capture", "triton", "scaled_mm_blockwise",
@@ -84,7 +84,7 @@ class Profile:
 
 _REQUIRED = ("name", "backend", "device_family", "memory_gib", "bandwidth_gbps", "compute_dtype", "kv_dtype",
              "indexer_dtype", "weight_format", "act_quant", "capabilities")
-_CHOICES = {"backend": BACKENDS, "compute_dtype": tuple(FLOAT_DTYPES), "kv_dtype": KV_DTYPES,
+_CHOICES = {"backend": backend_names(), "compute_dtype": tuple(FLOAT_DTYPES), "kv_dtype": KV_DTYPES,
             "indexer_dtype": INDEXER_DTYPES, "weight_format": WEIGHT_FORMATS, "act_quant": ACT_QUANT,
             "graph_mode": GRAPH_MODES}
 

@@ -23,8 +23,11 @@ from .cli import ArgumentParser
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="python -m runtime.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="cpu", choices=["cpu", "cuda", "ascend"],
-                    help="backend; alone it picks the backend's default profile (cpu, nvidia-h100, ascend-910b)")
+    from backends import names
+
+    ap.add_argument("--backend", default="cpu", choices=names(),
+                    help="backend; alone it picks the backend's default profile (Backend.default_profile: cpu, "
+                         "nvidia-h100, ascend-910b, onnx-cpu)")
     ap.add_argument("--profile", default=None,
                     help="hardware profile: a name from hardware_profiles/ or a path to a YAML file")
     ap.add_argument("--emulate", action="store_true",
@@ -107,10 +110,8 @@ def _run(args) -> int:
         if rt.parallel is not None and rt.parallel.distributed:
             print(f"# {rt.parallel.describe()}", file=sys.stderr)
         print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
-        if hasattr(rt.model, "placement"):          # an exported graph: where ONNX Runtime put its nodes
-            for graph, counts in rt.model.placement().items():
-                print(f"# {graph} graph nodes by provider: " + ", ".join(f"{p} {n}" for p, n in counts.items()),
-                      file=sys.stderr)
+        for line in rt.placement():               # an exported graph: where ONNX Runtime put its nodes
+            print(f"# {line}", file=sys.stderr)
     ids = rt.encode(prompt)
     text_of = rt.tokenizer.stream_decoder()
 

@@ -1,4 +1,5 @@
-"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling from a seeded generator."""
+"""Next-token choice: greedy, or temperature + nucleus (top-p) sampling from a seeded generator; and `Generation`,
+what `Runtime.generate` (and speculative generation) returns."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     if params.temperature == 0:
         return logits.argmax(-1)
     return torch.multinomial(probabilities(logits, params), 1, generator=gen).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]         # generated ids per prompt (EOS included when it stopped there)
+    texts: list[str]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens: int              # tokens fed through one-token decode steps (all rows)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")

@@ -27,9 +27,8 @@ from typing import Callable
 
 import torch
 
-from .memory import CHUNK
 from .model.state import mark, settle
-from .sampling import SamplingParams, probabilities
+from .sampling import Generation, SamplingParams, probabilities
 
 # A draft function: the token histories of some sequences (prompt + emitted tokens, the last one decided but
 # not yet fed) -> draft logits [n, V] for the token after it. None = the model's MTP block.
@@ -61,12 +60,12 @@ def _dist(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
-def _prefill(model, row: list[int], seq):
-    """Prefill the main model and the MTP block on one prompt (chunks of CHUNK tokens) -> last logits [1, V]
+def _prefill(model, row: list[int], seq, chunk: int):
+    """Prefill the main model and the MTP block on one prompt (chunks of `chunk` tokens) -> last logits [1, V]
     and the final streams of the last position [1, 1, hc, d] (not yet read by the MTP block)."""
     carry = None
-    for i in range(0, len(row), CHUNK):
-        logits, X = model.forward(torch.tensor([row[i:i + CHUNK]]), [seq], return_hidden=True)
+    for i in range(0, len(row), chunk):
+        logits, X = model.forward(torch.tensor([row[i:i + chunk]]), [seq], return_hidden=True)
         Xs = X if carry is None else torch.cat((carry, X), dim=1)          # positions mtp_pos .. pos-1
         nxt = row[seq.mtp_pos + 1:seq.pos]                                  # token after each but the last
         if nxt:
@@ -76,10 +75,8 @@ def _prefill(model, row: list[int], seq):
 
 
 def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=None, draft: DraftFn | None = None):
-    """Speculative generation for token-id prompts `rows` -> runtime.api.Generation (see module doc).
+    """Speculative generation for token-id prompts `rows` -> runtime.sampling.Generation (see module doc).
     `decode_tokens` counts the tokens fed through verify steps; `rt.last_acceptance` holds (kept, drafted)."""
-    from .api import Generation
-
     model, eos, limit = rt.model, rt.config.eos_token_id, params.max_new_tokens
     state = rt.new_state(len(rows), context=max(map(len, rows)) + limit + 2)
     out: list[list[int]] = [[] for _ in rows]
@@ -87,7 +84,7 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
     kept_n = drafted = steps = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        pre = [_prefill(model, r, state.seqs[b]) for b, r in enumerate(rows)]
+        pre = [_prefill(model, r, state.seqs[b], rt.prefill_chunk) for b, r in enumerate(rows)]
         t1 = time.perf_counter()
         # Per sequence: hidden streams of positions [mtp_pos, pos) awaiting the MTP block, and the token after
         # each of them (the last one = the decided, unfed token `tok`).

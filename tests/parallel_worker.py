@@ -26,7 +26,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from runtime.api import Runtime
-    from runtime.parallel.plan_layouts import measured_rank_bytes
+    from runtime.plan.layouts import measured_rank_bytes
 
     # The API inside a process group the caller initialised (the CLI tests cover the runtime's own init).
     dist.init_process_group("gloo")

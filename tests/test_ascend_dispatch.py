@@ -38,7 +38,7 @@ class CpuHostedAscend(AscendBackend):
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
-    """Each test has its own self-test cache (runtime.api.cache_dir() honours DSV4RT_HOME)."""
+    """Each test has its own self-test cache (runtime.cache.cache_dir() honours DSV4RT_HOME)."""
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path / "home"))
 
 

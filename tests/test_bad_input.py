@@ -154,7 +154,7 @@ def test_cli_errors_exit_2_with_one_line(ckpt_copy, tmp_path):
 
 # ------------------------------------------------------------------ the cache folder (build_once)
 def test_failed_build_leaves_no_temporary_folder_and_half_built_is_rebuilt(tmp_path):
-    from runtime.api import build_once
+    from runtime.cache import build_once
 
     target = tmp_path / "cache" / "thing"
 
@@ -176,7 +176,7 @@ def test_failed_build_leaves_no_temporary_folder_and_half_built_is_rebuilt(tmp_p
 
 
 def test_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
-    from runtime.api import default_checkpoint
+    from runtime.cache import default_checkpoint
 
     blocker = tmp_path / "home"
     blocker.write_text("a file where the cache folder should be")
@@ -191,7 +191,7 @@ def _cli_mains():
     """(main, argv, the function its body calls first that we make raise) for each CLI."""
     return [("runtime.run", ["--max-new-tokens", "1"], "runtime.api.Runtime.load"),
             ("runtime.checkpoint.__main__", ["check", "x"], "runtime.checkpoint.__main__._check"),
-            ("runtime.plan", ["--context", "10"], "runtime.plan.plan"),
+            ("runtime.plan.__main__", ["--context", "10"], "runtime.plan.__main__.plan"),
             ("runtime.parity.__main__", ["--candidate", "cpu-bf16", "--out", "OUT"], "runtime.parity.compare.compare"),
             ("runtime.bench.__main__", ["--quick"], "runtime.bench.__main__.parse"),
             ("export.onnx", ["--checkpoint", "x", "--out", "OUT"], "export.onnx.export_model")]
@@ -275,7 +275,8 @@ def test_ctrl_c_exits_130_with_one_line(tiny_ckpt):
 def test_plan_of_a_window_only_model(capsys, tmp_path):
     """Every layer window-only: no state grows with the context (this was a ZeroDivisionError)."""
     from runtime.config import ModelConfig
-    from runtime.plan import main, plan
+    from runtime.plan import plan
+    from runtime.plan.__main__ import main
     from runtime.presets import preset
     from runtime.profile import load_profile
 
@@ -352,7 +353,7 @@ def test_external_data_is_resolved_against_the_graph_folder(tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from export.onnx import ExportError, check_external_data
+    from export.format import ExportError, check_external_data
 
     graph = _graph_with_external_data(tmp_path, "sub/g.onnx")
     check_external_data(tmp_path, "sub/g.onnx")
@@ -384,7 +385,7 @@ def test_external_data_is_resolved_against_the_graph_folder(tmp_path):
     ({"step": "missing.onnx"}, "names missing.onnx, which is not in"),
 ])
 def test_export_manifest_graph_names_are_checked(tmp_path, graphs, msg):
-    from runtime.onnx_model import read_manifest
+    from export.format import read_manifest
 
     (tmp_path / "step.onnx").write_bytes(b"")
     good = {"format_version": 2, "state": ["a"], "index_taps": ["t"], "graphs": {"step": "step.onnx"}}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import runtime.api
-from backends.base import DeviceInfo
+from backends.base import BackendUnavailable, DeviceInfo
 from backends.cuda import CudaBackend
 from backends import cuda_ops
 from runtime.api import Runtime
@@ -226,7 +226,7 @@ def test_a_profile_the_device_cannot_run_is_refused(tiny_ckpt, monkeypatch):
             return DeviceInfo("cuda", "cpu", "CPU-hosted twin of an sm_80 GPU", {"sm": 80})
 
     monkeypatch.setattr(runtime.api, "get_backend", lambda name: Ampere())
-    with pytest.raises(runtime.api.BackendUnavailable, match="profile nvidia-h100 needs fp8_gemm but"):
+    with pytest.raises(BackendUnavailable, match="profile nvidia-h100 needs fp8_gemm but"):
         Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
 
 

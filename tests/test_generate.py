@@ -66,7 +66,8 @@ def test_cli_streams_and_reports_speed(tiny_ckpt):
 
 
 def test_default_checkpoint_is_generated_once(tmp_path, monkeypatch, tiny_rt):
-    from runtime.api import Runtime, default_checkpoint
+    from runtime.api import Runtime
+    from runtime.cache import default_checkpoint
 
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path))
     rt = Runtime.load("cpu", progress=False)                  # no checkpoint: the embedded tiny default

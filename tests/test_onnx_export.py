@@ -106,8 +106,8 @@ def test_caches_grow_mid_call_and_only_with_their_own_sequence(small_chunks, tin
     """Caches that start with room for 8 tokens: they double inside chunked prefills and decode steps, for two
     sequences at different positions; the numbers stay the reference's and the shorter sequence's caches
     follow its own length, not its neighbour's."""
-    import runtime.onnx_model as om
-    from export.chunk import cache_ratio
+    import backends.onnx_runner as om
+    from export.format import cache_ratio
 
     monkeypatch.setattr(om, "MIN_CAPACITY", 8)
     ort_rt = small_chunks
@@ -137,7 +137,7 @@ def test_an_export_of_another_format_is_refused(exported, tmp_path):
 def test_decode_feeds_live_rows_and_writes_entries_in_place(ort_rt, tiny_rt):
     """Caches reserved for 8192 tokens: a step feeds only the rows a position needs (a view of the arrays, not a
     copy), the arrays are updated in place (no regrowth, no new arrays) and the numbers stay the reference's."""
-    from export.chunk import cache_ratio, fed_rows
+    from export.format import cache_ratio, fed_rows
 
     model = ort_rt.model
     st, ref = ort_rt.new_state(1, context=8192), tiny_rt.new_state(1)
@@ -218,7 +218,7 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
     through a blocked DequantizeLinear; same numbers, a quarter of the bytes."""
     import shutil
 
-    from export.onnx import _save
+    from export.trace import save_graph
     from export.weight_storage import StorageError, store_quantized
     from runtime.checkpoint import load_checkpoint
 
@@ -233,7 +233,7 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
         dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
         assert {onnx.helper.get_attribute_value(a) for n in dq for a in n.attribute if a.name == "block_size"} \
             == {128, 32}
-        _save(m, dst, g)
+        save_graph(m, dst, g)
     for f in ("export.json", "config.json"):
         shutil.copy(exported[1] / f, dst / f)
     rt = Runtime.load("onnx-cpu", checkpoint=dst, progress=False)
@@ -257,7 +257,7 @@ def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(tiny_ckpt, ti
     import onnxruntime as ort
 
     from export.edge import export_edge
-    from export.steps import state_names, state_shapes
+    from export.format import state_names, state_shapes
 
     out = export_edge(tiny_ckpt, tmp_path / "edge", batch=1, seq=64, capacity=256, opset=15, progress=False)
     graphs = {}

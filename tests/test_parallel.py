@@ -24,7 +24,7 @@ from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
 from runtime.config import ModelConfig
 from runtime.parallel import Layout, LayoutError
-from runtime.parallel.plan_layouts import rank_plan, rank_weight_bytes
+from runtime.plan.layouts import rank_plan, rank_weight_bytes
 from runtime.parallel.shard import ShardedReader
 from runtime.plan import weight_bytes
 from runtime.profile import load_profile
@@ -149,7 +149,7 @@ def test_each_rank_holds_its_slices(runs, tiny_ckpt):
 
 def test_per_rank_memory_matches_planner(runs, tiny_ckpt):
     """Measured = distinct storages of the rank's weight map + its decode state after prefill and decode;
-    planned = runtime.parallel.plan_layouts.rank_plan for that rank, layout and context. Measured 2026-12-01
+    planned = runtime.plan.layouts.rank_plan for that rank, layout and context. Measured 2026-12-01
     with the stored-format weights: +0.44% (TP 2), +0.56% (EP 2), +0.55% (TP 2 x EP 2) on every rank (a constant
     ~30 KB the planner does not count); bound 1.7%, about 3x that."""
     cfg, prof = ModelConfig.from_file(tiny_ckpt / "config.json"), load_profile("cpu")
@@ -281,7 +281,7 @@ def test_layout_plan_is_the_plan_split(model, profile):
 
 
 def test_plan_cli_layouts():
-    from runtime.plan import main
+    from runtime.plan.__main__ import main
     import contextlib
     import io
 

@@ -263,8 +263,8 @@ def test_fingerprint_and_onnx_cache_key_cover_the_weights(tiny_ckpt, tmp_path, m
     """Failed before: the fingerprint hashed names, sizes and headers only, so a fine-tune of the same layout
     shared the ONNX export cache entry (and the parity report's identity) of the original."""
     import backends.onnx
-    import runtime.api
-    from runtime.parity.report import checkpoint_fingerprint
+    import runtime.cache
+    from runtime.checkpoint.fingerprint import checkpoint_fingerprint
 
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path / "home"))
     b = tmp_path / "B"
@@ -274,7 +274,7 @@ def test_fingerprint_and_onnx_cache_key_cover_the_weights(tiny_ckpt, tmp_path, m
     assert checkpoint_fingerprint(tiny_ckpt) != checkpoint_fingerprint(b)
     assert checkpoint_fingerprint(b) == checkpoint_fingerprint(b)
     # the export cache folder backends/onnx.py would build (build_once stubbed: the key, not the export)
-    monkeypatch.setattr(runtime.api, "build_once", lambda path, done, build: path)
+    monkeypatch.setattr(runtime.cache, "build_once", lambda path, done, build: path)
     key_a, key_b = backends.onnx._cached_export(tiny_ckpt, False), backends.onnx._cached_export(b, False)
     assert key_a.parent == key_b.parent and key_a != key_b
 
@@ -282,7 +282,7 @@ def test_fingerprint_and_onnx_cache_key_cover_the_weights(tiny_ckpt, tmp_path, m
 def test_shard_digests_are_cached_and_the_cache_is_optional(tiny_ckpt, tmp_path, monkeypatch):
     import os
 
-    from runtime.parity import fingerprint as fp
+    from runtime.checkpoint import fingerprint as fp
 
     home = tmp_path / "home"
     monkeypatch.setenv("DSV4RT_HOME", str(home))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from runtime.checkpoint.loader import inventory
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError, ConfigError, InputError, V4Error
-from runtime.onnx_model import read_manifest
+from export.format import read_manifest
 from runtime.parity.compare import load_prompts
 from runtime.parity.tolerances import ToleranceError, load_tolerances
 from runtime.presets import preset

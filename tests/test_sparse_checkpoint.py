@@ -19,7 +19,7 @@ from runtime.checkpoint.sparse import check_extents, disk_usage, write_sparse_ch
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.formats import decode_e8m0
-from runtime.memory import MemoryPlan
+from runtime.plan.memory import MemoryPlan
 from runtime.plan import plan, weight_bytes
 from runtime.presets import preset
 from runtime.profile import load_profile

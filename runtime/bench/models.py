@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..api import build_once, cache_dir, default_checkpoint
+from ..cache import build_once, cache_dir, default_checkpoint
 from ..checkpoint.make import CHECKPOINT_FORMAT_VERSION, write_checkpoint
 from ..errors import InputError
 from ..presets import preset

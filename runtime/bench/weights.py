@@ -96,7 +96,7 @@ def write_streaming(out: Path, raw: dict, seed: int = 0, shard_bytes: int = 1 <<
 
 
 def bench_model(name: str) -> Path:
-    from ..api import build_once, cache_dir, default_checkpoint
+    from ..cache import build_once, cache_dir, default_checkpoint
 
     if name == "tiny":
         return default_checkpoint()
@@ -192,7 +192,7 @@ def _run(spec: dict, timeout: float) -> dict:
 
 
 def _f32_fits(path: Path) -> bool:
-    from ..memory import host_ram
+    from ..plan.memory import host_ram
 
     stored = json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     return host_ram()[1] > 9 * stored * 1.2            # float32 is ~8x the stored bytes, plus headroom

@@ -1,8 +1,9 @@
 """The process group and the handful of collectives the model calls (identity on one device).
 
-`join(profile, layout)` initialises torch.distributed from the launcher's environment (`torchrun` sets RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) with the profile's backend (gloo on CPU, nccl on CUDA,
-hccl on Ascend) and its `collective_timeout_s`, builds the TP and EP sub-groups and returns a `Parallel`.
+`join(profile, layout, cfg, backend)` initialises torch.distributed from the launcher's environment (`torchrun`
+sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) with the backend's process group
+(`Backend.process_group_backend()`: gloo on CPU, nccl on CUDA, hccl on Ascend), on the backend's device per rank
+(`Backend.rank_device`) and with the profile's `collective_timeout_s`, builds the TP and EP sub-groups and returns a `Parallel`.
 `SINGLE` is the one-device context: every hook returns its input, so the single-device model is unchanged.
 
 Where the collectives are (spec §15):
@@ -27,7 +28,6 @@ import torch
 from ..errors import V4Error
 from .layout import Layout, LayoutError
 
-PG_BACKEND = {"cpu": "gloo", "cuda": "nccl", "ascend": "hccl"}
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -177,37 +177,23 @@ class VocabEmbedding:
 SINGLE = Parallel()
 
 
-def device_for(backend: str, local_rank: int):
-    """The device this rank computes on: its own GPU / NPU (LOCAL_RANK), the CPU for gloo."""
-    if backend == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if backend == "ascend":
-        import torch_npu  # noqa: F401  (registers torch.npu)
-
-        torch.npu.set_device(local_rank)
-        return torch.device("npu", local_rank)
-    return torch.device("cpu")
-
-
-def join(profile, layout: Layout, cfg) -> Parallel:
-    """Join (or reuse) the default process group for `layout`, build its TP / EP groups, return the context."""
+def join(profile, layout: Layout, cfg, device_backend) -> Parallel:
+    """Join (or reuse) the default process group for `layout`, build its TP / EP groups, return the context.
+    `device_backend`: the backends.base.Backend the ranks compute on (its process group and device per rank)."""
     import torch.distributed as dist
 
-    backend = PG_BACKEND.get(profile.backend)
+    backend = device_backend.process_group_backend()
     if backend is None:
-        raise LayoutError(f"profile {profile.name} runs on {profile.backend}, which has no torch.distributed "
-                          "backend; choose a cpu, cuda or ascend profile for a multi-device run")
+        raise LayoutError(f"profile {profile.name} runs on {device_backend.name}, which has no torch.distributed "
+                          "backend; choose a profile of a backend that has one for a multi-device run")
     timeout = getattr(profile, "collective_timeout_s", DEFAULT_TIMEOUT_S)
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             if layout.world == 1:                        # no launcher and one rank: a plain one-device run
-                return Parallel(layout, 0, device_for(profile.backend, 0) if profile.backend != "cpu" else "cpu")
+                return Parallel(layout, 0, device_backend.rank_device(0))
             raise LayoutError(f"layout {layout} needs {layout.world} processes; launch with "
                               f"torchrun --nproc-per-node {layout.world} -m runtime.run ... (or call "
                               "torch.distributed.init_process_group first)")
-        if backend == "hccl":
-            import torch_npu  # noqa: F401  (registers the hccl backend)
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         except (dist.DistError, ValueError) as e:    # a rank never came (DistStoreError), a bad MASTER_PORT
@@ -225,7 +211,7 @@ def join(profile, layout: Layout, cfg) -> Parallel:
         if owns:
             dist.destroy_process_group()
         raise
-    device = device_for(profile.backend, int(os.environ.get("LOCAL_RANK", rank)))
+    device = device_backend.rank_device(int(os.environ.get("LOCAL_RANK", rank)))
     # new_group is collective: every rank creates every group, in the same order.
     tp_group = ep_group = None
     if layout.tp > 1:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .fingerprint import checkpoint_fingerprint  # noqa: F401  (re-exported: backends/onnx.py, export/onnx.py)
+from ..checkpoint.fingerprint import checkpoint_fingerprint
 from .html import render_html, render_markdown
 from .tolerances import DEFAULT as DEFAULT_TOLERANCES
 

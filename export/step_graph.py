@@ -5,7 +5,7 @@ continued chunks, and (S = 1) the decode step: as fast as a graph specialised to
 export instead of two.
 
 Inputs: ids [B, S], start [B] (tokens each sequence has consumed), then per layer the state of export/graph.py,
-with one difference: the compressed caches `comp` / `ikeys` are fed with only their live rows, at least
+with one difference (export/format.py names and sizes them): the compressed caches `comp` / `ikeys` are fed with only their live rows, at least
 `fed_rows(start, S, m)` of them (closed entries, then room for the entries this chunk writes); rows past a
 sequence's position are never read (a ragged batch pads them with anything).
 Outputs: logits [B, S, V]; per layer the rings (`win`, `ckv` / `csc`, `ikv` / `isc`) after the chunk, and for
@@ -19,31 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .format import INDEXER_RATIO, output_names, state_names, windows
 from .graph import NEG_INF, V4Graph
-from .steps import INDEXER_RATIO, index_tap_names, state_names
-
-
-def windows(S: int, m: int) -> int:
-    """Compression windows S consecutive tokens can touch, wherever they start (an upper bound)."""
-    return (S + 2 * m - 2) // m
-
-
-def fed_rows(start: int, S: int, m: int) -> int:
-    """Rows of a ratio-m cache the Step graph needs for a sequence at `start` taking S tokens."""
-    return start // m + windows(S, m)
-
-
-def is_cache(name: str) -> bool:
-    return name.endswith((".comp", ".ikeys"))
-
-
-def cache_ratio(cfg, name: str) -> int:
-    return INDEXER_RATIO if name.endswith(".ikeys") else cfg.ratio(int(name[1:name.index(".")]))
-
-
-def output_names(cfg) -> list[str]:
-    """The Step graph's outputs after the logits: the state after the chunk, then the index taps."""
-    return [f"{n}.new" if is_cache(n) else f"{n}.out" for n in state_names(cfg)] + index_tap_names(cfg)
 
 
 def _batch_rows(x, idx):

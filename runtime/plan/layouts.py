@@ -5,10 +5,10 @@
 Per rank (rank 0, which holds the largest vocabulary block):
 - weights: every tensor of the official inventory this rank owns (`runtime.parallel.shard.owned_slice`, the
   loader's own rule), at its sliced shape, in the profile's weight format (the arithmetic of
-  `runtime.plan.weight_bytes`, per tensor);
+  `runtime.plan.sizes.weight_bytes` over the owned slices);
 - state: one KV head is never split, so every rank keeps the whole decode state of every sequence:
-  `runtime.plan.state_plan` with the MTP block's layer (the runtime allocates it) x batch;
-- workspace: one prefill chunk's activations (`runtime.plan.activation_bytes`), counted in the fit only.
+  `runtime.plan.sizes.state_plan` with the MTP block's layer (the runtime allocates it) x batch;
+- workspace: one prefill chunk's activations (`runtime.plan.sizes.activation_bytes`), counted in the fit only.
 Proposals keep TP inside a node (its all-reduce runs twice per layer); EP may span nodes.
 
 `measured_rank_bytes(rt, state)` is the figure this plan is tested against: the bytes of the distinct tensor
@@ -21,34 +21,21 @@ import math
 
 import torch
 
-from ..checkpoint.inventory import FP8_BLOCK, expected_tensors
-from ..plan import tensor_bytes
-from .layout import Layout, valid_ep, valid_tp
-from .shard import owned_slice
+from ..parallel.layout import Layout, valid_ep, valid_tp
+from .memory import PREFILL_CHUNK
+from .sizes import HEADROOM, activation_bytes, state_plan, weight_bytes
 
 
 def rank_weight_bytes(cfg, profile, layout: Layout, rank: int = 0) -> int:
-    total = 0
-    for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
-        sl = owned_slice(name, shape, layout, rank, cfg.n_routed_experts)
-        if sl is False:
-            continue
-        decoded = False
-        if sl is not None:
-            size = shape[sl.dim]
-            decoded = kind == "fp8" and (sl.lo % FP8_BLOCK or (sl.hi % FP8_BLOCK and sl.hi != size))
-            shape = tuple(sl.hi - sl.lo if d == sl.dim else s for d, s in enumerate(shape))
-        total += tensor_bytes(name, shape, kind, profile, bool(decoded))
-    return total
+    """What rank `rank` holds of the weights: `runtime.plan.sizes.weight_bytes` over its owned slices."""
+    return weight_bytes(cfg, profile, layout=layout, rank=rank)
 
 
 def rank_plan(cfg, profile, layout: Layout, context: int, batch: int = 1, rank: int = 0,
-              chunk: int = 4096) -> dict:
+              chunk: int = PREFILL_CHUNK) -> dict:
     """Rank `rank`'s weights and state (`total`, what tests compare with a loaded rank) and, for the fit, the
-    workspace of one prefill chunk (`runtime.plan.activation_bytes` of the whole model: an upper bound, TP
+    workspace of one prefill chunk (`runtime.plan.sizes.activation_bytes` of the whole model: an upper bound, TP
     would shrink its per-head parts)."""
-    from ..plan import HEADROOM, activation_bytes, state_plan
-
     w = rank_weight_bytes(cfg, profile, layout, rank)
     st = state_plan(cfg, profile, include_mtp=True)
     state = batch * (st.fixed + st.per_token * context)

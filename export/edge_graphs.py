@@ -1,50 +1,13 @@
 """The edge variant's two static graphs (export/edge.py): `Prefill` (ids [B, S] from position 0 -> logits and the
-decode state) and `Decode` (one token per sequence at its own position, the whole state in and out), and the state
-layout helpers the ONNX Runtime graph (export/chunk.py) shares. State layout: export/graph.py."""
+decode state) and `Decode` (one token per sequence at its own position, the whole state in and out). State
+layout: export/format.py (names, shapes) and export/graph.py (what each tensor holds)."""
 
 from __future__ import annotations
 
 import torch
 
+from .format import INDEXER_RATIO, index_tap_names, state_names
 from .graph import NEG_INF, V4Graph, _ring_rows
-
-INDEXER_RATIO = 4
-
-
-def state_names(cfg) -> list[str]:
-    """The decode state's tensors, in graph input / output order."""
-    names = []
-    for i in range(cfg.num_layers):
-        names.append(f"L{i}.win")
-        if cfg.ratio(i):
-            names += [f"L{i}.comp", f"L{i}.ckv", f"L{i}.csc"]
-            if cfg.is_csa(i):
-                names += [f"L{i}.ikeys", f"L{i}.ikv", f"L{i}.isc"]
-    return names
-
-
-def index_tap_names(cfg) -> list[str]:
-    """Extra outputs: each CSA layer's indexer top-k (for parity): [B, S, min(topk, ceil(S / 4))] from the edge
-    prefill graph, [B, S, min(topk, indexer rows fed)] from the step graph."""
-    return [f"L{i}.indexer.topk" for i in range(cfg.num_layers) if cfg.is_csa(i)]
-
-
-def state_shapes(cfg, batch: int, capacity: int) -> dict[str, tuple]:
-    """Shapes of an empty decode state for `capacity` tokens (the runner allocates these)."""
-    out = {}
-    for i in range(cfg.num_layers):
-        m = cfg.ratio(i)
-        out[f"L{i}.win"] = (batch, cfg.window, cfg.head_dim)
-        if m:
-            csa = cfg.is_csa(i)
-            coff = 2 if csa else 1
-            out[f"L{i}.comp"] = (batch, -(-capacity // m), cfg.head_dim)
-            out[f"L{i}.ckv"] = out[f"L{i}.csc"] = (batch, coff * m, coff * cfg.head_dim)
-            if csa:
-                out[f"L{i}.ikeys"] = (batch, -(-capacity // INDEXER_RATIO), cfg.index_head_dim)
-                out[f"L{i}.ikv"] = out[f"L{i}.isc"] = (batch, 2 * INDEXER_RATIO, 2 * cfg.index_head_dim)
-    return out
-
 
 class Prefill(V4Graph):
     def forward(self, ids: torch.Tensor):

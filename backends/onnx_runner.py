@@ -1,8 +1,9 @@
 """Running the exported ONNX graph (export/onnx.py) with ONNX Runtime, behind the same interface as the torch
-model: `forward(ids, seqs)`, `new_state(batch)`, `cfg`, `device`.
+model: `forward(ids, seqs)`, `new_state(batch)`, `cfg`, `device`. The graph's format (manifest, state names and
+shapes, fed cache rows) is export/format.py's.
 
-Every call runs the `step` graph (export/chunk.py): multi-token calls (a fresh prompt, a continued chunk,
-sequences at different positions) in chunks of at most CHUNK tokens, so prefill cost per token and its workspace
+Every call runs the `step` graph (export/step_graph.py): multi-token calls (a fresh prompt, a continued chunk,
+sequences at different positions) in chunks of at most `chunk` tokens (the backend's prefill chunk), so prefill cost per token and its workspace
 stay bounded by the chunk, not the prompt; one-token calls (decode) with S = 1. The state of each sequence is
 numpy arrays: the rings, and compressed-entry caches with room for max(MIN_CAPACITY, context) tokens that grow (doubling) before
 a position would outrun them (`new_state(batch, context=N)` reserves N tokens up front). A call feeds each cache
@@ -16,52 +17,18 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, InputError, V4Error
-from .model.state import StateBatch
-from .taps import recording, tap
-from .yaml_io import read_json
+from export.format import (INDEXER_RATIO, cache_ratio, check_external_data, fed_rows, is_cache, read_manifest,
+                           state_shapes)
+from runtime.errors import InputError, V4Error
+from runtime.model.state import StateBatch
+from runtime.taps import recording, tap
 
 MIN_CAPACITY = 1024
-CHUNK = 256             # tokens per step-graph call (measured 256 best of 128-2048 on the tiny model, one thread)
-
-
-def _bad_graph_name(name) -> bool:
-    """A graph path that is not a relative path inside the export folder (absolute, `..`, empty, NUL)."""
-    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
-        return True
-    p = PurePosixPath(name)
-    return p.is_absolute() or any(part in ("..", "") for part in name.split("/")) or p.suffix != ".onnx"
-
-
-def read_manifest(folder: Path, format_version: int) -> dict:
-    """export.json of an export folder, checked: its format, the state and tap names (lists of strings) and the
-    graphs (relative `.onnx` paths inside the folder). Anything else is a one-line error naming the key."""
-    path = folder / "export.json"
-    m = read_json(path, CheckpointError, "ONNX export manifest")
-    fix = "re-export it (python -m export.onnx --checkpoint CKPT --out DIR)"
-    if not isinstance(m, dict):
-        raise CheckpointError(f"{path}: not an export manifest (a JSON object); {fix}")
-    if m.get("format_version") != format_version:
-        raise CheckpointError(f"{folder} holds an ONNX export of format {str(m.get('format_version'))[:20]}; this "
-                              f"runtime reads format {format_version}: {fix}")
-    for key in ("state", "index_taps"):
-        if not isinstance(m.get(key), list) or not all(isinstance(n, str) and n for n in m[key]):
-            raise CheckpointError(f"{path}: key '{key}' must be a list of tensor names; {fix}")
-    graphs = m.get("graphs")
-    if not isinstance(graphs, dict) or "step" not in graphs:
-        raise CheckpointError(f"{path}: key 'graphs' must be an object naming the 'step' graph; {fix}")
-    for kind, name in graphs.items():
-        if _bad_graph_name(name):
-            raise CheckpointError(f"{path}: graph '{kind}' is {str(name)[:80]!r}, not a relative .onnx path inside "
-                                  f"the export folder (no absolute path, no '..'); refusing it")
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{path}: graph '{kind}' names {name}, which is not in {folder}; {fix}")
-    return m
 
 
 class OnnxSequence:
@@ -93,17 +60,14 @@ class OnnxState(StateBatch):
 
 
 class OnnxModel:
-    def __init__(self, folder: Path, cfg, providers: list[str], threads: int):
+    def __init__(self, folder: Path, cfg, providers: list[str], threads: int, chunk: int):
         import onnxruntime as ort
 
-        from export.chunk import cache_ratio, is_cache
-        from export.onnx import FORMAT_VERSION, check_external_data
-
         self.folder, self.cfg, self.device = folder, cfg, torch.device("cpu")
-        self.manifest = read_manifest(folder, FORMAT_VERSION)
+        self.manifest = read_manifest(folder)
         self.names, self.index_taps = self.manifest["state"], self.manifest["index_taps"]
         self.caches = {n: cache_ratio(cfg, n) for n in self.names if is_cache(n)}     # cache -> its ratio
-        self.chunk = CHUNK
+        self.chunk = chunk                 # tokens per step-graph call
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")   # no int8 activations
@@ -153,16 +117,12 @@ class OnnxModel:
         return OnnxState(self.cfg, self.names, batch_size, context)
 
     def _empty(self, cap: int) -> dict[str, np.ndarray]:
-        from export.steps import state_shapes
-
         return {n: np.zeros(shape, np.float32) for n, shape in state_shapes(self.cfg, 1, cap).items()}
 
     def _feeds(self, ids: np.ndarray, seqs) -> dict[str, np.ndarray]:
         """The graph inputs for ids [B, S] continuing `seqs`: each cache's live rows. One sequence: views of its
         arrays, no copy. Several: one zero-padded copy as wide as the furthest sequence's rows (the rows past a
         shorter one's own are never read), so no sequence's arrays grow with its neighbours'."""
-        from export.chunk import fed_rows
-
         S = ids.shape[1]
         own = [{n: fed_rows(s.pos, S, m) for n, m in self.caches.items()} for s in seqs]
         for s, rows in zip(seqs, own):
@@ -199,8 +159,6 @@ class OnnxModel:
         return out[0]
 
     def forward(self, ids: torch.Tensor, seqs, return_hidden: bool = False) -> torch.Tensor:
-        from export.steps import INDEXER_RATIO
-
         if return_hidden:
             raise InputError("the ONNX export has no MTP block and no hidden-state output; use a torch profile")
         x = ids.cpu().numpy().astype(np.int64)

@@ -22,7 +22,7 @@ CHUNK = 16 << 20                      # bytes read per step: bounded memory what
 
 
 def _cache_file() -> Path:
-    from ..api import cache_dir       # late import: runtime.api pulls in the backends
+    from ..cache import cache_dir
 
     return cache_dir() / CACHE_NAME
 

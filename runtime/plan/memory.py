@@ -1,5 +1,5 @@
 """The memory plan of a loaded runtime: the planner's arithmetic (`runtime.plan`) applied to what this build
-actually holds, printed at load and enforced before a batch or context is allocated.
+actually holds (`runtime.plan.sizes`), printed at load and enforced before a batch or context is allocated.
 
 Weights are counted from the loaded storage (`runtime.weights.Weights.held_bytes`), split on the CPU into
 resident memory and pages of the memory-mapped checkpoint files (which the OS pages in when read and may drop
@@ -7,17 +7,19 @@ again under pressure: a checkpoint larger than RAM still runs, paying disk reads
 routes to that are not cached -- `paging_warning` says when and what that is expected to cost); per-sequence state uses the planner's
 per-layer formulas in the layout this build stores (the torch runtime keeps every KV row, compressed entry and
 indexer key in float32 whatever the profile's cache dtype, which a deployment kernel would use instead), MTP
-block included; activations are one prefill chunk's (`runtime.plan.activation_bytes`). A batch or context
+block included; activations are one prefill chunk's (`runtime.plan.sizes.activation_bytes`). A batch or context
 that would not fit the profile's `memory_gib` (less 10% headroom) is refused with one line naming the
 largest that fits, instead of running into an out-of-memory kill.
 """
 
 from __future__ import annotations
 
-from .errors import InputError
-from .plan import HEADROOM, activation_bytes, gib, state_plan
+from ..errors import InputError
+from .sizes import HEADROOM, activation_bytes, gib, state_plan
 
-CHUNK = 4096                      # the prefill chunk activations are sized for (generate prefills in these)
+# The prefill chunk (tokens per forward call of a prompt): the one runtime setting, a backend's default
+# (backends.base.Backend.prefill_chunk) and what a loaded runtime's activations are sized for.
+PREFILL_CHUNK = 4096
 STATE_LAYOUT = "float32"          # what runtime.model.state stores
 DISK_GBPS = 2.0                   # assumed read bandwidth of the checkpoint's disk (NVMe) for the paging estimate
 
@@ -33,8 +35,8 @@ def host_ram() -> tuple[int, int]:
 
 class MemoryPlan:
     def __init__(self, cfg, profile, weights: int, layout: str = STATE_LAYOUT, mapped: int = 0,
-                 active: float | None = None):
-        self.cfg, self.profile, self.weights = cfg, profile, weights
+                 active: float | None = None, chunk: int = PREFILL_CHUNK):
+        self.cfg, self.profile, self.weights, self.chunk = cfg, profile, weights, chunk
         self.mapped, self.active = mapped, active     # of `weights`: bytes mapped from the checkpoint files; read per token
         self.budget = profile.memory_gib.value * 2 ** 30 * HEADROOM
         self.state = state_plan(cfg, profile, include_mtp=True, layout=layout)
@@ -48,7 +50,7 @@ class MemoryPlan:
         # The workspace is sized for one full prefill chunk whatever the request (reserved, as a server would):
         # then "the longest context that fits" does not depend on how a request is cut.
         # Memory-mapped weights are file pages the OS can drop and re-read: not part of the resident budget.
-        return self.weights - self.mapped + self.state_bytes(lengths) + activation_bytes(self.cfg, self.profile, CHUNK,
+        return self.weights - self.mapped + self.state_bytes(lengths) + activation_bytes(self.cfg, self.profile, self.chunk,
                                                                            max(lengths))
 
     def max_context(self, batch: int) -> int:
