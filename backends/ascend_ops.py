@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.device_weights import Int8Channel
+from runtime.weights.device_layout import Int8Channel
 from runtime.dispatch import register
 from runtime.errors import V4Error
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime import formats
-from runtime.device_weights import BLOCK, Fp8Block, expert_stack
+from runtime.weights.device_layout import BLOCK, Fp8Block, expert_stack
 from runtime.dispatch import DispatchError, register
 
 from .torch_generic import LOW_PRECISION, register_generic, storage_group_linear, storage_linear

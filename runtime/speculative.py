@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from .model.state import mark, settle
+from .plan.memory import PREFILL_CHUNK
 from .sampling import Generation, SamplingParams, probabilities
 
 # A draft function: the token histories of some sequences (prompt + emitted tokens, the last one decided but
@@ -60,7 +61,7 @@ def _dist(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
-def _prefill(model, row: list[int], seq, chunk: int):
+def _prefill(model, row: list[int], seq, chunk: int = PREFILL_CHUNK):
     """Prefill the main model and the MTP block on one prompt (chunks of `chunk` tokens) -> last logits [1, V]
     and the final streams of the last position [1, 1, hc, d] (not yet read by the MTP block)."""
     carry = None

@@ -16,7 +16,7 @@ from backends import ascend_ops
 from backends.ascend import AscendBackend
 from backends.base import DeviceInfo
 from runtime.api import Runtime
-from runtime.device_weights import Int8Channel
+from runtime.weights.device_layout import Int8Channel
 from runtime.profile import PROFILE_DIR, parse_profile
 from tests.twins import torch_npu_twin
 

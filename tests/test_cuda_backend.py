@@ -21,7 +21,8 @@ from backends import cuda_ops
 from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
 from runtime.dispatch import DispatchError
-from runtime.device_weights import Fp8Block, Int8Channel, dequantize, expert_stack, pack_weights
+from runtime.weights.device_layout import Fp8Block, Int8Channel, dequantize, expert_stack
+from tests.device_pack_oracle import pack_weights
 from runtime.formats import decode_e8m0, dequant_fp8_block, quant_fp8_block
 from runtime.model.params import Linear
 from runtime.ops import attention, moe, reference_ops

@@ -30,7 +30,7 @@ from backends.cuda import CudaBackend
 from backends.cuda_fp8_triton import fp8_block_linear
 import runtime.api
 from runtime.api import Runtime
-from runtime.device_weights import Fp8Block
+from runtime.weights.device_layout import Fp8Block
 from runtime.ops.numerics import quant_act_fp8
 from tests.twins import torch_cuda_blockwise_twin, torch_cuda_twin  # noqa: E402
 

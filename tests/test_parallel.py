@@ -295,7 +295,8 @@ def test_plan_cli_layouts():
 def test_device_storage_stacks_an_ep_ranks_experts(tiny_ckpt):
     """On a device the experts of a layer are one [E_local, out, in] stack (grouped GEMM operand), also when an
     EP rank holds only experts 4..7."""
-    from runtime.device_weights import expert_stack, pack_weights
+    from runtime.weights.device_layout import expert_stack
+    from tests.device_pack_oracle import pack_weights
 
     cfg = ModelConfig.from_file(tiny_ckpt / "config.json")
     ck = ShardedReader(tiny_ckpt, cfg, Layout(1, 2), 1).load(progress=False)

@@ -26,7 +26,8 @@ from runtime import formats
 from runtime.api import Runtime
 from runtime.checkpoint import CheckpointReader, load_checkpoint
 from runtime.checkpoint import loader as loader_mod
-from runtime.device_weights import Fp8Block, Int8Channel, dequantize, expert_stack, pack_weights
+from runtime.weights.device_layout import Fp8Block, Int8Channel, dequantize, expert_stack
+from tests.device_pack_oracle import pack_weights
 from runtime.plan.memory import MemoryPlan
 from runtime.profile import load_profile
 from runtime.weight_formats import transform_weights

@@ -1,5 +1,5 @@
 """Device storage from the checkpoint stream: each tensor packed on the host and copied to the GPU / NPU
-before the next one is read (issue 15), into the layouts `runtime.device_weights` describes.
+before the next one is read (issue 15), into the layouts `runtime.weights.device_layout` describes.
 
 - FP8 linears in `fp8_block` stay as stored: the e4m3 codes are copied as they are (no FP8 -> float32 -> FP8
   round trip), the ue8m0 block scales decoded to float32 powers of two (`Fp8Block`);
@@ -7,7 +7,7 @@ before the next one is read (issue 15), into the layouts `runtime.device_weights
 - the other quantised / bf16-on-disk weights go to the storage dtype (bf16 / fp16), routed experts into one
   preallocated [E, out, in] stack per layer and projection (`expert_stack`), written expert by expert;
 - float32 for the rest (norms, sinks, mHC, `ape`, the gate, FP32_COMPUTE weights), int64 for the routing table.
-The values equal `runtime.device_weights.pack_weights` of the float32 checkpoint (the former whole-model
+The values equal `tests/device_pack_oracle.pack_weights` of the float32 checkpoint (the former whole-model
 path, kept as the tests' oracle) bit for bit; each tensor's host transient is freed before the next.
 """
 
@@ -18,7 +18,7 @@ import re
 import torch
 
 from .. import formats
-from ..device_weights import _COMPUTE, _EXPERT, _STORAGE, Fp8Block, Int8Channel
+from .device_layout import _COMPUTE, _EXPERT, _STORAGE, Fp8Block, Int8Channel
 from ..weight_formats import W8A8_DEFAULT, _bf16_on_disk
 from . import Weights
 

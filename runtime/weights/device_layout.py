@@ -1,7 +1,8 @@
-"""Weights in a device's own storage formats: what `Runtime.load` hands the model when it runs on a GPU or NPU.
+"""The storage layouts of weights on a GPU / NPU: what `runtime.weights.device` streams the checkpoint into when
+the model runs on a device.
 
-The emulation path (`runtime.weight_formats`) keeps the float32 *values* a weight format represents; this
-module keeps the format's *storage* on the device, so memory use and GEMM kernels are the deployment's:
+The emulation path (`runtime.weight_formats`) keeps the float32 *values* a weight format represents; these
+layouts keep the format's *storage* on the device, so memory use and GEMM kernels are the deployment's:
 
 - `Fp8Block`: e4m3 codes [out, in] with one float32 power-of-two scale per 128x128 block (`fp8_block`, as
   shipped). FP8 values times powers of two are exact, so re-deriving codes from the checkpoint's decoded values
@@ -26,13 +27,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from . import formats
-from .ops.linear import dequantize  # noqa: F401  (the float32 values of any weight kind)
-from .weight_formats import W8A8_DEFAULT, _bf16_on_disk, _is_linear, quantize_int8_per_channel
+from .. import formats
+from ..ops.linear import dequantize  # noqa: F401  (the float32 values of any weight kind)
+from ..weight_formats import quantize_int8_per_channel
 
 BLOCK = 128
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -123,37 +124,3 @@ def expert_stack(ws: Sequence) -> torch.Tensor | None:
 
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w[123])\.weight$")
-
-
-def pack_weights(tensors: dict[str, torch.Tensor], quantized: Iterable[str], weight_format: str,
-                 compute_dtype: str, device, int8_linears: Iterable[str] = W8A8_DEFAULT):
-    """Float32 checkpoint values -> (name -> weight in the format's device storage, names whose linear input
-    the numerics quantise). The second result is the same set `transform_weights` returns."""
-    quantized = frozenset(quantized)
-    store = _STORAGE.get(weight_format, _COMPUTE[compute_dtype])
-    int8 = re.compile("|".join(re.escape(p) + r"\b" for p in int8_linears)) if weight_format == "w8a8_int8" else None
-    out, act_q, experts = {}, set(), {}
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            out[name] = t.to(device)                                   # tid2eid routing table
-        elif int8 is not None and _is_linear(name, t) and int8.search(name):
-            out[name] = Int8Channel.from_float(t).to(device)
-            act_q.add(name)                                            # W8A8: int8 activations here
-        elif (weight_format == "fp8_block" and name in quantized and t.dim() == 2 and ".experts." not in name
-              and not name.endswith("attn.wo_a.weight")):
-            out[name] = Fp8Block.from_float(t).to(device)
-        elif (name in quantized or _bf16_on_disk(name, t)) and t.dim() >= 2:     # FP32_COMPUTE: not bf16-on-disk
-            m = _EXPERT.match(name)
-            if m:                                                      # stacked below
-                experts.setdefault((m[1], m[3]), {})[int(m[2])] = t
-            else:
-                out[name] = t.to(device=device, dtype=store)
-        else:
-            out[name] = t.to(device=device, dtype=torch.float32)
-    for (prefix, w), per in experts.items():
-        ids = sorted(per)                         # all E experts, or an expert-parallel rank's block of them
-        stack = torch.stack([per[e] for e in ids]).to(device=device, dtype=store)   # [E, out, in]
-        for i, e in enumerate(ids):
-            out[f"{prefix}.{e}.{w}.weight"] = stack[i]
-    # fp8_block quantises the input of every linear stored FP8/FP4 on disk (as DeepSeek's kernels do)
-    return out, (quantized if weight_format == "fp8_block" else frozenset(act_q))
