@@ -247,10 +247,9 @@ def test_chunked_prefill_feeds_the_mtp_block_every_position(tiny_rt, monkeypatch
     row = PROMPTS[3][:40]
     states = []
     for chunk in (1000, 7):
-        monkeypatch.setattr(speculative, "CHUNK", chunk)
         st = tiny_rt.new_state(1)
         with torch.inference_mode():
-            logits, carry = speculative._prefill(tiny_rt.model, row, st.seqs[0])
+            logits, carry = speculative._prefill(tiny_rt.model, row, st.seqs[0], chunk)
         assert st.seqs[0].pos == 40 and st.seqs[0].mtp_pos == 39 and carry.shape[1] == 1
         states.append((logits, _snapshot(st.seqs[0])))
     (l1, a), (l2, b) = states
