@@ -7,10 +7,33 @@ in `Backend.probe()`, called once by `Runtime.load`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 from .base import Backend, BackendUnavailable, DeviceInfo
+
+# Backends registered at run time (`use_backend`): an out-of-tree backend, or a test's CPU twin of a device.
+_REGISTERED: dict[str, Callable[[], Backend]] = {}
+
+
+@contextmanager
+def use_backend(name: str, factory: Callable[[], Backend]) -> Iterator[None]:
+    """Within the block, `get_backend(name)` (hence `Runtime.load` of a profile with that backend) returns
+    `factory()`: the registration hook for a backend that is not built in, or a twin standing in for a device."""
+    before = _REGISTERED.get(name)
+    _REGISTERED[name] = factory
+    try:
+        yield
+    finally:
+        if before is None:
+            _REGISTERED.pop(name, None)
+        else:
+            _REGISTERED[name] = before
 
 
 def get_backend(name: str) -> Backend:
+    if name in _REGISTERED:
+        return _REGISTERED[name]()
     if name == "cpu":
         from .cpu import CpuBackend
 
@@ -30,4 +53,4 @@ def get_backend(name: str) -> Backend:
     raise BackendUnavailable(f"unknown backend {name!r}; available: cpu, cuda, ascend, onnx")
 
 
-__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend"]
+__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend", "use_backend"]
