@@ -108,7 +108,9 @@ def _attention_idx(r: _Inputs, T: int, N: int, window: int, picks: int) -> torch
     fewer are visible). A query's valid indices are distinct (an implementation may rely on it)."""
     rows = []
     for t in range(T):
-        pos = N - window - T + t if N - window >= T else t                 # the query's position in its sequence
+        # a prefill chunk (T > 16) starts a fresh sequence: its ring is filled up to the query, the rest is
+        # padding before the compressed rows; a decode step or short chunk continues a filled cache
+        pos = t if T > 16 else N - window - T + t
         ring = [j if j <= pos else -1 for j in range(window)]
         comp = (r.perm(N - window)[:picks] + window).tolist()
         rows.append(ring + [j if t % 5 != 3 else -1 for j in comp])        # some rows see fewer entries
@@ -148,7 +150,7 @@ def _calls(op: str, lens: tuple[int, ...], dtype: str, backend: str, r: _Inputs)
         return out
     if op == "indexer_topk":
         out = []
-        for n, S in zip((200, 30, 120, 64), lens):
+        for n, S in zip((200, 10, 120, 64), lens):     # 10 keys: fewer than k
             vis = torch.clamp(torch.arange(n - S + 1, n + 1) if n >= S else torch.arange(1, S + 1), max=n)
             vis[0] = min(3, n)                                               # a row that sees fewer than k
             out.append(((r.randn(S, 64, 128), r.randn(S, 64, scale=0.1), r.randn(n, 128), vis.to(dev), 16), {}))
