@@ -29,6 +29,12 @@ TOL = check.Tolerances.load()
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small ops on one thread (on a shared machine, OpenMP barriers cost more than these kernels)."""
+    yield
+
+
 def _params():
     out = []
     for t, imp, dtype in check.plan():
