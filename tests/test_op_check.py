@@ -190,3 +190,9 @@ def test_use_backend_registers_a_backend_for_the_block():
             assert get_backend("cuda").probe().details == {"sm": 90}
         assert get_backend("cuda").probe().details == {"sm": 80}
     assert type(get_backend("cuda")) is real
+
+
+def test_an_implementation_without_a_tolerance_fails_its_row_saying_so():
+    [row] = check.check_one(_target(), implementations("rms_norm")["cpu.fused"], "float32", check.Tolerances({}))
+    assert row.status == "FAIL" and row.reason == "backends/op_tolerances.yaml has no tolerance for rms_norm / " \
+        "cpu.fused / float32"
