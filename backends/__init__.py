@@ -12,7 +12,8 @@ A backend outside this package (a plugin, a test's twin) joins with `register("n
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from .base import Backend, BackendUnavailable, DeviceInfo
 
@@ -35,6 +36,24 @@ def register(name: str, entry: "str | Callable[[], Backend]") -> None:
     _REGISTRY[name] = entry
 
 
+_MISSING = object()
+
+
+@contextmanager
+def use_backend(name: str, entry: "str | Callable[[], Backend]") -> Iterator[None]:
+    """Within the block, `get_backend(name)` (hence `Runtime.load` of a profile with that backend) uses
+    `entry`: a scoped `register`, for a backend that is not built in or a twin standing in for a device."""
+    before = _REGISTRY.get(name, _MISSING)
+    _REGISTRY[name] = entry
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            _REGISTRY.pop(name, None)
+        else:
+            _REGISTRY[name] = before
+
+
 def get_backend(name: str) -> Backend:
     entry = _REGISTRY.get(name)
     if entry is None:
@@ -45,4 +64,4 @@ def get_backend(name: str) -> Backend:
     return entry()
 
 
-__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend", "names", "register"]
+__all__ = ["Backend", "BackendUnavailable", "DeviceInfo", "get_backend", "names", "register", "use_backend"]

@@ -13,7 +13,7 @@ profile both have its capability (interleaved RoPE and clipped SwiGLU: A2/A3 onl
 profile declares the kernel limits it reads (`KERNEL_LIMITS`); the gate, indexer and sparse-attention
 adapters, whose semantics torch-npu does not document, additionally pass a one-time self-test on the device
 against the reference op first (backends/ascend_selftest.py), and the dispatch row records the outcome. The W8A8 linear is registered as `linear` for
-`Int8Channel` weights (runtime.device_weights packs them at load, [K, N] ND; the FRACTAL_NZ cast needs the
+`Int8Channel` weights (runtime.weights.device packs them at load, [K, N] ND; the FRACTAL_NZ cast needs the
 device and is not applied at load yet). The grouped-matmul experts want [E, K, N] stacks
 (`prepare_expert_weights`) and are not registered: on an NPU the experts run one by one through the linear.
 Every op without an adapter runs as plain torch on the NPU (`ascend.torch`, backends/torch_generic.py).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from runtime.weights.device_layout import Int8Channel
-from runtime.dispatch import register
+from runtime.dispatch import impl
 from runtime.errors import V4Error
 
 from . import ascend_selftest
@@ -270,23 +270,13 @@ def expert_ffn(npu, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w
 
 def linear(npu, x: torch.Tensor, w, max_n: int = QUANT_MATMUL_MAX_N) -> torch.Tensor:
     """The table's linear on an NPU: INT8-channel weights (`w8a8_int8`, stored [K, N] by
-    runtime.device_weights) through `linear_w8a8`; bf16 / fp16 weights as a torch GEMM in their dtype on the
+    runtime.weights.device_layout) through `linear_w8a8`; bf16 / fp16 weights as a torch GEMM in their dtype on the
     NPU's cube units. Returns float32 like the reference."""
     if isinstance(w, Int8Channel):
         return linear_w8a8(npu, x, w.codes_kn, w.scale, max_n).float()
     return storage_linear(x, w)
 
 
-# op -> (implementation id, adapter, capabilities it needs on the chip, profile kernel limits it reads)
-ADAPTERS = {"linear": ("ascend.npu_quant_matmul+bf16_gemm", linear, (), ("quant_matmul_max_n",)),
-            "rms_norm": ("ascend.npu_rms_norm", rms_norm, (), ()),
-            "apply_rope": ("ascend.npu_rotary_mul", apply_rope, ("fused_rope_interleave",), ()),
-            "clamped_swiglu": ("ascend.npu_clipped_swiglu", clamped_swiglu, ("fused_clipped_swiglu",), ()),
-            "moe_gate": ("ascend.npu_moe_gating_top_k", moe_gate, ("fused_moe_gating",), ("gating_max_experts",)),
-            "indexer_topk": ("ascend.npu_lightning_indexer", indexer_topk, ("fused_indexer",),
-                             ("indexer_max_sparse_count",)),
-            "sparse_attention": ("ascend.npu_sparse_flash_attention", sparse_attention, ("fused_sparse_attention",),
-                                 ())}
 # kernel limit (a profile's kernel_limits key) -> the adapter argument it sets
 KERNEL_LIMITS = {"quant_matmul_max_n": "max_n", "gating_max_experts": "max_experts",
                  "indexer_max_sparse_count": "max_k"}
@@ -314,7 +304,22 @@ def _prepare(op: str, impl_id: str, adapter, limits: tuple[str, ...]):
     return prepare
 
 
-for _op, (_id, _fn, _requires, _limits) in ADAPTERS.items():
-    register(_op, _id, "ascend", requires=_requires, prepare=_prepare(_op, _id, _fn, _limits))(_call(_fn, {}))
-register("group_linear", "ascend.bf16_einsum", "ascend")(storage_group_linear)
-register_generic("ascend")           # plain torch on the NPU for every other op (registered last: least preferred)
+def _adapter(op: str, impl_id: str, adapter, requires=(), limits=()):
+    """`impl` for an adapter: torch-npu bound lazily, the profile's kernel limits (and self-test) at resolve."""
+    impl(op, impl_id, "ascend", _call(adapter, {}), requires=requires, prepare=_prepare(op, impl_id, adapter, limits))
+
+
+# One registration per implementation, in preference order per op: the adapter, with the chip capabilities it
+# needs and the profile kernel limits it reads; then plain torch on the NPU for every op (`ascend.torch`, last).
+_adapter("linear", "ascend.npu_quant_matmul+bf16_gemm", linear, limits=("quant_matmul_max_n",))
+_adapter("rms_norm", "ascend.npu_rms_norm", rms_norm)
+_adapter("apply_rope", "ascend.npu_rotary_mul", apply_rope, requires=("fused_rope_interleave",))
+_adapter("clamped_swiglu", "ascend.npu_clipped_swiglu", clamped_swiglu, requires=("fused_clipped_swiglu",))
+_adapter("moe_gate", "ascend.npu_moe_gating_top_k", moe_gate, requires=("fused_moe_gating",),
+         limits=("gating_max_experts",))
+_adapter("indexer_topk", "ascend.npu_lightning_indexer", indexer_topk, requires=("fused_indexer",),
+         limits=("indexer_max_sparse_count",))
+_adapter("sparse_attention", "ascend.npu_sparse_flash_attention", sparse_attention,
+         requires=("fused_sparse_attention",))
+impl("group_linear", "ascend.bf16_einsum", "ascend", storage_group_linear)
+register_generic("ascend")

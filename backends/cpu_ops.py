@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from runtime.dispatch import register
+from runtime.dispatch import impl
 from runtime.ops import attention as ref_attention
 from runtime.ops import mhc as ref_mhc
 from runtime.ops import moe as ref_moe
@@ -62,15 +62,6 @@ def _flash(q: torch.Tensor, rows: torch.Tensor, mask, sink: torch.Tensor, scale:
     return (o[0] * torch.sigmoid(lse[0] - sink[:, None])[..., None]).transpose(0, 1)       # [t, H, D]
 
 
-# Linears on the checkpoint's storage (backends/cpu_stored.py): the native kernels where they built (capability
-# `native_kernels`), else torch tiles -- the dispatch table shows which.
-register("linear", "cpu.stored_native", "cpu", requires=("native_kernels",))(cpu_stored.linear_native)
-register("linear", "cpu.stored_torch_tiles", "cpu")(cpu_stored.linear_torch_tiles)
-register("group_linear", "cpu.stored_native", "cpu", requires=("native_kernels",))(cpu_stored.group_linear_native)
-register("group_linear", "cpu.stored_torch_tiles", "cpu")(cpu_stored.group_linear_torch_tiles)
-
-
-@register("sparse_attention", "cpu.union_flash", "cpu")
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                      scale: float, rnd=None) -> torch.Tensor:
     """Same contract as `runtime.ops.attention.sparse_attention`: q [T, H, D], kv [N, D], idx [T, K]."""
@@ -110,7 +101,6 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
     return out
 
 
-@register("indexer_topk", "cpu.topk_exact_ties", "cpu")
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
                  k: int, rnd=None) -> torch.Tensor:
     """Same contract and result as `runtime.ops.attention.indexer_topk`."""
@@ -186,7 +176,6 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
 
 
-@register("hc_pre", "cpu.scalar_sinkhorn", "cpu")
 def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float,
            norm_eps: float, sinkhorn_iters: int):
     """Same contract as `runtime.ops.mhc.hc_pre`. For a decode step's few tokens the per-token gates, the
@@ -221,7 +210,6 @@ def hc_pre(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     return x, post, comb
 
 
-@register("hc_post", "cpu.bmm_addcmul", "cpu")
 def hc_post(x: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """Same contract as `runtime.ops.mhc.hc_post`: post[j] * x + sum_i comb[i, j] * res[i], as one bmm and an
     in-place multiply-add: a prefill chunk's [T, hc, d] output is its only allocation (a large one is fresh
@@ -229,13 +217,11 @@ def hc_post(x: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
     return torch.bmm(comb.transpose(1, 2), res).addcmul_(post.unsqueeze(-1), x.unsqueeze(1))
 
 
-@register("rms_norm", "cpu.fused", "cpu")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Same contract as `runtime.ops.norm_rope.rms_norm`, through torch's fused kernel."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-@register("apply_rope", "cpu.complex", "cpu")
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Same contract as `runtime.ops.norm_rope.apply_rope`: interleaved pairs as complex numbers times
     (cos + i sin), conjugated for the inverse. The complex factor is built once per (cos, sin, inverse): the
@@ -259,7 +245,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 _ROTATIONS: dict[tuple, tuple] = {}
 
 
-@register("routed_experts", "cpu.small_batch", "cpu")
 def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
                    ops) -> torch.Tensor:
     """Same contract as `runtime.ops.moe.routed_experts`. For the few tokens of a decode step the groups
@@ -286,3 +271,19 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ex
         else:
             out.index_add_(0, tt, y)
     return out
+
+
+# One `impl` call per implementation, in preference order per op. Linears on the checkpoint's storage
+# (backends/cpu_stored.py): the native kernels where they built (capability `native_kernels`), else torch
+# tiles -- the dispatch table shows which.
+impl("linear", "cpu.stored_native", "cpu", cpu_stored.linear_native, requires=("native_kernels",))
+impl("linear", "cpu.stored_torch_tiles", "cpu", cpu_stored.linear_torch_tiles)
+impl("group_linear", "cpu.stored_native", "cpu", cpu_stored.group_linear_native, requires=("native_kernels",))
+impl("group_linear", "cpu.stored_torch_tiles", "cpu", cpu_stored.group_linear_torch_tiles)
+impl("sparse_attention", "cpu.union_flash", "cpu", sparse_attention)
+impl("indexer_topk", "cpu.topk_exact_ties", "cpu", indexer_topk)
+impl("hc_pre", "cpu.scalar_sinkhorn", "cpu", hc_pre)
+impl("hc_post", "cpu.bmm_addcmul", "cpu", hc_post)
+impl("rms_norm", "cpu.fused", "cpu", rms_norm)
+impl("apply_rope", "cpu.complex", "cpu", apply_rope)
+impl("routed_experts", "cpu.small_batch", "cpu", routed_experts)

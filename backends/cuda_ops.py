@@ -6,7 +6,7 @@
 - `sparse_attention`: gathered sparse attention with sinks through `scaled_dot_product_attention` (no dense
   masks: each query attends to its own gathered rows).
 - `routed_experts`: one grouped GEMM per projection over tokens sorted by expert (`torch.nn.functional.grouped_mm`)
-  on the [E, out, in] expert stacks `runtime.device_weights` lays out. Chosen only where those stacks are bf16 /
+  on the [E, out, in] expert stacks `runtime.weights.device_layout` lays out. Chosen only where those stacks are bf16 /
   fp16 (checked at resolve time from the load's weight format): elsewhere (`--numerics exact`, a float32
   profile) the row is `cuda.torch` and says why, and a call without such stacks is an error, never a quiet
   expert-by-expert loop.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from runtime import formats
 from runtime.weights.device_layout import BLOCK, Fp8Block, expert_stack
-from runtime.dispatch import DispatchError, register
+from runtime.dispatch import DispatchError, impl
 
 from .torch_generic import LOW_PRECISION, register_generic, storage_group_linear, storage_linear
 
@@ -137,20 +137,12 @@ def linear_triton(x: torch.Tensor, w) -> torch.Tensor:
     return storage_linear(x, w)
 
 
-# The FP8 linear is one GEMM per call wherever the device allows; the dispatch row names the one that runs.
-# Preference = registration order: cuBLAS blockwise scaling (sm_90, cuBLASLt >= 12.9), the Triton kernel (sm_89+
-# with triton installed), and only without either the loop of one row-wise `_scaled_mm` per K block (`linear`).
-register("linear", "cuda.scaled_mm_blockwise_fp8+bf16_gemm", "cuda", requires=("scaled_mm_blockwise",))(
-    linear_blockwise)
-register("linear", "cuda.triton_fp8_block+bf16_gemm", "cuda", requires=("triton",))(linear_triton)
-
-
 _STORE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
 _COMPUTE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def expert_storage_dtype(weight_format: str, compute_dtype: str) -> torch.dtype:
-    """The dtype runtime.device_weights.pack_weights stores routed experts in for this load."""
+    """The dtype the device weight path (runtime.weights.device) stores routed experts in for this load."""
     return _STORE.get(weight_format, _COMPUTE[compute_dtype])
 
 
@@ -162,11 +154,14 @@ def _grouped_mm_prepare(ctx):
     return routed_experts, f"grouped GEMM over {str(store).replace('torch.', '')} expert stacks"
 
 
-IMPLS = {"linear": ("cuda.scaled_mm_fp8+bf16_gemm", linear, None),
-         "group_linear": ("cuda.bf16_einsum", storage_group_linear, None),
-         "sparse_attention": ("cuda.sdpa_gathered", sparse_attention, None),
-         "routed_experts": ("cuda.grouped_mm", routed_experts, _grouped_mm_prepare)}
-
-for _op, (_id, _fn, _prep) in IMPLS.items():
-    register(_op, _id, "cuda", prepare=_prep)(_fn)
+# One `impl` call per implementation, in preference order per op. The FP8 linear is one GEMM per call wherever
+# the device allows; the dispatch row names the one that runs: cuBLAS blockwise scaling (sm_90, cuBLASLt >= 12.9),
+# the Triton kernel (sm_89+ with triton installed), and only without either the loop of one row-wise
+# `_scaled_mm` per K block (`linear`). Every op without its own entry runs as plain torch (`cuda.torch`, last).
+impl("linear", "cuda.scaled_mm_blockwise_fp8+bf16_gemm", "cuda", linear_blockwise, requires=("scaled_mm_blockwise",))
+impl("linear", "cuda.triton_fp8_block+bf16_gemm", "cuda", linear_triton, requires=("triton",))
+impl("linear", "cuda.scaled_mm_fp8+bf16_gemm", "cuda", linear)
+impl("group_linear", "cuda.bf16_einsum", "cuda", storage_group_linear)
+impl("sparse_attention", "cuda.sdpa_gathered", "cuda", sparse_attention)
+impl("routed_experts", "cuda.grouped_mm", "cuda", routed_experts, prepare=_grouped_mm_prepare)
 register_generic("cuda")

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.dispatch import register
+from runtime.dispatch import impl
+from runtime.ops.specs import SPECS
 
 from .base import Backend, BackendUnavailable, DeviceInfo
-
-NODES = {"sparse_attention": "onnx:com.deepseek.v4::SparseAttention", "indexer_topk": "onnx:com.deepseek.v4::IndexerTopK"}
-OPS = ("linear", "group_linear", "rms_norm", "apply_rope", "sparse_attention", "indexer_topk", "compress_pool",
-       "moe_gate", "routed_experts", "clamped_swiglu", "hc_pre", "hc_post", "hc_head")
 
 
 def _in_graph(*args, **kw):
     raise RuntimeError("this op runs inside the ONNX graph, not from Python")
 
 
-for _op in OPS:
-    register(_op, NODES.get(_op, "onnx:standard ops"), "onnx")(_in_graph)
+# Every table op runs inside the graph: its row names the node the op's spec says it exports to.
+for _spec in SPECS:
+    if not _spec.is_numerics:
+        impl(_spec.name, f"onnx:{_spec.onnx or 'standard ops'}", "onnx", _in_graph)
 
 
 # The profile's device family picks the execution providers; the CPU provider stays last, for the nodes the

@@ -1,7 +1,7 @@
 """Plain torch on any device: the always-available device path of the CUDA and Ascend backends.
 
 The reference ops are device-generic torch code (every tensor they create lands on their inputs' device), so a
-device backend runs them as they are on its own device. `register_generic(backend)` registers each under the
+device backend runs them as they are on its own device. `register_generic(backend)` registers each (`runtime.dispatch.impl`) under the
 id `<backend>.torch`, *after* the backend's own implementations, so dispatch prefers those and records
 `<backend>.torch` where a chip has nothing better. These are runs on the device, not fallbacks to the CPU.
 
@@ -12,12 +12,10 @@ float32; anything else goes to the reference.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 
-from runtime.dispatch import NUMERICS_OPS, register
-from runtime.ops import OpTable, reference_ops
+from runtime.dispatch import impl
+from runtime.ops.specs import SPECS
 from runtime.ops.linear import group_linear as ref_group_linear
 from runtime.ops.linear import linear as ref_linear
 
@@ -40,7 +38,7 @@ def storage_group_linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def register_generic(backend: str) -> None:
-    ref = reference_ops()
-    for f in fields(OpTable):
-        if f.name != "numerics" and f.name not in NUMERICS_OPS:
-            register(f.name, f"{backend}.torch", backend)(getattr(ref, f.name))
+    """Every table op's reference as `<backend>.torch` (call it after the backend's own `impl` calls)."""
+    for spec in SPECS:
+        if not spec.is_numerics:
+            impl(spec.name, f"{backend}.torch", backend, spec.reference)

@@ -32,7 +32,7 @@ class StorageError(V4Error, ValueError):
 
 def in_step_graph(name: str) -> bool:
     """Whether the exported step graph holds this checkpoint weight: every main-model weight; not the MTP
-    block's (`mtp.*`: the step graph has no MTP block, export/chunk.py Step)."""
+    block's (`mtp.*`: the step graph has no MTP block, export/step_graph.py Step)."""
     return not name.startswith("mtp.")
 
 

@@ -1,8 +1,9 @@
 """Dispatch: which implementation runs each op, resolved once at load into a table you can print.
 
-The registry is keyed by (op, implementation id); the float32 reference (`reference`) is always present and
-is the oracle of every other implementation. A backend registers its implementations with the capabilities
-they need, and optionally a `prepare` hook run at resolve time (a shape or storage check, a one-time
+The ops and their float32 references are declared once (runtime/ops/specs.py); the rows of a table are the
+spec's table ops, in its order. The registry is keyed by (op, implementation id); the reference is always
+present and is the oracle of every other implementation. A backend registers each implementation with one call,
+`impl(op, impl_id, backend, fn, requires=..., prepare=...)`, naming the capabilities it needs, and optionally a `prepare` hook run at resolve time (a shape or storage check, a one-time
 self-test against the reference on the device, binding the profile's kernel limits) that either returns the
 callable to run or refuses with the reason. `resolve()` walks the profile's preference list per op (default:
 the backend's own implementations in registration order, then the reference on CPU only) and records, per
@@ -18,17 +19,14 @@ default: a profile whose backend has no usable implementation for an op fails to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
 
 from .errors import V4Error
 from .ops import OpTable, reference_ops
 from .ops.numerics import NumericsSpec
-
-# numerics op -> the NumericsSpec field that selects it
-NUMERICS_OPS = {"round_act": "compute", "quant_act": "act_quant", "kv_qat": "kv", "indexer_qat": "indexer",
-                "head_norm": "points", "inner_round": "points"}
+from .ops.specs import NUMERICS_OPS, SPECS, TABLE_OPS   # noqa: F401  (NUMERICS_OPS: op -> NumericsSpec field)
 
 
 class DispatchError(V4Error):
@@ -67,12 +65,23 @@ class Impl:
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 
 
+def impl(op: str, impl_id: str, backend: str, fn: Callable, *, requires=(), prepare: Prepare | None = None):
+    """Register `fn` as implementation `impl_id` of table op `op` for `backend`; returns `fn`.
+
+    `requires`: the capabilities it needs (probe facts ∩ profile); `prepare(ctx)`: run at resolve time, returns
+    the callable to run (or None) and a note for the row. A backend's implementations are preferred in the order
+    they are registered. An op that is not a table op of runtime/ops/specs.py is refused (a typo would otherwise
+    register an implementation nothing ever calls)."""
+    if op not in TABLE_OPS:
+        what = "is set by the profile's numerics" if op in NUMERICS_OPS else "is not an op"
+        raise DispatchError(f"implementation {impl_id}: {op!r} {what}; table ops: {', '.join(TABLE_OPS)}")
+    _REGISTRY.setdefault(op, {})[impl_id] = Impl(op, impl_id, backend, fn, frozenset(requires), prepare)
+    return fn
+
+
 def register(op: str, impl_id: str, backend: str, requires=(), prepare: Prepare | None = None):
-    """Decorator: register `fn` as implementation `impl_id` of `op` for `backend`."""
-    def deco(fn):
-        _REGISTRY.setdefault(op, {})[impl_id] = Impl(op, impl_id, backend, fn, frozenset(requires), prepare)
-        return fn
-    return deco
+    """Deprecated decorator spelling of `impl` (kept for callers not yet moved to `impl`)."""
+    return lambda fn: impl(op, impl_id, backend, fn, requires=requires, prepare=prepare)
 
 
 def implementations(op: str) -> dict[str, Impl]:
@@ -81,7 +90,7 @@ def implementations(op: str) -> dict[str, Impl]:
 
 def table_ops() -> tuple[str, ...]:
     """The op names a dispatch table resolves (and a profile's `prefer:` may name)."""
-    return tuple(f.name for f in fields(OpTable) if f.name != "numerics" and f.name not in NUMERICS_OPS)
+    return TABLE_OPS
 
 
 def effective_capabilities(profile, probed: frozenset[str]) -> frozenset[str]:
@@ -171,11 +180,9 @@ def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: 
     ctx = Context(profile, backend, device, caps, numerics, weight_format or _default_weight_format(profile, numerics))
     ref = reference_ops(numerics)
     chosen, rows = {}, []
-    for f in fields(OpTable):
-        op = f.name
-        if op == "numerics":
-            continue
-        if op in NUMERICS_OPS:
+    for spec in SPECS:
+        op = spec.name
+        if spec.is_numerics:
             chosen[op] = getattr(ref, op)
             rows.append(Resolution(op, f"numerics:{getattr(numerics, NUMERICS_OPS[op])}",
                                    "cpu" if emulate else backend, "profile numerics"))

@@ -87,9 +87,18 @@ def test_twin_rejects_wrong_layouts():
 def test_adapters_are_registered_for_ascend_only():
     from runtime.dispatch import implementations
 
-    for op, (impl_id, _, requires, _limits) in ascend_ops.ADAPTERS.items():
+    adapters = {"linear": ("ascend.npu_quant_matmul+bf16_gemm", ()), "rms_norm": ("ascend.npu_rms_norm", ()),
+                "apply_rope": ("ascend.npu_rotary_mul", ("fused_rope_interleave",)),
+                "clamped_swiglu": ("ascend.npu_clipped_swiglu", ("fused_clipped_swiglu",)),
+                "moe_gate": ("ascend.npu_moe_gating_top_k", ("fused_moe_gating",)),
+                "indexer_topk": ("ascend.npu_lightning_indexer", ("fused_indexer",)),
+                "sparse_attention": ("ascend.npu_sparse_flash_attention", ("fused_sparse_attention",))}
+    for op, (impl_id, requires) in adapters.items():
         impl = implementations(op)[impl_id]
         assert impl.backend == "ascend" and impl.requires == frozenset(requires) and impl.prepare is not None
+        # preference: the adapter first, plain torch on the NPU last
+        ids = [i for i, m in implementations(op).items() if m.backend == "ascend"]
+        assert ids[0] == impl_id and ids[-1] == "ascend.torch", ids
     assert implementations("moe_gate")["ascend.npu_moe_gating_top_k"].requires == {"fused_moe_gating"}
     assert implementations("indexer_topk")["ascend.npu_lightning_indexer"].requires == {"fused_indexer"}
     assert implementations("sparse_attention")["ascend.npu_sparse_flash_attention"].requires == \

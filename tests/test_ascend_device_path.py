@@ -1,6 +1,6 @@
 """The whole model through the Ascend dispatch table, on a CPU-hosted twin of an NPU.
 
-`CpuHostedAscend` is the Ascend backend with its probe answering "an Atlas A2 / 310P" while tensors stay on the
+`CpuHostedAscend` (tests/twins/backends.py) is the Ascend backend with its probe answering "an Atlas A2 / 310P" while tensors stay on the
 CPU, and the torch-npu namespace the adapters call is the CPU semantic twin (tests/twins/torch_npu_twin.py):
 THIS IS A TWIN, NOT AN NPU. It proves that the device path (INT8-channel weights packed at load, the W8A8
 linear, the fused-op adapters the chip's capabilities allow, plain torch for the rest) computes the profile's
@@ -11,14 +11,11 @@ import pytest
 import torch
 import yaml
 
-import runtime.api
 from backends import ascend_ops
-from backends.ascend import AscendBackend
-from backends.base import DeviceInfo
 from runtime.api import Runtime
 from runtime.weights.device_layout import Int8Channel
 from runtime.profile import PROFILE_DIR, parse_profile
-from tests.twins import torch_npu_twin
+from tests.twins.backends import hosted_ascend
 
 # KL to float32 / top-1 bounds: the emulation's documented ones (tests/test_emulation.py).
 TOLERANCE = {"ascend-910b": ("ascend-a2", 223, 0.03, 0.88), "ascend-310p": ("ascend-310p", 202, 0.003, 0.98)}
@@ -41,16 +38,12 @@ def _tiny_shaped(profile: str):
 def test_model_through_the_ascend_table_on_a_twin(profile, tiny_ckpt, tiny_rt, monkeypatch, tmp_path):
     family, soc, max_kl, min_agree = TOLERANCE[profile]
 
-    class CpuHostedAscend(AscendBackend):
-        """TWIN of an NPU: the Ascend backend probing as `family` while computing on the CPU."""
-
-        def probe(self):
-            return DeviceInfo("ascend", "cpu", f"CPU-hosted twin of an {family} NPU", {"soc": soc, "family": family})
-
-    real = runtime.api.get_backend
-    monkeypatch.setattr(runtime.api, "get_backend", lambda n: CpuHostedAscend() if n == "ascend" else real(n))
-    monkeypatch.setattr(ascend_ops, "get_torch_npu", lambda: torch_npu_twin)
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path))              # a fresh self-test cache
+    with hosted_ascend(family, soc):
+        _check_the_ascend_table(profile, tiny_ckpt, tiny_rt, max_kl, min_agree)
+
+
+def _check_the_ascend_table(profile, tiny_ckpt, tiny_rt, max_kl, min_agree):
     if profile == "ascend-910b":     # the shipped profile picks the attention kernels: the tiny shapes are refused
         rt = Runtime.load(profile, checkpoint=tiny_ckpt, progress=False)
         with pytest.raises(ascend_ops.KernelLimitError, match="npu_sparse_flash_attention takes head dim 512"):

@@ -2,7 +2,7 @@
 candidates with their reasons, and the one-time self-tests of the three adapters whose kernel semantics
 torch-npu does not document (norm_type=2 gating, `sinks`, the indexer's order and -1 fill).
 
-The device is a TWIN: `CpuHostedAscend` is the Ascend backend probing as an A2 / A3 / 310P while computing on
+The device is a TWIN: `CpuHostedAscend` (tests/twins/backends.py) is the Ascend backend probing as an A2 / A3 / 310P while computing on
 the CPU, and the torch-npu namespace is the CPU semantic twin (tests/twins/torch_npu_twin.py), or a copy of it
 made deliberately wrong in one semantic. Nothing here ran on an NPU.
 """
@@ -12,28 +12,15 @@ import types
 import pytest
 import torch
 
-import runtime.api
 from backends import ascend_ops, ascend_selftest
-from backends.ascend import AscendBackend
-from backends.base import DeviceInfo
 from runtime.dispatch import resolve
 from runtime.profile import load_profile, parse_profile
 from tests.twins import torch_npu_twin as twin
+from tests.twins.backends import CpuHostedAscend, hosted_ascend
 
 FAMILIES = {"ascend-910b": ("ascend-a2", 223), "ascend-910c": ("ascend-a3", 253), "ascend-310p": ("ascend-310p", 202)}
 FUSED = {"moe_gate": "ascend.npu_moe_gating_top_k", "indexer_topk": "ascend.npu_lightning_indexer",
          "sparse_attention": "ascend.npu_sparse_flash_attention"}
-
-
-class CpuHostedAscend(AscendBackend):
-    """TWIN of an NPU: the Ascend backend probing as `family` while computing on the CPU."""
-
-    def __init__(self, family="ascend-a2", soc=223):
-        self.family, self.soc = family, soc
-
-    def probe(self):
-        return DeviceInfo("ascend", "cpu", f"CPU-hosted twin of an {self.family} NPU",
-                          {"soc": self.soc, "family": self.family})
 
 
 @pytest.fixture(autouse=True)
@@ -203,10 +190,9 @@ def test_show_dispatch_on_an_a2_twin(monkeypatch, tiny_ckpt, capsys):
     head dim (64) is not the sparse-attention kernel's 512, so the run then stops with one line saying so."""
     from runtime import run
 
-    monkeypatch.setattr(ascend_ops, "get_torch_npu", lambda: twin)
-    monkeypatch.setattr(runtime.api, "get_backend", lambda name: CpuHostedAscend())
-    code = run.main(["--profile", "ascend-910b", "--show-dispatch", "--checkpoint", str(tiny_ckpt),
-                     "--max-new-tokens", "1", "--prompt", "Hi"])
+    with hosted_ascend("ascend-a2", 223, twin):
+        code = run.main(["--profile", "ascend-910b", "--show-dispatch", "--checkpoint", str(tiny_ckpt),
+                         "--max-new-tokens", "1", "--prompt", "Hi"])
     err = capsys.readouterr().err
     with capsys.disabled():
         print("\n" + err)

@@ -7,16 +7,17 @@ trick. They say nothing about GPU kernels' numerics or speed; the `cuda`-marked 
 machine with an NVIDIA GPU (none was available when this was written: they have not run).
 
 Each of those calls goes through tests/twins/torch_cuda_twin.py, which asserts CUDA's input constraints (layouts,
-dtypes, alignment) the CPU implementation does not check. `CpuHostedCuda` is a twin of a CUDA *device*: the CUDA backend with its probe answering "an sm_90 GPU" while
-tensors stay on the CPU, so the whole model runs through the CUDA dispatch table and device-format weights.
+dtypes, alignment) the CPU implementation does not check. `CpuHostedCuda` (tests/twins/backends.py) is a twin of a
+CUDA *device*: the CUDA backend with its probe answering "an sm_90 GPU" while tensors stay on the CPU, so the whole
+model runs through the CUDA dispatch table and device-format weights. The per-op equivalence with the reference on
+the shared shape cases is tests/test_op_check.py.
 """
 
 import pytest
 import torch
 
 import runtime.api
-from backends.base import BackendUnavailable, DeviceInfo
-from backends.cuda import CudaBackend
+from backends.base import BackendUnavailable
 from backends import cuda_ops
 from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
@@ -25,33 +26,27 @@ from runtime.weights.device_layout import Fp8Block, Int8Channel, dequantize, exp
 from tests.device_pack_oracle import pack_weights
 from runtime.formats import decode_e8m0, dequant_fp8_block, quant_fp8_block
 from runtime.model.params import Linear
-from runtime.ops import attention, moe, reference_ops
+from runtime.ops import moe, reference_ops
 from runtime.ops.numerics import MODES, quant_act_fp8
 from runtime.weight_formats import transform_weights
+from tests.twins import backends as twins
 from tests.twins import torch_cuda_twin
 
 G = torch.Generator().manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
-def cuda_call_twins(monkeypatch):
+def cuda_call_twins():
     """Every torch call of the CUDA backend goes through a twin asserting CUDA's constraints."""
-    if not torch.cuda.is_available():
-        for name in ("scaled_mm", "grouped_mm", "sdpa"):
-            monkeypatch.setattr(cuda_ops, name, getattr(torch_cuda_twin, name))
-
-
-class CpuHostedCuda(CudaBackend):
-    """TWIN of a CUDA device: CudaBackend whose probe reports an sm_90 GPU while computing on the CPU."""
-
-    def probe(self) -> DeviceInfo:
-        return DeviceInfo("cuda", "cpu", "CPU-hosted twin of an sm_90 GPU", {"sm": 90})
+    with twins.cuda_calls():
+        yield
 
 
 @pytest.fixture
-def hosted_cuda(monkeypatch):
-    real = runtime.api.get_backend
-    monkeypatch.setattr(runtime.api, "get_backend", lambda name: CpuHostedCuda() if name == "cuda" else real(name))
+def hosted_cuda():
+    """`Runtime.load` of a cuda profile on the sm_90 twin (registered through `backends.use_backend`)."""
+    with twins.hosted_cuda(90):
+        yield
 
 
 def _kl_top1(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -104,21 +99,6 @@ def test_fp8_linear_is_deepseeks_block_scaled_gemm():
     # a weight scale applied along the wrong axis (rows vs columns of the block grid) is caught
     wrong = Fp8Block(w.codes, w.scale.flip(0))
     assert (cuda_ops.fp8_linear(x, wrong) - ref).abs().max() > 1e-2 * ref.abs().max()
-
-
-def test_sdpa_sparse_attention_with_sinks_matches_the_reference():
-    T, H, D, N, K = 40, 8, 64, 100, 24
-    q, kv = torch.randn(T, H, D, generator=G), torch.randn(N, D, generator=G)
-    sink = torch.randn(H, generator=G) * 2
-    idx = torch.randint(0, N, (T, K), generator=G)
-    idx[torch.rand(T, K, generator=G) < 0.3] = -1                            # padding anywhere in the row
-    ref = attention.sparse_attention(q, kv, idx, sink, D ** -0.5)
-    got = cuda_ops.sparse_attention(q, kv, idx, sink, D ** -0.5)
-    # bf16 q / kv / bias: ~2^-8 relative to the output scale
-    assert (got - ref).abs().max() <= 2 ** -6 * ref.abs().max()
-    # without the sink term the outputs are visibly larger: the sink is really in the denominator
-    nosink = attention.sparse_attention(q, kv, idx, torch.full((H,), -float("inf")), D ** -0.5)
-    assert (nosink - ref).abs().max() > 10 * (got - ref).abs().max()
 
 
 def _expert_linears(E=6, d=64, inter=32, dtype_format="bf16"):
@@ -221,13 +201,10 @@ def test_model_through_the_cuda_table(profile, tiny_ckpt, tiny_rt, hosted_cuda):
     assert len(g.tokens[0]) >= 1
 
 
-def test_a_profile_the_device_cannot_run_is_refused(tiny_ckpt, monkeypatch):
-    class Ampere(CpuHostedCuda):
-        def probe(self):
-            return DeviceInfo("cuda", "cpu", "CPU-hosted twin of an sm_80 GPU", {"sm": 80})
-
-    monkeypatch.setattr(runtime.api, "get_backend", lambda name: Ampere())
-    with pytest.raises(BackendUnavailable, match="profile nvidia-h100 needs fp8_gemm but"):
+def test_a_profile_the_device_cannot_run_is_refused(tiny_ckpt):
+    with twins.hosted_cuda(80), pytest.raises(BackendUnavailable,
+                                              match="profile nvidia-h100 needs fp8_gemm but CPU-hosted twin of an "
+                                                    "sm_80 GPU"):
         Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
 
 

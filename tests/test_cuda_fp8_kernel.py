@@ -24,11 +24,10 @@ if not ON_GPU:
 import pytest  # noqa: E402
 import triton  # noqa: E402,F401  (in the test extra)
 
-from backends import cuda_fp8_blockwise, cuda_ops
+from backends import cuda_fp8_blockwise, cuda_ops, use_backend
 from backends.base import DeviceInfo
 from backends.cuda import CudaBackend
 from backends.cuda_fp8_triton import fp8_block_linear
-import runtime.api
 from runtime.api import Runtime
 from runtime.weights.device_layout import Fp8Block
 from runtime.ops.numerics import quant_act_fp8
@@ -149,22 +148,21 @@ class CpuHostedCuda(CudaBackend):
 @pytest.mark.skipif(ON_GPU, reason="the hosted twin computes on CPU tensors")
 def test_the_dispatch_row_names_the_fp8_linear_that_runs(blockwise, impl, tiny_ckpt, monkeypatch):
     backend = type("Hosted", (CpuHostedCuda,), {"blockwise": blockwise})()
-    real = runtime.api.get_backend
-    monkeypatch.setattr(runtime.api, "get_backend", lambda name: backend if name == "cuda" else real(name))
-    rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
-    assert {r.op: r.impl for r in rt.dispatch.rows}["linear"] == impl
-    emu = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, emulate=True, progress=False)
-    ids = torch.randint(2, 258, (1, 48), generator=torch.Generator().manual_seed(0))
-    got, ref = rt.forward(ids), emu.forward(ids)
-    # The emulation's numerics through the device path: what differs is summation order and the device ops' bf16
-    # roundings. Measured mean KL 0.018 over 48 tokens for the Triton linear and the per-K-block loop alike; one
-    # token's routing flips in layer 3 (bf16 noise on a random model), so a max-|diff| bound would test that flip.
-    p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-    assert (p.exp() * (p - q)).sum(-1).mean() < 0.054
-    # without triton and blockwise scaling the per-K-block loop remains, and the row says so
-    backend.has_triton = backend.blockwise = False
-    rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
-    assert {r.op: r.impl for r in rt.dispatch.rows}["linear"] == "cuda.scaled_mm_fp8+bf16_gemm"
+    with use_backend("cuda", lambda: backend):             # the twin, through the registration hook
+        rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
+        assert {r.op: r.impl for r in rt.dispatch.rows}["linear"] == impl
+        emu = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, emulate=True, progress=False)
+        ids = torch.randint(2, 258, (1, 48), generator=torch.Generator().manual_seed(0))
+        got, ref = rt.forward(ids), emu.forward(ids)
+        # The emulation's numerics through the device path: what differs is summation order and the device ops' bf16
+        # roundings. Measured mean KL 0.018 over 48 tokens for the Triton linear and the per-K-block loop alike; one
+        # token's routing flips in layer 3 (bf16 noise on a random model), so a max-|diff| bound would test that flip.
+        p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+        assert (p.exp() * (p - q)).sum(-1).mean() < 0.054
+        # without triton and blockwise scaling the per-K-block loop remains, and the row says so
+        backend.has_triton = backend.blockwise = False
+        rt = Runtime.load("nvidia-h100", checkpoint=tiny_ckpt, progress=False)
+        assert {r.op: r.impl for r in rt.dispatch.rows}["linear"] == "cuda.scaled_mm_fp8+bf16_gemm"
 
 
 @pytest.mark.cuda

@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from runtime.dispatch import DispatchError, _REGISTRY, register, resolve
+from runtime.dispatch import DispatchError, _REGISTRY, impl, register, resolve
+from runtime.dispatch import implementations as implementations_of
 from runtime.ops.numerics import MODES
 from runtime.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile, shipped_profiles
 
@@ -108,7 +109,7 @@ def test_strict_dispatch_refuses_and_fallback_is_recorded():
 def test_registered_implementation_is_chosen_only_with_its_capability():
     saved = copy.deepcopy({k: dict(v) for k, v in _REGISTRY.items()})
     try:
-        register("linear", "testdev.fp8_scaled_mm", "testdev", requires=("fp8_gemm",))(lambda x, w: x @ w.T)
+        impl("linear", "testdev.fp8_scaled_mm", "testdev", lambda x, w: x @ w.T, requires=("fp8_gemm",))
         prof = load_profile("nvidia-h100")
         t = resolve(prof, "testdev", "testdev:0", frozenset({"fp8_gemm", "bf16"}), prof.numerics, False, True)
         assert t.rows[0].impl == "testdev.fp8_scaled_mm" and t.rows[0].where == "testdev"
@@ -116,6 +117,9 @@ def test_registered_implementation_is_chosen_only_with_its_capability():
         assert t.rows[0].impl.startswith("reference") and "needs fp8_gemm" in t.rows[0].reason
         with pytest.raises(DispatchError, match="op linear has no usable testdev implementation"):
             resolve(prof, "testdev", "testdev:0", frozenset({"bf16"}), prof.numerics, False, False)
+        # the old decorator spelling registers the same way (kept until every caller uses `impl`)
+        register("linear", "testdev.old_spelling", "testdev", requires=("bf16",))(lambda x, w: x @ w.T)
+        assert implementations_of("linear")["testdev.old_spelling"].requires == {"bf16"}
     finally:
         _REGISTRY.clear()
         _REGISTRY.update(saved)

@@ -2,7 +2,7 @@
 
 `Runtime.load` hands the model a mapping of official tensor names (spec §4, without `.scale` entries) to
 weights (float32 values for the CPU reference and emulation; the profile's storage formats on a device, see
-`runtime.device_weights`), and the set of linears whose input the numerics quantise (FP8 / INT8).
+`runtime.weights.device_layout`), and the set of linears whose input the numerics quantise (FP8 / INT8).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _single():
 
 @dataclass(frozen=True)
 class Linear:
-    weight: object           # [out, in]: float32 (reference), or a device storage (runtime.device_weights)
+    weight: object           # [out, in]: float32 (reference), or a device storage (runtime.weights.device_layout)
     quantized: bool          # its input is quantised under the numerics (FP8 / FP4 / INT8 weights)
 
 
