@@ -10,7 +10,7 @@ A `dtype` says what the model feeds the op under that numerics: `float32` inputs
 inputs rounded to that dtype (values a bf16 / fp16 profile produces) and, for the linears, weights stored in
 it; `fp8_block` / `fp4` / `w8a8_int8` weights in that storage with the activation quantised as the model's
 `quant_act` does before such a linear. Linear weights take the storage the backend's own loader gives
-(`STORAGE`): the CPU keeps the checkpoint's formats, CUDA FP8 blocks, Ascend INT8 channels.
+(`storage()`, from each backend's `weight_formats`): the CPU keeps the checkpoint's formats, CUDA FP8 blocks, Ascend INT8 channels.
 
 `build(op, case, dtype, backend, device)` -> a list of calls `(args, kwargs)`, deterministic per
 (op, case, dtype): the reference runs on the CPU build, the implementation on the `device` build.
@@ -55,16 +55,27 @@ def _device_storage(fmt: str, w: torch.Tensor):
     return w.to(_PLAIN[fmt])
 
 
-# backend -> (the linear weight formats its loader produces, how it stores one)
-STORAGE = {"cpu": (("float32", "bf16", "fp16", "fp8_block", "fp4", "w8a8_int8"), _cpu_storage),
-           "cuda": (("float32", "bf16", "fp16", "fp8_block"), _device_storage),
-           "ascend": (("float32", "bf16", "fp16", "w8a8_int8"), _device_storage)}
+_ORDER = ("float32", "bf16", "fp16", "fp8_block", "fp4", "w8a8_int8")
+
+
+def storage(backend: str):
+    """(the linear weight formats `backend`'s loader produces, how it stores one), read from the backend's own
+    declaration (`Backend.weight_formats`): the CPU keeps every checkpoint format (FP4 experts included) as
+    stored, a device backend lays weights out in its device storage."""
+    from backends import BackendUnavailable, get_backend
+
+    try:
+        b = get_backend(backend)
+    except BackendUnavailable:      # an implementation registered for a backend not (yet) in the registry
+        return ("float32", "bf16", "fp16"), _device_storage
+    formats = set(b.weight_formats) | ({"fp4"} if b.computes_every_format else set())
+    return tuple(f for f in _ORDER if f in formats), (_cpu_storage if b.computes_every_format else _device_storage)
 
 
 def dtypes(op: str, backend: str) -> tuple[str, ...]:
     """The dtypes the op is checked in on `backend`."""
     if op == "linear":
-        return STORAGE.get(backend, STORAGE["cuda"])[0]
+        return storage(backend)[0]
     if op == "group_linear":
         return ("float32", "bf16", "fp16")
     if op in ("moe_gate", "hc_pre", "hc_head", "compress_pool"):   # the model computes these in float32
@@ -124,7 +135,7 @@ def _calls(op: str, lens: tuple[int, ...], dtype: str, backend: str, r: _Inputs)
     T = sum(lens)
     dev = r.device
     if op == "linear":
-        store = STORAGE.get(backend, STORAGE["cuda"])[1]
+        store = storage(backend)[1]
         w = store(dtype, (r.host(256, 320) / 16).to(torch.float32))      # K = 2.5 FP8 blocks: a partial one
         w = w.to(dev) if hasattr(w, "to") else w
         x = _act(dtype, r.host(T, 320)).to(dev)

@@ -176,7 +176,9 @@ def test_impl_refuses_what_is_not_a_table_op():
 def test_backends_register_implementations_one_way():
     """Product code registers every implementation through `runtime.dispatch.impl` (no decorator, no tables
     of implementations bound in loops)."""
-    files = [*ROOT.glob("backends/*.py"), *ROOT.glob("runtime/**/*.py")]
+    # backends/__init__.py's `register(name, entry)` adds a *backend* to the registry, not an op implementation
+    files = [f for f in [*ROOT.glob("backends/*.py"), *ROOT.glob("runtime/**/*.py")]
+             if f.relative_to(ROOT).as_posix() != "backends/__init__.py"]
     bad = [f"{f.relative_to(ROOT)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
            if re.search(r"(^|[^\w.])register\(|^(IMPLS|ADAPTERS)\b", line) and "def register(" not in line]
     assert not bad, bad
