@@ -68,6 +68,8 @@ register("linear", "cpu.stored_native", "cpu", requires=("native_kernels",))(cpu
 register("linear", "cpu.stored_torch_tiles", "cpu")(cpu_stored.linear_torch_tiles)
 register("group_linear", "cpu.stored_native", "cpu", requires=("native_kernels",))(cpu_stored.group_linear_native)
 register("group_linear", "cpu.stored_torch_tiles", "cpu")(cpu_stored.group_linear_torch_tiles)
+register("routed_experts", "cpu.stored_grouped", "cpu", requires=("native_kernels",))(
+    cpu_stored.routed_experts_native)
 
 
 @register("sparse_attention", "cpu.union_flash", "cpu")
