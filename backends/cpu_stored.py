@@ -10,6 +10,8 @@ Two implementations of the `linear` and `group_linear` ops, both with the float3
 Either way, no whole dequantised weight exists per call, and the values are the reference's float32 values
 (code x power-of-two scale is exact), accumulated in float32: only the summation order differs.
 float32 weights go straight to one `F.linear`; fp16 and other plain dtypes through tiles of `.float()`.
+`routed_experts_native` (`cpu.stored_grouped`): a decode step's routed experts in two native calls per layer
+(every active expert's w1 + w3, then every w2). `native_gemv(x, w, isa=...)` runs one instruction-set path.
 """
 
 from __future__ import annotations
