@@ -10,6 +10,8 @@ Two implementations of the `linear` and `group_linear` ops, both with the float3
 Either way, no whole dequantised weight exists per call, and the values are the reference's float32 values
 (code x power-of-two scale is exact), accumulated in float32: only the summation order differs.
 float32 weights go straight to one `F.linear`; fp16 and other plain dtypes through tiles of `.float()`.
+`routed_experts_native` (`cpu.stored_grouped`): a decode step's routed experts in two native calls per layer
+(every active expert's w1 + w3, then every w2). `native_gemv(x, w, isa=...)` runs one instruction-set path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows
 
-from .cpu_native import kernels
+from .cpu_native import Job, isa_code, kernels
 
 MAX_M = 16                        # x rows up to which the GEMV kernels run (the library's own limit)
 TILE_FLOATS = 1 << 20             # dequantised weight per GEMM tile: 4 MB of float32
@@ -44,25 +46,43 @@ def _dequant_rows(w, lo: int, hi: int, lib) -> torch.Tensor:
     return w.dequantize_rows(lo, hi)
 
 
-def _gemv(lib, x: torch.Tensor, w, lo: int, hi: int) -> torch.Tensor | None:
-    """x [M <= MAX_M, K] contiguous float32 -> [M, hi - lo] through the native kernel, or None (no kernel)."""
+_KIND = {Fp8Stored: 0, Fp4Stored: 1, Int8Rows: 3}
+
+
+def job(x: torch.Tensor, w, lo: int, hi: int, y: torch.Tensor) -> Job | None:
+    """The native job y[M, hi - lo] = x [M <= MAX_M, K] (float32, rows contiguous) @ rows [lo, hi) of w,
+    transposed; None for a weight kind the kernels do not take. x, w and y must stay alive until it ran."""
     M, K = x.shape
-    y = torch.empty(M, hi - lo)
-    nt = torch.get_num_threads()
-    if isinstance(w, Fp8Stored):
-        lib.dsv4_fp8_gemv(x.data_ptr(), M, K, K, w.codes.data_ptr(), w.codes.stride(0), w.scale.data_ptr(),
-                          w.scale.stride(0), y.data_ptr(), hi - lo, lo, hi, nt)
-    elif isinstance(w, Fp4Stored):
-        lib.dsv4_fp4_gemv(x.data_ptr(), M, K, K, w.packed.data_ptr(), w.packed.stride(0), w.scale.data_ptr(),
-                          w.scale.stride(0), y.data_ptr(), hi - lo, lo, hi, nt)
-    elif isinstance(w, Int8Rows):
-        lib.dsv4_int8_gemv(x.data_ptr(), M, K, K, w.codes.data_ptr(), w.codes.stride(0), w.scale.data_ptr(),
-                           y.data_ptr(), hi - lo, lo, hi, nt)
-    elif isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.stride(1) == 1:
-        lib.dsv4_bf16_gemv(x.data_ptr(), M, K, K, w.data_ptr(), w.stride(0), y.data_ptr(), hi - lo,
-                           lo, hi, nt)
-    else:
+    kind = _KIND.get(type(w))
+    if kind is None:
+        if not (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.stride(1) == 1):
+            return None
+        return Job(2, M, K, hi - lo, lo, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), None, 0, None,
+                   y.data_ptr(), y.stride(0))
+    codes = w.packed if kind == 1 else w.codes
+    if codes.stride(1) != 1:
         return None
+    rs = w.scale.data_ptr() if kind == 3 else None
+    s, lds = (None, 0) if kind == 3 else (w.scale.data_ptr(), w.scale.stride(0))
+    return Job(kind, M, K, hi - lo, lo, x.data_ptr(), x.stride(0), codes.data_ptr(), codes.stride(0), s, lds,
+               rs, y.data_ptr(), y.stride(0))
+
+
+def run_jobs(lib, jobs: list, isa: int | None = None) -> None:
+    """Run native jobs in one call (their rows split over torch's threads)."""
+    arr = (Job * len(jobs))(*jobs)
+    rc = lib.dsv4_gemv(arr, len(jobs), torch.get_num_threads(), isa_code() if isa is None else isa)
+    if rc != 0:
+        raise RuntimeError("dsv4_gemv refused a job (M > MAX_M or unknown kind)")
+
+
+def _gemv(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> torch.Tensor | None:
+    """x [M <= MAX_M, K] contiguous float32 -> [M, hi - lo] through the native kernel, or None (no kernel)."""
+    y = torch.empty(x.shape[0], hi - lo)
+    j = job(x, w, lo, hi, y)
+    if j is None:
+        return None
+    run_jobs(lib, [j], isa)
     return y
 
 
@@ -117,3 +137,80 @@ def group_linear_native(x, w):
 def group_linear_torch_tiles(x, w):
     """Same contract as `runtime.ops.linear.group_linear`, torch tiles."""
     return _group_linear(x, w, False)
+
+
+def native_gemv(x: torch.Tensor, w, isa: str | None = None) -> torch.Tensor:
+    """x [M <= MAX_M, K] @ w.T on the native kernels with instruction set `isa` (a `cpu_native.ISAS` name;
+    default: the one chosen at load) -- every ISA path this CPU runs can be compared with the reference."""
+    lib = kernels()
+    x = x.float().contiguous()
+    y = _gemv(lib, x, w, 0, w.shape[0], None if isa is None else isa_code(isa))
+    if y is None:
+        raise TypeError(f"no native kernel for a {type(w).__name__} weight")
+    return y
+
+
+def _stage(lib, rows: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor] | None:
+    """One native call for every (x, weight) pair -> their outputs; None when one has no native kernel."""
+    ys = [torch.empty(x.shape[0], w.shape[0]) for x, w in rows]
+    jobs = [job(x, w, 0, w.shape[0], y) for (x, w), y in zip(rows, ys)]
+    if any(j is None for j in jobs):
+        return None
+    run_jobs(lib, jobs)
+    return ys
+
+
+def routed_experts_native(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
+                          ops) -> torch.Tensor:
+    """Same contract as `runtime.ops.moe.routed_experts`, for the few tokens of a decode step (<= MAX_M per
+    expert): tokens grouped per routed expert from one host read of `idx`, only the active experts touched,
+    and two native calls per layer -- every active expert's w1 and w3 in one, their w2 in the other -- each
+    splitting all those rows over torch's threads. The numerics between (input quantisation where the weight
+    format asks, activation rounding, clamped SwiGLU, the routing weight before w2) are the table's ops, in
+    the reference's order. Larger chunks (prefill) or weights without a native kernel: `cpu.small_batch`'s grouping."""
+    from .cpu_ops import routed_experts as small_batch      # (cpu_ops imports this module)
+
+    lib = kernels()
+    T = x.shape[0]
+    if lib is None or T > MAX_M:
+        return small_batch(x, idx, weights, experts, limit, ops)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for t, row in enumerate(idx.tolist()):
+        for j, e in enumerate(row):
+            groups.setdefault(e, []).append((t, j))
+    order = sorted(groups)
+    xs, ws, toks = [], [], []
+    for e in order:
+        members = groups[e]
+        if T == 1:
+            xe, we, tt = x, weights[:, members[0][1]:members[0][1] + 1], None
+        else:
+            tt = torch.tensor([t for t, _ in members])
+            xe, we = x[tt], weights[tt, torch.tensor([j for _, j in members])][:, None]
+        xs.append(xe)
+        ws.append(we)
+        toks.append(tt)
+
+    def inp(xe, lin):
+        return (ops.quant_act(xe) if lin.quantized else xe).float().contiguous()
+
+    first = []
+    for e, xe in zip(order, xs):
+        w1, _, w3 = experts[e]
+        first += [(inp(xe, w1), w1.weight), (inp(xe, w3), w3.weight)]
+    ys = _stage(lib, first)
+    if ys is None:
+        return small_batch(x, idx, weights, experts, limit, ops)
+    hs = [ops.round_act(ops.clamped_swiglu(ops.round_act(ys[2 * i]), ops.round_act(ys[2 * i + 1]), limit) * we)
+          for i, we in enumerate(ws)]
+    outs = _stage(lib, [(inp(h, experts[e][1]), experts[e][1].weight) for e, h in zip(order, hs)])
+    if outs is None:
+        return small_batch(x, idx, weights, experts, limit, ops)
+    out = torch.zeros_like(x)
+    for y, tt in zip(outs, toks):
+        y = ops.round_act(y).to(out.dtype)
+        if tt is None:
+            out += y
+        else:
+            out.index_add_(0, tt, y)
+    return out

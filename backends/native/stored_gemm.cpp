@@ -1,211 +1,286 @@
 // GEMV / small-GEMM and tile dequantisation on DeepSeek-V4 checkpoint storage (issue 15), for the CPU backend.
 //
-// y[m, n - n0] = sum_k x[m, k] * W[n, k] for the output rows n in [n0, n1), with W in its stored format:
+// y[m, n - n0] = sum_k x[m, k] * W[n, k] for the output rows n in [n0, n0 + N), with W in its stored format:
 //   fp8  : e4m3 codes [N, K] + ue8m0 scales per 128x128 block [ceil(N/128), ceil(K/128)]
 //   fp4  : e2m1 codes two per byte (low nibble = even k) [N, K/2] + ue8m0 scales per 32 along K [N, K/32]
 //   bf16 : [N, K] as stored
 //   int8 : codes [N, K] + one float32 scale per row
-// Each weight value is decoded in registers / a 128-float stack buffer as code * scale in float32 -- the very
-// float32 value the reference's dequantisation gives -- and accumulated in float32 (16 lanes, then a sum):
+// A call is a batch of such jobs (`dsv4_gemv`): one linear, or every routed expert's w1 and w3 of a decode
+// step at once; the rows of all jobs are split over `nthreads` threads (the caller passes torch's thread
+// count). Each weight value is decoded in registers (stored_simd.h: AVX-512 / AVX2 on x86-64, picked at run
+// time; NEON on aarch64; a portable scalar path everywhere) to exactly the float32 value the reference's
+// dequantisation gives, up to exact power-of-two factors applied per scale block, and accumulated in float32:
 // only the summation order differs from the reference matmul. No whole dequantised weight ever exists.
-// The decoders are bit manipulation (no table lookups), written as plain loops the compiler vectorises
-// (-O3 -march=native: AVX2 / AVX-512 on x86, NEON on aarch64); subnormal codes are built with a multiply of
-// a small integer, so flush-to-zero modes cannot change them. Plain C ABI, no torch headers: the Python side
-// (backends/cpu_native.py) compiles this file once and calls it through ctypes (which releases the GIL).
+// Plain C ABI, no torch headers: backends/cpu_native.py compiles this file once and calls it through ctypes
+// (which releases the GIL).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <thread>
 #include <vector>
 
+#include "stored_simd.h"
+
+using namespace dsv4;
+
 namespace {
 
+enum Kind { FP8 = 0, FP4 = 1, BF16 = 2, INT8 = 3 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, NEON = 3 };
+
 constexpr int LANES = 16;
-constexpr int MAX_M = 16;          // rows of x per call (the Python side tiles larger M through a GEMM)
-constexpr int64_t MIN_PARALLEL = 1 << 17;   // weights below which one thread does it all
+constexpr int MAX_M = 16;                   // rows of x per job (the Python side tiles larger M through a GEMM)
+constexpr int64_t MIN_PARALLEL = 1 << 17;   // weight elements below which one thread does it all
 
-inline float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t f_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-
-inline float e8m0(uint8_t s) {
-  if (s == 255) return bits_f(0x7FC00000u);            // NaN
-  return s == 0 ? bits_f(0x00400000u) : bits_f(uint32_t(s) << 23);   // 2^(s-127); 2^-127 is subnormal
-}
-
-// e4m3 codes -> value * scale. Normal: exponent field + 120 rebias; subnormal (exp 0): mantissa * 2^-9;
-// 0x7F / 0xFF: NaN. Branch-free (integer masks) so that the loop vectorises.
-inline void dec_fp8(const uint8_t* c, float scale, float* out, int n) {
-  for (int i = 0; i < n; ++i) {
-    uint32_t b = c[i], mag = b & 0x7Fu;
-    uint32_t nbits = (mag << 20) + (120u << 23);
-    uint32_t sbits = f_bits(float(int32_t(mag & 7u)) * 0.001953125f);
-    uint32_t normal = 0u - uint32_t(mag >= 8u);
-    uint32_t bits = (nbits & normal) | (sbits & ~normal);
-    bits |= 0x7FC00000u & (0u - uint32_t(mag == 0x7Fu));
-    out[i] = bits_f(bits | ((b & 0x80u) << 24)) * scale;
-  }
-}
-
-// one e2m1 nibble -> value. Normal (exp > 0): exponent field + 126 rebias; subnormal: 0 or 0.5. Branch-free.
-inline float dec_e2m1(uint32_t nib) {
-  uint32_t mag = nib & 7u;
-  uint32_t nbits = (mag << 22) + (126u << 23);
-  uint32_t sbits = (mag & 1u) * 0x3F000000u;                 // 0.5f or 0
-  uint32_t normal = 0u - uint32_t(mag >= 2u);
-  return bits_f(((nbits & normal) | (sbits & ~normal)) | ((nib & 8u) << 28));
-}
-
-inline float bf16_f(uint16_t h) { return bits_f(uint32_t(h) << 16); }
-
-// acc[0..LANES) += a[0..n) * b[0..n) for n a multiple of LANES; returns the scalar tail's sum.
-inline float fma_lanes(float* __restrict acc, const float* __restrict a, const float* __restrict b, int64_t n) {
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int j = 0; j < LANES; ++j) acc[j] += a[i + j] * b[i + j];
-  float t = 0.f;
-  for (; i < n; ++i) t += a[i] * b[i];
-  return t;
-}
-
-inline float reduce(const float* acc) {
-  float s = 0.f;
-  for (int j = 0; j < LANES; ++j) s += acc[j];
-  return s;
-}
-
-template <class F>
-void parallel_rows(int64_t n0, int64_t n1, int nthreads, int64_t work, F f) {
-  int64_t n = n1 - n0;
-  int T = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n)));
-  if (work < MIN_PARALLEL) T = 1;
-  if (T == 1) { f(n0, n1); return; }
-  int64_t per = (n + T - 1) / T;
-  std::vector<std::thread> th;
-  for (int t = 1; t < T; ++t) {
-    int64_t a = n0 + t * per, b = std::min(n1, a + per);
-    if (a < b) th.emplace_back(f, a, b);
-  }
-  f(n0, std::min(n1, n0 + per));
-  for (auto& t : th) t.join();
-}
-
-// Row-decoding GEMV: decode(n, k0, len, buf) writes W[n, k0:k0+len] as float32 into buf. A whole row is
-// decoded (in `block`-wide pieces, one scale each) into a K-float buffer that stays in L1 / L2, then one long
-// multiply-add per x row: long loops are what the vectoriser does best.
-template <class Decode>
-void gemv(const float* x, int64_t M, int64_t K, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1,
-          int nthreads, int block, Decode decode) {
-  parallel_rows(n0, n1, nthreads, (n1 - n0) * K, [=](int64_t a, int64_t b) {
-    std::vector<float> row(size_t(K) + LANES);
-    float* buf = row.data();
-    alignas(64) float acc[LANES];
-    for (int64_t n = a; n < b; ++n) {
-      for (int64_t k0 = 0; k0 < K; k0 += block) decode(n, k0, int(std::min<int64_t>(block, K - k0)), buf + k0);
-      for (int64_t m = 0; m < M; ++m) {
-        std::memset(acc, 0, sizeof(acc));
-        float t = fma_lanes(acc, x + m * ldx, buf, int(K));
-        y[m * ldy + (n - n0)] = reduce(acc) + t;
-      }
+// ---------------------------------------------------------------- portable scalar row kernels
+// plain loops over LANES accumulators, which the compiler vectorises for the baseline ISA
+template <int MR>
+void fp8_row_scalar(const Gemv& g) {
+  alignas(64) float buf[128], acc[MR][LANES];
+  float tail[MR] = {};
+  std::memset(acc, 0, sizeof(acc));
+  for (int64_t k0 = 0; k0 < g.K; k0 += 128) {
+    const int len = int(std::min<int64_t>(128, g.K - k0)), full = len & ~(LANES - 1);
+    const float sc = e8m0(g.s[k0 >> 7]);
+    for (int i = 0; i < len; ++i) buf[i] = dec_fp8(g.w[k0 + i]) * sc;
+    for (int m = 0; m < MR; ++m) {
+      const float* xm = g.x + m * g.ldx + k0;
+      for (int i = 0; i < full; i += LANES)
+        for (int j = 0; j < LANES; ++j) acc[m][j] += xm[i + j] * buf[i + j];
+      for (int i = full; i < len; ++i) tail[m] += xm[i] * buf[i];
     }
-  });
+  }
+  for (int m = 0; m < MR; ++m) {
+    float t = tail[m];
+    for (int j = 0; j < LANES; ++j) t += acc[m][j];
+    g.y[m * g.ldy] = t;
+  }
+}
+
+template <int MR>   // x pre-permuted per 32-block: [16 even k | 16 odd k]
+void fp4_row_scalar(const Gemv& g) {
+  alignas(64) float acc[MR][LANES];
+  std::memset(acc, 0, sizeof(acc));
+  for (int64_t j = 0; j < g.K / 32; ++j) {
+    alignas(64) float lo[16], hi[16];
+    const float sc = e8m0(g.s[j]);
+    for (int i = 0; i < 16; ++i) {
+      uint32_t c = g.w[16 * j + i];
+      lo[i] = dec_e2m1(c & 15u) * sc;
+      hi[i] = dec_e2m1(c >> 4) * sc;
+    }
+    for (int m = 0; m < MR; ++m) {
+      const float* xm = g.x + m * g.ldx + 32 * j;
+      for (int i = 0; i < 16; ++i) acc[m][i] += xm[i] * lo[i] + xm[16 + i] * hi[i];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float t = 0.f;
+    for (int j = 0; j < LANES; ++j) t += acc[m][j];
+    g.y[m * g.ldy] = t;
+  }
+}
+
+template <int MR>
+void plain_row_scalar(const Gemv& g, bool bf16) {
+  alignas(64) float buf[128], acc[MR][LANES];
+  float tail[MR] = {};
+  std::memset(acc, 0, sizeof(acc));
+  const uint16_t* wb = reinterpret_cast<const uint16_t*>(g.w);
+  const int8_t* wi = reinterpret_cast<const int8_t*>(g.w);
+  for (int64_t k0 = 0; k0 < g.K; k0 += 128) {
+    const int len = int(std::min<int64_t>(128, g.K - k0)), full = len & ~(LANES - 1);
+    if (bf16) for (int i = 0; i < len; ++i) buf[i] = bf16_f(wb[k0 + i]);
+    else for (int i = 0; i < len; ++i) buf[i] = float(wi[k0 + i]) * g.rs[0];
+    for (int m = 0; m < MR; ++m) {
+      const float* xm = g.x + m * g.ldx + k0;
+      for (int i = 0; i < full; i += LANES)
+        for (int j = 0; j < LANES; ++j) acc[m][j] += xm[i + j] * buf[i + j];
+      for (int i = full; i < len; ++i) tail[m] += xm[i] * buf[i];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float t = tail[m];
+    for (int j = 0; j < LANES; ++j) t += acc[m][j];
+    g.y[m * g.ldy] = t;
+  }
+}
+template <int MR> void bf16_row_scalar(const Gemv& g) { plain_row_scalar<MR>(g, true); }
+template <int MR> void int8_row_scalar(const Gemv& g) { plain_row_scalar<MR>(g, false); }
+
+using RowFn = void (*)(const Gemv&);
+#define DSV4_ROWS(f) {nullptr, f<1>, f<2>, f<3>, f<4>}
+
+// [isa][kind][MR]; nullptr: that ISA has no kernel for the kind (the scalar one runs)
+const RowFn* table(int isa, int kind) {
+  static const RowFn scalar[4][5] = {DSV4_ROWS(fp8_row_scalar), DSV4_ROWS(fp4_row_scalar),
+                                     DSV4_ROWS(bf16_row_scalar), DSV4_ROWS(int8_row_scalar)};
+#ifdef DSV4_HAVE_X86
+  static const RowFn avx512[4][5] = {DSV4_ROWS(fp8_row_512), DSV4_ROWS(fp4_row_512), DSV4_ROWS(bf16_row_512),
+                                     DSV4_ROWS(int8_row_512)};
+  static const RowFn avx2[4][5] = {DSV4_ROWS(fp8_row_256), DSV4_ROWS(fp4_row_256), DSV4_ROWS(bf16_row_256),
+                                   DSV4_ROWS(int8_row_256)};
+  if (isa == AVX512) return avx512[kind];
+  if (isa == AVX2) return avx2[kind];
+#endif
+#ifdef DSV4_HAVE_NEON
+  static const RowFn neon[4][5] = {DSV4_ROWS(fp8_row_neon), DSV4_ROWS(fp4_row_scalar), DSV4_ROWS(bf16_row_neon),
+                                   DSV4_ROWS(int8_row_scalar)};
+  if (isa == NEON) return neon[kind];
+#endif
+  return scalar[kind];
+}
+
+bool supported(int isa) {
+  switch (isa) {
+    case SCALAR: return true;
+#ifdef DSV4_HAVE_X86
+    case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    case AVX512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+#ifdef DSV4_HAVE_NEON
+    case NEON: return true;
+#endif
+    default: return false;
+  }
+}
+
+int best() {
+  for (int isa : {AVX512, NEON, AVX2})
+    if (supported(isa)) return isa;
+  return SCALAR;
 }
 
 }  // namespace
 
 extern "C" {
 
+// One GEMV job: rows [n0, n0 + N) of the weight, M <= MAX_M rows of x. Layout shared with cpu_native.Job.
+struct Dsv4Job {
+  int32_t kind;
+  int32_t M;
+  int64_t K, N, n0;
+  const float* x;
+  int64_t ldx;
+  const uint8_t* w;          // the weight's row 0 (bf16: as bytes)
+  int64_t ldw;               // row stride in elements of the stored dtype (fp4: bytes of packed pairs)
+  const uint8_t* s;          // fp8: [ceil(N/128), ceil(K/128)] block scales; fp4: [N, K/32]
+  int64_t lds;
+  const float* rs;           // int8: [N] row scales
+  float* y;                  // y[m, n - n0] at y + m * ldy + (n - n0)
+  int64_t ldy;
+};
+
 int dsv4_max_m() { return MAX_M; }
+int dsv4_best_isa() { return best(); }
+int dsv4_isa_supported(int isa) { return supported(isa) ? 1 : 0; }
 
-// fp8: w [N, K] codes (row stride ldw), s [ceil(N/128), ceil(K/128)] (row stride lds).
-void dsv4_fp8_gemv(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t ldw,
-                   const uint8_t* s, int64_t lds, float* y, int64_t ldy, int64_t n0, int64_t n1, int nthreads) {
-  gemv(x, M, K, ldx, y, ldy, n0, n1, nthreads, 128, [=](int64_t n, int64_t k0, int len, float* buf) {
-    dec_fp8(w + n * ldw + k0, e8m0(s[(n >> 7) * lds + (k0 >> 7)]), buf, len);
-  });
-}
-
-// fp4: w [N, K/2] packed (row stride ldw bytes), s [N, K/32] (row stride lds). K a multiple of 32. The x
-// operand is read de-interleaved (even / odd k) so that a byte's two nibbles meet two contiguous x runs.
-void dsv4_fp4_gemv(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t ldw,
-                   const uint8_t* s, int64_t lds, float* y, int64_t ldy, int64_t n0, int64_t n1, int nthreads) {
-  const int64_t H = K / 2;
-  std::vector<float> xd(size_t(M) * K);                // per m: [even k (H) | odd k (H)]
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < H; ++i) {
-      xd[m * K + i] = x[m * ldx + 2 * i];
-      xd[m * K + H + i] = x[m * ldx + 2 * i + 1];
+// Run `njobs` jobs with `nthreads` threads on instruction set `isa` (-1: the best this CPU runs; an
+// unsupported one runs the scalar path -- the Python side refuses to ask for one). Returns 0, or -1 for a
+// job with M > MAX_M or an unknown kind (nothing is computed then).
+int dsv4_gemv(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
+  if (isa < 0) isa = best();
+  if (!supported(isa)) isa = SCALAR;
+  int64_t total = 0, work = 0;
+  for (int j = 0; j < njobs; ++j) {
+    if (jobs[j].M < 1 || jobs[j].M > MAX_M || jobs[j].kind < 0 || jobs[j].kind > INT8) return -1;
+    total += jobs[j].N;
+    work += jobs[j].N * jobs[j].K;
+  }
+  // fp4: x permuted per 32-block to [16 even k | 16 odd k], once per job (x is tiny next to the weight)
+  std::vector<std::vector<float>> xs(njobs);
+  for (int j = 0; j < njobs; ++j) {
+    const Dsv4Job& b = jobs[j];
+    if (b.kind != FP4) continue;
+    xs[j].resize(size_t(b.M) * b.K);
+    for (int64_t m = 0; m < b.M; ++m)
+      for (int64_t k = 0; k < b.K; ++k) {
+        int64_t blk = k & ~int64_t(31), i = k & 31;
+        xs[j][m * b.K + blk + (i & 1) * 16 + (i >> 1)] = b.x[m * b.ldx + k];
+      }
+  }
+  // rows [r0, r1) of the jobs' concatenated rows
+  auto run = [&](int64_t r0, int64_t r1) {
+    int64_t base = 0;
+    for (int j = 0; j < njobs && base < r1; base += jobs[j].N, ++j) {
+      const Dsv4Job& b = jobs[j];
+      int64_t a = std::max<int64_t>(r0 - base, 0), e = std::min<int64_t>(r1 - base, b.N);
+      if (a >= e) continue;
+      const RowFn* fns = table(isa, b.kind);
+      const float* x = b.kind == FP4 ? xs[j].data() : b.x;
+      const int64_t ldx = b.kind == FP4 ? b.K : b.ldx;
+      const int64_t esz = b.kind == BF16 ? 2 : 1;
+      for (int64_t i = a; i < e; ++i) {
+        const int64_t n = b.n0 + i;
+        Gemv g{x, ldx, b.K, b.w + n * b.ldw * esz, nullptr, b.rs ? b.rs + n : nullptr, b.y + i, b.ldy};
+        if (b.kind == FP8) g.s = b.s + (n >> 7) * b.lds;
+        if (b.kind == FP4) g.s = b.s + n * b.lds;
+        for (int m0 = 0; m0 < b.M; m0 += 4) {
+          Gemv gm = g;
+          gm.x = x + m0 * ldx;
+          gm.y = g.y + m0 * b.ldy;
+          fns[std::min(4, b.M - m0)](gm);
+        }
+      }
     }
-  const float* xp = xd.data();
-  parallel_rows(n0, n1, nthreads, (n1 - n0) * K, [=](int64_t a, int64_t b) {
-    // one row at a time: its scales expanded per byte, then its codes decoded into two long runs (even /
-    // odd k), then one long multiply-add per x row: long loops are what the vectoriser does best.
-    std::vector<float> buf(size_t(2) * K);     // [scale per byte (H) | even k (H) | odd k (H)]
-    float* sc = buf.data();
-    float* lo = sc + H;
-    float* hi = lo + H;
-    alignas(64) float acc[MAX_M][LANES];
-    for (int64_t n = a; n < b; ++n) {
-      const uint8_t* row = w + n * ldw;
-      for (int64_t j = 0; j < K / 32; ++j) {
-        float v = e8m0(s[n * lds + j]);
-        for (int t = 0; t < 16; ++t) sc[j * 16 + t] = v;
-      }
-      for (int64_t i = 0; i < H; ++i) {
-        uint32_t c = row[i];
-        lo[i] = dec_e2m1(c & 15u) * sc[i];
-        hi[i] = dec_e2m1(c >> 4) * sc[i];
-      }
-      std::memset(acc, 0, sizeof(acc));
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xe = xp + m * K;
-        float t = fma_lanes(acc[m], xe, lo, int(H)) + fma_lanes(acc[m], xe + H, hi, int(H));
-        y[m * ldy + (n - n0)] = reduce(acc[m]) + t;
-      }
-    }
-  });
-}
-
-void dsv4_bf16_gemv(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t ldw,
-                    float* y, int64_t ldy, int64_t n0, int64_t n1, int nthreads) {
-  gemv(x, M, K, ldx, y, ldy, n0, n1, nthreads, 128, [=](int64_t n, int64_t k0, int len, float* buf) {
-    const uint16_t* c = w + n * ldw + k0;
-    for (int i = 0; i < len; ++i) buf[i] = bf16_f(c[i]);
-  });
-}
-
-void dsv4_int8_gemv(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, int64_t ldw,
-                    const float* scale, float* y, int64_t ldy, int64_t n0, int64_t n1, int nthreads) {
-  gemv(x, M, K, ldx, y, ldy, n0, n1, nthreads, 128, [=](int64_t n, int64_t k0, int len, float* buf) {
-    const int8_t* c = w + n * ldw + k0;
-    float sc = scale[n];
-    for (int i = 0; i < len; ++i) buf[i] = float(c[i]) * sc;
-  });
+  };
+  int T = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, total)));
+  if (work < MIN_PARALLEL) T = 1;
+  if (T == 1) { run(0, total); return 0; }
+  const int64_t per = (total + T - 1) / T;
+  std::vector<std::thread> th;
+  for (int t = 1; t < T; ++t) {
+    int64_t a = t * per, e = std::min(total, a + per);
+    if (a < e) th.emplace_back(run, a, e);
+  }
+  run(0, std::min(total, per));
+  for (auto& t : th) t.join();
+  return 0;
 }
 
 // Tile dequantisation for the large-M path: out [(n1 - n0), K] float32 = the reference's dequantised rows.
 void dsv4_fp8_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t lds, int64_t K, float* out,
                       int64_t n0, int64_t n1, int nthreads) {
-  parallel_rows(n0, n1, nthreads, (n1 - n0) * K, [=](int64_t a, int64_t b) {
+  auto f = [=](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; ++n)
-      for (int64_t k0 = 0; k0 < K; k0 += 128)
-        dec_fp8(w + n * ldw + k0, e8m0(s[(n >> 7) * lds + (k0 >> 7)]), out + (n - n0) * K + k0,
-                int(std::min<int64_t>(128, K - k0)));
-  });
+      for (int64_t k0 = 0; k0 < K; k0 += 128) {
+        const float sc = e8m0(s[(n >> 7) * lds + (k0 >> 7)]);
+        const int64_t len = std::min<int64_t>(128, K - k0);
+        for (int64_t i = 0; i < len; ++i) out[(n - n0) * K + k0 + i] = dec_fp8(w[n * ldw + k0 + i]) * sc;
+      }
+  };
+  int T = (n1 - n0) * K < MIN_PARALLEL ? 1 : std::max(1, nthreads);
+  std::vector<std::thread> th;
+  const int64_t per = (n1 - n0 + T - 1) / T;
+  for (int t = 1; t < T; ++t)
+    if (n0 + t * per < n1) th.emplace_back(f, n0 + t * per, std::min(n1, n0 + (t + 1) * per));
+  f(n0, std::min(n1, n0 + per));
+  for (auto& t : th) t.join();
 }
 
 void dsv4_fp4_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t lds, int64_t K, float* out,
                       int64_t n0, int64_t n1, int nthreads) {
-  parallel_rows(n0, n1, nthreads, (n1 - n0) * K, [=](int64_t a, int64_t b) {
+  auto f = [=](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; ++n) {
       float* o = out + (n - n0) * K;
       for (int64_t i = 0; i < K / 2; ++i) {
-        float sc = e8m0(s[n * lds + (2 * i) / 32]);
-        uint32_t c = w[n * ldw + i];
+        const float sc = e8m0(s[n * lds + (2 * i) / 32]);
+        const uint32_t c = w[n * ldw + i];
         o[2 * i] = dec_e2m1(c & 15u) * sc;
         o[2 * i + 1] = dec_e2m1(c >> 4) * sc;
       }
     }
-  });
+  };
+  int T = (n1 - n0) * K < MIN_PARALLEL ? 1 : std::max(1, nthreads);
+  std::vector<std::thread> th;
+  const int64_t per = (n1 - n0 + T - 1) / T;
+  for (int t = 1; t < T; ++t)
+    if (n0 + t * per < n1) th.emplace_back(f, n0 + t * per, std::min(n1, n0 + (t + 1) * per));
+  f(n0, std::min(n1, n0 + per));
+  for (auto& t : th) t.join();
 }
 
 }  // extern "C"

@@ -1,6 +1,6 @@
 """`python -m runtime.bench.dry_run`: a real-scale dry run on a sparse (shape-true, zero-valued) checkpoint.
 
-    python -m runtime.bench.dry_run --preset flash [--out /tmp/v4-flash-dry] [--profile cpu] [--max-anon-gib 12]
+    python -m runtime.bench.dry_run --preset flash [--out /tmp/v4-flash-dry] [--profile cpu] [--max-anon-gib 8]
 
 Writes (or reuses) `make --preset flash --sparse` at --out, then in a child process: `Runtime.load(profile,
 checkpoint=...)`, a prefill of 8 tokens and 2 single-token decode steps, timing each. The parent samples the
@@ -50,7 +50,18 @@ def _child(spec: dict) -> dict:
     out["load_s"] = time.perf_counter() - t
     out["anon_after_load_gib"] = _status_kib("self", "RssAnon") / 2 ** 20
     out["memory_plan"] = rt.memory.format()
+    # the plan against what the load holds: resident = held - mapped (the anonymous part the plan budgets)
+    g = 2 ** 30
+    out.update(plan_weights_gib=rt.memory.weights / g, plan_mapped_gib=rt.memory.mapped / g,
+               held_gib=rt.weights.held_bytes() / g, mapped_gib=rt.weights.mapped_bytes() / g,
+               stored_gib=rt.weights.stored_bytes / g)
+    out["plan_resident_gib"] = out["plan_weights_gib"] - out["plan_mapped_gib"]
+    out["load_anon_growth_gib"] = out["anon_after_load_gib"] - out["anon_start_gib"]
     out["linear_impl"] = next(r.impl for r in rt.dispatch.rows if r.op == "linear")
+    out["experts_impl"] = next(r.impl for r in rt.dispatch.rows if r.op == "routed_experts")
+    from backends.cpu_native import isa
+
+    out["native_isa"] = isa()
     state = rt.new_state(batch_size=1)
     ids = torch.arange(2, 2 + PREFILL_TOKENS)[None]
     t = time.perf_counter()
@@ -105,8 +116,12 @@ def _summary(res: dict) -> str:
     dec = ", ".join(f"{d:.2f}" for d in res["decode_s"])
     return (head + f"load {res['load_s']:.1f} s, prefill of {PREFILL_TOKENS} tokens {res['prefill_s']:.2f} s, "
             f"{DECODE_STEPS} decode steps {dec} s; anonymous memory after load {res['anon_after_load_gib']:.2f} "
-            f"GiB, peak {res['peak_anon_gib']:.2f} GiB; linear {res['linear_impl']}; logits finite: "
-            f"{res['finite']}\n  {res['memory_plan']}")
+            f"GiB, peak {res['peak_anon_gib']:.2f} GiB; linear {res['linear_impl']}, experts "
+            f"{res['experts_impl']} (native ISA {res['native_isa']}); logits finite: {res['finite']}\n"
+            f"  plan: weights {res['plan_weights_gib']:.2f} GiB of which mapped {res['plan_mapped_gib']:.2f} -> resident "
+            f"{res['plan_resident_gib']:.2f} GiB; load holds {res['held_gib']:.2f} GiB of which mapped "
+            f"{res['mapped_gib']:.2f}, anonymous memory grew {res['load_anon_growth_gib']:.2f} GiB over the load\n"
+            f"  {res['memory_plan']}")
 
 
 def main(argv=None) -> int:
@@ -115,8 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="flash", help="flash (default), pro, or tiny")
     ap.add_argument("--out", default=None, help="sparse checkpoint folder (default /tmp/dsv4rt-dry-<preset>)")
     ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--max-anon-gib", type=float, default=12.0,
-                    help="stop the run when its anonymous resident memory passes this (default 12)")
+    ap.add_argument("--max-anon-gib", type=float, default=8.0,
+                    help="stop the run when its anonymous resident memory passes this (default 8, the issue-15 target)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
