@@ -17,7 +17,8 @@ from .base import BackendUnavailable, DeviceInfo
 
 NODES = {"sparse_attention": "onnx:com.deepseek.v4::SparseAttention", "indexer_topk": "onnx:com.deepseek.v4::IndexerTopK"}
 OPS = ("linear", "group_linear", "rms_norm", "apply_rope", "sparse_attention", "indexer_topk", "compress_pool",
-       "moe_gate", "routed_experts", "clamped_swiglu", "hc_pre", "hc_post", "hc_head")
+       "moe_gate", "routed_experts", "clamped_swiglu", "hc_pre", "hc_post", "hc_head",
+       "decode_block")
 
 
 def _in_graph(*args, **kw):

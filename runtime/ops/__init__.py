@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError
-from . import attention, compress, mhc, moe, norm_rope, numerics
+from . import attention, compress, decode, mhc, moe, norm_rope, numerics
 from .linear import group_linear, linear
 
 
@@ -34,6 +34,7 @@ class OpTable:
     hc_pre: Callable
     hc_post: Callable
     hc_head: Callable
+    decode_block: Callable          # one block's S = 1 step (runtime/ops/decode.py)
     round_act: Callable
     quant_act: Callable
     kv_qat: Callable
@@ -54,5 +55,6 @@ def reference_ops(numerics_mode: "str | numerics.NumericsSpec" = "exact") -> OpT
         sparse_attention=attention.sparse_attention, indexer_topk=attention.indexer_topk,
         compress_pool=compress.compress_pool, moe_gate=moe.moe_gate, routed_experts=moe.routed_experts,
         clamped_swiglu=moe.clamped_swiglu, hc_pre=mhc.hc_pre, hc_post=mhc.hc_post, hc_head=mhc.hc_head,
+        decode_block=decode.decode_block,
         numerics=numerics_mode.name, **numerics_mode.ops(),
     )
