@@ -197,49 +197,97 @@ def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
     return True
 
 
-def decode_block(block, X, ids, positions, starts, states):
-    """Same contract as `runtime.ops.decode.decode_block`."""
-    plan = block.__dict__.get("_fused_plan")
-    if plan is None:
-        if not _fusable(block):
-            block._fused_plan = plan = False
-        else:
-            block._fused_plan = plan = Plan(block)
-    layer = block.layer
-    sts = [s.layers[layer] for s in states]
-    if plan is False or recording() or any(
-            (st.comp_buf is not None and st.comp_buf.retain is not None) for st in sts):
-        return block.forward_ops(X, ids, positions, starts, states)
-    B = X.shape[0]
-    seqs = (SeqP * B)()
-    for b, (st, p0) in enumerate(zip(sts, starts)):
-        sp = seqs[b]
+def seq_params(plan: Plan, sts: list, starts: list[int]):
+    """The kernels' view of each sequence's layer state (room for this step's rows reserved first)."""
+    seqs = (SeqP * len(sts))()
+    for sp, st, p0 in zip(seqs, sts, starts):
         sp.pos = p0
         kv = st.kv
         if plan.ratio:
             kv.reserve(1)
             cb = st.comp_buf
-            sp.pk, sp.ps, sp.pstart = cb._kv.data_ptr(), cb._score.data_ptr(), cb.start
             cb.reserve(p0 + 1 - cb.start)
+            sp.pk, sp.ps, sp.pstart = cb._kv.data_ptr(), cb._score.data_ptr(), cb.start
         sp.kv, sp.n_entries = kv._buf.data_ptr(), kv.n - plan.W
         if plan.csa:
             ik, ib = st.index_keys, st.index_buf
             ik.reserve(1)
-            sp.ikeys, sp.n_index = ik._buf.data_ptr(), ik.n
             ib.reserve(p0 + 1 - ib.start)
+            sp.ikeys, sp.n_index = ik._buf.data_ptr(), ik.n
             sp.ipk, sp.ips, sp.ipstart = ib._kv.data_ptr(), ib._score.data_ptr(), ib.start
-    X = X.contiguous()
-    idv = ids.reshape(-1).tolist()
-    out = torch.empty_like(X)
-    lib = _state["lib"]
-    ha, A, hf, M = plan.refs
-    lib.dsv4d_block(ha, A, hf, M, B, X.data_ptr(), (ctypes.c_int64 * B)(*idv), seqs, out.data_ptr(),
-                    torch.get_num_threads())
+    return seqs
+
+
+def advance_states(plan: Plan, sts: list, starts: list[int]) -> None:
+    """After a kernel call: the counters of the rows it wrote (the same rule as the kernel's)."""
     for st, p0 in zip(sts, starts):
         if plan.ratio and _advance(st.comp_buf, p0, plan.ratio, plan.csa):
             st.kv.n += 1
         if plan.csa and _advance(st.index_buf, p0, 4, True):
             st.index_keys.n += 1
+
+
+def plan_for(block):
+    """The block's fused plan (built once), or False where the per-op path runs (TP / EP ranks)."""
+    plan = block.__dict__.get("_fused_plan")
+    if plan is None:
+        block._fused_plan = plan = Plan(block) if _fusable(block) else False
+    return plan
+
+
+def decode_block(block, X, ids, positions, starts, states):
+    """Same contract as `runtime.ops.decode.decode_block`."""
+    plan = plan_for(block)
+    sts = [s.layers[block.layer] for s in states]
+    if plan is False or recording() or any(st.comp_buf is not None and st.comp_buf.retain is not None
+                                           for st in sts):
+        return block.forward_ops(X, ids, positions, starts, states)
+    B = X.shape[0]
+    seqs = seq_params(plan, sts, starts)
+    X = X.contiguous()
+    out = torch.empty_like(X)
+    ha, A, hf, M = plan.refs
+    _state["lib"].dsv4d_block(ha, A, hf, M, B, X.data_ptr(), (ctypes.c_int64 * B)(*ids.reshape(-1).tolist()), seqs,
+                              out.data_ptr(), torch.get_num_threads())
+    advance_states(plan, sts, starts)
+    return out
+
+
+# ------------------------------------------------------------------ the kernels one by one (tests, profiling)
+def hc_pre(hc: HcP, X: torch.Tensor):
+    """X [T, hc, d] -> (x [T, d] after the sub-block's norm, post [T, hc], comb [T, hc, hc])."""
+    T, h, d = X.shape
+    X = X.contiguous()
+    x, post, comb = X.new_empty(T, d), X.new_empty(T, h), X.new_empty(T, h, h)
+    library().dsv4d_hc_pre(ctypes.byref(hc), T, X.data_ptr(), x.data_ptr(), post.data_ptr(), comb.data_ptr())
+    return x, post, comb
+
+
+def hc_post(y, res, post, comb) -> torch.Tensor:
+    T, h, d = res.shape
+    args = [t.contiguous() for t in (y, res, post, comb)]
+    out = torch.empty_like(args[1])
+    library().dsv4d_hc_post(T, h, d, *[t.data_ptr() for t in args], out.data_ptr())
+    return out
+
+
+def attention(block, x: torch.Tensor, starts: list[int], states: list) -> torch.Tensor:
+    """x [B, d] (after attn_norm), one token per sequence -> [B, d]; updates the sequences' layer states."""
+    plan = plan_for(block)
+    sts = [s.layers[block.layer] for s in states]
+    seqs = seq_params(plan, sts, starts)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().dsv4d_attn(ctypes.byref(plan.A), x.shape[0], x.data_ptr(), seqs, out.data_ptr(), 1)
+    advance_states(plan, sts, starts)
+    return out
+
+
+def moe(block, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    plan = plan_for(block)
+    x, idv = x.contiguous(), ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty_like(x)
+    library().dsv4d_moe(ctypes.byref(plan.M), x.shape[0], x.data_ptr(), idv.data_ptr(), out.data_ptr(), 1)
     return out
 
 
