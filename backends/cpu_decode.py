@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from runtime.dispatch import register
+from runtime.ops import mhc as ref_mhc
 from runtime.taps import recording
 from runtime.weights.storage import Fp4Stored, Fp8Stored
 
@@ -87,7 +88,8 @@ def _prepare(ctx):
         return None, f"fused float32 kernels; numerics {ctx.numerics.name} rounds inside the step"
     if library() is None:
         return None, f"decode library unavailable ({_state['why']})"
-    return decode_block, ("backends/native/decode_step.cpp, one call per block; per-op path for TP/EP ranks, "
+    return decode_block, ("backends/native/decode_step.cpp, one call per block (FP8 / FP4 linears widened "
+                          f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB); per-op path for TP/EP ranks, "
                           "speculative verify steps and tap recording")
 
 
@@ -101,7 +103,32 @@ class _Keep(list):
         return t.data_ptr()
 
 
+# FP8 / FP4 weights are widened once to bf16 while the widened bytes stay under this budget: every e4m3 / e2m1
+# code times its power-of-two scale is exactly a bf16 value (checked per weight), and a bf16 row is decoded by a
+# shift, several times faster than the FP8 bit decoding. That pays while the weights sit in cache (a small
+# model's decode is compute-bound); past the budget (real widths: bandwidth-bound) the stored bytes are read.
+WIDEN_BUDGET = 64 << 20
+_widened = [0]
+
+
+def _widen(w, keep: _Keep) -> Lin | None:
+    n, k = w.shape
+    if _widened[0] + 2 * n * k > WIDEN_BUDGET:
+        return None
+    exact = w.dequantize()
+    b = exact.to(torch.bfloat16)
+    if not torch.equal(b.float(), exact):                  # not representable (cannot happen for finite codes)
+        return None
+    _widened[0] += 2 * n * k
+    keep.append(b)
+    return Lin(1, b.data_ptr(), b.stride(0), None, 0, n, k)
+
+
 def lin_desc(w, keep: _Keep) -> Lin:
+    if isinstance(w, (Fp8Stored, Fp4Stored)):
+        widened = _widen(w, keep)
+        if widened is not None:
+            return widened
     if isinstance(w, Fp8Stored):
         keep += [w.codes, w.scale]
         return Lin(2, w.codes.data_ptr(), w.codes.stride(0), w.scale.data_ptr(), w.scale.stride(0), *w.shape)
@@ -292,3 +319,28 @@ def moe(block, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 register("decode_block", "cpu.native_fused", "cpu", prepare=_prepare)(decode_block)
+
+SMALL_T = 8          # hc_head: tokens up to which the native collapse runs (a decode step's), else the reference
+
+
+def hc_head(X, fn, base, scale, hc_eps: float, norm_eps: float):
+    """Same contract as `runtime.ops.mhc.hc_head`; a decode step's few tokens in one native call (the
+    reference's ~14 torch calls otherwise), larger chunks through the reference."""
+    T, h, d = X.shape
+    if T > SMALL_T or X.dtype != torch.float32:
+        return ref_mhc.hc_head(X, fn, base, scale, hc_eps, norm_eps)
+    X = X.contiguous()
+    args = [t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for t in (fn, base, scale)]
+    out = X.new_empty(T, d)
+    _state["lib"].dsv4d_hc_head(T, h, d, X.data_ptr(), *[t.data_ptr() for t in args], hc_eps, norm_eps,
+                                out.data_ptr())
+    return out
+
+
+def _prepare_head(ctx):
+    if library() is None:
+        return None, f"decode library unavailable ({_state['why']})"
+    return hc_head, f"backends/native/decode_step.cpp up to {SMALL_T} tokens, else the reference"
+
+
+register("hc_head", "cpu.native_small", "cpu", prepare=_prepare_head)(hc_head)

@@ -47,7 +47,8 @@ def bind(lib):
     lib.dsv4d_attn.argtypes = [P(AttnP), i64, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_moe.argtypes = [P(MoeP), i64, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, P(i64), P(SeqP), vp, ctypes.c_int]
-    for f in ("dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block"):
+    lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
+    for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block"):
         getattr(lib, f).restype = None
     lib.dsv4d_abi.restype = ctypes.c_int
     return lib

@@ -129,3 +129,14 @@ def test_200_fused_decode_steps_ragged_batch(tiny_rt, ref_rt, one_thread):
             worst = max(worst, (got - want).abs().max().item())
     assert worst <= TOL, worst
     assert [s.pos for s in got_state.seqs] == [200, 260, 330]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_hc_head_kernel(tiny_rt, ref_rt, T):
+    cfg, head = tiny_rt.config, ref_rt.model.head
+    X = torch.randn(T, cfg.hc_mult, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    row = next(r for r in tiny_rt.dispatch.rows if r.op == "hc_head")
+    assert row.impl == "cpu.native_small"
+    want = mhc.hc_head(X, head.fn, head.base, head.scale, cfg.hc_eps, cfg.norm_eps)
+    torch.testing.assert_close(cpu_decode.hc_head(X, head.fn, head.base, head.scale, cfg.hc_eps, cfg.norm_eps),
+                               want, atol=TOL, rtol=0)

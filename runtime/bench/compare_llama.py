@@ -95,10 +95,10 @@ def unfused(rt):
     import dataclasses
 
     from ..ops import decode
+    from .decode_ops import _swap_ops
 
     ops = dataclasses.replace(rt.model.ops, decode_block=decode.decode_block)
-    for blk in rt.model.blocks + [m.block for m in rt.model.mtp]:
-        blk.ops = ops
+    _swap_ops(rt.model, ops)                      # the model and every module keep the table they use
     return rt
 
 
