@@ -15,8 +15,8 @@ from backends import cpu_decode
 from runtime.api import Runtime
 from runtime.ops import mhc, norm_rope
 
-# Measured max |difference| (2026-12-02): hc_pre 1e-6, attention 1.5e-6, moe 1e-6, 200 steps' logits 3e-6;
-# tolerances ~3x above.
+# The issue's bound (1e-5); measured 2026-12-02: 3.6e-6 on 200 ragged steps' logits (against the cpu per-op
+# path); every kernel check below passes at it.
 TOL = 1e-5
 W = 128
 # ragged starts whose 4 steps cross: the window's end (127 -> 128), a ratio-128 window (pos 127 / 255 close
