@@ -6,6 +6,7 @@
     python -m runtime.bench --onnx --contexts 1024,4096       # the ONNX Runtime path next to torch
     python -m runtime.bench --bandwidth                       # memory bandwidth + a >= 200 MB decode
     python -m runtime.bench --quick                           # a smoke run (seconds)
+    python -m runtime.bench --compare llama.cpp --threads 2   # next to llama.cpp (bench/compare_llama.py)
     python -m runtime.bench serve                             # serving: decode tok/s by concurrency, cached TTFT
 
 Each scenario is a child process (its own peak RSS). Prefill: chunks of --chunk tokens, --repeats runs at
@@ -84,7 +85,7 @@ def parse(argv):
     ap.add_argument("--checkpoint", default=None, help="an official-layout checkpoint folder instead of --model")
     ap.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096,16384,65536; "
                     "4096,8192,16384 with --compare transformers)")
-    ap.add_argument("--compare", default="", help="comma-separated: transformers, dense")
+    ap.add_argument("--compare", default="", help="comma-separated: transformers, dense; or llama.cpp alone")
     ap.add_argument("--onnx", action="store_true", help="also time the ONNX Runtime path (profile onnx-cpu)")
     ap.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth and a >= 200 MB decode")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -97,9 +98,11 @@ def parse(argv):
     ap.add_argument("--quick", action="store_true", help="smoke run: contexts 300,600, 4 decode steps, 1 repeat")
     args = ap.parse_args(argv)
     compare = [c for c in args.compare.split(",") if c]
-    bad = [c for c in compare if c not in ("transformers", "dense")]
+    bad = [c for c in compare if c not in ("transformers", "dense", "llama.cpp")]
     if bad:
-        raise V4Error(f"unknown --compare engine(s) {', '.join(bad)}; choose transformers, dense")
+        raise V4Error(f"unknown --compare engine(s) {', '.join(bad)}; choose transformers, dense, llama.cpp")
+    if "llama.cpp" in compare and len(compare) > 1:
+        raise V4Error("--compare llama.cpp runs its own scenarios; give it alone")
     default = "4096,8192,16384" if "transformers" in compare else "1024,4096,16384,65536"
     try:
         contexts = [int(c) for c in (args.contexts or ("300,600" if args.quick else default)).split(",")]
@@ -129,11 +132,16 @@ def _bench(argv) -> int:
 
     args, compare, contexts = parse(argv)
     json_out = writable_file(args.json, "--json")          # checked before hours of runs, not after them
-    model = args.model or ("tiny-hf" if "transformers" in compare else "tiny")
+    model = args.model or ("tiny-hf" if "transformers" in compare else "tiny-r128" if "llama.cpp" in compare
+                           else "tiny")
     ck = Path(args.checkpoint) if args.checkpoint else bench_checkpoint(model)
     if not (ck / "config.json").is_file():
         raise V4Error(f"{ck} is not a checkpoint folder (no config.json)")
     load_profile(args.profile)                      # an unknown or invalid profile: one line, exit 2
+    if "llama.cpp" in compare:                      # prefill 512 / 2048, decode 1K / 4K, next to llama.cpp
+        from .compare_llama import run_compare
+
+        return run_compare(args, ck, _run_child, json_out)
     bw_ck = bench_checkpoint("bw-200mb") if args.bandwidth else None
     vocab = min(ModelConfig.from_file(ck / "config.json").vocab_size, 258)
     base = {"checkpoint": str(ck), "decode_steps": args.decode_steps, "chunk": args.chunk, "threads": args.threads,

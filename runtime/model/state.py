@@ -36,6 +36,14 @@ class Rows:
     def view(self) -> torch.Tensor:
         return self._buf[: self.n]
 
+    def reserve(self, extra: int) -> None:
+        """Room for `extra` more rows without regrowth (the fused decode step writes its row in place)."""
+        need = self.n + extra
+        if need > self._buf.shape[0]:
+            grown = self._buf.new_empty(max(need, 2 * self._buf.shape[0]), self._buf.shape[1])
+            grown[: self.n] = self._buf[: self.n]
+            self._buf = grown
+
     def head(self, rows: int) -> torch.Tensor:
         """The first `rows` rows of the live buffer (writable view; re-fetch after an append)."""
         return self._buf[:rows]
@@ -52,20 +60,61 @@ class Rows:
 
 
 class Pending:
-    """Compressor input rows not yet pooled: values and scores for positions [start, start + n)."""
+    """Compressor input rows not yet pooled: values and scores for positions [start, start + n).
 
-    def __init__(self, width: int, device="cpu"):
-        self.kv = torch.empty(0, width, device=device)
-        self.score = torch.empty(0, width, device=device)
+    The rows live in preallocated storage (`capacity` rows: 2 windows for an overlapping compressor, one
+    otherwise, all a decode step ever holds), so a decode step writes its row in place and the fused step
+    (backends/cpu_decode.py) pools and shifts there: no cat / clone per step. `kv` / `score` are views of
+    the live rows; assigning them copies into the storage (growing it if a prefill chunk needs more).
+    """
+
+    def __init__(self, width: int, device="cpu", capacity: int = 0):
+        self._kv = torch.empty(capacity, width, device=device)
+        self._score = torch.empty(capacity, width, device=device)
+        self.n = 0
         self.start = 0
         # Set by `mark` for a speculative verify step: the compressor then drops no row at or after this
         # position, so `settle` can cut the rows back to what any accepted prefix needs (None = normal).
         self.retain: int | None = None
 
+    @property
+    def kv(self) -> torch.Tensor:
+        return self._kv[:self.n]
+
+    @kv.setter
+    def kv(self, rows: torch.Tensor) -> None:
+        self._kv = self._store(self._kv, rows)
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self._score[:self.n]
+
+    @score.setter
+    def score(self, rows: torch.Tensor) -> None:
+        self._score = self._store(self._score, rows)
+
+    def _store(self, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if buf.shape[0] < rows.shape[0]:
+            buf = buf.new_empty(rows.shape[0], buf.shape[1])
+        elif rows.numel() and rows.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+            rows = rows.clone()                          # a view of the storage itself (settle's cut)
+        buf[:rows.shape[0]] = rows
+        self.n = rows.shape[0]
+        return buf
+
+    def reserve(self, rows: int) -> None:
+        """Storage for at least `rows` rows, the live ones kept (a decode step writes row n in place)."""
+        if self._kv.shape[0] < rows:
+            for name in ("_kv", "_score"):
+                old = getattr(self, name)
+                new = old.new_empty(rows, old.shape[1])
+                new[:self.n] = old[:self.n]
+                setattr(self, name, new)
+
     def copy(self) -> "Pending":
         """An independent copy (values, scores, start): a prefix-cache checkpoint of the compressor."""
-        out = Pending(self.kv.shape[1], self.kv.device)
-        out.kv, out.score, out.start = self.kv.clone(), self.score.clone(), self.start
+        out = Pending(self._kv.shape[1], self._kv.device, self._kv.shape[0])
+        out.kv, out.score, out.start = self.kv, self.score, self.start
         return out
 
 
@@ -75,9 +124,9 @@ class LayerState:
         # `context`: tokens to reserve room for up front (no regrowth below it); 0 = grow on demand.
         self.W = window
         self.kv = Rows(head_dim, device, window + (context // ratio if ratio else 0), n=window)
-        self.comp_buf = Pending(comp_width, device) if ratio else None
+        self.comp_buf = Pending(comp_width, device, (2 if csa else 1) * ratio) if ratio else None
         self.index_keys = Rows(index_dim, device, context // 4) if csa else None
-        self.index_buf = Pending(index_width, device) if csa else None
+        self.index_buf = Pending(index_width, device, 8) if csa else None
 
     @property
     def window(self) -> torch.Tensor:

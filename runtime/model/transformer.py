@@ -43,7 +43,14 @@ class Block:
         self.attn, self.ffn = Attention(p.sub("attn"), cfg, layer, ops), MoE(p.sub("ffn"), cfg, layer, ops)
 
     def __call__(self, X, ids, positions, starts, states):
-        """X [B, S, hc, d], ids / positions [B, S], starts[b] = positions[b, 0] -> [B, S, hc, d]."""
+        """X [B, S, hc, d], ids / positions [B, S], starts[b] = positions[b, 0] -> [B, S, hc, d]. A one-token
+        step goes through the table's `decode_block` (its reference is `forward_ops`; a backend may fuse it)."""
+        if X.shape[1] == 1:
+            return self.ops.decode_block(self, X, ids, positions, starts, states)
+        return self.forward_ops(X, ids, positions, starts, states)
+
+    def forward_ops(self, X, ids, positions, starts, states):
+        """The per-op path: hc_pre, attention, hc_post, hc_pre, MoE, hc_post, each through the table."""
         norm = lambda x, w: self.ops.round_act(self.ops.rms_norm(x, w, self.eps))  # noqa: E731
         layer_states = [s.layers[self.layer] for s in states]
         x, post, comb = self.hc_attn.pre(X)

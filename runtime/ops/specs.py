@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import attention, compress, mhc, moe, norm_rope
+from . import attention, compress, decode, mhc, moe, norm_rope
 from .linear import group_linear, linear
 
 
@@ -57,6 +57,8 @@ SPECS: tuple[OpSpec, ...] = (
            "-> (x [T, d], post [T, hc], comb [T, hc, hc])"),
     OpSpec("hc_post", mhc.hc_post, "x [T, d], res [T, hc, d], post [T, hc], comb [T, hc, hc] -> [T, hc, d]"),
     OpSpec("hc_head", mhc.hc_head, "X [T, hc, d], fn [hc, hc*d], base [hc], scale [1], hc_eps, norm_eps -> [T, d]"),
+    OpSpec("decode_block", decode.decode_block,
+           "(block, X [B, 1, hc, d], ids, positions, starts, states) -> [B, 1, hc, d]: one block's S = 1 step"),
     OpSpec("round_act", None, "x -> x rounded to the activation dtype", numerics="compute"),
     OpSpec("quant_act", None, "x [..., in] -> quantise-dequantised linear input", numerics="act_quant"),
     OpSpec("kv_qat", None, "kv [..., nope] -> the KV cache's stored values", numerics="kv"),

@@ -1,0 +1,54 @@
+"""ctypes mirrors of backends/native/decode_step.cpp's structs and entry points (field order = the C++ one)."""
+
+from __future__ import annotations
+
+import ctypes
+
+i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class Lin(ctypes.Structure):
+    _fields_ = [("kind", i64), ("w", vp), ("ldw", i64), ("s", vp), ("lds", i64), ("N", i64), ("K", i64)]
+
+
+class Comp(ctypes.Structure):
+    _fields_ = [("wkv", Lin), ("wgate", Lin), ("ape", vp), ("norm", vp), ("m", i64), ("overlap", i64), ("c", i64)]
+
+
+class AttnP(ctypes.Structure):
+    _fields_ = ([(n, Lin) for n in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "iwq_b", "iw_proj")]
+                + [(n, vp) for n in ("q_norm", "kv_norm", "sink", "freqs")]
+                + [("comp", Comp), ("icomp", Comp)]
+                + [(n, i64) for n in ("d", "H", "D", "rope_half", "q_lora", "G", "o_lora", "W", "ratio", "csa",
+                                      "ih", "idim", "topk")]
+                + [("eps", f32), ("iscale", f32)])
+
+
+class SeqP(ctypes.Structure):
+    _fields_ = [("pos", i64), ("kv", vp), ("n_entries", i64), ("pk", vp), ("ps", vp), ("pstart", i64),
+                ("ikeys", vp), ("n_index", i64), ("ipk", vp), ("ips", vp), ("ipstart", i64)]
+
+
+class MoeP(ctypes.Structure):
+    _fields_ = [("gate_w", vp), ("bias", vp), ("tid2eid", vp), ("experts", vp), ("shared", vp),
+                ("d", i64), ("E", i64), ("k", i64), ("inter", i64), ("shared_inter", i64),
+                ("route_scale", f32), ("limit", f32)]
+
+
+class HcP(ctypes.Structure):
+    _fields_ = [("fn", vp), ("base", vp), ("scale", vp), ("norm", vp), ("hc", i64), ("d", i64), ("iters", i64),
+                ("hc_eps", f32), ("norm_eps", f32)]
+
+
+def bind(lib):
+    P = ctypes.POINTER
+    lib.dsv4d_hc_pre.argtypes = [P(HcP), i64, vp, vp, vp, vp]
+    lib.dsv4d_hc_post.argtypes = [i64, i64, i64, vp, vp, vp, vp, vp]
+    lib.dsv4d_attn.argtypes = [P(AttnP), i64, vp, P(SeqP), vp, ctypes.c_int]
+    lib.dsv4d_moe.argtypes = [P(MoeP), i64, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, P(i64), P(SeqP), vp, ctypes.c_int]
+    lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
+    for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block"):
+        getattr(lib, f).restype = None
+    lib.dsv4d_abi.restype = ctypes.c_int
+    return lib

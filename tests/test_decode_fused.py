@@ -1,0 +1,142 @@
+"""The fused CPU decode step (backends/cpu_decode.py, backends/native/decode_step.cpp) against the float32
+reference: each kernel at decode shapes (batch 1 and a ragged batch of 3, positions crossing the window and the
+compressors' window boundaries), and 200 whole decode steps of a ragged batch. The reference side is
+`Runtime.load(..., emulate=True)` (every op the plain float32 reference, weights dequantised); the fused side
+computes on the checkpoint's stored FP8 / FP4 / bf16 bytes. No timing is asserted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backends import cpu_decode
+from runtime.api import Runtime
+from runtime.ops import mhc, norm_rope
+
+# The issue's bound (1e-5); measured 2026-12-02: 3.6e-6 on 200 ragged steps' logits (against the cpu per-op
+# path); every kernel check below passes at it.
+TOL = 1e-5
+W = 128
+# ragged starts whose 4 steps cross: the window's end (127 -> 128), a ratio-128 window (pos 127 / 255 close
+# one), ratio 16 (15) and ratio 4 (every 4th): every layer kind of the tiny model closes an entry in them
+RAGGED = [125, 253, 13]
+
+
+@pytest.fixture(scope="module")
+def ref_rt(tiny_ckpt):
+    return Runtime.load("cpu", checkpoint=tiny_ckpt, emulate=True, progress=False)
+
+
+def _prefilled(rt, starts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    st = rt.new_state(len(starts))
+    with torch.inference_mode():
+        for b, n in enumerate(starts):
+            if n:
+                rt.model.forward(torch.randint(2, 258, (1, n), generator=g), [st.seqs[b]])
+    return st
+
+
+def _same_state(a, b, layer):
+    la, lb = a.layers[layer], b.layers[layer]
+    torch.testing.assert_close(lb.kv.view(), la.kv.view(), atol=TOL, rtol=0)
+    for x, y in ((la.comp_buf, lb.comp_buf), (la.index_buf, lb.index_buf)):
+        if x is not None:
+            assert (x.start, x.n) == (y.start, y.n)
+            torch.testing.assert_close(y.kv, x.kv, atol=TOL, rtol=0)
+            torch.testing.assert_close(y.score, x.score, atol=TOL, rtol=0)
+    if la.index_keys is not None:
+        torch.testing.assert_close(lb.index_keys.view(), la.index_keys.view(), atol=TOL, rtol=0)
+
+
+def test_fused_decode_is_what_the_cpu_table_runs(tiny_rt, ref_rt):
+    row = next(r for r in tiny_rt.dispatch.rows if r.op == "decode_block")
+    assert row.impl == "cpu.native_fused"
+    ref_row = next(r for r in ref_rt.dispatch.rows if r.op == "decode_block")
+    assert ref_row.impl == "reference:decode.decode_block"            # --emulate is unchanged
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_hc_pre_and_post_kernels(tiny_rt, ref_rt, T):
+    g = torch.Generator().manual_seed(T)
+    cfg = tiny_rt.config
+    X = torch.randn(T, cfg.hc_mult, cfg.hidden_size, generator=g)
+    for blk, ref in zip(tiny_rt.model.blocks, ref_rt.model.blocks):
+        plan = cpu_decode.plan_for(blk)
+        for hc_plan, h, norm in ((plan.ha, ref.hc_attn, ref.attn_norm), (plan.hf, ref.hc_ffn, ref.ffn_norm)):
+            x, post, comb = cpu_decode.hc_pre(hc_plan, X)
+            rx, rpost, rcomb = mhc.hc_pre(X, h.fn, h.base, h.scale, cfg.hc_eps, cfg.norm_eps, cfg.hc_sinkhorn_iters)
+            torch.testing.assert_close(x, norm_rope.rms_norm(rx, norm, cfg.norm_eps), atol=TOL, rtol=0)
+            torch.testing.assert_close(post, rpost, atol=TOL, rtol=0)
+            torch.testing.assert_close(comb, rcomb, atol=TOL, rtol=0)
+            y = torch.randn(T, cfg.hidden_size, generator=g)
+            torch.testing.assert_close(cpu_decode.hc_post(y, X, rpost, rcomb), mhc.hc_post(y, X, rpost, rcomb),
+                                       atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("starts", [[W - 1], RAGGED], ids=["batch1-window-edge", "ragged3"])
+def test_attention_kernel_every_layer_kind(tiny_rt, ref_rt, starts):
+    """Each layer's attention sub-block (projections, norms, RoPE, ring, compressors, indexer, attention,
+    output projections) on one token per sequence, 4 steps, outputs and updated states vs the reference."""
+    cfg = tiny_rt.config
+    ref_state = _prefilled(ref_rt, starts)
+    got_state = copy.deepcopy(ref_state)
+    g = torch.Generator().manual_seed(7)
+    kinds = set()
+    with torch.inference_mode():
+        for step in range(4):
+            pos = [p + step for p in starts]
+            positions = torch.tensor(pos)[:, None]
+            for blk, ref in zip(tiny_rt.model.blocks, ref_rt.model.blocks):
+                kinds.add(cfg.layer_kind(blk.layer))
+                x = torch.randn(len(pos), cfg.hidden_size, generator=g)
+                want = ref.attn(x[:, None], positions, pos, [s.layers[ref.layer] for s in ref_state.seqs])
+                got = cpu_decode.attention(blk, x, pos, got_state.seqs)
+                torch.testing.assert_close(got, want[:, 0], atol=TOL, rtol=0)
+                for a, b in zip(ref_state.seqs, got_state.seqs):
+                    _same_state(a, b, blk.layer)
+    assert len(kinds) >= 3                                  # window-only, CSA and HCA layers all checked
+
+
+def test_moe_kernel_hash_and_learned_layers(tiny_rt, ref_rt):
+    cfg = tiny_rt.config
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, cfg.hidden_size, generator=g)
+    ids = torch.tensor([5, 77, 250])
+    hashed = set()
+    with torch.inference_mode():
+        for blk, ref in zip(tiny_rt.model.blocks, ref_rt.model.blocks):
+            hashed.add(ref.ffn.hash)
+            want = ref.ffn(x[:, None], ids[:, None])[:, 0]
+            torch.testing.assert_close(cpu_decode.moe(blk, x, ids), want, atol=TOL, rtol=0)
+    assert hashed == {True, False}
+
+
+def test_200_fused_decode_steps_ragged_batch(tiny_rt, ref_rt, one_thread):
+    """A ragged batch of 3 (one fresh sequence) decoded 200 steps: the fused step's logits stay within 1e-5 of
+    the reference's at every step (the path crosses the window and many compressor windows)."""
+    starts = [0, 60, 130]
+    ref_state, got_state = _prefilled(ref_rt, starts, seed=1), _prefilled(ref_rt, starts, seed=1)
+    g = torch.Generator().manual_seed(11)
+    worst = 0.0
+    with torch.inference_mode():
+        for _ in range(200):
+            tok = torch.randint(2, 258, (3, 1), generator=g)
+            want = ref_rt.model.forward(tok, ref_state.seqs)
+            got = tiny_rt.model.forward(tok, got_state.seqs)
+            worst = max(worst, (got - want).abs().max().item())
+    assert worst <= TOL, worst
+    assert [s.pos for s in got_state.seqs] == [200, 260, 330]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_hc_head_kernel(tiny_rt, ref_rt, T):
+    cfg, head = tiny_rt.config, ref_rt.model.head
+    X = torch.randn(T, cfg.hc_mult, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    row = next(r for r in tiny_rt.dispatch.rows if r.op == "hc_head")
+    assert row.impl == "cpu.native_small"
+    want = mhc.hc_head(X, head.fn, head.base, head.scale, cfg.hc_eps, cfg.norm_eps)
+    torch.testing.assert_close(cpu_decode.hc_head(X, head.fn, head.base, head.scale, cfg.hc_eps, cfg.norm_eps),
+                               want, atol=TOL, rtol=0)
