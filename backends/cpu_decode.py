@@ -18,11 +18,6 @@ tap recorder is active (parity taps live in the per-op code).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,37 +36,11 @@ _state: dict = {}
 
 
 def _load():
-    """Compile (once, cached by a hash of both sources, the compiler and the flags) and load the library."""
-    cxx = cpu_native._compiler()
-    if cxx is None:
-        return None, "no C++ compiler found (set CXX, or install g++ / clang++)"
-    from runtime.api import cache_dir
-
-    src = SOURCE.read_bytes() + cpu_native.SOURCE.read_bytes()
-    key = hashlib.sha256(src + cpu_native._version(cxx).encode() + platform.machine().encode()
-                         + repr((cpu_native._FLAGS, cpu_native._BASE)).encode()).hexdigest()[:16]
-    final = cache_dir() / "kernels" / f"decode-{key}"
-    if not (final / LIB).is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-        err = ""
-        for flags in cpu_native._FLAGS:
-            cmd = [cxx, *flags, *cpu_native._BASE, str(SOURCE), "-o", str(tmp / LIB)]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if r.returncode == 0:
-                break
-            err = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return None, f"{Path(cxx).name} failed on {SOURCE.name}: {err}"
-        try:
-            tmp.rename(final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        return bind(ctypes.CDLL(str(final / LIB))), ""
-    except OSError as e:
-        return None, f"cannot load {final / LIB} ({e})"
+    """Compile (once, cached by cpu_native.build_library: a hash of the sources, the compiler and the flags)
+    and load the library. Its own loops are compiled for this CPU (-march=native) where the compiler can;
+    the included stored-format kernels pick their instruction set at run time either way."""
+    lib, why = cpu_native.build_library(SOURCE, LIB, flag_sets=(["-O3", "-march=native"], *cpu_native._FLAGS))
+    return (bind(lib), "") if lib is not None else (None, why)
 
 
 def library():

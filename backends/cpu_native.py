@@ -64,10 +64,11 @@ def _version(cxx: str) -> str:
         return ""
 
 
-def _build(cxx: str, source: Path, lib_name: str, folder: Path) -> tuple[Path | None, str]:
-    """Compile into `folder` (a fresh temporary one) -> (library path or None, why not)."""
+def _build(cxx: str, source: Path, lib_name: str, folder: Path, flag_sets=_FLAGS) -> tuple[Path | None, str]:
+    """Compile into `folder` (a fresh temporary one) with the first of `flag_sets` that builds -> (library path
+    or None, why not)."""
     err = ""
-    for flags in _FLAGS:
+    for flags in flag_sets:
         out = folder / lib_name
         cmd = [cxx, *flags, *_BASE, str(source), "-o", str(out)]
         try:
@@ -82,9 +83,11 @@ def _build(cxx: str, source: Path, lib_name: str, folder: Path) -> tuple[Path | 
     return None, f"{Path(cxx).name} failed: {err}"
 
 
-def build_library(source: str | Path, lib_name: str | None = None) -> tuple[ctypes.CDLL | None, str]:
+def build_library(source: str | Path, lib_name: str | None = None,
+                  flag_sets: tuple = _FLAGS) -> tuple[ctypes.CDLL | None, str]:
     """Compile (once, cached) and load a C++ file of backends/native -> (CDLL or None, why not).
-    `source` is a path or a file name in backends/native; headers (*.h) beside it are part of the cache key.
+    `source` is a path or a file name in backends/native; the other sources and headers beside it (*.cpp
+    included by it, *.h) are part of the cache key. `flag_sets`: compiler flags to try in order.
     Cached per process too: a second call returns the same library."""
     source = Path(source) if os.sep in str(source) else NATIVE / source
     lib_name = lib_name or f"libdsv4rt_{source.stem}.so"
@@ -98,16 +101,17 @@ def build_library(source: str | Path, lib_name: str | None = None) -> tuple[ctyp
     from runtime.cache import cache_dir
 
     try:
-        text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+        text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.[ch]*"))
+                                             if h != source)
     except OSError as e:
         return None, f"kernel source {source} is unreadable ({e.strerror or e})"
     key = hashlib.sha256(text + _version(cxx).encode() + platform.machine().encode()
-                         + repr((_FLAGS, _BASE, lib_name)).encode()).hexdigest()[:16]
+                         + repr((flag_sets, _BASE, lib_name)).encode()).hexdigest()[:16]
     final = cache_dir() / "kernels" / key
     if not (final / lib_name).is_file():
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-        lib, why = _build(cxx, source, lib_name, tmp)
+        lib, why = _build(cxx, source, lib_name, tmp, flag_sets)
         if lib is None:
             shutil.rmtree(tmp, ignore_errors=True)
             return None, why

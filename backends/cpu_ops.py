@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from runtime.dispatch import impl
 from runtime.ops import attention as ref_attention
 from runtime.ops import mhc as ref_mhc
-from runtime.ops import moe as ref_moe
-from runtime.ops.linear import project
 
 from . import cpu_stored
 
@@ -245,34 +243,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 _ROTATIONS: dict[tuple, tuple] = {}
 
 
-def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
-                   ops) -> torch.Tensor:
-    """Same contract as `runtime.ops.moe.routed_experts`. For the few tokens of a decode step the groups
-    come from one host read of `idx` (no unique / mask / gather per expert); a single token uses its x and
-    weights as they are. Larger chunks use the reference's grouping."""
-    if x.shape[0] > SMALL_T:
-        return ref_moe.routed_experts(x, idx, weights, experts, limit, ops)
-    out = torch.zeros_like(x)
-    groups: dict[int, list[tuple[int, int]]] = {}
-    for t, row in enumerate(idx.tolist()):
-        for j, e in enumerate(row):
-            groups.setdefault(e, []).append((t, j))
-    for e, members in sorted(groups.items()):
-        w1, w2, w3 = experts[e]
-        if x.shape[0] == 1:
-            xe, we = x, weights[:, members[0][1]:members[0][1] + 1]
-        else:
-            tt = torch.tensor([t for t, _ in members], device=x.device)
-            xe, we = x[tt], weights[tt, torch.tensor([j for _, j in members], device=x.device)][:, None]
-        h = ops.round_act(ops.clamped_swiglu(project(ops, xe, w1), project(ops, xe, w3), limit) * we)
-        y = project(ops, h, w2)
-        if x.shape[0] == 1:
-            out += y
-        else:
-            out.index_add_(0, tt, y)
-    return out
-
-
 # One `impl` call per implementation, in preference order per op. Linears on the checkpoint's storage
 # (backends/cpu_stored.py): the native kernels where they built (capability `native_kernels`), else torch
 # tiles -- the dispatch table shows which.
@@ -288,4 +258,4 @@ impl("rms_norm", "cpu.fused", "cpu", rms_norm)
 impl("apply_rope", "cpu.complex", "cpu", apply_rope)
 # the grouped native FP4 / FP8 expert kernel first where it built (capability `native_kernels`)
 impl("routed_experts", "cpu.stored_grouped", "cpu", cpu_stored.routed_experts_native, requires=("native_kernels",))
-impl("routed_experts", "cpu.small_batch", "cpu", routed_experts)
+impl("routed_experts", "cpu.small_batch", "cpu", cpu_stored.routed_experts_small_batch)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from runtime.ops import moe as ref_moe
+from runtime.ops.linear import project
 from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows
 
 from .cpu_native import Job, isa_code, kernels
@@ -160,6 +162,37 @@ def _stage(lib, rows: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor] |
     return ys
 
 
+SMALL_BATCH_T = 8         # tokens up to which grouping from one host read beats the reference's grouping
+
+
+def routed_experts_small_batch(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts,
+                               limit: float, ops) -> torch.Tensor:
+    """Same contract as `runtime.ops.moe.routed_experts`. For the few tokens of a decode step the groups
+    come from one host read of `idx` (no unique / mask / gather per expert); a single token uses its x and
+    weights as they are. Larger chunks use the reference's grouping."""
+    if x.shape[0] > SMALL_BATCH_T:
+        return ref_moe.routed_experts(x, idx, weights, experts, limit, ops)
+    out = torch.zeros_like(x)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for t, row in enumerate(idx.tolist()):
+        for j, e in enumerate(row):
+            groups.setdefault(e, []).append((t, j))
+    for e, members in sorted(groups.items()):
+        w1, w2, w3 = experts[e]
+        if x.shape[0] == 1:
+            xe, we = x, weights[:, members[0][1]:members[0][1] + 1]
+        else:
+            tt = torch.tensor([t for t, _ in members], device=x.device)
+            xe, we = x[tt], weights[tt, torch.tensor([j for _, j in members], device=x.device)][:, None]
+        h = ops.round_act(ops.clamped_swiglu(project(ops, xe, w1), project(ops, xe, w3), limit) * we)
+        y = project(ops, h, w2)
+        if x.shape[0] == 1:
+            out += y
+        else:
+            out.index_add_(0, tt, y)
+    return out
+
+
 def routed_experts_native(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts, limit: float,
                           ops) -> torch.Tensor:
     """Same contract as `runtime.ops.moe.routed_experts`, for the few tokens of a decode step (<= MAX_M per
@@ -168,12 +201,10 @@ def routed_experts_native(x: torch.Tensor, idx: torch.Tensor, weights: torch.Ten
     splitting all those rows over torch's threads. The numerics between (input quantisation where the weight
     format asks, activation rounding, clamped SwiGLU, the routing weight before w2) are the table's ops, in
     the reference's order. Larger chunks (prefill) or weights without a native kernel: `cpu.small_batch`'s grouping."""
-    from .cpu_ops import routed_experts as small_batch      # (cpu_ops imports this module)
-
     lib = kernels()
     T = x.shape[0]
     if lib is None or T > MAX_M:
-        return small_batch(x, idx, weights, experts, limit, ops)
+        return routed_experts_small_batch(x, idx, weights, experts, limit, ops)
     groups: dict[int, list[tuple[int, int]]] = {}
     for t, row in enumerate(idx.tolist()):
         for j, e in enumerate(row):
@@ -200,12 +231,12 @@ def routed_experts_native(x: torch.Tensor, idx: torch.Tensor, weights: torch.Ten
         first += [(inp(xe, w1), w1.weight), (inp(xe, w3), w3.weight)]
     ys = _stage(lib, first)
     if ys is None:
-        return small_batch(x, idx, weights, experts, limit, ops)
+        return routed_experts_small_batch(x, idx, weights, experts, limit, ops)
     hs = [ops.round_act(ops.clamped_swiglu(ops.round_act(ys[2 * i]), ops.round_act(ys[2 * i + 1]), limit) * we)
           for i, we in enumerate(ws)]
     outs = _stage(lib, [(inp(h, experts[e][1]), experts[e][1].weight) for e, h in zip(order, hs)])
     if outs is None:
-        return small_batch(x, idx, weights, experts, limit, ops)
+        return routed_experts_small_batch(x, idx, weights, experts, limit, ops)
     out = torch.zeros_like(x)
     for y, tt in zip(outs, toks):
         y = ops.round_act(y).to(out.dtype)

@@ -78,7 +78,7 @@ def dtypes(op: str, backend: str) -> tuple[str, ...]:
         return storage(backend)[0]
     if op == "group_linear":
         return ("float32", "bf16", "fp16")
-    if op in ("moe_gate", "hc_pre", "hc_head", "compress_pool"):   # the model computes these in float32
+    if op in ("moe_gate", "hc_pre", "hc_head", "compress_pool", "decode_block"):   # computed in float32
         return ("float32",)
     return FLOAT_DTYPES
 

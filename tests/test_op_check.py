@@ -64,6 +64,9 @@ def test_every_op_has_cases_a_reference_and_tolerances():
         for case in op_cases.CASES:
             for backend in ("cpu", "cuda", "ascend"):
                 for dtype in op_cases.dtypes(op, backend):
+                    if isinstance(TOL.get(op, "", dtype), str):     # the YAML names the test that checks it
+                        assert "tests/" in TOL.get(op, "", dtype), (op, dtype)
+                        continue
                     assert op_cases.build(op, case, dtype, backend), (op, case, dtype)
     for t, imp, dtype in check.plan():
         if imp is not None:

@@ -73,7 +73,6 @@ def test_group_linear_on_fp8_row_ranges(impl, rng):
 def test_fp4_experts_uneven_tokens(rng):
     """Routed experts on FP4 storage (decode-sized and prefill-sized groups; one expert gets 7 tokens,
     others 1, some none) against the reference op on the float32 values."""
-    from backends import cpu_ops
     from runtime.model.params import Linear
 
     E, d, inter = 6, 64, 96
@@ -90,7 +89,7 @@ def test_fp4_experts_uneven_tokens(rng):
         idx[0, 1] = 5
         w = torch.rand(T, 2, generator=rng)
         want = moe.routed_experts(x, idx, w, values, 10.0, ref)
-        for op in (cpu_ops.routed_experts, moe.routed_experts):
+        for op in (cpu_stored.routed_experts_small_batch, cpu_stored.routed_experts_native, moe.routed_experts):
             got = op(x, idx, w, experts, 10.0, fast)
             assert (got - want).abs().max() <= 4e-6
 

@@ -18,6 +18,33 @@
 
 namespace {
 
+// Lane accumulation for the fused kernels' own dot products: plain loops over LANES accumulators that the
+// compiler vectorises. acc[0..LANES) += a[0..n) * b[0..n) for the multiple-of-LANES head; returns the tail.
+inline float fma_lanes(float* __restrict acc, const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int j = 0; j < LANES; ++j) acc[j] += a[i + j] * b[i + j];
+  float t = 0.f;
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
+}
+
+inline float reduce(const float* acc) {
+  float s = 0.f;
+  for (int j = 0; j < LANES; ++j) s += acc[j];
+  return s;
+}
+
+// One x row through stored_gemm.cpp's job API (the best ISA this CPU runs): rows [n0, n1) of the stored
+// weight `w` (its row 0; fp8 codes or fp4 packed pairs) into y[0 .. n1 - n0).
+inline void stored_gemv(int kind, const float* x, int64_t K, const uint8_t* w, int64_t ldw, const uint8_t* s,
+                        int64_t lds, float* y, int64_t n0, int64_t n1, int nthreads) {
+  Dsv4Job j{};
+  j.kind = kind; j.M = 1; j.K = K; j.N = n1 - n0; j.n0 = n0;
+  j.x = x; j.ldx = K; j.w = w; j.ldw = ldw; j.s = s; j.lds = lds; j.rs = nullptr; j.y = y; j.ldy = n1 - n0;
+  dsv4_gemv(&j, 1, nthreads, -1);
+}
+
 struct Lin {             // one linear's weight in its stored format
   int64_t kind;          // 0 float32, 1 bf16, 2 fp8 block, 3 fp4 experts
   const void* w;
@@ -79,8 +106,8 @@ inline void rows_dot(const float* x, const T* w, int64_t ldw, int64_t K, int64_t
 // y[n - n0] = sum_k x[k] W[n, k] for n in [n0, n1)
 void lin_rows(const Lin& L, const float* x, float* y, int64_t n0, int64_t n1, int nt) {
   switch (L.kind) {
-    case 2: dsv4_fp8_gemv(x, 1, L.K, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds, y, n1 - n0, n0, n1, nt); return;
-    case 3: dsv4_fp4_gemv(x, 1, L.K, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds, y, n1 - n0, n0, n1, nt); return;
+    case 2: stored_gemv(FP8, x, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds, y, n0, n1, nt); return;
+    case 3: stored_gemv(FP4, x, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds, y, n0, n1, nt); return;
     case 1:               // bf16 (as stored, or FP8 / FP4 widened exactly at plan time): one fused pass
       rows_dot(x, (const uint16_t*)L.w, L.ldw, L.K, n0, n1, y, bf16_val);
       return;

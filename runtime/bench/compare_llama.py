@@ -89,25 +89,12 @@ def run_llama(tools: dict, gguf: Path, threads: int, reps: int, steps: int) -> d
     return parse_dsv4_bench(r.stdout)
 
 
-def unfused(rt):
-    """The same runtime with its blocks' `decode_block` set to the reference (the per-op path): what the
-    fused step replaces, for op counts and A/B timing."""
-    import dataclasses
-
-    from ..ops import decode
-    from .decode_ops import _swap_ops
-
-    ops = dataclasses.replace(rt.model.ops, decode_block=decode.decode_block)
-    _swap_ops(rt.model, ops)                      # the model and every module keep the table they use
-    return rt
-
-
 def op_counts(ckpt: Path, profile: str, context: int = 300, steps: int = 4) -> dict:
     """ATen ops per decode step and per block kind, fused and unfused (in this process)."""
     from collections import defaultdict
 
     from ..api import Runtime
-    from .decode_ops import profile_decode
+    from .decode_ops import profile_decode, unfused
 
     out = {}
     for name in ("fused", "unfused"):

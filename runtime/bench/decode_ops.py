@@ -150,6 +150,18 @@ def format_profile(res: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def unfused(rt):
+    """The same runtime with its blocks' `decode_block` set to the reference (the per-op path): what the
+    fused step replaces, for op counts and A/B timing."""
+    import dataclasses
+
+    from ..ops import decode
+
+    ops = dataclasses.replace(rt.model.ops, decode_block=decode.decode_block)
+    _swap_ops(rt.model, ops)                      # the model and every module keep the table they use
+    return rt
+
+
 def main(argv=None) -> int:
     from ..api import Runtime
     from ..cli import run_cli
@@ -169,7 +181,6 @@ def main(argv=None) -> int:
         kw = {"checkpoint": a.checkpoint} if a.checkpoint else {}
         rt = Runtime.load(a.profile, progress=False, **kw)
         if a.unfused:
-            from .compare_llama import unfused
             rt = unfused(rt)
         print(format_profile(profile_decode(rt, a.context, a.steps), f"{a.profile} @ {a.context}"))
         return 0
