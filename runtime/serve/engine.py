@@ -26,6 +26,7 @@ import torch
 
 from ..errors import InputError, V4Error
 from ..sampling import SamplingParams, sample
+from .executor import Executor
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
@@ -36,6 +37,10 @@ class QueueFull(V4Error):
 
 class NoMemory(V4Error):
     """The request's state does not fit the memory plan (HTTP 503)."""
+
+
+class EngineStopped(V4Error):
+    """The engine stopped for good (a peer rank of a multi-device server was lost): HTTP 503."""
 
 
 @dataclass
@@ -72,12 +77,17 @@ class Sequence:
 
 class Engine:
     def __init__(self, rt, max_num_seqs: int = 32, max_queue: int = 256, prefill_tokens: int = 512,
-                 cache: PrefixCache | None = None, block: int = 128, metrics: Metrics | None = None):
+                 cache: PrefixCache | None = None, block: int = 128, metrics: Metrics | None = None,
+                 executor: Executor | None = None):
         self.rt, self.model, self.cfg = rt, rt.model, rt.config
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.block = cache.block if cache is not None else block
         self.prefill_tokens = max(prefill_tokens, self.block)
         self.cache, self.metrics = cache, metrics or Metrics()
+        # the model side: this process's device, or rank 0 of a lockstep multi-device server (executor.py)
+        self.exec = executor or Executor(rt, cache, self.block)
+        self.fatal = False                    # a lost peer rank: the engine has stopped for good
+        self.on_fatal = None                  # callback(message) when that happens (the CLI stops the server)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cv = threading.Condition()
@@ -96,9 +106,13 @@ class Engine:
             self.stopped = True
             self.cv.notify_all()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive() and not self.fatal:
+            self.exec.close()                   # followers of a multi-device server leave their loop
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue a sequence; raises InputError (too long), NoMemory or QueueFull."""
+        """Queue a sequence; raises InputError (too long), NoMemory, QueueFull or EngineStopped."""
+        if self.fatal:
+            raise EngineStopped(f"the engine stopped: {self.error}")
         need = len(seq.prompt) + seq.params.max_tokens
         if need > self.cfg.max_position:
             raise InputError(f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds the "
@@ -134,19 +148,35 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
-            with self.cv:
-                while not self.stopped and not self.running and not self.waiting:
-                    self.cv.wait(timeout=0.5)
-                if self.stopped:
-                    return
             try:
+                with self.cv:
+                    while not self.stopped and not self.running and not self.waiting:
+                        self.cv.wait(timeout=0.25)
+                        if not self.stopped:
+                            self.exec.idle()    # multi-device: the followers' heartbeat
+                    if self.stopped:
+                        return
                 with torch.inference_mode():
                     self.step()
-            except Exception as e:           # a bug: fail the sequences in flight, keep serving
-                self.error = f"{type(e).__name__}: {e}"
-                for s in list(self.running):
+            except Exception as e:
+                self.error = e.args[0] if isinstance(e, V4Error) and e.args else f"{type(e).__name__}: {e}"
+                if self.rt.parallel is not None and self.rt.parallel.distributed:
+                    self._die()                # the ranks may no longer run the same steps: stop for good
+                    return
+                for s in list(self.running):    # a bug: fail the sequences in flight, keep serving
                     self._finish(s, "error")
                 self.running.clear()
+
+    def _die(self) -> None:
+        self.fatal = True
+        with self.cv:
+            gone, self.waiting = list(self.waiting), deque()
+        for s in list(self.running) + gone:
+            s.state = None                     # no FREE command: the peers are gone or out of step
+            self._finish(s, "error")
+        self.running.clear()
+        if self.on_fatal is not None:
+            self.on_fatal(self.error)
 
     def step(self) -> None:
         self.steps += 1
@@ -189,13 +219,10 @@ class Engine:
                     if self.running:           # wait for memory to free up
                         return
                 self.waiting.popleft()
-            seq.state = self.model.new_state(1, 0).seqs[0]
+            hit = self.exec.admit(seq)
             if self.cache is not None:
-                hit, chain = self.cache.lookup(seq.prompt)
                 self.metrics.cache_queries.inc()
                 if hit:
-                    self.cache.restore(chain, seq.state)
-                    seq.done_tokens = seq.cached_tokens = hit
                     self.metrics.cache_hits.inc()
                     self.metrics.cached_tokens.inc(hit)
             seq.status = "prefill"
@@ -203,25 +230,15 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill / decode
     def _prefill_chunk(self, seq: Sequence) -> int:
-        start, B = seq.done_tokens, self.block
-        end = min((start // B + 1) * B, len(seq.prompt))
-        whole = end % B == 0
-        before = self.cache.mark(seq.state, self.cfg.num_layers) if self.cache is not None and whole else None
-        logits = self.model.forward(torch.tensor([seq.prompt[start:end]]), [seq.state])
-        seq.done_tokens = end
-        self.metrics.prompt_tokens.inc(end - start)
-        if before is not None:
-            k = end // B - 1
-            key = self.cache.keys(seq.prompt, k + 1)[k]
-            self.cache.store(key, seq.state, before, self.cache.wants_checkpoint(k, len(seq.prompt)))
-        if end == len(seq.prompt):
+        n, last = self.exec.prefill(seq)
+        self.metrics.prompt_tokens.inc(n)
+        if last is not None:
             seq.status = "decode"
-            self._emit(seq, logits[0, -1].float().cpu())
-        return end - start
+            self._emit(seq, last)
+        return n
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        ids = torch.tensor([[s.out[-1]] for s in seqs])
-        logits = self.model.forward(ids, [s.state for s in seqs])[:, -1].float().cpu()
+        logits = self.exec.decode(seqs, [s.out[-1] for s in seqs])
         for i, s in enumerate(seqs):
             self._emit(s, logits[i])
 
@@ -255,7 +272,9 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == "done":
             return
-        seq.status, seq.finish_reason, seq.state = "done", reason, None     # the state is freed here
+        seq.status, seq.finish_reason = "done", reason
+        if seq.state is not None:
+            self.exec.free(seq)                    # the state is freed here (on every rank)
         try:
             seq.output.finish(reason)
         except Exception:                          # a handler's bug must not stop the loop
