@@ -107,7 +107,10 @@ class Engine:
             self.cv.notify_all()
         self.thread.join(timeout=10)
         if not self.thread.is_alive() and not self.fatal:
-            self.exec.close()                   # followers of a multi-device server leave their loop
+            try:
+                self.exec.close()               # followers of a multi-device server leave their loop
+            except V4Error as e:                # a peer rank already gone
+                self.error, self.fatal = e.args[0] if e.args else str(e), True
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a sequence; raises InputError (too long), NoMemory, QueueFull or EngineStopped."""
