@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=512, help="prefix-cache budget in MiB (0 = off)")
     p.add_argument("--max-body-mb", type=float, default=8, help="largest request body accepted")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--speculative", default=None, choices=["mtp"],
+                   help="speculative decoding with the MTP block (one device; turns the prefix cache off)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (multi-device; launch with torchrun)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: launched processes / tp)")
     return p
@@ -63,6 +65,17 @@ def check_args(a) -> None:
         raise V4Error(f"--port must be in 1..65535, got {a.port}")
 
 
+def _spec_args(a) -> None:
+    if a.speculative is None:
+        return
+    if layout(a) is not None:
+        raise V4Error("--speculative mtp runs on one device; drop it or --tp/--ep")
+    if a.cache_mb > 0:
+        print("dsv4-serve: --speculative mtp: prefix cache off (it does not hold the MTP block's state yet)",
+              file=sys.stderr, flush=True)
+        a.cache_mb = 0
+
+
 def load(a):
     """(serving runtime, prefix cache or None) for these arguments; joins the process group when multi-device."""
     from .. import Runtime
@@ -89,7 +102,8 @@ def load_into(S, a, on_fatal=None) -> None:
     try:
         rt, cache = load(a)
         lead = LeadExecutor(rt, cache, a.cache_block) if distributed(rt) else None
-        engine = Engine(rt, a.max_num_seqs, a.max_queue, a.prefill_tokens, cache, a.cache_block, executor=lead)
+        engine = Engine(rt, a.max_num_seqs, a.max_queue, a.prefill_tokens, cache, a.cache_block, executor=lead,
+                        speculative=a.speculative)
         engine.on_fatal = on_fatal and (lambda msg: on_fatal(msg, 1))
         S.grammars = Grammars(rt.tokenizer, rt.config.vocab_size)
         S.tokenizer = rt.tokenizer
@@ -106,6 +120,7 @@ def load_into(S, a, on_fatal=None) -> None:
 def args_of(argv=None):
     a = parser().parse_args(argv)
     check_args(a)
+    _spec_args(a)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)

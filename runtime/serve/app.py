@@ -150,6 +150,10 @@ def create_app(S: ServerState) -> FastAPI:
     async def run_job(request: Request, job, req):
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if S.engine.spec and getattr(job, "grammar", None) is not None:
+            raise APIError(400, "structured output (response_format, tool_choice required / named) is not decoded "
+                                "speculatively; send it to a server started without --speculative",
+                           param="response_format" if req.response_format else "tool_choice")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seqs = []
         try:

@@ -73,19 +73,27 @@ class Sequence:
     t_submit: float = field(default_factory=time.perf_counter)
     t_last: float = 0.0
     finish_reason: str | None = None
+    hid: torch.Tensor | None = None       # speculative: final streams awaiting the MTP block [1, n, hc, d]
+    nexts: list | None = None             # speculative: the token after each of them (the last one unfed)
 
 
 class Engine:
     def __init__(self, rt, max_num_seqs: int = 32, max_queue: int = 256, prefill_tokens: int = 512,
                  cache: PrefixCache | None = None, block: int = 128, metrics: Metrics | None = None,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, speculative: str | None = None, draft=None):
         self.rt, self.model, self.cfg = rt, rt.model, rt.config
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.block = cache.block if cache is not None else block
         self.prefill_tokens = max(prefill_tokens, self.block)
         self.cache, self.metrics = cache, metrics or Metrics()
         # the model side: this process's device, or rank 0 of a lockstep multi-device server (executor.py)
-        self.exec = executor or Executor(rt, cache, self.block)
+        self.spec = 0                          # tokens a step may feed past the last emitted one
+        if speculative is not None:
+            from .speculate import check
+            check(rt, speculative, cache, executor)
+            self.spec = 1
+        self.draft = draft                     # speculative: a draft function instead of the MTP block
+        self.exec = executor or Executor(rt, cache, self.block, mtp=speculative is not None)
         self.fatal = False                    # a lost peer rank: the engine has stopped for good
         self.on_fatal = None                  # callback(message) when that happens (the CLI stops the server)
         self.waiting: deque[Sequence] = deque()
@@ -116,7 +124,7 @@ class Engine:
         """Queue a sequence; raises InputError (too long), NoMemory, QueueFull or EngineStopped."""
         if self.fatal:
             raise EngineStopped(f"the engine stopped: {self.error}")
-        need = len(seq.prompt) + seq.params.max_tokens
+        need = len(seq.prompt) + seq.params.max_tokens + self.spec
         if need > self.cfg.max_position:
             raise InputError(f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds the "
                              f"model's {self.cfg.max_position}-token context; shorten the prompt or max_tokens")
@@ -190,7 +198,10 @@ class Engine:
             while budget > 0 and seq.status == "prefill" and not seq.cancelled:
                 budget -= self._prefill_chunk(seq)
         dec = [s for s in self.running if s.status == "decode" and not s.cancelled]
-        if dec:
+        if dec and self.spec:
+            from .speculate import decode_step
+            decode_step(self, dec)
+        elif dec:
             self._decode(dec)
         self.running = [s for s in self.running if s.status != "done"]
         m = self.metrics
@@ -238,6 +249,7 @@ class Engine:
         if last is not None:
             seq.status = "decode"
             self._emit(seq, last)
+            seq.nexts = seq.out[-1:]
         return n
 
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -247,11 +259,17 @@ class Engine:
 
     def _emit(self, seq: Sequence, row: torch.Tensor) -> None:
         """Choose seq's next token from its logits row [V], hand it to its output, finish if it stopped."""
+        self._take(seq, self._pick(seq, row), row)
+
+    def _pick(self, seq: Sequence, row: torch.Tensor) -> int:
+        """seq's next token from its logits row [V] (grammar masks, then its sampling parameters)."""
         p = seq.params
-        raw = row
         row = seq.output.constrain(row.clone()) if hasattr(seq.output, "constrain") else row
-        sp = SamplingParams(p.temperature, p.top_p, None, p.max_tokens)
-        tok = int(sample(row[None], sp, seq.gen)[0])
+        return int(sample(row[None], SamplingParams(p.temperature, p.top_p, None, p.max_tokens), seq.gen)[0])
+
+    def _take(self, seq: Sequence, tok: int, raw: torch.Tensor) -> None:
+        """Emit token `tok` chosen from logits `raw` [V] (its logprobs come from them); finish if it stopped."""
+        p = seq.params
         lp = None
         if p.logprobs is not None:
             logp = torch.log_softmax(raw, -1)
@@ -269,7 +287,7 @@ class Engine:
         stop = seq.output.token(tok, lp)
         if eos or tok in p.stop_token_ids or stop:
             self._finish(seq, "stop")
-        elif len(seq.out) >= p.max_tokens or seq.state.pos + 1 >= self.cfg.max_position:
+        elif len(seq.out) >= p.max_tokens or seq.state.pos + 1 + self.spec >= self.cfg.max_position:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -35,9 +35,10 @@ NOOP, ADMIT, PREFILL, DECODE, FREE, STOP = range(6)
 class Executor:
     """One device (or one rank's shard): `seq` objects carry .id, .prompt, .state, .done_tokens, .cached_tokens."""
 
-    def __init__(self, rt, cache=None, block: int = 128):
+    def __init__(self, rt, cache=None, block: int = 128, mtp: bool = False):
         self.model, self.cfg, self.cache = rt.model, rt.config, cache
         self.block = cache.block if cache is not None else block
+        self.mtp = mtp                        # speculative: prefill the MTP block too (seq.hid: its carry)
 
     def admit(self, seq) -> int:
         """Fresh state for `seq`, restored from the prefix cache where possible -> cached prompt tokens."""
@@ -56,7 +57,12 @@ class Executor:
         end = min((start // B + 1) * B, len(seq.prompt))
         whole = end % B == 0
         before = cache.mark(seq.state, self.cfg.num_layers) if cache is not None and whole else None
-        logits = self.model.forward(torch.tensor([seq.prompt[start:end]]), [seq.state])
+        chunk = torch.tensor([seq.prompt[start:end]])
+        if self.mtp:
+            from .speculate import prefill_mtp
+            logits = prefill_mtp(self.model, seq, chunk)
+        else:
+            logits = self.model.forward(chunk, [seq.state])
         seq.done_tokens = end
         if before is not None:
             k = end // B - 1
