@@ -87,6 +87,7 @@ def test_greedy_speculative_equals_plain(srt, plain, mode):
         eng.stop()
     for o, ref in zip(batched + alone, plain + plain[1:2]):
         assert o.toks == ref.toks and o.reason == "length"
+        # measured up to ~2e-6: the verify's two-row attention rounds differently from one-row decode
         assert o.lps == pytest.approx(ref.lps, abs=1e-5)
     drafted = eng.metrics.spec_drafted._value.get()
     kept = eng.metrics.spec_accepted._value.get()

@@ -9,7 +9,9 @@ With the flag, every decoding sequence takes each step as runtime.speculative do
    sequence's own generator, temperature and top-p. A kept draft also yields the bonus token from the
    verify's second position; a rejection is undone exactly (`mark` / `settle`) and the decided token is fed
    again alone (one forward for all rejected sequences), so the state never holds a trace of a rejected
-   draft and greedy outputs equal non-speculative greedy, token for token.
+   draft and greedy outputs equal non-speculative greedy, token for token (on the tiny model; the logits of
+   a verified position differ from one-token decode's in the last bits, measured ~2e-6, because the
+   per-sequence attention ops see two query rows: a near-tie could flip an argmax).
 Logprobs come from the target's logits at each emitted position. Metrics count drafted and accepted tokens.
 
 Restrictions (each refused with one line, never a silent fallback): one device (not under --tp/--ep); the
