@@ -48,7 +48,7 @@ def _server_args(ckpt, port: int, *extra: str) -> list[str]:
 def _wait_healthy(url: str, proc, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert proc.poll() is None, "".join(x or "" for x in proc.communicate())[-3000:]
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -158,7 +158,7 @@ def test_sigterm_to_rank_0_stops_every_rank_cleanly(tp_server):
 def test_lost_rank_is_a_clear_error_not_a_hang(tiny_ckpt, tmp_path):
     """Ranks started directly (the environment torchrun sets), so that nothing but the server reacts."""
     profile = tmp_path / "cpu-short-timeout.yaml"
-    profile.write_text((ROOT / "hardware_profiles" / "cpu.yaml").read_text() + "collective_timeout_s: 5\n")
+    profile.write_text((ROOT / "hardware_profiles" / "cpu.yaml").read_text() + "collective_timeout_s: 30\n")
     port, master = free_port(), free_port()
     procs = [subprocess.Popen([sys.executable, *_server_args(tiny_ckpt, port, "--profile", str(profile))], cwd=ROOT,
                               env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
@@ -179,7 +179,7 @@ def test_lost_rank_is_a_clear_error_not_a_hang(tiny_ckpt, tmp_path):
             r = fut.result(timeout=60)
         assert r.status_code == 503 and "rank 0: collective" in r.json()["error"]["message"], r.text
         _, err = procs[0].communicate(timeout=60)
-        assert time.time() - t0 < 30                         # bounded: no wait on a dead peer
+        assert time.time() - t0 < 45                         # bounded: a dead peer, not the 300 s default
         assert procs[0].returncode == 1, err
         lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("dsv4-serve: ready")]
         assert len(lines) == 1 and lines[0].startswith("dsv4-serve: error: rank 0: collective"), err

@@ -82,7 +82,8 @@ def load(a):
     from .engine import serving_runtime
     from .prefix_cache import PrefixCache
 
-    rt = serving_runtime(Runtime.load(a.profile, a.checkpoint, progress=False, parallel=layout(a)))
+    rt = serving_runtime(Runtime.load(a.profile, a.checkpoint, progress=False, parallel=layout(a)),
+                         max(64, a.max_num_seqs * (2 if a.speculative else 1)))
     cache = None
     if a.cache_mb > 0:
         cache = PrefixCache(rt.config.num_layers, a.cache_block, a.cache_checkpoint_every, int(a.cache_mb * 2 ** 20))
@@ -117,10 +118,22 @@ def load_into(S, a, on_fatal=None) -> None:
             on_fatal(S.load_error, getattr(e, "exit_status", 2))
 
 
+def _refuse_exported(a) -> None:
+    from ..api import DEFAULT_PROFILE
+    from ..profile import load_profile
+
+    prof = load_profile(DEFAULT_PROFILE.get(a.profile, a.profile))
+    if prof.backend == "onnx":
+        raise V4Error(f"profile {prof.name} runs the exported ONNX graphs, which the server cannot batch (they have "
+                      "no per-sequence state slots for ragged decode steps); serve a torch profile (cpu, cuda, "
+                      "ascend) of the same checkpoint, or run the graphs with python -m runtime.run")
+
+
 def args_of(argv=None):
     a = parser().parse_args(argv)
     check_args(a)
     _spec_args(a)
+    _refuse_exported(a)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
         if server is not None:
             server.should_exit = True
 
-    S, app, a = build(on_fatal=on_fatal if multi else None, a=a)
+    S, app, a = build(on_fatal=on_fatal, a=a)          # a failed load stops the server (status 2)
     server = _Server(uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                                            timeout_graceful_shutdown=2))
     if fatal:

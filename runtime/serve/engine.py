@@ -94,6 +94,11 @@ class Engine:
             self.spec = 1
         self.draft = draft                     # speculative: a draft function instead of the MTP block
         self.exec = executor or Executor(rt, cache, self.block, mtp=speculative is not None)
+        rows = max_num_seqs * (1 + self.spec)
+        if rows > getattr(rt, "decode_rows", rows):
+            raise InputError(f"{max_num_seqs} sequences per step feed {rows} rows, more than the {rt.decode_rows} "
+                             "the runtime's batch-invariant layout was built for; pass the same bound to "
+                             "serving_runtime(rt, decode_rows)")
         self.fatal = False                    # a lost peer rank: the engine has stopped for good
         self.on_fatal = None                  # callback(message) when that happens (the CLI stops the server)
         self.waiting: deque[Sequence] = deque()
@@ -161,12 +166,14 @@ class Engine:
         while True:
             try:
                 with self.cv:
-                    while not self.stopped and not self.running and not self.waiting:
+                    if not self.stopped and not self.running and not self.waiting:
                         self.cv.wait(timeout=0.25)
-                        if not self.stopped:
-                            self.exec.idle()    # multi-device: the followers' heartbeat
                     if self.stopped:
                         return
+                    busy = bool(self.running or self.waiting)
+                if not busy:
+                    self.exec.idle()            # multi-device: the followers' heartbeat (outside the lock)
+                    continue
                 with torch.inference_mode():
                     self.step()
             except Exception as e:
@@ -302,11 +309,15 @@ class Engine:
             pass
 
 
-def serving_runtime(rt):
-    """`rt` with the batch-invariant op layout (invariant.py); the dispatch table records the replacement."""
+def serving_runtime(rt, decode_rows: int = 64):
+    """`rt` with the batch-invariant op layout (invariant.py) for decode steps of up to `decode_rows` rows; the
+    dispatch table records the replacement."""
     from .invariant import batch_invariant_ops
 
     if getattr(rt, "weights", None) is None:
-        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch; "
-                      "serve a torch profile (cpu, cuda, ascend)")
-    return rt.with_ops(**batch_invariant_ops(rt.dispatch.ops))
+        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch "
+                      "(it has no per-sequence state slots for ragged batches); serve a torch profile "
+                      "(cpu, cuda, ascend) of the same checkpoint")
+    out = rt.with_ops(**batch_invariant_ops(rt.dispatch.ops, decode_rows))
+    out.decode_rows = decode_rows
+    return out
