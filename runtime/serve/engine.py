@@ -9,6 +9,10 @@ sequence per forward, so a prompt's prefill is the same computation whoever else
 not a prefix came from the cache. The model runs the table's ops padded to a fixed row count
 (`invariant.py`), so a decode row's bits do not depend on the batch either.
 
+The scheduler never touches the model or the cache itself: an `Executor` (executor.py) runs admit / prefill /
+decode / free, on this device or, under torchrun, on every rank in lockstep. `speculative="mtp"` replaces the
+decode forward by speculate.py's batched draft-and-verify step.
+
 A sequence talks to its HTTP handler through an `Output` (output.py), called on the engine thread:
 `constrain(logits)` (grammar masks), `token(id, logprobs) -> stop?` and `finish(reason)`.
 """
@@ -86,13 +90,13 @@ class Engine:
         self.block = cache.block if cache is not None else block
         self.prefill_tokens = max(prefill_tokens, self.block)
         self.cache, self.metrics = cache, metrics or Metrics()
-        # the model side: this process's device, or rank 0 of a lockstep multi-device server (executor.py)
         self.spec = 0                          # tokens a step may feed past the last emitted one
         if speculative is not None:
             from .speculate import check
             check(rt, speculative, cache, executor)
             self.spec = 1
         self.draft = draft                     # speculative: a draft function instead of the MTP block
+        # the model side: this process's device, or rank 0 of a lockstep multi-device server (executor.py)
         self.exec = executor or Executor(rt, cache, self.block, mtp=speculative is not None)
         rows = max_num_seqs * (1 + self.spec)
         if rows > getattr(rt, "decode_rows", rows):
