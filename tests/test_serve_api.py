@@ -235,3 +235,15 @@ def test_cli_bad_arguments_exit_2():
     for args in (["--cache-block", "100"], ["--max-num-seqs", "0"], ["--port", "70000"]):
         r = subprocess.run([sys.executable, "-m", "runtime.serve", *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--profile", "onnx-cpu"], "profile onnx-cpu runs the exported ONNX graphs, which the server cannot batch"),
+    (["--speculative", "mtp", "--tp", "2"], "--speculative mtp runs on one device"),
+    (["--tp", "0"], "--tp must be at least 1")])
+def test_cli_refusals_are_one_line(capsys, argv, says):
+    from runtime.serve.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     from ..serve.engine import serving_runtime
 
     plain = Runtime.load("cpu", progress=False)
-    inv = serving_runtime(plain)
+    inv = serving_runtime(plain, max(64, *levels))
     res = {"threads": torch.get_num_threads(), "decode": [], "ttft": None}
     with torch.inference_mode():
         for c in levels:

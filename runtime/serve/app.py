@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import InputError, V4Error
-from .engine import GenParams, NoMemory, QueueFull, Sequence
+from .engine import EngineStopped, GenParams, NoMemory, QueueFull, Sequence
 from .handlers import ChatJob, CompletionJob
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -27,7 +27,7 @@ class ServerState:
 
     def __init__(self, model_name: str, api_key: str | None = None, max_body: int = 8 << 20):
         self.model_name, self.api_key, self.max_body = model_name, api_key, max_body
-        self.engine = self.grammars = self.tokenizer = None
+        self.engine = self.grammars = self.tokenizer = self.runtime = None
         self.load_error: str | None = None
         self.created = int(time.time())
 
@@ -150,6 +150,10 @@ def create_app(S: ServerState) -> FastAPI:
     async def run_job(request: Request, job, req):
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if S.engine.spec and getattr(job, "grammar", None) is not None:
+            raise APIError(400, "structured output (response_format, tool_choice required / named) is not decoded "
+                                "speculatively; send it to a server started without --speculative",
+                           param="response_format" if req.response_format else "tool_choice")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seqs = []
         try:
@@ -162,7 +166,7 @@ def create_app(S: ServerState) -> FastAPI:
             for s in seqs:
                 S.engine.cancel(s)
             raise APIError(503, str(e), "server_error", headers={"Retry-After": "1"}) from None
-        except NoMemory as e:
+        except (NoMemory, EngineStopped) as e:
             raise APIError(503, str(e), "server_error", headers={"Retry-After": "5"}) from None
         except InputError as e:
             raise APIError(413, str(e), code="context_length_exceeded") from None
@@ -190,6 +194,8 @@ def create_app(S: ServerState) -> FastAPI:
                     waiter.cancel()
                     cancel_all()
                     return JSONResponse({}, status_code=499)
+            if S.engine.fatal:                  # a lost peer rank ended the sequences: not an answer
+                raise APIError(503, f"the engine stopped: {S.engine.error}", "server_error")
             return waiter.result()
         finally:
             cancel_all()

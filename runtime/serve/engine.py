@@ -9,6 +9,10 @@ sequence per forward, so a prompt's prefill is the same computation whoever else
 not a prefix came from the cache. The model runs the table's ops padded to a fixed row count
 (`invariant.py`), so a decode row's bits do not depend on the batch either.
 
+The scheduler never touches the model or the cache itself: an `Executor` (executor.py) runs admit / prefill /
+decode / free, on this device or, under torchrun, on every rank in lockstep. `speculative="mtp"` replaces the
+decode forward by speculate.py's batched draft-and-verify step.
+
 A sequence talks to its HTTP handler through an `Output` (output.py), called on the engine thread:
 `constrain(logits)` (grammar masks), `token(id, logprobs) -> stop?` and `finish(reason)`.
 """
@@ -26,6 +30,7 @@ import torch
 
 from ..errors import InputError, V4Error
 from ..sampling import SamplingParams, sample
+from .executor import Executor
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
@@ -36,6 +41,10 @@ class QueueFull(V4Error):
 
 class NoMemory(V4Error):
     """The request's state does not fit the memory plan (HTTP 503)."""
+
+
+class EngineStopped(V4Error):
+    """The engine stopped for good (a peer rank of a multi-device server was lost): HTTP 503."""
 
 
 @dataclass
@@ -68,16 +77,34 @@ class Sequence:
     t_submit: float = field(default_factory=time.perf_counter)
     t_last: float = 0.0
     finish_reason: str | None = None
+    hid: torch.Tensor | None = None       # speculative: final streams awaiting the MTP block [1, n, hc, d]
+    nexts: list | None = None             # speculative: the token after each of them (the last one unfed)
 
 
 class Engine:
     def __init__(self, rt, max_num_seqs: int = 32, max_queue: int = 256, prefill_tokens: int = 512,
-                 cache: PrefixCache | None = None, block: int = 128, metrics: Metrics | None = None):
+                 cache: PrefixCache | None = None, block: int = 128, metrics: Metrics | None = None,
+                 executor: Executor | None = None, speculative: str | None = None, draft=None):
         self.rt, self.model, self.cfg = rt, rt.model, rt.config
         self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.block = cache.block if cache is not None else block
         self.prefill_tokens = max(prefill_tokens, self.block)
         self.cache, self.metrics = cache, metrics or Metrics()
+        self.spec = 0                          # tokens a step may feed past the last emitted one
+        if speculative is not None:
+            from .speculate import check
+            check(rt, speculative, cache, executor)
+            self.spec = 1
+        self.draft = draft                     # speculative: a draft function instead of the MTP block
+        # the model side: this process's device, or rank 0 of a lockstep multi-device server (executor.py)
+        self.exec = executor or Executor(rt, cache, self.block, mtp=speculative is not None)
+        rows = max_num_seqs * (1 + self.spec)
+        if rows > getattr(rt, "decode_rows", rows):
+            raise InputError(f"{max_num_seqs} sequences per step feed {rows} rows, more than the {rt.decode_rows} "
+                             "the runtime's batch-invariant layout was built for; pass the same bound to "
+                             "serving_runtime(rt, decode_rows)")
+        self.fatal = False                    # a lost peer rank: the engine has stopped for good
+        self.on_fatal = None                  # callback(message) when that happens (the CLI stops the server)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cv = threading.Condition()
@@ -96,10 +123,17 @@ class Engine:
             self.stopped = True
             self.cv.notify_all()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive() and not self.fatal:
+            try:
+                self.exec.close()               # followers of a multi-device server leave their loop
+            except V4Error as e:                # a peer rank already gone
+                self.error, self.fatal = e.args[0] if e.args else str(e), True
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue a sequence; raises InputError (too long), NoMemory or QueueFull."""
-        need = len(seq.prompt) + seq.params.max_tokens
+        """Queue a sequence; raises InputError (too long), NoMemory, QueueFull or EngineStopped."""
+        if self.fatal:
+            raise EngineStopped(f"the engine stopped: {self.error}")
+        need = len(seq.prompt) + seq.params.max_tokens + self.spec
         if need > self.cfg.max_position:
             raise InputError(f"prompt ({len(seq.prompt)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds the "
                              f"model's {self.cfg.max_position}-token context; shorten the prompt or max_tokens")
@@ -134,19 +168,37 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
-            with self.cv:
-                while not self.stopped and not self.running and not self.waiting:
-                    self.cv.wait(timeout=0.5)
-                if self.stopped:
-                    return
             try:
+                with self.cv:
+                    if not self.stopped and not self.running and not self.waiting:
+                        self.cv.wait(timeout=0.25)
+                    if self.stopped:
+                        return
+                    busy = bool(self.running or self.waiting)
+                if not busy:
+                    self.exec.idle()            # multi-device: the followers' heartbeat (outside the lock)
+                    continue
                 with torch.inference_mode():
                     self.step()
-            except Exception as e:           # a bug: fail the sequences in flight, keep serving
-                self.error = f"{type(e).__name__}: {e}"
-                for s in list(self.running):
+            except Exception as e:
+                self.error = e.args[0] if isinstance(e, V4Error) and e.args else f"{type(e).__name__}: {e}"
+                if self.rt.parallel is not None and self.rt.parallel.distributed:
+                    self._die()                # the ranks may no longer run the same steps: stop for good
+                    return
+                for s in list(self.running):    # a bug: fail the sequences in flight, keep serving
                     self._finish(s, "error")
                 self.running.clear()
+
+    def _die(self) -> None:
+        self.fatal = True
+        with self.cv:
+            gone, self.waiting = list(self.waiting), deque()
+        for s in list(self.running) + gone:
+            s.state = None                     # no FREE command: the peers are gone or out of step
+            self._finish(s, "error")
+        self.running.clear()
+        if self.on_fatal is not None:
+            self.on_fatal(self.error)
 
     def step(self) -> None:
         self.steps += 1
@@ -157,7 +209,10 @@ class Engine:
             while budget > 0 and seq.status == "prefill" and not seq.cancelled:
                 budget -= self._prefill_chunk(seq)
         dec = [s for s in self.running if s.status == "decode" and not s.cancelled]
-        if dec:
+        if dec and self.spec:
+            from .speculate import decode_step
+            decode_step(self, dec)
+        elif dec:
             self._decode(dec)
         self.running = [s for s in self.running if s.status != "done"]
         m = self.metrics
@@ -189,13 +244,10 @@ class Engine:
                     if self.running:           # wait for memory to free up
                         return
                 self.waiting.popleft()
-            seq.state = self.model.new_state(1, 0).seqs[0]
+            hit = self.exec.admit(seq)
             if self.cache is not None:
-                hit, chain = self.cache.lookup(seq.prompt)
                 self.metrics.cache_queries.inc()
                 if hit:
-                    self.cache.restore(chain, seq.state)
-                    seq.done_tokens = seq.cached_tokens = hit
                     self.metrics.cache_hits.inc()
                     self.metrics.cached_tokens.inc(hit)
             seq.status = "prefill"
@@ -203,35 +255,32 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill / decode
     def _prefill_chunk(self, seq: Sequence) -> int:
-        start, B = seq.done_tokens, self.block
-        end = min((start // B + 1) * B, len(seq.prompt))
-        whole = end % B == 0
-        before = self.cache.mark(seq.state, self.cfg.num_layers) if self.cache is not None and whole else None
-        logits = self.model.forward(torch.tensor([seq.prompt[start:end]]), [seq.state])
-        seq.done_tokens = end
-        self.metrics.prompt_tokens.inc(end - start)
-        if before is not None:
-            k = end // B - 1
-            key = self.cache.keys(seq.prompt, k + 1)[k]
-            self.cache.store(key, seq.state, before, self.cache.wants_checkpoint(k, len(seq.prompt)))
-        if end == len(seq.prompt):
+        n, last = self.exec.prefill(seq)
+        self.metrics.prompt_tokens.inc(n)
+        if last is not None:
             seq.status = "decode"
-            self._emit(seq, logits[0, -1].float().cpu())
-        return end - start
+            self._emit(seq, last)
+            seq.nexts = seq.out[-1:]
+        return n
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        ids = torch.tensor([[s.out[-1]] for s in seqs])
-        logits = self.model.forward(ids, [s.state for s in seqs])[:, -1].float().cpu()
+        logits = self.exec.decode(seqs, [s.out[-1] for s in seqs])
         for i, s in enumerate(seqs):
             self._emit(s, logits[i])
 
     def _emit(self, seq: Sequence, row: torch.Tensor) -> None:
         """Choose seq's next token from its logits row [V], hand it to its output, finish if it stopped."""
+        self._take(seq, self._pick(seq, row), row)
+
+    def _pick(self, seq: Sequence, row: torch.Tensor) -> int:
+        """seq's next token from its logits row [V] (grammar masks, then its sampling parameters)."""
         p = seq.params
-        raw = row
         row = seq.output.constrain(row.clone()) if hasattr(seq.output, "constrain") else row
-        sp = SamplingParams(p.temperature, p.top_p, None, p.max_tokens)
-        tok = int(sample(row[None], sp, seq.gen)[0])
+        return int(sample(row[None], SamplingParams(p.temperature, p.top_p, None, p.max_tokens), seq.gen)[0])
+
+    def _take(self, seq: Sequence, tok: int, raw: torch.Tensor) -> None:
+        """Emit token `tok` chosen from logits `raw` [V] (its logprobs come from them); finish if it stopped."""
+        p = seq.params
         lp = None
         if p.logprobs is not None:
             logp = torch.log_softmax(raw, -1)
@@ -249,24 +298,30 @@ class Engine:
         stop = seq.output.token(tok, lp)
         if eos or tok in p.stop_token_ids or stop:
             self._finish(seq, "stop")
-        elif len(seq.out) >= p.max_tokens or seq.state.pos + 1 >= self.cfg.max_position:
+        elif len(seq.out) >= p.max_tokens or seq.state.pos + 1 + self.spec >= self.cfg.max_position:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == "done":
             return
-        seq.status, seq.finish_reason, seq.state = "done", reason, None     # the state is freed here
+        seq.status, seq.finish_reason = "done", reason
+        if seq.state is not None:
+            self.exec.free(seq)                    # the state is freed here (on every rank)
         try:
             seq.output.finish(reason)
         except Exception:                          # a handler's bug must not stop the loop
             pass
 
 
-def serving_runtime(rt):
-    """`rt` with the batch-invariant op layout (invariant.py); the dispatch table records the replacement."""
+def serving_runtime(rt, decode_rows: int = 64):
+    """`rt` with the batch-invariant op layout (invariant.py) for decode steps of up to `decode_rows` rows; the
+    dispatch table records the replacement."""
     from .invariant import batch_invariant_ops
 
     if getattr(rt, "weights", None) is None:
-        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch; "
-                      "serve a torch profile (cpu, cuda, ascend)")
-    return rt.with_ops(**batch_invariant_ops(rt.dispatch.ops))
+        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch "
+                      "(it has no per-sequence state slots for ragged batches); serve a torch profile "
+                      "(cpu, cuda, ascend) of the same checkpoint")
+    out = rt.with_ops(**batch_invariant_ops(rt.dispatch.ops, decode_rows))
+    out.decode_rows = decode_rows
+    return out

@@ -12,7 +12,15 @@ then change a row's bits, both measured on this build (MKL 2024.2, AVX-512, torc
 The wrappers here pad the token dimension of every token-wise op up to a multiple of ROWS (32) with zero rows
 and drop the padding after: a decode step of up to 32 sequences then runs exactly the same shapes whoever is
 in it, every row in the BLAS class of >= 4 rows and every element in the vector body. The math is the table's
-own; only the row count changes. Per-sequence ops (attention, indexer, compressor) already see one sequence
+own; only the row count changes.
+Linears (`linear`, `group_linear`) of up to `small` rows (a decode step, a routed expert's few tokens) run
+instead in blocks of LINEAR_ROWS (16) rows, the last one zero-padded: the CPU table's stored-format linears
+take their GEMV kernels up to 16 rows (one pass over the stored weight, decoded in registers; a row's bits do
+not depend on the other rows, measured for bf16 / FP8 / FP4 weights), where 32 padded rows would send every
+decode linear down the dequantise-a-tile-then-GEMM path, which decodes the whole weight per call. A float32
+weight's 16-row `F.linear` is in the >= 4 rows class. Larger calls (128-token prefill chunks) keep the
+32-row padding; the boundary depends only on the call's own row count, so a prefill chunk is the same
+computation whoever else runs, and a decode step of up to `small` rows always runs the same 16-row blocks. Per-sequence ops (attention, indexer, compressor) already see one sequence
 at a time. `tests/test_serve_engine.py` checks the result bit for bit; `python -m runtime.bench serve`
 measures the cost. The replacement goes through `Runtime.with_ops`, so the dispatch table records it.
 """
@@ -40,7 +48,9 @@ TOKEN_ARGS = {
 
 
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat((x, x.new_zeros(rows - x.shape[0], *x.shape[1:])))
+    out = x.new_zeros(rows, *x.shape[1:])
+    out[:x.shape[0]] = x
+    return out
 
 
 def padded(fn, args: tuple[int, ...], rows: int = ROWS):
@@ -63,6 +73,34 @@ def padded(fn, args: tuple[int, ...], rows: int = ROWS):
     return run
 
 
-def batch_invariant_ops(table) -> dict:
-    """Replacements (op name -> callable) for `Runtime.with_ops`, wrapping the ops of `table` (an OpTable)."""
-    return {op: padded(getattr(table, op), args) for op, args in TOKEN_ARGS.items()}
+LINEAR_ROWS = 16
+SMALL = 64                   # default: decode rows of up to 32 sequences x 2 (a speculative verify step)
+
+
+def blocked(fn, small: int, rows: int = LINEAR_ROWS):
+    """A linear (token dimension first in argument 0) run in zero-padded blocks of `rows` rows when it has at
+    most `small` rows, else padded to a multiple of ROWS as the other ops."""
+    wide = padded(fn, (0,))
+
+    @functools.wraps(fn)
+    def run(x, *a, **kw):
+        T = x.shape[0]
+        if T > small:
+            return wide(x, *a, **kw)
+        outs = []
+        for s in range(0, T, rows):
+            xb = x[s:s + rows]
+            n = xb.shape[0]
+            outs.append(fn(xb if n == rows else _pad(xb, rows), *a, **kw)[:n])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    run.__name__ = f"rows%{rows}<={small}:{getattr(fn, '__name__', 'op')}"
+    return run
+
+
+def batch_invariant_ops(table, small: int = SMALL) -> dict:
+    """Replacements (op name -> callable) for `Runtime.with_ops`, wrapping the ops of `table` (an OpTable);
+    `small`: the most rows a decode step feeds (max_num_seqs, twice that when speculative)."""
+    ops = {op: padded(getattr(table, op), args) for op, args in TOKEN_ARGS.items()}
+    for op in ("linear", "group_linear"):
+        ops[op] = blocked(getattr(table, op), small)
+    return ops

@@ -23,6 +23,9 @@ class Metrics:
                                      registry=r)
         self.state_bytes = Gauge("dsv4:state_memory_bytes", "sequence state held by running requests", registry=r)
         self.cache_bytes = Gauge("dsv4:prefix_cache_bytes", "bytes held by the prefix cache", registry=r)
+        self.spec_drafted = Counter("dsv4:spec_decode_draft_tokens", "tokens drafted by the MTP block", registry=r)
+        self.spec_accepted = Counter("dsv4:spec_decode_accepted_tokens", "drafted tokens the main model kept",
+                                     registry=r)
         self.requests = Counter("dsv4:requests", "finished requests by finish reason", ["reason"], registry=r)
 
     def render(self) -> bytes:
