@@ -1,7 +1,7 @@
 """The Python API: `Runtime.load(...)`, `forward`, `new_state`, `generate`.
 
     from runtime import Runtime
-    rt = Runtime.load("cpu")                          # the tiny default checkpoint, exact float32
+    rt = Runtime.load("cpu")                          # the shipped default model, exact float32
     logits = rt.forward([[0, 72, 105]])               # [B, S, vocab] float32, fresh sequences
     state = rt.new_state(batch_size=1)
     rt.forward(ids_chunk, state=state)                # continue sequences chunk by chunk
@@ -82,8 +82,15 @@ def build_once(path: Path, done: str, build: Callable[[Path], object]) -> Path:
     return path
 
 
-def default_checkpoint(seed: int = 0) -> Path:
-    """The embedded default: the tiny preset, generated once into the cache folder and reused."""
+def default_checkpoint() -> Path:
+    """The embedded default: the trained small V4 shipped in the package (runtime/default_model)."""
+    from .default_model import FOLDER
+
+    return FOLDER
+
+
+def random_checkpoint(seed: int = 0) -> Path:
+    """The random-weight tiny preset (tests of other shapes, the bench), generated once into the cache folder."""
     # Keyed by the generator's inputs, so a changed preset or format never reuses a stale folder.
     key = hashlib.sha256(json.dumps([preset("tiny"), seed, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode())
     path = cache_dir() / f"tiny-seed{seed}-{key.hexdigest()[:12]}"
@@ -125,7 +132,7 @@ class Runtime:
     def load(cls, profile: "str | Path | Profile" = "cpu", checkpoint: str | Path | None = None,
              numerics: str | None = None, emulate: bool = False, allow_fallback: bool = False,
              progress: bool | None = None, parallel=None) -> "Runtime":
-        """Load a checkpoint (default: the tiny generated model) for a hardware profile.
+        """Load a checkpoint (default: the trained model shipped in runtime/default_model) for a hardware profile.
 
         `profile`: a shipped profile name (see hardware_profiles/), a backend name (its default profile), a
         path to a YAML file, or a Profile. `emulate=True` runs the profile's numerics (dtypes, weight format,

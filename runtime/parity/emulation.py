@@ -1,10 +1,12 @@
 """`python -m runtime.parity.emulation`: the README's "Emulated numerics vs float32" table, computed.
 
 Each shipped deployment profile's numerics, emulated on the CPU, against the float32 reference on the same
-inputs: 2 random prompts x 300 tokens (seed 0) of the tiny default model, one forward each side; mean
-KL(float32 || profile) of the next-token distributions over all 600 positions, and top-1 agreement. The
-README's figures are this command's output, and tests/test_emulation.py measures the same thing with the
-same function and holds it to TOLERANCES below, so documentation and tests read one measurement.
+inputs: the shipped default model (trained, runtime/default_model) on 2 x 300 tokens of its held-out text
+(runtime/default_model/heldout.txt: files it never trained on), one teacher-forced forward each side; the
+perplexity change on that text, mean KL(float32 || profile) of the next-token distributions over all 600
+positions, and top-1 agreement. The README's figures are this command's output, and tests/test_emulation.py
+measures the same thing with the same function and holds it to TOLERANCES below, so documentation and tests
+read one measurement. Another checkpoint (`--checkpoint DIR`) is fed the same text through its own tokenizer.
 
     python -m runtime.parity.emulation [--checkpoint DIR] [--profile NAME ...] [--threads N]
 """
@@ -30,8 +32,13 @@ LABELS = {"cpu-bf16": "`cpu-bf16` (= `nvidia-a100`)", "ascend-910b": "`ascend-91
 PROMPTS, TOKENS, SEED = 2, 300, 0
 
 
-def inputs() -> torch.Tensor:
-    return torch.randint(2, 258, (PROMPTS, TOKENS), generator=torch.Generator().manual_seed(SEED))
+def inputs(rt) -> torch.Tensor:
+    """[PROMPTS, TOKENS + 1] ids: consecutive windows of the held-out text (inputs and next-token targets)."""
+    from ..default_model import HELDOUT
+    from .quality import text_windows
+
+    return text_windows(rt.tokenizer, rt.config.bos_token_id, HELDOUT.read_text(encoding="utf-8"), TOKENS,
+                        PROMPTS * TOKENS)
 
 
 def kl_and_top1(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
@@ -42,15 +49,20 @@ def kl_and_top1(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
 
 
 def measure(profile: str, checkpoint=None, reference=None) -> dict:
-    """{"kl", "top1"} of `profile` emulated vs the float32 reference (a loaded cpu Runtime may be passed)."""
+    """{"kl", "top1", "ppl_delta", ...} of `profile` emulated vs the float32 reference (a loaded cpu Runtime
+    may be passed): top1 = agreement with the reference's argmax; ppl_delta = relative perplexity change."""
     from ..api import Runtime
+    from .quality import scores
 
     ref = reference if reference is not None else Runtime.load("cpu", checkpoint=checkpoint, progress=False)
     cand = Runtime.load(profile, checkpoint=ref.checkpoint, emulate=True, progress=False)
-    ids = inputs()
-    a, b = ref.forward(ids), cand.forward(ids)
+    w = inputs(ref)
+    a, b = ref.forward(w[:, :-1]), cand.forward(w[:, :-1])
     kl, top1 = kl_and_top1(a, b)
-    return {"kl": kl, "top1": top1, "identical": bool(torch.equal(a, b))}
+    sa, sb = scores(list(a), w), scores(list(b), w)
+    return {"kl": kl, "top1": top1, "identical": bool(torch.equal(a, b)), "ppl_ref": sa["ppl"],
+            "ppl": sb["ppl"], "ppl_delta": sb["ppl"] / sa["ppl"] - 1, "accuracy_ref": sa["top1"],
+            "accuracy": sb["top1"]}
 
 
 def sig(x: float, digits: int = 2) -> str:
@@ -63,15 +75,16 @@ def sig(x: float, digits: int = 2) -> str:
 
 
 def table_row(profile: str, fig: dict) -> str:
-    kl_max, top1_min = TOLERANCES[profile]
-    return (f"| {LABELS.get(profile, profile)} | {sig(fig['kl'])} | {fig['top1']:.3f} | "
-            f"KL ≤ {sig(kl_max)}, top-1 ≥ {top1_min} |")
+    kl_max, top1_min = TOLERANCES.get(profile, (None, None))
+    tol = f"KL ≤ {sig(kl_max)}, top-1 ≥ {top1_min}" if kl_max is not None else "-"
+    return (f"| {LABELS.get(profile, profile)} | {100 * fig['ppl_delta']:+.2f}% | {sig(fig['kl'])} | "
+            f"{fig['top1']:.3f} | {tol} |")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.parity.emulation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the generated tiny model)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped trained model)")
     ap.add_argument("--profile", action="append", default=None, help="profile(s) to measure (default: the table's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (figures, not timings: any count)")
     args = ap.parse_args(argv)
@@ -86,11 +99,13 @@ def main(argv=None) -> int:
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| profile | mean KL to float32 (nats) | top-1 agreement | test tolerance |")
-    print("|---|---|---|---|")
+    f0 = next(iter(figs.values()))
+    print(f"float32 reference: perplexity {f0['ppl_ref']:.3f}, next-token top-1 {f0['accuracy_ref']:.3f}")
+    print("| profile | perplexity change | mean KL to float32 (nats) | top-1 agreement | test tolerance |")
+    print("|---|---|---|---|---|")
     bad = []
     for p, f in figs.items():
-        print(table_row(p, f) if p in TOLERANCES else f"| {p} | {sig(f['kl'])} | {f['top1']:.3f} | - |")
+        print(table_row(p, f))
         if p in TOLERANCES and not (f["kl"] <= TOLERANCES[p][0] and f["top1"] >= TOLERANCES[p][1]):
             bad.append(p)
     if bad:
