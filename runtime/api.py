@@ -1,7 +1,7 @@
 """The Python API: `Runtime.load(...)`, `forward`, `new_state`, `generate`.
 
     from runtime import Runtime
-    rt = Runtime.load("cpu")                          # the tiny default checkpoint, exact float32
+    rt = Runtime.load("cpu")                          # the shipped default model, exact float32
     logits = rt.forward([[0, 72, 105]])               # [B, S, vocab] float32, fresh sequences
     state = rt.new_state(batch_size=1)
     rt.forward(ids_chunk, state=state)                # continue sequences chunk by chunk
@@ -66,7 +66,7 @@ class Runtime:
     def load(cls, profile: "str | Path | Profile" = "cpu", checkpoint: str | Path | None = None,
              numerics: str | None = None, emulate: bool = False, allow_fallback: bool = False,
              progress: bool | None = None, parallel=None) -> "Runtime":
-        """Load a checkpoint (default: the tiny generated model) for a hardware profile.
+        """Load a checkpoint (default: the trained model shipped in runtime/default_model) for a hardware profile.
 
         `profile`: a shipped profile name (see hardware_profiles/), a backend name (its default profile), a
         path to a YAML file, or a Profile. `emulate=True` runs the profile's numerics (dtypes, weight format,

@@ -1,8 +1,8 @@
 """The runtime's cache folder (`DSV4RT_HOME`, default ~/.cache/dsv4rt): what is built once and reused.
 
 `cache_dir()` is the folder; `build_once(path, done, build)` builds a folder in it atomically (concurrent
-builders, failed builds and half-built folders are handled); `default_checkpoint()` is the embedded tiny model,
-generated once. Users: the default checkpoint, the ONNX export cache (backends/onnx.py), the shard digests of
+builders, failed builds and half-built folders are handled); `random_checkpoint()` is the random tiny preset,
+generated once (`default_checkpoint()` is the trained model shipped in the package). Users: the random checkpoint, the ONNX export cache (backends/onnx.py), the shard digests of
 the checkpoint fingerprint (runtime.checkpoint.fingerprint), the native kernels (backends/cpu_native.py), the
 Ascend self-test and bench's generated models.
 """
@@ -59,8 +59,15 @@ def build_once(path: Path, done: str, build: Callable[[Path], object]) -> Path:
     return path
 
 
-def default_checkpoint(seed: int = 0) -> Path:
-    """The embedded default: the tiny preset, generated once into the cache folder and reused."""
+def default_checkpoint() -> Path:
+    """The embedded default: the trained small V4 shipped in the package (runtime/default_model)."""
+    from .default_model import FOLDER
+
+    return FOLDER
+
+
+def random_checkpoint(seed: int = 0) -> Path:
+    """The random-weight tiny preset (tests of other shapes, the bench), generated once into the cache folder."""
     # Keyed by the generator's inputs, so a changed preset or format never reuses a stale folder.
     key = hashlib.sha256(json.dumps([preset("tiny"), seed, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode())
     path = cache_dir() / f"tiny-seed{seed}-{key.hexdigest()[:12]}"

@@ -109,7 +109,13 @@ TINY = {
     "index_topk": 16,
 }
 
-PRESETS = {"flash": FLASH, "pro": PRO, "tiny": TINY}
+# The shape of the trained embedded default (runtime/default_model, `python -m runtime.train --preset
+# tiny-lm`): the tiny preset cut to three layers that still hold every layer kind (window-only + hash-routed
+# MoE, CSA ratio 4 with its indexer, HCA ratio 128, learned-routed MoE, mHC, MTP), so it trains in an hour
+# on two shared cores. vocab_size is the trained tokenizer's.
+TINY_LM = {**TINY, "num_hidden_layers": 3, "compress_ratios": [0, 4, 128, 0], "num_hash_layers": 1}
+
+PRESETS = {"flash": FLASH, "pro": PRO, "tiny": TINY, "tiny-lm": TINY_LM}
 
 
 def preset(name: str) -> dict:

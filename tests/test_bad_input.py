@@ -176,13 +176,13 @@ def test_failed_build_leaves_no_temporary_folder_and_half_built_is_rebuilt(tmp_p
 
 
 def test_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
-    from runtime.cache import default_checkpoint
+    from runtime.cache import random_checkpoint
 
     blocker = tmp_path / "home"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("DSV4RT_HOME", str(blocker))
     with pytest.raises(V4Error, match=r"cache folder .*home cannot be written .* set DSV4RT_HOME") as e:
-        default_checkpoint()
+        random_checkpoint()
     one_line(e)
 
 

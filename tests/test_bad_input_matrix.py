@@ -176,7 +176,8 @@ CASES = [
     ("run-max-new-tokens-not-int", "runtime.run", lambda p: ["--max-new-tokens", "many"], 2,
      "argument --max-new-tokens: invalid int value"),
     ("run-checkpoint-missing", "runtime.run", lambda p: ["--checkpoint", p["base"] / "nope"], 2, "does not exist"),
-    ("run-cache-unwritable", "runtime.run", lambda p: ["--max-new-tokens", "1", {"DSV4RT_HOME": p["afile"]}], 2,
+    # the shipped default needs no cache; the bench's random tiny model is generated into it
+    ("bench-cache-unwritable", "runtime.bench", lambda p: ["--quick", {"DSV4RT_HOME": p["afile"]}], 2,
      "cannot be written"),
     ("run-export-json-corrupt", "runtime.run", lambda p: ["--profile", "onnx-cpu", "--checkpoint",
                                                           p["export-corrupt"]], 2, "export.json: not valid JSON"),

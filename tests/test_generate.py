@@ -65,16 +65,16 @@ def test_cli_streams_and_reports_speed(tiny_ckpt):
     assert "tokens/s" in r.stderr.splitlines()[-1]
 
 
-def test_default_checkpoint_is_generated_once(tmp_path, monkeypatch, tiny_rt):
+def test_random_checkpoint_is_generated_once(tmp_path, monkeypatch, tiny_rt):
     from runtime.api import Runtime
-    from runtime.cache import default_checkpoint
+    from runtime.cache import random_checkpoint
 
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path))
-    rt = Runtime.load("cpu", progress=False)                  # no checkpoint: the embedded tiny default
-    path = default_checkpoint()
-    assert rt.checkpoint == path and path.parent == tmp_path
+    path = random_checkpoint()                                # the random tiny preset, into the cache folder
+    rt = Runtime.load("cpu", checkpoint=path, progress=False)
+    assert path.parent == tmp_path
     stamp = (path / "model.safetensors.index.json").stat().st_mtime_ns
-    assert default_checkpoint() == path
+    assert random_checkpoint() == path
     assert (path / "model.safetensors.index.json").stat().st_mtime_ns == stamp      # reused, not rewritten
     # the same seed and preset as the session fixture: identical logits
     ids = [[0, 40, 50, 60]]

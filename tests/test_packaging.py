@@ -55,3 +55,8 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(tmp_path):
     demo = _run([py, "-m", "runtime.run", "--backend", "cpu", "--max-new-tokens", "2"], cwd=tmp_path, env=env)
     assert demo.stdout.startswith("Hello, DeepSeek-V4!"), demo.stdout
     assert "| profile cpu | backend cpu |" in demo.stderr and "2 new tokens" in demo.stderr, demo.stderr
+    # the trained default model ships in the wheel, byte for byte the recorded files
+    assert "tokenizer tokenizer.json" in demo.stderr and "default_model" in demo.stderr, demo.stderr
+    check = _run([py, "-c", "from runtime import default_model as d; print(d.FOLDER); print(d.verify())"],
+                 cwd=tmp_path, env=env).stdout.splitlines()
+    assert check[0].startswith(str(venv)) and check[1] == "[]", check

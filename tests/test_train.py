@@ -112,6 +112,29 @@ def test_resume_continues_exactly(setup, tmp_path):
         Trainer(ModelConfig.from_hf(other), other, args, tmp_path / "a").load()
 
 
+def test_dense_attention_of_training_equals_the_reference_op():
+    """Training scores attention densely (a mask over the pool) instead of gathering rows: the same values and
+    the same gradients as the reference `sparse_attention`, padding (-1) and the sink included."""
+    from runtime.ops.attention import sparse_attention
+    from runtime.train.objective import dense_sparse_attention
+
+    g = torch.Generator().manual_seed(3)
+    T, H, D, N, K = 24, 4, 16, 60, 14
+    q = torch.randn(T, H, D, generator=g, requires_grad=True)
+    kv = torch.randn(N, D, generator=g, requires_grad=True)
+    sink = torch.randn(H, generator=g)
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(T)])
+    idx[::3, -5:] = -1
+    outs = []
+    for fn in (sparse_attention, dense_sparse_attention):
+        o = fn(q, kv, idx, sink, 0.25)
+        outs.append((o, *torch.autograd.grad((o * torch.arange(D)).sum(), (q, kv))))
+    for a, b in zip(*outs):
+        assert (a - b).abs().max().item() <= 1e-5 * (1 + a.abs().max().item())
+    with pytest.raises(ValueError, match="exact numerics"):
+        dense_sparse_attention(q, kv, idx, sink, 0.25, rnd=object())
+
+
 def test_fake_quant_is_straight_through():
     w = torch.randn(256, 256, requires_grad=True)
     for kind in ("fp8", "fp4", "bf16"):

@@ -15,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..cache import build_once, cache_dir, default_checkpoint
+from ..cache import build_once, cache_dir, random_checkpoint
 from ..checkpoint.make import CHECKPOINT_FORMAT_VERSION, write_checkpoint
 from ..errors import InputError
 from ..presets import preset
@@ -39,7 +39,7 @@ def _variant(name: str) -> dict:
 
 def bench_checkpoint(name: str) -> Path:
     if name == "tiny":
-        return default_checkpoint()
+        return random_checkpoint()
     raw = _variant(name)
     key = hashlib.sha256(json.dumps([raw, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode()).hexdigest()[:12]
     return build_once(cache_dir() / f"bench-{name}-{key}", "model.safetensors.index.json",

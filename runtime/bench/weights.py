@@ -95,10 +95,10 @@ def write_streaming(out: Path, raw: dict, seed: int = 0, shard_bytes: int = 1 <<
 
 
 def bench_model(name: str) -> Path:
-    from ..cache import build_once, cache_dir, default_checkpoint
+    from ..cache import build_once, cache_dir, random_checkpoint
 
     if name == "tiny":
-        return default_checkpoint()
+        return random_checkpoint()
     if name not in ("v4-width", "v4-width-16e"):
         from ..errors import InputError
 

@@ -2,12 +2,16 @@
 
     python -m runtime.train --out runs/v4-stdlib                       # tokenizer, training, QAT, export
     python -m runtime.train --out runs/v4-stdlib                       # again: resumes from its checkpoint
+    python -m runtime.train --out runs/v4-stdlib --export-only         # export the last checkpoint as it is
     python -m runtime.train --out runs/t --steps 20 --seq 64 --max-bytes 200000      # a quick look
+
+The shipped default (runtime/default_model) was trained by the README's command (`--preset tiny-lm`).
 
 Writes OUT/tokenizer.json, OUT/tokens-*.safetensors (the encoded split), OUT/train_state.{safetensors,json}
 (resumable), OUT/model/ (the official layout: config.json, index, FP8 / FP4 / bf16 tensors, tokenizer.json)
-and OUT/metrics.jsonl (held-out perplexity and next-token top-1, float32 and fake-quantised). The model has the tiny preset's shape (every V4 layer kind)
-with the tokenizer's vocabulary. Bad arguments print one line and exit with status 2.
+OUT/model/heldout.txt (a sample of the held-out split) and OUT/metrics.jsonl (held-out perplexity and
+next-token top-1, float32 and fake-quantised). The model has the preset's shape (default tiny; every V4 layer
+kind) with the tokenizer's vocabulary. Bad arguments print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+HELDOUT_CHARS = 24_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--export-only", action="store_true",
+                    help="train no further: evaluate and export the run's last checkpoint (OUT/model)")
     return ap
 
 
@@ -82,12 +91,14 @@ def run(argv=None) -> dict:
         raise InputError(f"only {train.numel()} training tokens for --seq {targs.seq}; raise --max-bytes")
     tr = Trainer(cfg, hf, targs, out)
     resumed = tr.load()
+    if a.export_only and not resumed:
+        raise InputError(f"--export-only: {out} holds no checkpoint (train_state.safetensors); train first")
     stream = data.batches(train, targs.batch, targs.seq, tr.gen)
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=targs.steps, initial=tr.step, disable=a.no_progress, desc="train", dynamic_ncols=True)
     last = {}
     try:
-        while tr.step < targs.steps:
+        while tr.step < targs.steps and not a.export_only:
             last = tr.train_step(next(stream))
             bar.update(1)
             bar.set_postfix(lm=f"{last['lm']:.3f}", mtp=f"{last['mtp']:.3f}", kl=f"{last['kl']:.3f}",
@@ -105,6 +116,8 @@ def run(argv=None) -> dict:
     metrics.write(json.dumps({"final": final}) + "\n")
     metrics.close()
     folder = tr.export(out / "model", tok_path)
+    # a sample of the held-out split (files never trained on) for the quality measurements of the shipped model
+    (folder / "heldout.txt").write_text("".join(held_texts)[:HELDOUT_CHARS], encoding="utf-8")
     size = sum(p.stat().st_size for p in folder.iterdir())
     final["model_bytes"] = size
     return final

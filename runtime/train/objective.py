@@ -51,6 +51,23 @@ class _IndexerLog:
         self.pairs: list = []
 
 
+def dense_sparse_attention(q, kv, idx, sink, scale, rnd=None):
+    """`ops.sparse_attention` computed densely, for training: scores against every pool row [T, H, N] with
+    the rows not in `idx` masked out. The same function of (q, kv, idx, sink) as the reference (one mm
+    instead of a gather and per-query bmm, whose backward is a slow scatter on the CPU); idx rows are
+    distinct per query (window slots and selected entries), so a mask equals the gather. Exact numerics only."""
+    if rnd is not None:
+        raise ValueError("dense_sparse_attention runs the exact numerics only")
+    T, N = idx.shape[0], kv.shape[0]
+    keep = torch.zeros(T, N + 1, dtype=torch.bool, device=idx.device)
+    keep.scatter_(1, torch.where(idx >= 0, idx, N), True)
+    scores = torch.einsum("thd,nd->thn", q, kv) * scale
+    scores = scores.masked_fill(~keep[:, None, :N], float("-inf"))
+    sinks = sink.view(1, -1, 1).expand(T, -1, 1)
+    lse = torch.logsumexp(torch.cat((scores, sinks), dim=-1), dim=-1, keepdim=True)
+    return torch.einsum("thn,nd->thd", torch.exp(scores - lse), kv)
+
+
 def _recording_ops(base, log: _IndexerLog):
     def indexer_topk(q, weights, keys, visible, k, rnd=None):
         log.pending = (q, weights, keys, visible)
@@ -60,7 +77,7 @@ def _recording_ops(base, log: _IndexerLog):
         if log.pending is not None:                      # the CSA layer's main attention for the same queries
             log.pairs.append((log.pending, q, kv, scale))
             log.pending = None
-        return base.sparse_attention(q, kv, idx, sink, scale, rnd=rnd)
+        return dense_sparse_attention(q, kv, idx, sink, scale, rnd=rnd)
 
     return dataclasses.replace(base, indexer_topk=indexer_topk, sparse_attention=sparse_attention)
 
