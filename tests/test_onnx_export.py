@@ -13,7 +13,7 @@ import torch
 import onnx
 import onnxruntime  # noqa: F401  (the test extra: a missing install fails here, it is never skipped)
 import onnxscript  # noqa: F401
-from export.onnx import ExportError, export_model  # noqa: E402
+from export.onnx import ExportError  # noqa: E402
 from runtime import parity  # noqa: E402
 from runtime.api import Runtime  # noqa: E402
 
@@ -21,11 +21,11 @@ G = torch.Generator().manual_seed(0)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_ckpt, tmp_path_factory):
-    """One export of the tiny default for the module (about a minute and a half on two cores)."""
-    root = tmp_path_factory.mktemp("onnx")
-    out = export_model(tiny_ckpt, "cpu", root / "out", progress=False)
-    return root, out
+def exported(onnx_builds):
+    """One export of the tiny default for the session (tests/onnx_builds.py: `export_model(tiny, "cpu", ROOT/out)`,
+    about three minutes on two cores, made in the background while the rest of the suite runs)."""
+    root = onnx_builds.get("step")
+    return root, root / "out"
 
 
 @pytest.fixture(scope="module")
@@ -249,17 +249,17 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
         store_quantized(onnx.helper.make_model(g), {"lin.weight": w.t().contiguous()}, {"lin.weight"}, "fp4")
 
 
-def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(tiny_ckpt, tiny_rt, tmp_path):
+def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(onnx_builds, tiny_rt):
     """fp16 tolerance: every tensor of the graph is fp16 (2^-11 relative rounding per op); over five layers the
-    logits (|logit| <= ~8) move by a few thousandths (measured <= 0.0060, KL <= 1e-6): bounds 0.05 and 1e-4."""
+    logits (|logit| <= ~8) move by a few thousandths (measured <= 0.0060, KL <= 1e-6): bounds 0.05 and 1e-4.
+    The export (tests/onnx_builds.py): `export_edge(tiny, OUT, batch=1, seq=64, capacity=256, opset=15)`."""
     import json
 
     import onnxruntime as ort
 
-    from export.edge import export_edge
     from export.format import state_names, state_shapes
 
-    out = export_edge(tiny_ckpt, tmp_path / "edge", batch=1, seq=64, capacity=256, opset=15, progress=False)
+    out = onnx_builds.get("edge") / "edge"
     graphs = {}
     for g in ("prefill_edge", "decode_edge"):
         m = onnx.load(str(out / f"{g}.onnx"))
