@@ -219,8 +219,8 @@ def resolve(profile, backend: str, device: str, caps: frozenset[str], numerics: 
             continue
         if emulate:
             reason = "emulation: reference op under the profile's numerics"
-        elif backend == "cpu" and not why_not:
-            reason = "cpu backend: the float32 reference"
+        elif backend == "cpu" and not profile.prefer.get(op):   # the CPU's own baseline; the row says why
+            reason = "cpu backend: the float32 reference" + (f" ({'; '.join(why_not)})" if why_not else "")
         else:
             detail = "; ".join(why_not) or f"no {backend} implementation in this build"
             if not allow_fallback:
