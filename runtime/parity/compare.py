@@ -207,6 +207,8 @@ def compare(reference="cpu", candidates=("cpu-bf16",), checkpoint=None, prompts=
     torch.manual_seed(seed)
     tol = tolerances if isinstance(tolerances, Tolerances) else load_tolerances(tolerances)
     ref = _load_side(reference, checkpoint, False, allow_fallback)
+    if checkpoint is None:             # a loaded reference: the candidates load the same checkpoint
+        checkpoint = ref.runtime.checkpoint
     cands = [_load_side(c, checkpoint, emulate, allow_fallback) for c in candidates]
     seen = {ref.label}
     for c in cands:                               # labels key the runs: keep them unique
