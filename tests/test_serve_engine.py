@@ -60,16 +60,27 @@ def test_greedy_same_alone_or_among_16(srt):
 
 
 def test_plain_table_is_not_batch_invariant(tiny_rt):
-    """Why invariant.py exists: with the CPU table as it is, a decode row's logits change with the batch."""
+    """Why invariant.py exists: with the CPU table's per-op decode step (what runs where the fused step does
+    not: official numerics, TP/EP ranks), a decode row's logits change with the batch."""
+    import dataclasses
+
+    from runtime.bench.decode_ops import _swap_ops
+    from runtime.ops import decode
+
     m = tiny_rt.model
-    st = tiny_rt.new_state(4)
-    with torch.inference_mode():
-        for b in range(4):
-            m.forward(torch.tensor([prompt(b, 21 + b)]), [st.seqs[b]])
-        one = tiny_rt.new_state(1)
-        m.forward(torch.tensor([prompt(0, 21)]), [one.seqs[0]])
-        together = m.forward(torch.tensor([[5]] * 4), st.seqs)[0, -1]
-        alone = m.forward(torch.tensor([[5]]), one.seqs)[0, -1]
+    fused = m.ops
+    _swap_ops(m, dataclasses.replace(fused, decode_block=decode.decode_block))
+    try:
+        st = tiny_rt.new_state(4)
+        with torch.inference_mode():
+            for b in range(4):
+                m.forward(torch.tensor([prompt(b, 21 + b)]), [st.seqs[b]])
+            one = tiny_rt.new_state(1)
+            m.forward(torch.tensor([prompt(0, 21)]), [one.seqs[0]])
+            together = m.forward(torch.tensor([[5]] * 4), st.seqs)[0, -1]
+            alone = m.forward(torch.tensor([[5]]), one.seqs)[0, -1]
+    finally:
+        _swap_ops(m, fused)
     assert not torch.equal(together, alone)
 
 

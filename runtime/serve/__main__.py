@@ -119,10 +119,12 @@ def load_into(S, a, on_fatal=None) -> None:
 
 
 def _refuse_exported(a) -> None:
-    from ..api import DEFAULT_PROFILE
+    from backends import get_backend, names
+
     from ..profile import load_profile
 
-    prof = load_profile(DEFAULT_PROFILE.get(a.profile, a.profile))
+    # `--profile cuda` (a backend name) means that backend's default profile, as in runtime.run
+    prof = load_profile(get_backend(a.profile).default_profile if a.profile in names() else a.profile)
     if prof.backend == "onnx":
         raise V4Error(f"profile {prof.name} runs the exported ONNX graphs, which the server cannot batch (they have "
                       "no per-sequence state slots for ragged decode steps); serve a torch profile (cpu, cuda, "
