@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use the CPU reference where the profile's backend lacks an implementation (recorded)")
     ap.add_argument("--show-dispatch", action="store_true", help="print the resolved op dispatch table")
     ap.add_argument("--checkpoint", default=None,
-                    help="official-layout checkpoint folder (default: the generated tiny model)")
+                    help="official-layout checkpoint folder (default: the embedded trained model, runtime/default_model)")
     ap.add_argument("--prompt", default="Hello, DeepSeek-V4!", help="text prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
