@@ -209,6 +209,8 @@ def routed_experts_native(x: torch.Tensor, idx: torch.Tensor, weights: torch.Ten
     for t, row in enumerate(idx.tolist()):
         for j, e in enumerate(row):
             groups.setdefault(e, []).append((t, j))
+    if max(len(m) for m in groups.values()) > MAX_M:     # an expert named twice per token (a hash table that
+        return routed_experts_small_batch(x, idx, weights, experts, limit, ops)   # repeats ids) overfills a job
     order = sorted(groups)
     xs, ws, toks = [], [], []
     for e in order:

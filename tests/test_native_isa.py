@@ -144,3 +144,20 @@ def test_grouped_experts_is_the_cpu_choice(tiny_rt):
     rows = {r.op: r.impl for r in tiny_rt.dispatch.rows}
     assert rows["routed_experts"] == "cpu.stored_grouped"
     assert rows["linear"] == "cpu.stored_native"
+
+
+def test_grouped_experts_with_an_expert_repeated_per_token(rng):
+    """A hash routing table may name one expert several times for a token (a zero-valued table names expert
+    0 six times: the sparse Flash dry run's first layers): 9 tokens x 2 slots on expert 0 = 18 rows, more
+    than one native job takes. The op then groups on the small-batch path, still equal to the reference."""
+    E, d, inter = 4, 64, 96
+    experts = _experts(rng, E, d, inter, "fp4")
+    values = [tuple(Linear(l.weight.dequantize(), l.quantized) for l in e) for e in experts]
+    ref = reference_ops("exact")
+    fast = dataclasses.replace(ref, linear=cpu_stored.linear_native)
+    x = torch.randn(9, d, generator=rng)
+    idx = torch.zeros(9, 2, dtype=torch.int64)
+    w = torch.rand(9, 2, generator=rng)
+    want = moe.routed_experts(x, idx, w, values, 10.0, ref)
+    got = cpu_stored.routed_experts_native(x, idx, w, experts, 10.0, fast)
+    assert (got - want).abs().max() <= 4e-6
