@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from runtime.dispatch import impl
-from runtime.ops import decode as ref_decode
 from runtime.ops import mhc as ref_mhc
 from runtime.taps import recording
 from runtime.weights.storage import Fp4Stored, Fp8Stored
@@ -289,9 +288,8 @@ def moe(block, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 impl("decode_block", "cpu.native_fused", "cpu", decode_block, prepare=_prepare)
-# Where the fused step cannot run (numerics that round inside the step, no compiler): the block's per-op step,
-# each op being the table's own (fast CPU) implementation -- a named row, not a silent fallback.
-impl("decode_block", "cpu.per_op", "cpu", ref_decode.decode_block)
+# Where the fused step refuses (numerics that round inside the step, no compiler), dispatch runs the reference
+# -- the block's per-op step over the table's own fast ops -- and its row names the refusal.
 
 SMALL_T = 8          # hc_head: tokens up to which the native collapse runs (a decode step's), else the reference
 

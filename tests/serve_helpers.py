@@ -53,3 +53,19 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.S.engine.stop()
+
+
+class Collect:
+    """An engine sink that keeps a request's tokens and chosen-token logprobs and signals when it finished."""
+
+    def __init__(self):
+        self.toks, self.lps, self.done, self.reason = [], [], threading.Event(), None
+
+    def token(self, t, lp):
+        self.toks.append(t)
+        self.lps.append(lp[0])
+        return False
+
+    def finish(self, reason):
+        self.reason = reason
+        self.done.set()

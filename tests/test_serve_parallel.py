@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx2 as httpx
 import pytest
 
 from runtime.serve.engine import Engine, GenParams, Sequence, serving_runtime
-from tests.serve_helpers import free_port
+from tests.serve_helpers import Collect, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
@@ -86,17 +85,7 @@ def tp_server(tiny_ckpt):
 @pytest.fixture(scope="module")
 def single_device(tiny_rt):
     """The same requests on one device through the same engine: tokens and chosen-token logprobs."""
-    class Out:
-        def __init__(self):
-            self.toks, self.lps, self.done = [], [], threading.Event()
-
-        def token(self, t, lp):
-            self.toks.append(t)
-            self.lps.append(lp[0])
-            return False
-
-        def finish(self, reason):
-            self.done.set()
+    Out = Collect
 
     eng = Engine(serving_runtime(tiny_rt)).start()
     try:

@@ -8,7 +8,6 @@ non-speculative token (always or sometimes right).
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
@@ -18,25 +17,14 @@ import torch
 from runtime.errors import InputError
 from runtime.serve.engine import Engine, GenParams, Sequence, serving_runtime
 from runtime.serve.prefix_cache import PrefixCache
-from tests.serve_helpers import LiveServer
+from tests.serve_helpers import Collect, LiveServer
 
 MODEL = "tiny"
 N = 7
 PROMPTS = [[0] + [2 + (i * 37 + j * 11) % 250 for j in range(5 + 40 * i)] for i in range(4)]   # 6..126 tokens
 
 
-class Out:
-    def __init__(self):
-        self.toks, self.lps, self.done = [], [], threading.Event()
-
-    def token(self, t, lp):
-        self.toks.append(t)
-        self.lps.append(lp[0])
-        return False
-
-    def finish(self, reason):
-        self.reason = reason
-        self.done.set()
+Out = Collect
 
 
 def _run(eng, prompts, temperature=0.0, seed=None):

@@ -34,6 +34,7 @@ import torch
 from .. import formats
 from ..ops.linear import dequantize  # noqa: F401  (the float32 values of any weight kind)
 from ..weight_formats import quantize_int8_per_channel
+from .storage import _CodesAt
 
 BLOCK = 128
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -41,7 +42,7 @@ _COMPUTE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": tor
 
 
 @dataclass(frozen=True)
-class Fp8Block:
+class Fp8Block(_CodesAt):
     codes: torch.Tensor      # [out, in] float8_e4m3fn
     scale: torch.Tensor      # [ceil(out/128), ceil(in/128)] float32 powers of two
     col_scales: torch.Tensor = field(init=False, repr=False)   # [ceil(in/128), out]: derived once, read per GEMM
@@ -54,14 +55,6 @@ class Fp8Block:
     def from_float(cls, w: torch.Tensor) -> "Fp8Block":
         codes, s = formats.quant_fp8_block(w.float(), BLOCK)
         return cls(codes, formats.decode_e8m0(s))
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
 
     def to(self, device) -> "Fp8Block":
         return Fp8Block(self.codes.to(device), self.scale.to(device))
