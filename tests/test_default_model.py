@@ -23,7 +23,7 @@ from runtime.chat.tokens import ASSISTANT, BOS, SPECIAL_TOKENS, USER
 # `python -m runtime.run --backend cpu --prompt "def " --max-new-tokens 24` on the shipped model (greedy),
 # recorded once from that command when the model was swapped in.
 DEMO_PROMPT, DEMO_TOKENS = "def ", 24
-DEMO_OUTPUT = "def ATINGN\n    ''        #  0x003 -> LATIN SMALL"
+DEMO_OUTPUT = 'def genertor(map, x, x, **kw):\n    '
 
 
 @pytest.fixture(scope="module")
