@@ -39,6 +39,7 @@ from runtime.dispatch import impl
 from runtime.ops import attention as ref_attention
 from runtime.ops import mhc as ref_mhc
 
+from . import cpu_prefill  # noqa: F401  (registers its hc_pre first, whichever module is imported first: preferred)
 from . import cpu_stored
 
 QUERY_BLOCK = 256
