@@ -74,7 +74,10 @@ class _RefuseFunctions(TorchFunctionMode):
 class _RefuseAten(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         base = func.overloadpacket.__name__
-        if base in _SYNC_ATEN and not (base == "repeat_interleave" and kwargs and kwargs.get("output_size")):
+        # repeat_interleave by an int (or with output_size given) has a static shape; by a tensor it has not
+        static = base == "repeat_interleave" and (not isinstance(args[1] if len(args) > 1 else args[0], torch.Tensor)
+                                                  or (kwargs or {}).get("output_size") is not None)
+        if base in _SYNC_ATEN and not static:
             raise CaptureRefused(f"aten.{base} (a host sync or data-dependent shape) at {_where()}")
         return func(*args, **(kwargs or {}))
 
