@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -51,11 +52,14 @@ def capturing() -> bool:
     return _ACTIVE[0] > 0 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
+
+
 def _where() -> str:
     """The innermost frame of this project's code on the stack (what made the refused call)."""
-    for f in reversed(traceback.extract_stack()[:-3]):
-        if ("/backends/" in f.filename or "/runtime/" in f.filename) and not f.filename.endswith("cuda_graphs.py"):
-            return f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+    for f in reversed(traceback.extract_stack()[:-1]):
+        if f.filename.startswith(_ROOT) and not f.filename.endswith("cuda_graphs.py"):
+            return f"{f.filename[len(_ROOT):]}:{f.lineno} {f.name}"
     return "?"
 
 
