@@ -157,6 +157,9 @@ class GraphDecodeRunner:
         par = getattr(model, "parallel", None)
         if par is not None and (par.tp > 1 or par.ep > 1 or par.distributed):
             self.refused = f"a TP / EP rank (tp {par.tp}, ep {par.ep}): the static step holds no collectives"
+        if "graph_capture" not in table.capabilities:
+            self.refused = (f"capability graph_capture is not in probe ∩ profile {table.profile} "
+                            f"({', '.join(sorted(table.capabilities))})")
         experts = rows["routed_experts"].impl
         if experts == "cuda.grouped_mm":
             self.routed, self.routed_note = cuda_ops.routed_experts, "cuda.grouped_mm (counts by index_add_)"
@@ -246,3 +249,38 @@ class Session:
         """Every row's state back into its sequence (at the position it has reached)."""
         for b in sorted(self.attached):
             self._detach(b)
+
+
+def bench(argv=None) -> None:
+    """`python -m backends.cuda_graphs [--profile P] [--checkpoint DIR] [--batch 1,8,32] [--tokens N]`: decode
+    ms per step and per token, eager per-op step vs CUDA graphs, on this GPU (greedy, EOS off, 32-token
+    prompts; a first call per batch captures / warms up and is not timed)."""
+    import argparse
+    import dataclasses
+
+    from runtime.api import Runtime
+    from runtime.profile import load_profile
+
+    ap = argparse.ArgumentParser(prog="python -m backends.cuda_graphs")
+    ap.add_argument("--profile", default="nvidia-h100")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--batch", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=128)
+    a = ap.parse_args(argv)
+    prof = load_profile(a.profile)
+    runs = {mode: Runtime.load(dataclasses.replace(prof, graph_mode=mode), checkpoint=a.checkpoint, progress=False)
+            for mode in ("eager", "cudagraph")}
+    print("\n".join(runs["cudagraph"].placement()))
+    for b in (int(v) for v in a.batch.split(",")):
+        prompts = [[2 + (7 * i + j) % 200 for j in range(32)] for i in range(b)]
+        row = []
+        for mode, rt in runs.items():
+            rt.generate(prompts, max_new_tokens=8, stop_at_eos=False)                     # capture / warm-up
+            g = rt.generate(prompts, max_new_tokens=a.tokens, stop_at_eos=False)
+            step_ms = 1e3 * g.decode_seconds / (a.tokens - 1)
+            row.append(f"{mode} {step_ms:.2f} ms/step {step_ms / b:.3f} ms/token")
+        print(f"batch {b}: " + " | ".join(row))
+
+
+if __name__ == "__main__":
+    bench()

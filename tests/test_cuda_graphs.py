@@ -191,6 +191,16 @@ def test_a_refused_capture_says_why_and_decode_runs_eager(small_ckpt, hosted, ca
     assert got.tokens == plain.generate([[5, 6, 7], [8, 9]], max_new_tokens=6).tokens
 
 
+def test_a_profile_without_graph_capture_is_refused_in_one_line(small_ckpt, hosted, capsys):
+    prof = dataclasses.replace(_graph_profile(), capabilities=_graph_profile().capabilities - {"graph_capture"})
+    rt = Runtime.load(prof, checkpoint=small_ckpt, progress=False)
+    assert rt.placement()[-1].startswith("decode: eager per-op step (CUDA graph capture refused: capability "
+                                         "graph_capture is not in probe ∩ profile nvidia-h100")
+    assert len(rt.generate("Hi", max_new_tokens=3, stop_at_eos=False).tokens[0]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("decode: CUDA graph capture refused (capability graph_capture")
+
+
 def test_generate_through_graphs_equals_eager_generate(small_ckpt, hosted):
     """Greedy tokens of ragged prompts, rows stopping at different steps (eos off: max_new_tokens per row)."""
     rt = _load(small_ckpt, "exact", sparse_attention=ref_attention.sparse_attention)
