@@ -5,8 +5,9 @@ A profile with `graph_mode: cudagraph` makes `CudaBackend.decode_runner` return 
 opens a `session` over its sequences after their prefill: each group of up to 32 rows is attached to the slots
 of the smallest bucket (1, 2, 4, 8, 16, 32) that holds it, the rows past it padding (position 0, token 0, their
 own slots: every op of the step is row-wise, so they cannot change a real row). A step copies the ids and
-positions into the graph's static input tensors and replays. Graphs are cached per (bucket, capacity); the
-capacity (tokens per slot: prompt + new tokens) is rounded up to a power of two so later calls reuse them.
+positions into the graph's static input tensors and replays. Graphs are cached per (bucket, capacity, group of
+32 rows); the capacity (tokens per slot: prompt + new tokens) is rounded up to a power of two so later calls
+reuse them.
 
 Capturability is checked, not hoped for: the first run of each graph's step is under `no_host_sync()`, which
 refuses every call that reads a device value on the host (`.item()`, `bool()` / `int()` of a tensor, `.tolist()`,
@@ -152,7 +153,7 @@ class GraphDecodeRunner:
     def __init__(self, model, table, cuda: bool):
         self.model, self.ops, self.cuda, self.refused = model, table.ops, cuda, None
         self.pool = torch.cuda.graph_pool_handle() if cuda else None
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
         rows = {r.op: r for r in table.rows}
         par = getattr(model, "parallel", None)
         if par is not None and (par.tp > 1 or par.ep > 1 or par.distributed):
@@ -183,8 +184,10 @@ class GraphDecodeRunner:
         lines.append(f"  graph step routed_experts: {self.routed_note}")
         return lines
 
-    def graph(self, rows: int, capacity: int) -> _Graph:
-        key = (rows, capacity)
+    def graph(self, rows: int, capacity: int, group: int = 0) -> _Graph:
+        """The graph of bucket `rows` at `capacity` for the session's `group`-th group of rows (each group has
+        its own slots)."""
+        key = (rows, capacity, group)
         if key not in self._graphs:
             self._graphs[key] = _Graph(self, rows, capacity)
         return self._graphs[key]
@@ -212,7 +215,7 @@ class Session:
         self.groups = []                               # (graph, first row, rows)
         for lo in range(0, len(seqs), BUCKETS[-1]):
             n = min(BUCKETS[-1], len(seqs) - lo)
-            g = runner.graph(bucket_for(n), capacity)
+            g = runner.graph(bucket_for(n), capacity, len(self.groups))
             for j in range(n):
                 g.state.attach(j, seqs[lo + j])
             self.groups.append((g, lo, n))

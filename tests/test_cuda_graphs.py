@@ -141,6 +141,24 @@ def test_padding_rows_do_not_change_real_rows(small_ckpt, hosted):
         assert not torch.equal(clean[3], junk[3])
 
 
+def test_more_rows_than_the_largest_bucket(small_ckpt, hosted):
+    """33 rows: a group of 32 and one of 1, each in its own graph's slots (exact numerics, float32 attention)."""
+    rt = _load(small_ckpt, "exact", sparse_attention=ref_attention.sparse_attention)
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        eager, graph = rt.new_state(33), rt.new_state(33)
+        for b in range(33):
+            p = torch.randint(2, 258, (1, 2 + b % 5), generator=g)
+            rt.model.forward(p, [eager.seqs[b]])
+            rt.model.forward(p, [graph.seqs[b]])
+        session = rt.decode_runner.session(graph.seqs, 16)
+        assert [(grp.rows, lo, n) for grp, lo, n in session.groups] == [(32, 0, 32), (1, 32, 1)]
+        for _ in range(3):
+            t = torch.randint(2, 258, (33,), generator=g)
+            e, s = rt.model.forward(t[:, None], eager.seqs)[:, -1], session.step(t, list(range(33)))
+            assert ((e - s).abs().amax(-1) <= 1.5e-6 * e.abs().amax(-1)).all()
+
+
 def _tensors(L):
     out = [L.kv]
     for ring in (L.comp, L.icomp):
