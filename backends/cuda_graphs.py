@@ -175,7 +175,8 @@ class GraphDecodeRunner:
         if self.refused:
             return [f"decode: eager per-op step (CUDA graph capture refused: {self.refused})"]
         lines = [f"decode: {where}, buckets {', '.join(map(str, BUCKETS))} rows, static state of "
-                 f">= {MIN_CAPACITY} tokens per row (backends/cuda_static_step.py)"]
+                 f">= {MIN_CAPACITY} tokens per row (backends/cuda_static_step.py); for Runtime.generate's "
+                 "one-token steps (speculative verify steps and the serve engine run the eager per-op step)"]
         for op in ("linear", "group_linear", "rms_norm", "apply_rope", "hc_pre", "hc_post", "hc_head",
                    "compress_pool", "sparse_attention", "moe_gate", "clamped_swiglu"):
             lines.append(f"  graph step {op}: {self.rows[op].impl}")
