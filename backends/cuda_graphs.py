@@ -222,6 +222,7 @@ class Session:
             self.groups.append((g, lo, n))
         self.attached = set(range(len(seqs)))
 
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor, active: list[int]) -> torch.Tensor:
         """tokens [len(active)] for rows `active` (indices into the session's sequences) -> logits [len, V]."""
         for b in sorted(self.attached - set(active)):   # a finished row leaves: its state goes back now
@@ -249,6 +250,7 @@ class Session:
                 g.state.detach(b - lo, self.seqs[b], self.pos[b])
         self.attached.discard(b)
 
+    @torch.inference_mode()
     def close(self) -> None:
         """Every row's state back into its sequence (at the position it has reached)."""
         for b in sorted(self.attached):
