@@ -72,7 +72,7 @@ def _run_both(rt, seed=0):
         assert session is not None
         pairs = []
         for i in range(STEPS):
-            pairs.append((rt.model.forward(toks[:, i:i + 1], eager.seqs)[:, -1].float(),
+            pairs.append((rt.model.forward(toks[:, i:i + 1], eager.seqs)[:, -1].float().cpu(),
                           session.step(toks[:, i], [0, 1, 2])))
         session.close()
     return pairs, eager, graph
