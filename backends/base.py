@@ -83,6 +83,12 @@ class Backend:
 
         return torch.device("cpu")
 
+    def decode_runner(self, model, profile, table):
+        """What runs generate's one-token decode steps: None (the default) = the model's eager forward; a backend
+        may return a runner (e.g. CUDA graphs for `graph_mode: cudagraph`, backends/cuda_graphs.py) with
+        `session(seqs, tokens)` and `describe()`."""
+        return None
+
     def placement(self, model) -> list[str]:
         """Lines saying where the model's work runs beyond the dispatch table (an exported graph: its nodes by
         execution provider); none for a torch model, whose table says it all."""

@@ -2,7 +2,8 @@
 
 The probe runs at `Runtime.load`, never at import. Capabilities beyond the compute capability: `triton` (the
 package is installed and the device is a GPU: compiled Triton kernels take CUDA tensors only) and `scaled_mm_blockwise` (torch's blockwise-scaled FP8 GEMM: sm_90 with cuBLASLt >= 12.9), which select the
-FP8 linear (backends/cuda_ops.py). `--emulate` runs a CUDA profile's numerics on the CPU
+FP8 linear (backends/cuda_ops.py). A profile's `graph_mode: cudagraph` makes generate's decode steps replay CUDA
+graphs of a static step (`decode_runner`, backends/cuda_graphs.py). `--emulate` runs a CUDA profile's numerics on the CPU
 reference instead of a GPU.
 """
 
@@ -60,3 +61,11 @@ class CudaBackend(Backend):
         from runtime.weights.device import device_weights
 
         return device_weights(reader, weight_format, compute_dtype, device, int8_linears)
+
+    def decode_runner(self, model, profile, table):
+        """CUDA graphs of the static decode step where the profile asks for them (`graph_mode: cudagraph`)."""
+        if profile.graph_mode != "cudagraph":
+            return None
+        from .cuda_graphs import GraphDecodeRunner
+
+        return GraphDecodeRunner(model, table, cuda=model.device.type == "cuda")

@@ -73,14 +73,13 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink:
     own blocking, not in `attention.kernel_probs`' 64-slot order; held to the emulation's tolerance."""
     T, H, D = q.shape
     out = torch.empty_like(q)
-    kvb = torch.cat((kv, kv.new_zeros(1, D))).to(torch.bfloat16)               # row N = the sink's zero key
     for s in range(0, T, QUERY_BLOCK):
         ib = idx[s:s + QUERY_BLOCK]
         t = ib.shape[0]
-        rows = torch.cat((ib.clamp(min=0), ib.new_full((t, 1), kv.shape[0])), dim=1)        # [t, K+1]
-        keys = kvb[rows][:, None]                                                            # [t, 1, K+1, D]
+        # gather first, then append the sink's zero key: only the selected rows are copied, never the cache
+        keys = torch.cat((kv[ib.clamp(min=0)], kv.new_zeros(t, 1, D)), dim=1).to(torch.bfloat16)[:, None]
         pad = torch.cat((ib < 0, ib.new_zeros(t, 1, dtype=torch.bool)), dim=1)              # [t, K+1]
-        bias = torch.zeros(t, H, 1, rows.shape[1], device=q.device).masked_fill(pad[:, None, None, :],
+        bias = torch.zeros(t, H, 1, pad.shape[1], device=q.device).masked_fill(pad[:, None, None, :],
                                                                                float("-inf"))
         bias[..., -1] = sink.float().view(1, H, 1)
         o = sdpa(q[s:s + QUERY_BLOCK, :, None, :].to(torch.bfloat16),
@@ -105,7 +104,11 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, ex
     flat_e = idx.flatten()
     order = torch.argsort(flat_e, stable=True)
     tok = torch.div(order, idx.shape[1], rounding_mode="floor")                           # token of each copy
-    offs = torch.cumsum(torch.bincount(flat_e, minlength=w1.shape[0]), 0).to(torch.int32)  # group ends
+    # per-expert counts by index_add_, not bincount: bincount sizes its output from the data (a host sync on
+    # CUDA), which a CUDA graph cannot hold (backends/cuda_graphs.py)
+    counts = torch.zeros(w1.shape[0], dtype=torch.int64, device=x.device).index_add_(0, flat_e,
+                                                                                   torch.ones_like(flat_e))
+    offs = torch.cumsum(counts, 0).to(torch.int32)                                          # group ends
     xs = x[tok]
     if q_in:
         xs = ops.quant_act(xs)

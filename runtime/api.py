@@ -45,7 +45,8 @@ def _numerics(prof: Profile, numerics: str | None):
 
 class Runtime:
     def __init__(self, model: Transformer, tokenizer, checkpoint: Path, profile, dispatch: DispatchTable,
-                 weights: "Weights | None" = None, device_backend=None, prefill_chunk: int = PREFILL_CHUNK):
+                 weights: "Weights | None" = None, device_backend=None, prefill_chunk: int = PREFILL_CHUNK,
+                 decode_runner=None):
         self.model, self.config, self.tokenizer = model, model.cfg, tokenizer
         self.parallel = getattr(model, "parallel", None)   # runtime.parallel context (None: exported graph)
         # The backend's storage of the checkpoint (runtime.weights.Weights): what `with_ops` rebuilds from, and
@@ -55,6 +56,7 @@ class Runtime:
         self.backend, self.numerics = dispatch.backend, dispatch.numerics
         self.device_backend = device_backend           # the backends.base.Backend object this runtime runs on
         self.prefill_chunk = prefill_chunk             # tokens per forward call of a prompt (the backend's)
+        self.decode_runner = decode_runner             # generate's decode steps (None: eager model.forward)
         if weights is not None:
             self.memory = MemoryPlan(model.cfg, profile, weights.held_bytes(), mapped=weights.mapped_bytes(),
                                      active=weight_bytes(model.cfg, profile, active=True), chunk=prefill_chunk)
@@ -107,11 +109,15 @@ class Runtime:
         weights = backend.load_weights(reader, weight_format, spec.compute, par.device if par else info.device,
                                        prof.int8_linears)
         model = Transformer(reader.cfg, weights.tensors, weights.quantized, table.ops, par)
-        return cls(model, load_tokenizer(path, reader.cfg), path, prof, table, weights, backend, chunk)
+        return cls(model, load_tokenizer(path, reader.cfg), path, prof, table, weights, backend, chunk,
+                   backend.decode_runner(model, prof, table))
 
     def placement(self) -> list[str]:
         """Where the model's work runs beyond the dispatch table (an exported graph: nodes per provider)."""
-        return self.device_backend.placement(self.model) if self.device_backend is not None else []
+        if self.device_backend is None:
+            return []
+        lines = self.device_backend.placement(self.model)
+        return lines + (self.decode_runner.describe() if self.decode_runner is not None else [])
 
     def with_ops(self, **replace: Callable) -> "Runtime":
         """This runtime with some ops of its table replaced (same weights, nothing copied): for experiments
@@ -126,8 +132,9 @@ class Runtime:
                                 "replaced with Runtime.with_ops") if r.op in replace else r for r in self.dispatch.rows)
         table = dataclasses.replace(self.dispatch, rows=rows, ops=dataclasses.replace(self.dispatch.ops, **replace))
         model = Transformer(self.config, self.weights.tensors, self.weights.quantized, table.ops, self.parallel)
+        runner = self.device_backend.decode_runner(model, self.profile, table) if self.device_backend else None
         return Runtime(model, self.tokenizer, self.checkpoint, self.profile, table, self.weights, self.device_backend,
-                       self.prefill_chunk)
+                       self.prefill_chunk, runner)
 
     # ------------------------------------------------------------------ forward
     def new_state(self, batch_size: int = 1, context: int = 0) -> StateBatch:
@@ -236,6 +243,10 @@ class Runtime:
             last = torch.cat(last)                                                              # [B, V]
             t1 = time.perf_counter()
             active, steps = list(range(len(rows))), 0
+            # the backend's decode runner (CUDA graphs) where it has one; None: the model's eager forward
+            session = None
+            if self.decode_runner is not None and max_new_tokens > 1:
+                session = self.decode_runner.session(state.seqs, max(map(len, rows)) + max_new_tokens)
             while active and max_new_tokens:
                 nxt = sample(last, params, gen)
                 if self.parallel is not None:
@@ -252,13 +263,18 @@ class Runtime:
                     break
                 keep = torch.tensor([j for j, _ in still])
                 active = [b for _, b in still]
-                last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1].float().cpu()
+                if session is not None:
+                    last = session.step(nxt[keep], active)
+                else:
+                    last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1].float().cpu()
                 steps += len(active)
                 if not finite(last):
                     j = int((~torch.isfinite(last)).any(-1).nonzero()[0])
                     b = active[j]
                     raise_non_finite(self.model, f"decode step {len(out[b])} of prompt {b}", torch.tensor([rows[b]]),
                                      out[b])
+            if session is not None:
+                session.close()
             t2 = time.perf_counter()
         texts = [self.tokenizer.decode(o) for o in out]
         return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)

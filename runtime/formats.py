@@ -101,9 +101,16 @@ def round_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
 
 
+def _e2m1_grid(device) -> torch.Tensor:
+    """FP4_GRID computed on `device` from an arange (no host data: a CUDA graph can hold it): codes 0-3 step
+    0.5, 4-5 step 1 from 2, 6-7 step 2 from 4."""
+    c = torch.arange(8, dtype=torch.float32, device=device)
+    return torch.where(c < 4, c * 0.5, torch.where(c < 6, c - 2, c * 2 - 8))
+
+
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round float32 values to the nearest e2m1 value (saturating at +-6), ties to the even code."""
-    grid = torch.tensor(FP4_GRID, dtype=torch.float32, device=x.device)
+    grid = _e2m1_grid(x.device)
     a = x.abs().clamp(max=FP4_MAX)
     lo = (torch.bucketize(a, grid, right=True) - 1).clamp(0, 6)
     hi = lo + 1
