@@ -110,7 +110,7 @@ def _run(args) -> int:
         if rt.parallel is not None and rt.parallel.distributed:
             print(f"# {rt.parallel.describe()}", file=sys.stderr)
         print("\n".join("# " + line for line in rt.dispatch.format().splitlines()), file=sys.stderr)
-        for line in rt.placement():               # an exported graph: where ONNX Runtime put its nodes
+        for line in rt.placement():               # where things run beyond the table: the ONNX graph's nodes, the decode runner
             print(f"# {line}", file=sys.stderr)
     ids = rt.encode(prompt)
     text_of = rt.tokenizer.stream_decoder()
