@@ -16,7 +16,8 @@ backend then reports capability `native_kernels` as missing and the dispatch tab
 Instruction set: the best this CPU runs (AVX-512 VBMI -- the AVX-512 kernels with FP8 / FP4 decoded by byte
 table lookups, Ice Lake / Zen 4 and later --, else AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C on x86-64; NEON
 on aarch64; else portable scalar code). `DSV4_NATIVE_ISA=avx512vbmi|avx512|avx2|neon|scalar` forces one (a value this CPU
-cannot run is refused with one line); `isa()` says which runs. Threads: torch's (`torch.get_num_threads()`,
+cannot run is refused with one line); `isa()` says which runs. The library reads the same variable for
+the calls that do not name a path (the fused decode step, backends/native/decode_step.cpp). Threads: torch's (`torch.get_num_threads()`,
 i.e. `torch.set_num_threads` / `OMP_NUM_THREADS`), passed per call.
 """
 
@@ -135,7 +136,7 @@ def _bind(lib):
     for name in ("dsv4_fp8_dequant", "dsv4_fp4_dequant"):
         getattr(lib, name).argtypes = [p, i64, p, i64, i64, p, i64, i64, i32]
         getattr(lib, name).restype = None
-    for name in ("dsv4_max_m", "dsv4_best_isa"):
+    for name in ("dsv4_max_m", "dsv4_best_isa", "dsv4_process_isa"):
         getattr(lib, name).restype = i32
     lib.dsv4_isa_supported.argtypes = [i32]
     lib.dsv4_isa_supported.restype = i32

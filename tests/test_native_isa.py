@@ -9,6 +9,9 @@ compiled only on aarch64 and is not run here (this test machine is x86-64)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,6 +135,18 @@ def test_isa_knob_refuses_what_this_cpu_cannot_run(monkeypatch):
         monkeypatch.setenv(cpu_native.ISA_ENV, missing[0])
         code, why = cpu_native._choose_isa(lib)
         assert code is None and "not supported" in why
+
+
+@pytest.mark.parametrize("name", ["avx2", "scalar"])
+def test_isa_knob_reaches_the_fused_decode_calls(name):
+    """DSV4_NATIVE_ISA also picks what the library runs for calls naming no path (isa = -1: the fused decode
+    step's), read in a fresh process; without it, the best."""
+    code = "from backends import cpu_native as c; l = c.kernels(); print(l.dsv4_process_isa(), l.dsv4_best_isa())"
+    for env, want in (({cpu_native.ISA_ENV: f" {name.upper()} "}, cpu_native.ISAS[name]), ({}, None)):
+        e = {k: v for k, v in os.environ.items() if k != cpu_native.ISA_ENV} | env
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, check=True)
+        got, best = map(int, out.stdout.split())
+        assert got == (best if want is None else want)
 
 
 def _experts(rng, E, d, inter, fmt):

@@ -15,8 +15,11 @@
 // Plain C ABI, no torch headers: backends/cpu_native.py compiles this file once and calls it through ctypes
 // (which releases the GIL).
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -45,6 +48,8 @@ void fp8_row_scalar(const Gemv& g) {
   for (int64_t k0 = 0; k0 < g.K; k0 += 128) {
     const int len = int(std::min<int64_t>(128, g.K - k0)), full = len & ~(LANES - 1);
     const float sc = e8m0(g.s[k0 >> 7]);
+    ahead(g.w + k0);
+    ahead(g.w + k0 + 64);
     for (int i = 0; i < len; ++i) buf[i] = dec_fp8(g.w[k0 + i]) * sc;
     for (int m = 0; m < MR; ++m) {
       const float* xm = g.x + m * g.ldx + k0;
@@ -67,6 +72,7 @@ void fp4_row_scalar(const Gemv& g) {
   for (int64_t j = 0; j < g.K / 32; ++j) {
     alignas(64) float lo[16], hi[16];
     const float sc = e8m0(g.s[j]);
+    if ((j & 3) == 0) ahead(g.w + 16 * j);
     for (int i = 0; i < 16; ++i) {
       uint32_t c = g.w[16 * j + i];
       lo[i] = dec_e2m1(c & 15u) * sc;
@@ -93,6 +99,7 @@ void plain_row_scalar(const Gemv& g, bool bf16) {
   const int8_t* wi = reinterpret_cast<const int8_t*>(g.w);
   for (int64_t k0 = 0; k0 < g.K; k0 += 128) {
     const int len = int(std::min<int64_t>(128, g.K - k0)), full = len & ~(LANES - 1);
+    for (int i = 0; i < (bf16 ? 256 : 128); i += 64) ahead(g.w + (bf16 ? 2 : 1) * k0 + i);
     if (bf16) for (int i = 0; i < len; ++i) buf[i] = bf16_f(wb[k0 + i]);
     else for (int i = 0; i < len; ++i) buf[i] = float(wi[k0 + i]) * g.rs[0];
     for (int m = 0; m < MR; ++m) {
@@ -165,6 +172,23 @@ int best() {
   return SCALAR;
 }
 
+// what a call with isa = -1 runs (the fused decode step's calls): DSV4_NATIVE_ISA where it names a path this
+// CPU runs -- the same knob, read the same way, as backends/cpu_native.py's choice for the per-op calls --,
+// else the best. Read once per process.
+int process_isa() {
+  static const int isa = [] {
+    const char* e = std::getenv("DSV4_NATIVE_ISA");
+    std::string want;
+    for (const char* c = e ? e : ""; *c; ++c)               // stripped and lower-cased, as the Python side
+      if (*c != ' ' && *c != '\t' && *c != '\n') want += char(std::tolower((unsigned char)*c));
+    const char* names[] = {"scalar", "avx2", "avx512", "neon", "avx512vbmi"};
+    for (int i = 0; i < 5; ++i)
+      if (want == names[i] && supported(i)) return i;
+    return best();
+  }();
+  return isa;
+}
+
 }  // namespace
 
 extern "C" {
@@ -187,13 +211,14 @@ struct Dsv4Job {
 
 int dsv4_max_m() { return MAX_M; }
 int dsv4_best_isa() { return best(); }
+int dsv4_process_isa() { return process_isa(); }
 int dsv4_isa_supported(int isa) { return supported(isa) ? 1 : 0; }
 
-// Run `njobs` jobs with `nthreads` threads on instruction set `isa` (-1: the best this CPU runs; an
+// Run `njobs` jobs with `nthreads` threads on instruction set `isa` (-1: process_isa(); an
 // unsupported one runs the scalar path -- the Python side refuses to ask for one). Returns 0, or -1 for a
 // job with M > MAX_M or an unknown kind (nothing is computed then).
 int dsv4_gemv(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
-  if (isa < 0) isa = best();
+  if (isa < 0) isa = process_isa();
   if (!supported(isa)) isa = SCALAR;
   int64_t total = 0, work = 0;
   for (int j = 0; j < njobs; ++j) {

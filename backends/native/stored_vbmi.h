@@ -15,6 +15,7 @@
 //        inside its own 32-block: the eight products are summed per lane and scaled by a vector of the four
 //        blocks' scales (vectorised ue8m0 decode, 16 blocks per load). Rows whose K is not a multiple of 128
 //        finish their last 32-blocks with stored_simd.h's kernel on the [16 even | 16 odd] layout.
+// Both prefetch the weight a page ahead (ahead(), stored_simd.h).
 #pragma once
 
 #if defined(DSV4_HAVE_X86)
@@ -63,6 +64,7 @@ DSV4_TVBMI void fp8_row_vbmi(const Gemv& g) {
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
     int64_t k = k0;
     for (; k + 64 <= k0 + len; k += 64) {
+      ahead(g.w + k);
       const __m512i c = _mm512_loadu_si512(g.w + k);
       const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, c, hi1), c, sign, 0xF8);
       const __m512i l = _mm512_permutex2var_epi8(lo0, c, lo1);
@@ -131,6 +133,7 @@ DSV4_TVBMI void fp4_row_vbmi(const Gemv& g) {
     const __m512 vs = _mm512_permutexvar_ps(
         _mm512_add_epi32(_mm512_set1_epi32(4 * int(q & 3)),
                          _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)), sv);
+    ahead(g.w + 64 * q);
     const __m512i c = _mm512_loadu_si512(g.w + 64 * q);
     __m512 p[MR][2];
     for (int s = 0; s < 8; ++s) {
