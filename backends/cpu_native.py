@@ -13,8 +13,8 @@ without a compiler (or where the build fails) gets `None` and one line on stderr
 backend then reports capability `native_kernels` as missing and the dispatch table shows the torch tile path
 (`backends.cpu_stored`) for the stored-format linears -- never silently.
 
-Instruction set: the best this CPU runs (AVX-512 VBMI -- the AVX-512 kernels with FP8 / FP4 decoded by byte
-table lookups, Ice Lake / Zen 4 and later --, else AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C on x86-64; NEON
+Instruction set: the best this CPU runs (AVX-512 VBMI -- the AVX-512 kernels with FP4 decoded without a
+widening step, Ice Lake / Zen 4 and later --, else AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C on x86-64; NEON
 on aarch64; else portable scalar code). `DSV4_NATIVE_ISA=avx512vbmi|avx512|avx2|neon|scalar` forces one (a value this CPU
 cannot run is refused with one line); `isa()` says which runs. The library reads the same variable for
 the calls that do not name a path (the fused decode step, backends/native/decode_step.cpp). Threads: torch's (`torch.get_num_threads()`,

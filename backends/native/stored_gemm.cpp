@@ -8,7 +8,7 @@
 // A call is a batch of such jobs (`dsv4_gemv`): one linear, or every routed expert's w1 and w3 of a decode
 // step at once; the rows of all jobs are split over `nthreads` threads (the caller passes torch's thread
 // count; a persistent pool, stored_pool.h). Each weight value is decoded in registers (stored_vbmi.h: AVX-512
-// VBMI byte-table decoders; stored_simd.h: AVX-512 / AVX2 on x86-64, picked at run time; NEON on aarch64; a
+// VBMI FP4 decoder; stored_simd.h: AVX-512 / AVX2 on x86-64, picked at run time; NEON on aarch64; a
 // portable scalar path everywhere) to exactly the float32 value the reference's
 // dequantisation gives, up to exact power-of-two factors applied per scale block, and accumulated in float32:
 // only the summation order differs from the reference matmul. No whole dequantised weight ever exists.
@@ -131,7 +131,7 @@ const RowFn* table(int isa, int kind) {
   static const RowFn avx2[4][5] = {DSV4_ROWS(fp8_row_256), DSV4_ROWS(fp4_row_256), DSV4_ROWS(bf16_row_256),
                                    DSV4_ROWS(int8_row_256)};
 #ifdef DSV4_HAVE_VBMI
-  static const RowFn vbmi[4][5] = {DSV4_ROWS(fp8_row_vbmi), DSV4_ROWS(fp4_row_vbmi), DSV4_ROWS(bf16_row_512),
+  static const RowFn vbmi[4][5] = {DSV4_ROWS(fp8_row_512), DSV4_ROWS(fp4_row_vbmi), DSV4_ROWS(bf16_row_512),
                                    DSV4_ROWS(int8_row_512)};
   if (isa == VBMI) return vbmi[kind];
 #endif
