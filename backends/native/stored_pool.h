@@ -3,8 +3,8 @@
 //
 // Why: a decode step makes ~60 native GEMV calls per block, each split over the threads; starting and joining
 // fresh std::threads per call costs tens of microseconds each time, the pool a wake-up. Workers wait on a
-// condition variable after a short spin (they sleep between tokens, they do not burn a core: the host is
-// shared with torch's own threads). One region at a time: a call made while the pool is busy (another Python
+// condition variable after a short spin that yields the core (they sleep between tokens, they do not burn a
+// core: the host is shared with torch's own threads). One region at a time: a call made while the pool is busy (another Python
 // thread, with the GIL released by ctypes) runs on freshly started threads instead, exactly as before the pool.
 // A forked child (the pool's threads do not exist there) gets a new pool. Pool threads are never joined: they
 // are detached, and end with the process.
@@ -41,7 +41,7 @@ class Pool {
     }
     cv_.notify_all();
     f(0);
-    for (int i = 0; i < 2000 && pending_.load(std::memory_order_acquire) != 0; ++i) relax();
+    for (int i = 0; i < 200 && pending_.load(std::memory_order_acquire) != 0; ++i) relax(i);
     if (pending_.load(std::memory_order_acquire) != 0) {
       std::unique_lock<std::mutex> lk(m_);
       done_.wait(lk, [&] { return pending_.load() == 0; });
@@ -50,7 +50,10 @@ class Pool {
   }
 
  private:
-  static void relax() {
+  // a short spin, then yields: on an oversubscribed host (other processes, torch's own threads) the thread
+  // waited for may need this core
+  static void relax(int i) {
+    if (i >= 32) { std::this_thread::yield(); return; }
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #elif defined(__aarch64__)
@@ -61,7 +64,7 @@ class Pool {
   void loop(int id) {
     uint64_t seen = 0;
     for (;;) {
-      for (int i = 0; i < 500 && gen_.load(std::memory_order_acquire) == seen; ++i) relax();
+      for (int i = 0; i < 200 && gen_.load(std::memory_order_acquire) == seen; ++i) relax(i);
       const std::function<void(int)>* f;
       {
         std::unique_lock<std::mutex> lk(m_);
