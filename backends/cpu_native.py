@@ -13,9 +13,11 @@ without a compiler (or where the build fails) gets `None` and one line on stderr
 backend then reports capability `native_kernels` as missing and the dispatch table shows the torch tile path
 (`backends.cpu_stored`) for the stored-format linears -- never silently.
 
-Instruction set: the best this CPU runs (AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C on x86-64; NEON on
-aarch64; else portable scalar code). `DSV4_NATIVE_ISA=avx512|avx2|neon|scalar` forces one (a value this CPU
-cannot run is refused with one line); `isa()` says which runs. Threads: torch's (`torch.get_num_threads()`,
+Instruction set: the best this CPU runs (AVX-512 VBMI -- the AVX-512 kernels with FP4 decoded without a
+widening step, Ice Lake / Zen 4 and later --, else AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C on x86-64; NEON
+on aarch64; else portable scalar code). `DSV4_NATIVE_ISA=avx512vbmi|avx512|avx2|neon|scalar` forces one (a value this CPU
+cannot run is refused with one line); `isa()` says which runs. The library reads the same variable for
+the calls that do not name a path (the fused decode step, backends/native/decode_step.cpp). Threads: torch's (`torch.get_num_threads()`,
 i.e. `torch.set_num_threads` / `OMP_NUM_THREADS`), passed per call.
 """
 
@@ -35,7 +37,7 @@ NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "stored_gemm.cpp"
 _FLAGS = (["-O3"], ["-O3", "-DDSV4_NO_NEON"], ["-O3", "-DDSV4_NO_NEON", "-DDSV4_NO_X86_SIMD"])
 _BASE = ["-shared", "-fPIC", "-std=c++17", "-pthread", "-fno-math-errno"]
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "avx512vbmi": 4}
 ISA_ENV = "DSV4_NATIVE_ISA"
 
 _state: dict = {}
@@ -134,7 +136,7 @@ def _bind(lib):
     for name in ("dsv4_fp8_dequant", "dsv4_fp4_dequant"):
         getattr(lib, name).argtypes = [p, i64, p, i64, i64, p, i64, i64, i32]
         getattr(lib, name).restype = None
-    for name in ("dsv4_max_m", "dsv4_best_isa"):
+    for name in ("dsv4_max_m", "dsv4_best_isa", "dsv4_process_isa"):
         getattr(lib, name).restype = i32
     lib.dsv4_isa_supported.argtypes = [i32]
     lib.dsv4_isa_supported.restype = i32

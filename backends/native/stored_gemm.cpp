@@ -7,26 +7,32 @@
 //   int8 : codes [N, K] + one float32 scale per row
 // A call is a batch of such jobs (`dsv4_gemv`): one linear, or every routed expert's w1 and w3 of a decode
 // step at once; the rows of all jobs are split over `nthreads` threads (the caller passes torch's thread
-// count). Each weight value is decoded in registers (stored_simd.h: AVX-512 / AVX2 on x86-64, picked at run
-// time; NEON on aarch64; a portable scalar path everywhere) to exactly the float32 value the reference's
+// count; a persistent pool, stored_pool.h). Each weight value is decoded in registers (stored_vbmi.h: AVX-512
+// VBMI FP4 decoder; stored_simd.h: AVX-512 / AVX2 on x86-64, picked at run time; NEON on aarch64; a
+// portable scalar path everywhere) to exactly the float32 value the reference's
 // dequantisation gives, up to exact power-of-two factors applied per scale block, and accumulated in float32:
 // only the summation order differs from the reference matmul. No whole dequantised weight ever exists.
 // Plain C ABI, no torch headers: backends/cpu_native.py compiles this file once and calls it through ctypes
 // (which releases the GIL).
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "stored_simd.h"
+#include "stored_vbmi.h"
+#include "stored_pool.h"
 
 using namespace dsv4;
 
 namespace {
 
 enum Kind { FP8 = 0, FP4 = 1, BF16 = 2, INT8 = 3 };
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, NEON = 3 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, NEON = 3, VBMI = 4 };
 
 constexpr int LANES = 16;
 constexpr int MAX_M = 16;                   // rows of x per job (the Python side tiles larger M through a GEMM)
@@ -42,6 +48,8 @@ void fp8_row_scalar(const Gemv& g) {
   for (int64_t k0 = 0; k0 < g.K; k0 += 128) {
     const int len = int(std::min<int64_t>(128, g.K - k0)), full = len & ~(LANES - 1);
     const float sc = e8m0(g.s[k0 >> 7]);
+    ahead(g.w + k0);
+    ahead(g.w + k0 + 64);
     for (int i = 0; i < len; ++i) buf[i] = dec_fp8(g.w[k0 + i]) * sc;
     for (int m = 0; m < MR; ++m) {
       const float* xm = g.x + m * g.ldx + k0;
@@ -64,6 +72,7 @@ void fp4_row_scalar(const Gemv& g) {
   for (int64_t j = 0; j < g.K / 32; ++j) {
     alignas(64) float lo[16], hi[16];
     const float sc = e8m0(g.s[j]);
+    if ((j & 3) == 0) ahead(g.w + 16 * j);
     for (int i = 0; i < 16; ++i) {
       uint32_t c = g.w[16 * j + i];
       lo[i] = dec_e2m1(c & 15u) * sc;
@@ -90,6 +99,7 @@ void plain_row_scalar(const Gemv& g, bool bf16) {
   const int8_t* wi = reinterpret_cast<const int8_t*>(g.w);
   for (int64_t k0 = 0; k0 < g.K; k0 += 128) {
     const int len = int(std::min<int64_t>(128, g.K - k0)), full = len & ~(LANES - 1);
+    for (int i = 0; i < (bf16 ? 256 : 128); i += 64) ahead(g.w + (bf16 ? 2 : 1) * k0 + i);
     if (bf16) for (int i = 0; i < len; ++i) buf[i] = bf16_f(wb[k0 + i]);
     else for (int i = 0; i < len; ++i) buf[i] = float(wi[k0 + i]) * g.rs[0];
     for (int m = 0; m < MR; ++m) {
@@ -120,6 +130,11 @@ const RowFn* table(int isa, int kind) {
                                      DSV4_ROWS(int8_row_512)};
   static const RowFn avx2[4][5] = {DSV4_ROWS(fp8_row_256), DSV4_ROWS(fp4_row_256), DSV4_ROWS(bf16_row_256),
                                    DSV4_ROWS(int8_row_256)};
+#ifdef DSV4_HAVE_VBMI
+  static const RowFn vbmi[4][5] = {DSV4_ROWS(fp8_row_512), DSV4_ROWS(fp4_row_vbmi), DSV4_ROWS(bf16_row_512),
+                                   DSV4_ROWS(int8_row_512)};
+  if (isa == VBMI) return vbmi[kind];
+#endif
   if (isa == AVX512) return avx512[kind];
   if (isa == AVX2) return avx2[kind];
 #endif
@@ -141,6 +156,9 @@ bool supported(int isa) {
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
+#ifdef DSV4_HAVE_VBMI
+    case VBMI: return supported(AVX512) && __builtin_cpu_supports("avx512vbmi");
+#endif
 #ifdef DSV4_HAVE_NEON
     case NEON: return true;
 #endif
@@ -149,9 +167,26 @@ bool supported(int isa) {
 }
 
 int best() {
-  for (int isa : {AVX512, NEON, AVX2})
+  for (int isa : {VBMI, AVX512, NEON, AVX2})
     if (supported(isa)) return isa;
   return SCALAR;
+}
+
+// what a call with isa = -1 runs (the fused decode step's calls): DSV4_NATIVE_ISA where it names a path this
+// CPU runs -- the same knob, read the same way, as backends/cpu_native.py's choice for the per-op calls --,
+// else the best. Read once per process.
+int process_isa() {
+  static const int isa = [] {
+    const char* e = std::getenv("DSV4_NATIVE_ISA");
+    std::string want;
+    for (const char* c = e ? e : ""; *c; ++c)               // stripped and lower-cased, as the Python side
+      if (*c != ' ' && *c != '\t' && *c != '\n') want += char(std::tolower((unsigned char)*c));
+    const char* names[] = {"scalar", "avx2", "avx512", "neon", "avx512vbmi"};
+    for (int i = 0; i < 5; ++i)
+      if (want == names[i] && supported(i)) return i;
+    return best();
+  }();
+  return isa;
 }
 
 }  // namespace
@@ -176,13 +211,14 @@ struct Dsv4Job {
 
 int dsv4_max_m() { return MAX_M; }
 int dsv4_best_isa() { return best(); }
+int dsv4_process_isa() { return process_isa(); }
 int dsv4_isa_supported(int isa) { return supported(isa) ? 1 : 0; }
 
-// Run `njobs` jobs with `nthreads` threads on instruction set `isa` (-1: the best this CPU runs; an
+// Run `njobs` jobs with `nthreads` threads on instruction set `isa` (-1: process_isa(); an
 // unsupported one runs the scalar path -- the Python side refuses to ask for one). Returns 0, or -1 for a
 // job with M > MAX_M or an unknown kind (nothing is computed then).
 int dsv4_gemv(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
-  if (isa < 0) isa = best();
+  if (isa < 0) isa = process_isa();
   if (!supported(isa)) isa = SCALAR;
   int64_t total = 0, work = 0;
   for (int j = 0; j < njobs; ++j) {
@@ -190,17 +226,21 @@ int dsv4_gemv(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
     total += jobs[j].N;
     work += jobs[j].N * jobs[j].K;
   }
-  // fp4: x permuted per 32-block to [16 even k | 16 odd k], once per job (x is tiny next to the weight)
+  // fp4: x permuted once per job (x is tiny next to the weight) to the order the row kernel decodes the
+  // codes in: per 32-block [16 even k | 16 odd k]; on VBMI per 128-group k = 8d + s at 16s + d (d < 16,
+  // s < 8), the last K % 128 as 32-blocks
   std::vector<std::vector<float>> xs(njobs);
   for (int j = 0; j < njobs; ++j) {
     const Dsv4Job& b = jobs[j];
     if (b.kind != FP4) continue;
     xs[j].resize(size_t(b.M) * b.K);
-    for (int64_t m = 0; m < b.M; ++m)
-      for (int64_t k = 0; k < b.K; ++k) {
-        int64_t blk = k & ~int64_t(31), i = k & 31;
-        xs[j][m * b.K + blk + (i & 1) * 16 + (i >> 1)] = b.x[m * b.ldx + k];
-      }
+    const int64_t grouped = isa == VBMI ? b.K & ~int64_t(127) : 0;
+    for (int64_t m = 0; m < b.M; ++m) {
+      float* o = xs[j].data() + m * b.K;
+      const float* xm = b.x + m * b.ldx;
+      for (int64_t k = 0; k < grouped; ++k) o[(k & ~int64_t(127)) + 16 * (k & 7) + ((k & 127) >> 3)] = xm[k];
+      for (int64_t k = grouped; k < b.K; ++k) o[(k & ~int64_t(31)) + (k & 1) * 16 + ((k & 31) >> 1)] = xm[k];
+    }
   }
   // rows [r0, r1) of the jobs' concatenated rows
   auto run = [&](int64_t r0, int64_t r1) {
@@ -231,15 +271,22 @@ int dsv4_gemv(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
   if (work < MIN_PARALLEL) T = 1;
   if (T == 1) { run(0, total); return 0; }
   const int64_t per = (total + T - 1) / T;
-  std::vector<std::thread> th;
-  for (int t = 1; t < T; ++t) {
-    int64_t a = t * per, e = std::min(total, a + per);
-    if (a < e) th.emplace_back(run, a, e);
-  }
-  run(0, std::min(total, per));
-  for (auto& t : th) t.join();
+  parallel(T, [&](int t) { run(std::min(total, t * per), std::min(total, (t + 1) * per)); });
   return 0;
 }
+
+}  // extern "C"
+
+namespace {
+template <class F>
+void split_rows(int64_t n0, int64_t n1, int nthreads, const F& f) {   // f(a, b) on row ranges, in parallel
+  const int T = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n1 - n0)));
+  const int64_t per = (n1 - n0 + T - 1) / T;
+  parallel(T, [&](int t) { f(std::min(n1, n0 + t * per), std::min(n1, n0 + (t + 1) * per)); });
+}
+}  // namespace
+
+extern "C" {
 
 // Tile dequantisation for the large-M path: out [(n1 - n0), K] float32 = the reference's dequantised rows.
 void dsv4_fp8_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t lds, int64_t K, float* out,
@@ -252,13 +299,7 @@ void dsv4_fp8_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t l
         for (int64_t i = 0; i < len; ++i) out[(n - n0) * K + k0 + i] = dec_fp8(w[n * ldw + k0 + i]) * sc;
       }
   };
-  int T = (n1 - n0) * K < MIN_PARALLEL ? 1 : std::max(1, nthreads);
-  std::vector<std::thread> th;
-  const int64_t per = (n1 - n0 + T - 1) / T;
-  for (int t = 1; t < T; ++t)
-    if (n0 + t * per < n1) th.emplace_back(f, n0 + t * per, std::min(n1, n0 + (t + 1) * per));
-  f(n0, std::min(n1, n0 + per));
-  for (auto& t : th) t.join();
+  split_rows(n0, n1, (n1 - n0) * K < MIN_PARALLEL ? 1 : nthreads, f);
 }
 
 void dsv4_fp4_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t lds, int64_t K, float* out,
@@ -274,13 +315,7 @@ void dsv4_fp4_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t l
       }
     }
   };
-  int T = (n1 - n0) * K < MIN_PARALLEL ? 1 : std::max(1, nthreads);
-  std::vector<std::thread> th;
-  const int64_t per = (n1 - n0 + T - 1) / T;
-  for (int t = 1; t < T; ++t)
-    if (n0 + t * per < n1) th.emplace_back(f, n0 + t * per, std::min(n1, n0 + (t + 1) * per));
-  f(n0, std::min(n1, n0 + per));
-  for (auto& t : th) t.join();
+  split_rows(n0, n1, (n1 - n0) * K < MIN_PARALLEL ? 1 : nthreads, f);
 }
 
 }  // extern "C"
