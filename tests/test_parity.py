@@ -198,9 +198,12 @@ def test_cli_bad_input_is_one_line(tiny_ckpt, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_writes_reports(tiny_ckpt, tmp_path):
+def test_cli_writes_reports(tmp_path):
+    """On the trained default (no --checkpoint): on the random tiny checkpoint one decode step's argmax sits on
+    a near-tie that fp16 flips on some CPUs (measured on an Intel Xeon host: KL 0.15 at one of 8 steps, ~1e-6
+    at the others), while the trained model's distributions are far from ties (max KL 7.2e-7 against the 3.5e-6 bound)."""
     (tmp_path / "p.txt").write_text("Hello there, parity.\nA second prompt, a bit longer than the first one.\n")
-    r = _cli("--candidate", "ascend-310p", "--emulate", "--checkpoint", str(tiny_ckpt), "--prompts",
+    r = _cli("--candidate", "ascend-310p", "--emulate", "--prompts",
              str(tmp_path / "p.txt"), "--decode-steps", "4", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert "ascend-310p (emulated): PASS" in r.stdout
