@@ -12,9 +12,15 @@
 // Exact numerics only (float32 everywhere; the Python side refuses other numerics). Linears decode the
 // checkpoint's storage with the GEMV kernels of stored_gemm.cpp (included, not copied: one source of truth).
 // Ragged batches: every sequence has its own position and state pointers. Plain C ABI for ctypes.
+// A batch runs stage by stage (issue 16): each stage's linears read every weight row once for all B rows and
+// split their output rows over a persistent pool (decode_linear.h, decode_pool.h); the per-sequence parts
+// (mHC, the attention core) split whole sequences. A row's arithmetic is the same at any B and thread count,
+// so a sequence's bits do not depend on what it is batched with.
 #include "stored_gemm.cpp"
 
 #include <cmath>
+
+#include "decode_linear.h"
 
 namespace {
 
@@ -28,94 +34,6 @@ inline float fma_lanes(float* __restrict acc, const float* __restrict a, const f
   for (; i < n; ++i) t += a[i] * b[i];
   return t;
 }
-
-inline float reduce(const float* acc) {
-  float s = 0.f;
-  for (int j = 0; j < LANES; ++j) s += acc[j];
-  return s;
-}
-
-// One x row through stored_gemm.cpp's job API (the best ISA this CPU runs): rows [n0, n1) of the stored
-// weight `w` (its row 0; fp8 codes or fp4 packed pairs) into y[0 .. n1 - n0).
-inline void stored_gemv(int kind, const float* x, int64_t K, const uint8_t* w, int64_t ldw, const uint8_t* s,
-                        int64_t lds, float* y, int64_t n0, int64_t n1, int nthreads) {
-  Dsv4Job j{};
-  j.kind = kind; j.M = 1; j.K = K; j.N = n1 - n0; j.n0 = n0;
-  j.x = x; j.ldx = K; j.w = w; j.ldw = ldw; j.s = s; j.lds = lds; j.rs = nullptr; j.y = y; j.ldy = n1 - n0;
-  dsv4_gemv(&j, 1, nthreads, -1);
-}
-
-struct Lin {             // one linear's weight in its stored format
-  int64_t kind;          // 0 float32, 1 bf16, 2 fp8 block, 3 fp4 experts
-  const void* w;
-  int64_t ldw;           // row stride of w (elements / bytes)
-  const uint8_t* s;      // scales (fp8 / fp4)
-  int64_t lds;
-  int64_t N, K;
-};
-
-// Four rows at once: y[r] = sum_k x[k] * w_r[k], with independent accumulators sharing each x load (the
-// indexer's heads against one key: measured faster than one head at a time). `Cv` widens a stored value.
-template <class T, class Cv>
-inline void dot4(const float* __restrict x, const T* __restrict w0, int64_t ldw, int64_t K, int rows,
-                 float* __restrict y, Cv cv) {
-  const T* __restrict a = w0;
-  const T* __restrict b = w0 + (rows > 1 ? 1 : 0) * ldw;
-  const T* __restrict c = w0 + (rows > 2 ? 2 : 0) * ldw;
-  const T* __restrict d = w0 + (rows > 3 ? 3 : 0) * ldw;
-  alignas(64) float p[LANES] = {}, q[LANES] = {}, r[LANES] = {}, s[LANES] = {};
-  int64_t i = 0;
-  for (; i + LANES <= K; i += LANES) {
-    for (int j = 0; j < LANES; ++j) {
-      const float xv = x[i + j];
-      p[j] += xv * cv(a[i + j]);
-      q[j] += xv * cv(b[i + j]);
-      r[j] += xv * cv(c[i + j]);
-      s[j] += xv * cv(d[i + j]);
-    }
-  }
-  float t[4] = {reduce(p), reduce(q), reduce(r), reduce(s)};
-  const T* rw[4] = {a, b, c, d};
-  for (int k = 0; k < rows; ++k) {
-    float tail = 0.f;
-    for (int64_t m = i; m < K; ++m) tail += x[m] * cv(rw[k][m]);
-    y[k] = t[k] + tail;
-  }
-}
-
-inline float bf16_val(uint16_t h) { return bits_f(uint32_t(h) << 16); }
-inline float f32_val(float v) { return v; }
-
-template <class T, class Cv>
-inline float dot1(const float* __restrict x, const T* __restrict w, int64_t K, Cv cv) {
-  alignas(64) float acc[LANES] = {0};
-  int64_t i = 0;
-  for (; i + LANES <= K; i += LANES)
-    for (int j = 0; j < LANES; ++j) acc[j] += x[i + j] * cv(w[i + j]);
-  float t = 0.f;
-  for (; i < K; ++i) t += x[i] * cv(w[i]);
-  return reduce(acc) + t;
-}
-template <class T, class Cv>
-inline void rows_dot(const float* x, const T* w, int64_t ldw, int64_t K, int64_t n0, int64_t n1, float* y, Cv cv) {
-  // one row at a time measured faster than dot4 here (AVX-512, rows of 128-1024): the row's load stream
-  // is what the loop waits on, not the FMA chain
-  for (int64_t n = n0; n < n1; ++n) y[n - n0] = dot1(x, w + n * ldw, K, cv);
-}
-
-// y[n - n0] = sum_k x[k] W[n, k] for n in [n0, n1)
-void lin_rows(const Lin& L, const float* x, float* y, int64_t n0, int64_t n1, int nt) {
-  switch (L.kind) {
-    case 2: stored_gemv(FP8, x, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds, y, n0, n1, nt); return;
-    case 3: stored_gemv(FP4, x, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds, y, n0, n1, nt); return;
-    case 1:               // bf16 (as stored, or FP8 / FP4 widened exactly at plan time): one fused pass
-      rows_dot(x, (const uint16_t*)L.w, L.ldw, L.K, n0, n1, y, bf16_val);
-      return;
-    default:
-      rows_dot(x, (const float*)L.w, L.ldw, L.K, n0, n1, y, f32_val);
-  }
-}
-inline void lin(const Lin& L, const float* x, float* y, int nt) { lin_rows(L, x, y, 0, L.N, nt); }
 
 inline float sumsq(const float* x, int64_t n) {
   alignas(64) float acc[LANES] = {0};
@@ -143,6 +61,24 @@ inline void rope(float* x, int64_t dim, const float* freqs, int64_t half, int64_
 }
 
 inline float sigm(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// The indexer's heads against one key, four heads at a time sharing each key load (measured faster than one
+// head at a time): y[r] = sum_k key[k] * q_r[k] for r < rows.
+inline void dot4(const float* __restrict key, const float* __restrict q0, int64_t ldq, int64_t K, int rows,
+                 float* __restrict y) {
+  const float* qs[4];
+  for (int r = 0; r < 4; ++r) qs[r] = q0 + (r < rows ? r : 0) * ldq;
+  alignas(64) float p[4][LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= K; i += LANES)
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < LANES; ++j) p[r][j] += key[i + j] * qs[r][i + j];
+  for (int r = 0; r < rows; ++r) {
+    float tail = 0.f;
+    for (int64_t m = i; m < K; ++m) tail += key[m] * qs[r][m];
+    y[r] = reduce(p[r]) + tail;
+  }
+}
 
 struct Comp {            // one compressor's weights
   Lin wkv, wgate;
@@ -172,17 +108,19 @@ struct SeqP {            // one sequence's state of this layer (pointers into it
   int64_t ipstart;
 };
 
-// Add token `pos`'s row to a compressor's pending rows; pool the window it closes into out[row] (norm, RoPE
-// at the window start). Returns 1 when an entry was written. The caller's counters follow the same rule
-// (runtime/model/decode.py): keep = stop*m - (m if overlap), pending start = keep.
-int comp_step(const Comp& C, const float* x, int64_t pos, float* pk, float* ps, int64_t pstart, float* out,
-              const float* freqs, int64_t half, float eps, int nt) {
-  const int64_t width = (C.overlap ? 2 : 1) * C.c, m = C.m;
+inline int64_t comp_width(const Comp& C) { return (C.overlap ? 2 : 1) * C.c; }
+
+// Add token `pos`'s projected row (kv, gate: C.wkv / C.wgate of x, computed by the stage's linears) to a
+// compressor's pending rows; pool the window it closes into out[row] (norm, RoPE at the window start).
+// Returns 1 when an entry was written. The caller's counters follow the same rule (runtime/model/decode.py):
+// keep = stop*m - (m if overlap), pending start = keep.
+int comp_step(const Comp& C, const float* kv, const float* gate, int64_t pos, float* pk, float* ps,
+              int64_t pstart, float* out, const float* freqs, int64_t half, float eps) {
+  const int64_t width = comp_width(C), m = C.m;
   const int64_t row = pos - pstart;
-  lin(C.wkv, x, pk + row * width, nt);
-  lin(C.wgate, x, ps + row * width, nt);
+  std::memcpy(pk + row * width, kv, sizeof(float) * width);
   const float* a = C.ape + (pos % m) * width;
-  for (int64_t j = 0; j < width; ++j) ps[row * width + j] += a[j];
+  for (int64_t j = 0; j < width; ++j) ps[row * width + j] = gate[j] + a[j];
   if ((pos + 1) % m) return 0;
   const int64_t w = (pos + 1) / m - 1;       // the closing window
   const int64_t c = C.c;
@@ -211,45 +149,50 @@ int comp_step(const Comp& C, const float* x, int64_t pos, float* pk, float* ps, 
   return 1;
 }
 
-void attn_one(const AttnP& P, const float* x, SeqP& S, float* out, int nt) {
+// One attention layer's per-token rows of a batch, each [B, width] (the stage linears' outputs).
+struct AttnRows {
+  std::vector<float> qr, kvr, q, o, z, ckv, cg, iw, ikv, ig, iq;
+  AttnRows(const AttnP& P, int64_t B)
+      : qr(B * P.q_lora), kvr(B * P.D), q(B * P.H * P.D), o(B * P.H * P.D), z(B * P.G * P.o_lora),
+        ckv(P.ratio ? B * comp_width(P.comp) : 0), cg(ckv.size()), iw(P.csa ? B * P.ih : 0),
+        ikv(P.csa ? B * comp_width(P.icomp) : 0), ig(ikv.size()), iq(P.csa ? B * P.ih * P.idim : 0) {}
+};
+
+// Sequence b's attention after the projections: q norms / RoPE, compressors, indexer top-k, attention over
+// window + entries with the sink, inverse RoPE -> R.o row b. The ring row was written by the caller.
+void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   const int64_t H = P.H, D = P.D, pos = S.pos;
-  std::vector<float> qr(P.q_lora), q(H * D), kvr(D), o(H * D), z(P.G * P.o_lora);
-  lin(P.wq_a, x, qr.data(), nt);
-  rms(qr.data(), P.q_lora, P.q_norm, P.eps);
-  lin(P.wq_b, qr.data(), q.data(), nt);
+  float* q = R.q.data() + b * H * D;
   for (int64_t h = 0; h < H; ++h) {
-    rms(q.data() + h * D, D, nullptr, P.eps);
-    rope(q.data() + h * D, D, P.freqs, P.rope_half, pos, false);
+    rms(q + h * D, D, nullptr, P.eps);
+    rope(q + h * D, D, P.freqs, P.rope_half, pos, false);
   }
-  lin(P.wkv, x, kvr.data(), nt);
-  rms(kvr.data(), D, P.kv_norm, P.eps);
-  rope(kvr.data(), D, P.freqs, P.rope_half, pos, false);
-  std::memcpy(S.kv + (pos % P.W) * D, kvr.data(), sizeof(float) * D);
   int64_t n_ent = S.n_entries;
-  if (P.ratio)
-    n_ent += comp_step(P.comp, x, pos, S.pk, S.ps, S.pstart, S.kv + (P.W + n_ent) * D, P.freqs, P.rope_half,
-                       P.eps, nt);
+  if (P.ratio) {
+    const int64_t cw = comp_width(P.comp);
+    n_ent += comp_step(P.comp, R.ckv.data() + b * cw, R.cg.data() + b * cw, pos, S.pk, S.ps, S.pstart,
+                       S.kv + (P.W + n_ent) * D, P.freqs, P.rope_half, P.eps);
+  }
   std::vector<int64_t> rows;                 // pool rows this query reads: window slots, then entries
   rows.reserve(P.W + P.topk + n_ent);
   for (int64_t t = pos - P.W + 1; t <= pos; ++t) if (t >= 0) rows.push_back(t % P.W);
   if (P.ratio) {
     const int64_t n_vis = (pos + 1) / P.ratio;
     if (P.csa) {
-      std::vector<float> iq(P.ih * P.idim), iw(P.ih);
-      lin(P.iwq_b, qr.data(), iq.data(), nt);
-      for (int64_t h = 0; h < P.ih; ++h) rope(iq.data() + h * P.idim, P.idim, P.freqs, P.rope_half, pos, false);
-      lin(P.iw_proj, x, iw.data(), nt);
-      for (auto& v : iw) v *= P.iscale;
-      int64_t n_idx = S.n_index + comp_step(P.icomp, x, pos, S.ipk, S.ips, S.ipstart, S.ikeys + S.n_index * P.idim,
-                                            P.freqs, P.rope_half, P.eps, nt);
+      float* iq = R.iq.data() + b * P.ih * P.idim;
+      float* iw = R.iw.data() + b * P.ih;
+      for (int64_t h = 0; h < P.ih; ++h) rope(iq + h * P.idim, P.idim, P.freqs, P.rope_half, pos, false);
+      for (int64_t h = 0; h < P.ih; ++h) iw[h] *= P.iscale;
+      const int64_t icw = comp_width(P.icomp);
+      int64_t n_idx = S.n_index + comp_step(P.icomp, R.ikv.data() + b * icw, R.ig.data() + b * icw, pos, S.ipk,
+                                            S.ips, S.ipstart, S.ikeys + S.n_index * P.idim, P.freqs,
+                                            P.rope_half, P.eps);
       const int64_t n = std::min(n_vis, n_idx), k = std::min(P.topk, n_vis);
-      std::vector<float> sc(n);
-      std::vector<float> hs(P.ih);
+      std::vector<float> sc(n), hs(P.ih);
       for (int64_t e = 0; e < n; ++e) {        // relu(q_h . key) for every head (4 at a time), weighted, summed
         const float* key = S.ikeys + e * P.idim;
         for (int64_t h = 0; h < P.ih; h += 4)
-          dot4(key, iq.data() + h * P.idim, P.idim, P.idim, int(std::min<int64_t>(4, P.ih - h)), hs.data() + h,
-               f32_val);
+          dot4(key, iq + h * P.idim, P.idim, P.idim, int(std::min<int64_t>(4, P.ih - h)), hs.data() + h);
         float tot = 0.f;
         for (int64_t h = 0; h < P.ih; ++h) tot += std::max(hs[h], 0.f) * iw[h];
         sc[e] = tot;
@@ -270,7 +213,7 @@ void attn_one(const AttnP& P, const float* x, SeqP& S, float* out, int nt) {
   const int64_t K = int64_t(rows.size());
   std::vector<float> s(K);
   for (int64_t h = 0; h < H; ++h) {
-    const float* qh = q.data() + h * D;
+    const float* qh = q + h * D;
     float mx = P.sink[h];
     for (int64_t j = 0; j < K; ++j) {
       alignas(64) float acc[LANES] = {0};
@@ -280,7 +223,7 @@ void attn_one(const AttnP& P, const float* x, SeqP& S, float* out, int nt) {
     }
     float den = std::exp(P.sink[h] - mx);
     for (int64_t j = 0; j < K; ++j) { s[j] = std::exp(s[j] - mx); den += s[j]; }
-    float* oh = o.data() + h * D;
+    float* oh = R.o.data() + (b * H + h) * D;
     std::memset(oh, 0, sizeof(float) * D);
     for (int64_t j = 0; j < K; ++j) {
       const float p = s[j] / den, *v = S.kv + rows[j] * D;
@@ -288,10 +231,43 @@ void attn_one(const AttnP& P, const float* x, SeqP& S, float* out, int nt) {
     }
     rope(oh, D, P.freqs, P.rope_half, pos, true);
   }
-  const int64_t per = H / P.G * D;            // wo_a: group g's rows [g*o_lora, (g+1)*o_lora) read o[g*per..]
-  for (int64_t g = 0; g < P.G; ++g)
-    lin_rows(P.wo_a, o.data() + g * per, z.data() + g * P.o_lora, g * P.o_lora, (g + 1) * P.o_lora, nt);
-  lin(P.wo_b, z.data(), out, nt);
+}
+
+// x [B, d] (after attn_norm), one token per sequence -> out [B, d]; updates the sequences' states.
+void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* out, int nt) {
+  const int64_t d = P.d, D = P.D, HD = P.H * P.D, ql = P.q_lora, ol = P.o_lora, G = P.G;
+  AttnRows R(P, B);
+  std::vector<Job> jobs{job(P.wq_a, x, d, B, R.qr.data(), ql), job(P.wkv, x, d, B, R.kvr.data(), D)};
+  if (P.ratio) {
+    const int64_t cw = comp_width(P.comp);
+    jobs.push_back(job(P.comp.wkv, x, d, B, R.ckv.data(), cw));
+    jobs.push_back(job(P.comp.wgate, x, d, B, R.cg.data(), cw));
+  }
+  if (P.csa) {
+    const int64_t icw = comp_width(P.icomp);
+    jobs.push_back(job(P.iw_proj, x, d, B, R.iw.data(), P.ih));
+    jobs.push_back(job(P.icomp.wkv, x, d, B, R.ikv.data(), icw));
+    jobs.push_back(job(P.icomp.wgate, x, d, B, R.ig.data(), icw));
+  }
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  for (int64_t b = 0; b < B; ++b) {          // norms, the kv row's RoPE and its ring slot (a few hundred flops)
+    rms(R.qr.data() + b * ql, ql, P.q_norm, P.eps);
+    float* kv = R.kvr.data() + b * D;
+    rms(kv, D, P.kv_norm, P.eps);
+    rope(kv, D, P.freqs, P.rope_half, seqs[b].pos, false);
+    std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, kv, sizeof(float) * D);
+  }
+  jobs = {job(P.wq_b, R.qr.data(), ql, B, R.q.data(), HD)};
+  if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  for_seqs(B, nt, [&](int64_t b) { attn_core(P, R, b, seqs[b]); });
+  const int64_t per = HD / G;                // wo_a: group g's rows [g*o_lora, (g+1)*o_lora) read o[g*per..]
+  jobs.clear();
+  for (int64_t g = 0; g < G; ++g)
+    jobs.push_back(Job{&P.wo_a, R.o.data() + g * per, HD, B, R.z.data() + g * ol, G * ol, g * ol, (g + 1) * ol});
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  jobs = {job(P.wo_b, R.z.data(), G * ol, B, out, d)};
+  run_jobs(jobs.data(), 1, nt);
 }
 
 struct MoeP {
@@ -304,27 +280,15 @@ struct MoeP {
   float route_scale, limit;
 };
 
-inline void swiglu_expert(const Lin* e, const float* x, float wgt, float limit, int64_t inter, float* y, int nt) {
-  std::vector<float> g(inter), u(inter), t(e[1].N);
-  lin(e[0], x, g.data(), nt);
-  lin(e[2], x, u.data(), nt);
-  for (int64_t i = 0; i < inter; ++i) {
-    float a = std::min(g[i], limit), b = std::max(-limit, std::min(u[i], limit));
-    g[i] = a / (1.0f + std::exp(-a)) * b * wgt;
-  }
-  lin(e[1], g.data(), t.data(), nt);
-  for (int64_t i = 0; i < e[1].N; ++i) y[i] += t[i];
-}
-
-void moe_one(const MoeP& P, const float* x, int64_t id, float* y, int nt) {
-  std::vector<float> s(P.E), routed(P.d, 0.f);
+// token b's experts (selection order) and their weights s / sum(s) * route_scale
+void route(const MoeP& P, const float* x, int64_t id, int64_t* idx, float* wgt) {
+  std::vector<float> s(P.E);
   for (int64_t e = 0; e < P.E; ++e) {
     alignas(64) float acc[LANES] = {0};
     float t = fma_lanes(acc, x, P.gate_w + e * P.d, P.d);
     float v = reduce(acc) + t;
     s[e] = std::sqrt(v > 20.f ? v : std::log1p(std::exp(v)));
   }
-  std::vector<int64_t> idx(P.k);
   if (P.tid2eid) {
     for (int64_t j = 0; j < P.k; ++j) idx[j] = P.tid2eid[id * P.k + j];
   } else {
@@ -338,14 +302,69 @@ void moe_one(const MoeP& P, const float* x, int64_t id, float* y, int nt) {
   }
   float tot = 0.f;
   for (int64_t j = 0; j < P.k; ++j) tot += s[idx[j]];
-  std::vector<int64_t> order(P.k);           // experts in ascending id, as the reference's grouping
-  for (int64_t j = 0; j < P.k; ++j) order[j] = j;
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return idx[a] < idx[b]; });
-  for (int64_t j : order)
-    swiglu_expert(P.experts + 3 * idx[j], x, s[idx[j]] / tot * P.route_scale, P.limit, P.inter, routed.data(), nt);
-  std::memset(y, 0, sizeof(float) * P.d);
-  if (P.shared) swiglu_expert(P.shared, x, 1.0f, P.limit, P.shared_inter, y, nt);
-  for (int64_t i = 0; i < P.d; ++i) y[i] = routed[i] + y[i];
+  for (int64_t j = 0; j < P.k; ++j) wgt[j] = s[idx[j]] / tot * P.route_scale;
+}
+
+// h[i] = silu(min(g, limit)) * clamp(u, +-limit) * wgt, in place in g
+inline void swiglu(float* g, const float* u, int64_t n, float limit, float wgt) {
+  for (int64_t i = 0; i < n; ++i) {
+    float a = std::min(g[i], limit), b = std::max(-limit, std::min(u[i], limit));
+    g[i] = a / (1.0f + std::exp(-a)) * b * wgt;
+  }
+}
+
+// x [B, d] (after ffn_norm), ids [B] -> y [B, d]. Each expert's weights are read once for the tokens routed
+// to it; a token's expert outputs are summed in ascending expert id (the reference's grouping), then the
+// shared expert's output is added.
+void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, float* y, int nt) {
+  const int64_t d = P.d, k = P.k, I = P.inter, SI = P.shared_inter, E = P.E;
+  std::vector<int64_t> idx(B * k);
+  std::vector<float> wgt(B * k);
+  for (int64_t b = 0; b < B; ++b) route(P, x + b * d, ids[b], idx.data() + b * k, wgt.data() + b * k);
+  // slot b*k + j -> its row among expert idx's tokens; experts' rows laid out one after another
+  std::vector<int64_t> first(E + 1, 0), row(B * k);
+  for (int64_t i = 0; i < B * k; ++i) ++first[idx[i] + 1];
+  for (int64_t e = 0; e < E; ++e) first[e + 1] += first[e];
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  for (int64_t i = 0; i < B * k; ++i) row[i] = fill[idx[i]]++;
+  const int64_t n = B * k;
+  std::vector<float> xg(n * d), g(n * I), u(n * I), t(n * d), sg(B * SI), su(B * SI), st(P.shared ? B * d : 0);
+  for (int64_t i = 0; i < n; ++i) std::memcpy(xg.data() + row[i] * d, x + (i / k) * d, sizeof(float) * d);
+  std::vector<Job> jobs;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = first[e + 1] - first[e];
+    if (!c) continue;
+    const float* xe = xg.data() + first[e] * d;
+    jobs.push_back(job(P.experts[3 * e], xe, d, c, g.data() + first[e] * I, I));
+    jobs.push_back(job(P.experts[3 * e + 2], xe, d, c, u.data() + first[e] * I, I));
+  }
+  if (P.shared) {
+    jobs.push_back(job(P.shared[0], x, d, B, sg.data(), SI));
+    jobs.push_back(job(P.shared[2], x, d, B, su.data(), SI));
+  }
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  for (int64_t i = 0; i < n; ++i) swiglu(g.data() + row[i] * I, u.data() + row[i] * I, I, P.limit, wgt[i]);
+  if (P.shared)
+    for (int64_t b = 0; b < B; ++b) swiglu(sg.data() + b * SI, su.data() + b * SI, SI, P.limit, 1.0f);
+  jobs.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = first[e + 1] - first[e];
+    if (c) jobs.push_back(job(P.experts[3 * e + 1], g.data() + first[e] * I, I, c, t.data() + first[e] * d, d));
+  }
+  if (P.shared) jobs.push_back(job(P.shared[1], sg.data(), SI, B, st.data(), d));
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  std::vector<int64_t> order(k);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* ib = idx.data() + b * k;
+    for (int64_t j = 0; j < k; ++j) order[j] = j;
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return ib[a] < ib[c]; });
+    float* yb = y + b * d;
+    for (int64_t i = 0; i < d; ++i) {
+      float r = 0.f;                         // routed sum in ascending expert id, then + shared
+      for (int64_t j : order) r += t[row[b * k + j] * d + i];
+      yb[i] = r + (P.shared ? 0.f + st[b * d + i] : 0.f);
+    }
+  }
 }
 
 struct HcP { const float *fn, *base, *scale, *norm; int64_t hc, d, iters; float hc_eps, norm_eps; };
@@ -429,28 +448,33 @@ void dsv4d_hc_post(int64_t T, int64_t hc, int64_t d, const float* y, const float
 
 // x [B, d] (after attn_norm), one token per sequence at seqs[b].pos -> out [B, d]; updates the states.
 void dsv4d_attn(const AttnP* P, int64_t B, const float* x, SeqP* seqs, float* out, int nt) {
-  for (int64_t b = 0; b < B; ++b) attn_one(*P, x + b * P->d, seqs[b], out + b * P->d, nt);
+  attn_batch(*P, B, x, seqs, out, nt);
 }
 
 // x [B, d] (after ffn_norm), ids [B] -> out [B, d]
 void dsv4d_moe(const MoeP* P, int64_t B, const float* x, const int64_t* ids, float* out, int nt) {
-  for (int64_t b = 0; b < B; ++b) moe_one(*P, x + b * P->d, ids[b], out + b * P->d, nt);
+  moe_batch(*P, B, x, ids, out, nt);
 }
 
 // One block's decode step: X [B, hc, d] -> Xo [B, hc, d]
 void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, const float* X,
                  const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
-  const int64_t hc = ha->hc, d = ha->d;
-  std::vector<float> x(d), y(d), post(hc), comb(hc * hc), mid(hc * d);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* Xb = X + b * hc * d;
-    hc_pre_one(*ha, Xb, x.data(), post.data(), comb.data());
-    attn_one(*A, x.data(), seqs[b], y.data(), nt);
-    hc_post_one(hc, d, y.data(), Xb, post.data(), comb.data(), mid.data());
-    hc_pre_one(*hf, mid.data(), x.data(), post.data(), comb.data());
-    moe_one(*M, x.data(), ids[b], y.data(), nt);
-    hc_post_one(hc, d, y.data(), mid.data(), post.data(), comb.data(), Xo + b * hc * d);
-  }
+  const int64_t hc = ha->hc, d = ha->d, nd = hc * d;
+  std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd);
+  for_seqs(B, nt, [&](int64_t b) {
+    hc_pre_one(*ha, X + b * nd, x.data() + b * d, post.data() + b * hc, comb.data() + b * hc * hc);
+  });
+  attn_batch(*A, B, x.data(), seqs, y.data(), nt);
+  for_seqs(B, nt, [&](int64_t b) {
+    const float *pb = post.data() + b * hc, *cb = comb.data() + b * hc * hc;
+    hc_post_one(hc, d, y.data() + b * d, X + b * nd, pb, cb, mid.data() + b * nd);
+    hc_pre_one(*hf, mid.data() + b * nd, x.data() + b * d, post.data() + b * hc, comb.data() + b * hc * hc);
+  });
+  moe_batch(*M, B, x.data(), ids, y.data(), nt);
+  for_seqs(B, nt, [&](int64_t b) {
+    hc_post_one(hc, d, y.data() + b * d, mid.data() + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
+                Xo + b * nd);
+  });
 }
 
 // hc_head: X [T, hc, d] -> out [T, d] = sum_h (sigmoid(mix_h * scale[0] + base[h]) + eps) X_h
@@ -474,6 +498,6 @@ void dsv4d_hc_head(int64_t T, int64_t hc, int64_t d, const float* X, const float
   }
 }
 
-int dsv4d_abi() { return 1; }
+int dsv4d_abi() { return 2; }
 
 }  // extern "C"
