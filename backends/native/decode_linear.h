@@ -3,8 +3,8 @@
 // row is read once for all B rows of the batch (a small model's decode reads its weights from the last-level
 // cache, so re-reading them per sequence is what a step waits on).
 // Batch invariance: row b's value is sum_k x[b, k] W[n, k] accumulated by the same code whatever B, the
-// thread split or the neighbouring rows: LANES per-lane accumulators over k in order, the lanes reduced in
-// order, then the K % LANES tail (`tile`, whose shape only decides which loads are shared).
+// thread split or the neighbouring rows: LANES per-lane accumulators over k in order, the lanes reduced by one
+// fixed tree, then the K % LANES tail (`tile`, whose shape only decides which loads are shared).
 #pragma once
 
 #include "decode_pool.h"
@@ -23,14 +23,29 @@ struct Lin {             // one linear's weight in its stored format
 inline float widen(uint16_t h) { return bits_f(uint32_t(h) << 16); }   // bf16
 inline float widen(float v) { return v; }
 
-inline float reduce(const float* acc) {
-  float s = 0.f;
-  for (int j = 0; j < LANES; ++j) s += acc[j];
-  return s;
+// The lanes of an accumulator summed as a fixed tree (halves, quarters, pairs: what the AVX-512 path's
+// shuffles compute), a few dependent adds instead of a LANES-long chain.
+inline float reduce(const float* a) {
+  static_assert(LANES == 16, "the tree below sums 16 lanes");
+  float r8[8], r4[4];
+  for (int i = 0; i < 8; ++i) r8[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) r4[i] = r8[i] + r8[i + 4];
+  return (r4[0] + r4[2]) + (r4[1] + r4[3]);
 }
 
+#if defined(__AVX512F__)
+inline float reduce(__m512 v) {          // the same tree as reduce(const float*)
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+#endif
+
 // A tile of RW weight rows x RX rows of x: y[c * ldy + r] = sum_k x[c * ldx + k] * w[r * ldw + k]. Each
-// (r, c) pair has its own LANES accumulators, fed in k order and reduced in lane order, then the K % LANES
+// (r, c) pair has its own LANES accumulators, fed in k order and reduced by one fixed tree, then the K % LANES
 // tail: the same arithmetic for every tile shape (shapes only change how many loads are shared).
 #if defined(__AVX512F__)
 template <int RW, int RX, class T>
@@ -57,11 +72,9 @@ inline void tile(const float* __restrict x, int64_t ldx, const T* __restrict w, 
   }
   for (int r = 0; r < RW; ++r)
     for (int c = 0; c < RX; ++c) {
-      alignas(64) float a[16];
-      _mm512_store_ps(a, acc[r][c]);
       float t = 0.f;
       for (int64_t m = i; m < K; ++m) t += x[c * ldx + m] * widen(w[r * ldw + m]);
-      y[c * ldy + r] = reduce(a) + t;
+      y[c * ldy + r] = reduce(acc[r][c]) + t;
     }
 }
 #else

@@ -60,6 +60,25 @@ inline void rope(float* x, int64_t dim, const float* freqs, int64_t half, int64_
   }
 }
 
+// RoPE with the cos / sin of one position precomputed (cs[2k], cs[2k+1]: the same values `rope` computes),
+// for the many heads rotated at the same position
+inline void trig(const float* freqs, int64_t half, int64_t pos, float* cs) {
+  for (int64_t k = 0; k < half; ++k) {
+    float ang = float(pos) * freqs[k];
+    cs[2 * k] = std::cos(ang);
+    cs[2 * k + 1] = std::sin(ang);
+  }
+}
+inline void rope_cs(float* x, int64_t dim, const float* cs, int64_t half, bool inverse) {
+  float* r = x + dim - 2 * half;
+  for (int64_t k = 0; k < half; ++k) {
+    float c = cs[2 * k], s = inverse ? -cs[2 * k + 1] : cs[2 * k + 1];
+    float a = r[2 * k], b = r[2 * k + 1];
+    r[2 * k] = a * c - b * s;
+    r[2 * k + 1] = a * s + b * c;
+  }
+}
+
 inline float sigm(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 // The indexer's heads against one key, four heads at a time sharing each key load (measured faster than one
@@ -162,10 +181,12 @@ struct AttnRows {
 // window + entries with the sink, inverse RoPE -> R.o row b. The ring row was written by the caller.
 void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   const int64_t H = P.H, D = P.D, pos = S.pos;
+  std::vector<float> cs(2 * P.rope_half);
+  trig(P.freqs, P.rope_half, pos, cs.data());
   float* q = R.q.data() + b * H * D;
   for (int64_t h = 0; h < H; ++h) {
     rms(q + h * D, D, nullptr, P.eps);
-    rope(q + h * D, D, P.freqs, P.rope_half, pos, false);
+    rope_cs(q + h * D, D, cs.data(), P.rope_half, false);
   }
   int64_t n_ent = S.n_entries;
   if (P.ratio) {
@@ -181,7 +202,7 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
     if (P.csa) {
       float* iq = R.iq.data() + b * P.ih * P.idim;
       float* iw = R.iw.data() + b * P.ih;
-      for (int64_t h = 0; h < P.ih; ++h) rope(iq + h * P.idim, P.idim, P.freqs, P.rope_half, pos, false);
+      for (int64_t h = 0; h < P.ih; ++h) rope_cs(iq + h * P.idim, P.idim, cs.data(), P.rope_half, false);
       for (int64_t h = 0; h < P.ih; ++h) iw[h] *= P.iscale;
       const int64_t icw = comp_width(P.icomp);
       int64_t n_idx = S.n_index + comp_step(P.icomp, R.ikv.data() + b * icw, R.ig.data() + b * icw, pos, S.ipk,
@@ -208,29 +229,36 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
       for (int64_t e = 0; e < n_vis; ++e) rows.push_back(P.W + e);
     }
   }
-  // attention with the sink: p_j = exp(s_j) / (sum exp(s_j) + exp(sink_h))
+  // attention with the sink: p_j = exp(s_j) / (sum exp(s_j) + exp(sink_h)). Scores s[h, j] = q_h . kv[rows[j]]
+  // by the linear tiles over each run of consecutive pool rows (the ring's two halves, HCA's entries).
   const float scale = 1.0f / std::sqrt(float(D));
   const int64_t K = int64_t(rows.size());
-  std::vector<float> s(K);
+  std::vector<float> s(H * K), den(H);
+  for (int64_t j0 = 0; j0 < K;) {
+    int64_t j1 = j0 + 1;
+    while (j1 < K && rows[j1] == rows[j1 - 1] + 1) ++j1;
+    rows_batch(q, D, H, S.kv + rows[j0] * D, D, D, 0, j1 - j0, 0, s.data() + j0, K);
+    j0 = j1;
+  }
   for (int64_t h = 0; h < H; ++h) {
-    const float* qh = q + h * D;
+    float* sh = s.data() + h * K;
     float mx = P.sink[h];
-    for (int64_t j = 0; j < K; ++j) {
-      alignas(64) float acc[LANES] = {0};
-      float t = fma_lanes(acc, qh, S.kv + rows[j] * D, D);
-      s[j] = (reduce(acc) + t) * scale;
-      mx = std::max(mx, s[j]);
-    }
-    float den = std::exp(P.sink[h] - mx);
-    for (int64_t j = 0; j < K; ++j) { s[j] = std::exp(s[j] - mx); den += s[j]; }
-    float* oh = R.o.data() + (b * H + h) * D;
-    std::memset(oh, 0, sizeof(float) * D);
-    for (int64_t j = 0; j < K; ++j) {
-      const float p = s[j] / den, *v = S.kv + rows[j] * D;
+    for (int64_t j = 0; j < K; ++j) { sh[j] *= scale; mx = std::max(mx, sh[j]); }
+    float dn = std::exp(P.sink[h] - mx);
+    for (int64_t j = 0; j < K; ++j) { sh[j] = std::exp(sh[j] - mx); dn += sh[j]; }
+    den[h] = dn;
+  }
+  float* o = R.o.data() + b * H * D;
+  std::memset(o, 0, sizeof(float) * H * D);
+  for (int64_t j = 0; j < K; ++j) {          // o[h] += p[h, j] * v_j, j in order for every element
+    const float* __restrict v = S.kv + rows[j] * D;
+    for (int64_t h = 0; h < H; ++h) {
+      const float p = s[h * K + j] / den[h];
+      float* __restrict oh = o + h * D;
       for (int64_t i = 0; i < D; ++i) oh[i] += p * v[i];
     }
-    rope(oh, D, P.freqs, P.rope_half, pos, true);
   }
+  for (int64_t h = 0; h < H; ++h) rope_cs(o + h * D, D, cs.data(), P.rope_half, true);
 }
 
 // x [B, d] (after attn_norm), one token per sequence -> out [B, d]; updates the sequences' states.
