@@ -167,7 +167,9 @@ inline void job_rows(const Job& j, int64_t a, int64_t e) {
   }
 }
 
-constexpr int64_t MIN_SPLIT = 1 << 15;   // multiply-adds of a stage below which one thread runs it
+// multiply-adds of a stage below which one thread runs it (~10 us of work: less does not pay for handing
+// rows to another core; a one-sequence step stays on the calling thread)
+constexpr int64_t MIN_SPLIT = 1 << 18;
 
 // every job's rows, split over up to nt threads by multiply-adds (contiguous row ranges)
 inline void run_jobs(const Job* jobs, int n, int nt) {
@@ -189,10 +191,11 @@ inline void run_jobs(const Job* jobs, int n, int nt) {
   });
 }
 
-// f(b) for every sequence b < B, sequences split over up to nt threads
+// f(b) for every sequence b < B, sequences split over up to nt threads (from 4 sequences on: a sequence's
+// mHC or attention core is a few microseconds at small widths)
 template <class F>
 inline void for_seqs(int64_t B, int nt, F f) {
-  const int T = int(std::min<int64_t>(nt, B));
+  const int T = B < 4 ? 1 : int(std::min<int64_t>(nt, B));
   dsv4pool::pool().run(T < 1 ? 1 : T, [&](int t, int T) {
     int64_t lo, hi;
     dsv4pool::split(B, t, T, lo, hi);

@@ -181,7 +181,9 @@ struct AttnRows {
 // window + entries with the sink, inverse RoPE -> R.o row b. The ring row was written by the caller.
 void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   const int64_t H = P.H, D = P.D, pos = S.pos;
-  std::vector<float> cs(2 * P.rope_half);
+  thread_local std::vector<float> cs, s, den, sc, hs;
+  thread_local std::vector<int64_t> rows, ord;
+  cs.resize(2 * P.rope_half);
   trig(P.freqs, P.rope_half, pos, cs.data());
   float* q = R.q.data() + b * H * D;
   for (int64_t h = 0; h < H; ++h) {
@@ -194,8 +196,7 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
     n_ent += comp_step(P.comp, R.ckv.data() + b * cw, R.cg.data() + b * cw, pos, S.pk, S.ps, S.pstart,
                        S.kv + (P.W + n_ent) * D, P.freqs, P.rope_half, P.eps);
   }
-  std::vector<int64_t> rows;                 // pool rows this query reads: window slots, then entries
-  rows.reserve(P.W + P.topk + n_ent);
+  rows.clear();                              // pool rows this query reads: window slots, then entries
   for (int64_t t = pos - P.W + 1; t <= pos; ++t) if (t >= 0) rows.push_back(t % P.W);
   if (P.ratio) {
     const int64_t n_vis = (pos + 1) / P.ratio;
@@ -209,7 +210,8 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
                                             S.ips, S.ipstart, S.ikeys + S.n_index * P.idim, P.freqs,
                                             P.rope_half, P.eps);
       const int64_t n = std::min(n_vis, n_idx), k = std::min(P.topk, n_vis);
-      std::vector<float> sc(n), hs(P.ih);
+      sc.resize(n);
+      hs.resize(P.ih);
       for (int64_t e = 0; e < n; ++e) {        // relu(q_h . key) for every head (4 at a time), weighted, summed
         const float* key = S.ikeys + e * P.idim;
         for (int64_t h = 0; h < P.ih; h += 4)
@@ -218,7 +220,7 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
         for (int64_t h = 0; h < P.ih; ++h) tot += std::max(hs[h], 0.f) * iw[h];
         sc[e] = tot;
       }
-      std::vector<int64_t> ord(n);
+      ord.resize(n);
       for (int64_t e = 0; e < n; ++e) ord[e] = e;
       const int64_t kk = std::min(k, n);
       std::partial_sort(ord.begin(), ord.begin() + kk, ord.end(), [&](int64_t a, int64_t b) {
@@ -233,7 +235,8 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   // by the linear tiles over each run of consecutive pool rows (the ring's two halves, HCA's entries).
   const float scale = 1.0f / std::sqrt(float(D));
   const int64_t K = int64_t(rows.size());
-  std::vector<float> s(H * K), den(H);
+  s.resize(H * K);
+  den.resize(H);
   for (int64_t j0 = 0; j0 < K;) {
     int64_t j1 = j0 + 1;
     while (j1 < K && rows[j1] == rows[j1 - 1] + 1) ++j1;
@@ -310,7 +313,9 @@ struct MoeP {
 
 // token b's experts (selection order) and their weights s / sum(s) * route_scale
 void route(const MoeP& P, const float* x, int64_t id, int64_t* idx, float* wgt) {
-  std::vector<float> s(P.E);
+  thread_local std::vector<float> s;
+  thread_local std::vector<int64_t> ord;
+  s.resize(P.E);
   for (int64_t e = 0; e < P.E; ++e) {
     alignas(64) float acc[LANES] = {0};
     float t = fma_lanes(acc, x, P.gate_w + e * P.d, P.d);
@@ -320,7 +325,7 @@ void route(const MoeP& P, const float* x, int64_t id, int64_t* idx, float* wgt) 
   if (P.tid2eid) {
     for (int64_t j = 0; j < P.k; ++j) idx[j] = P.tid2eid[id * P.k + j];
   } else {
-    std::vector<int64_t> ord(P.E);
+    ord.resize(P.E);
     for (int64_t e = 0; e < P.E; ++e) ord[e] = e;
     std::partial_sort(ord.begin(), ord.begin() + P.k, ord.end(), [&](int64_t a, int64_t b) {
       float sa = s[a] + P.bias[a], sb = s[b] + P.bias[b];
@@ -397,16 +402,24 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
 
 struct HcP { const float *fn, *base, *scale, *norm; int64_t hc, d, iters; float hc_eps, norm_eps; };
 
-void hc_pre_one(const HcP& P, const float* X, float* x, float* post, float* comb) {
+// `dots`: X . fn_j for the (2 + hc) * hc mixes, computed by the caller's stage (null: here, the same values)
+void hc_pre_one(const HcP& P, const float* X, const float* dots, float* x, float* post, float* comb) {
   const int64_t hc = P.hc, d = P.d, nd = hc * d, nm = (2 + hc) * hc;
   float r = 1.0f / std::sqrt(sumsq(X, nd) / float(nd) + P.norm_eps);
-  std::vector<float> mix(nm);
+  thread_local std::vector<float> mix, pre;
+  mix.resize(nm);
+  pre.resize(hc);
   for (int64_t j = 0; j < nm; ++j) {
-    alignas(64) float acc[LANES] = {0};
-    float t = fma_lanes(acc, X, P.fn + j * nd, nd);
-    mix[j] = (reduce(acc) + t) * r;
+    float v;
+    if (dots) {
+      v = dots[j];
+    } else {
+      alignas(64) float acc[LANES] = {0};
+      float t = fma_lanes(acc, X, P.fn + j * nd, nd);
+      v = reduce(acc) + t;
+    }
+    mix[j] = v * r;
   }
-  std::vector<float> pre(hc);
   for (int64_t i = 0; i < hc; ++i) {
     pre[i] = sigm(mix[i] * P.scale[0] + P.base[i]) + P.hc_eps;
     post[i] = 2.0f * sigm(mix[hc + i] * P.scale[1] + P.base[hc + i]);
@@ -465,7 +478,7 @@ extern "C" {
 // X [T, hc, d] -> x [T, d] (after the norm when P.norm is set), post [T, hc], comb [T, hc, hc]
 void dsv4d_hc_pre(const HcP* P, int64_t T, const float* X, float* x, float* post, float* comb) {
   for (int64_t t = 0; t < T; ++t)
-    hc_pre_one(*P, X + t * P->hc * P->d, x + t * P->d, post + t * P->hc, comb + t * P->hc * P->hc);
+    hc_pre_one(*P, X + t * P->hc * P->d, nullptr, x + t * P->d, post + t * P->hc, comb + t * P->hc * P->hc);
 }
 
 void dsv4d_hc_post(int64_t T, int64_t hc, int64_t d, const float* y, const float* res, const float* post,
@@ -484,19 +497,33 @@ void dsv4d_moe(const MoeP* P, int64_t B, const float* x, const int64_t* ids, flo
   moe_batch(*P, B, x, ids, out, nt);
 }
 
+// rows' mHC mixes X . fn_j [B, (2 + hc) * hc] as one stage of tiles (fn is float32 [(2 + hc) * hc, hc * d])
+void hc_dots(const HcP& P, int64_t B, const float* X, float* dots, int nt) {
+  const int64_t nd = P.hc * P.d, nm = (2 + P.hc) * P.hc;
+  const Lin fn{0, P.fn, nd, nullptr, 0, nm, nd};
+  const Job j = job(fn, X, nd, B, dots, nm);
+  run_jobs(&j, 1, nt);
+}
+
 // One block's decode step: X [B, hc, d] -> Xo [B, hc, d]
 void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, const float* X,
                  const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
-  const int64_t hc = ha->hc, d = ha->d, nd = hc * d;
-  std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd);
+  const int64_t hc = ha->hc, d = ha->d, nd = hc * d, nm = (2 + hc) * hc;
+  std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd), dots(B * nm);
+  hc_dots(*ha, B, X, dots.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
-    hc_pre_one(*ha, X + b * nd, x.data() + b * d, post.data() + b * hc, comb.data() + b * hc * hc);
+    hc_pre_one(*ha, X + b * nd, dots.data() + b * nm, x.data() + b * d, post.data() + b * hc,
+               comb.data() + b * hc * hc);
   });
   attn_batch(*A, B, x.data(), seqs, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
-    const float *pb = post.data() + b * hc, *cb = comb.data() + b * hc * hc;
-    hc_post_one(hc, d, y.data() + b * d, X + b * nd, pb, cb, mid.data() + b * nd);
-    hc_pre_one(*hf, mid.data() + b * nd, x.data() + b * d, post.data() + b * hc, comb.data() + b * hc * hc);
+    hc_post_one(hc, d, y.data() + b * d, X + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
+                mid.data() + b * nd);
+  });
+  hc_dots(*hf, B, mid.data(), dots.data(), nt);
+  for_seqs(B, nt, [&](int64_t b) {
+    hc_pre_one(*hf, mid.data() + b * nd, dots.data() + b * nm, x.data() + b * d, post.data() + b * hc,
+               comb.data() + b * hc * hc);
   });
   moe_batch(*M, B, x.data(), ids, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
