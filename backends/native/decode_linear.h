@@ -171,18 +171,19 @@ inline void job_rows(const Job& j, int64_t a, int64_t e) {
 // rows to another core; a one-sequence step stays on the calling thread)
 constexpr int64_t MIN_SPLIT = 1 << 18;
 
-// every job's rows, split over up to nt threads by multiply-adds (contiguous row ranges)
+// every job's rows, in chunks of about equal multiply-adds (contiguous row ranges) claimed by up to nt threads
 inline void run_jobs(const Job* jobs, int n, int nt) {
   int64_t total = 0;
   for (int i = 0; i < n; ++i) total += (jobs[i].n1 - jobs[i].n0) * jobs[i].L->K * jobs[i].B;
   const int T = total < MIN_SPLIT ? 1 : nt;
-  dsv4pool::pool().run(T, [&](int t, int T) {
+  const int64_t C = T == 1 ? 1 : 4 * T;      // a few chunks per thread: a late thread leaves no idle tail
+  dsv4pool::pool().run(T, C, [&](int64_t t) {
     int64_t lo, hi, base = 0;
-    dsv4pool::split(total, t, T, lo, hi);
+    dsv4pool::split(total, t, C, lo, hi);
     for (int i = 0; i < n; ++i) {
       const Job& j = jobs[i];
       const int64_t c = j.L->K * j.B, rows = j.n1 - j.n0;
-      // rows r whose cost start base + r * c lies in [lo, hi): each row on exactly one thread
+      // rows r whose cost start base + r * c lies in [lo, hi): each row in exactly one chunk
       const int64_t a = c ? std::min(rows, std::max<int64_t>(0, (lo - base + c - 1) / c)) : 0;
       const int64_t e = c ? std::min(rows, std::max<int64_t>(0, (hi - base + c - 1) / c)) : 0;
       if (a < e) job_rows(j, j.n0 + a, j.n0 + e);
@@ -191,16 +192,11 @@ inline void run_jobs(const Job* jobs, int n, int nt) {
   });
 }
 
-// f(b) for every sequence b < B, sequences split over up to nt threads (from 4 sequences on: a sequence's
-// mHC or attention core is a few microseconds at small widths)
+// f(b) for every sequence b < B, one chunk per sequence, on up to nt threads (from 4 sequences on: a
+// sequence's mHC or attention core is a few microseconds at small widths)
 template <class F>
 inline void for_seqs(int64_t B, int nt, F f) {
-  const int T = B < 4 ? 1 : int(std::min<int64_t>(nt, B));
-  dsv4pool::pool().run(T < 1 ? 1 : T, [&](int t, int T) {
-    int64_t lo, hi;
-    dsv4pool::split(B, t, T, lo, hi);
-    for (int64_t b = lo; b < hi; ++b) f(b);
-  });
+  dsv4pool::pool().run(B < 4 ? 1 : nt, B, [&](int64_t b) { f(b); });
 }
 
 }  // namespace

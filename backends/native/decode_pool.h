@@ -1,10 +1,13 @@
 // A persistent worker pool for the fused decode step (decode_step.cpp): one fork / join per stage of a block
 // step (a dozen per block), where spawning std::threads per call (~20-50 us each) would cost more than a
-// small model's whole stage. Workers spin briefly on a generation counter (the next stage comes within
-// microseconds), then sleep on a condition variable (between decode steps, or on a machine whose cores are
-// busy elsewhere), so an idle server holds no core.
-// Which thread computes a row never changes its value: every parallel stage splits whole output rows or
-// whole sequences, each computed by the same code as on one thread (the batch-invariance the server needs).
+// small model's whole stage.
+// A stage is cut into chunks that the calling thread and the workers claim one at a time from one atomic
+// counter (work stealing): a worker that is late (asleep, or descheduled on a machine whose cores are busy
+// elsewhere) only means the calling thread claims more chunks itself, never that it waits for the worker to
+// be scheduled. Workers spin briefly for the next stage (they follow each other within microseconds), then
+// sleep on a condition variable, so an idle server holds no core.
+// Which thread computes a chunk never changes its values: chunks are whole output rows or whole sequences,
+// computed by the same code on any thread (the batch invariance the server needs).
 #pragma once
 
 #include <atomic>
@@ -31,68 +34,80 @@ class Pool {
     {
       std::lock_guard<std::mutex> g(m_);
       quit_ = true;
-      gen_.fetch_add(1);
+      posted_.fetch_add(1);
     }
     cv_.notify_all();
     for (auto& t : th_) t.join();
   }
 
-  // fn(t, T) for t in [0, T), t = 0 on the calling thread; returns when all are done.
-  void run(int T, const std::function<void(int, int)>& fn) {
-    if (T <= 1) { fn(0, 1); return; }
-    while (int(th_.size()) < T - 1) {
-      const int id = int(th_.size()) + 1;
-      const uint64_t seen = gen_.load();      // the job about to be posted is this worker's first
-      th_.emplace_back([this, id, seen] { work(id, seen); });
+  // fn(c) for every chunk c in [0, C), on the calling thread and up to `threads - 1` workers.
+  void run(int threads, int64_t C, const std::function<void(int64_t)>& fn) {
+    if (threads <= 1 || C <= 1 || C > int64_t(FIELD)) {
+      for (int64_t c = 0; c < C; ++c) fn(c);
+      return;
     }
+    while (int(th_.size()) < threads - 1) th_.emplace_back([this, seen = posted_.load()] { work(seen); });
+    const uint64_t g = (gen_ + 1) & GEN;
+    gen_ = g;
     fn_ = &fn;
-    T_ = T;
-    left_.store(T - 1);
-    gen_.fetch_add(1);                          // seq_cst: pairs with a worker's sleepers_ / gen_ check
+    done_.store(0, std::memory_order_relaxed);
+    // job g with C chunks, none claimed: claims may start (the word carries its own limit, so a worker
+    // holding a stale word can never claim past it)
+    claim_.store(g << 40 | uint64_t(C) << 20, std::memory_order_release);
+    posted_.fetch_add(1);                               // seq_cst: pairs with a worker's sleepers_ check
     if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> g(m_);
+      std::lock_guard<std::mutex> lk(m_);
       cv_.notify_all();
     }
-    fn(0, T);
-    for (int spins = 0; left_.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < 4096) DSV4_PAUSE();
-      else std::this_thread::yield();          // a worker was descheduled (a busy machine)
+    chunks(g);
+    for (int spins = 0; done_.load(std::memory_order_acquire) != C; ++spins) {
+      if (spins < 2048) DSV4_PAUSE();
+      else std::this_thread::yield();         // a worker was descheduled inside its chunk
     }
   }
 
  private:
-  void work(int id, uint64_t seen) {
+  // claim and run chunks of job g until none is left (or the job is no longer g)
+  void chunks(uint64_t g) {
     for (;;) {
-      uint64_t g = gen_.load(std::memory_order_acquire);
-      if (g == seen) {
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int i = 0; (g = gen_.load(std::memory_order_acquire)) == seen; ++i) {
-          DSV4_PAUSE();
-          if ((i & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(SPIN_US)) {
-            std::unique_lock<std::mutex> lk(m_);
-            sleepers_.fetch_add(1);
-            cv_.wait(lk, [&] { return gen_.load() != seen; });
-            sleepers_.fetch_sub(1);
-            g = gen_.load();
-            break;
-          }
-        }
-      }
-      seen = g;
-      if (quit_) return;
-      if (id < T_) {
-        (*fn_)(id, T_);
-        left_.fetch_sub(1, std::memory_order_release);
-      }
+      uint64_t v = claim_.load(std::memory_order_acquire);
+      int64_t c;
+      do {
+        c = int64_t(v & FIELD);
+        if ((v >> 40) != g || c >= int64_t((v >> 20) & FIELD)) return;
+      } while (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel));
+      (*fn_)(c);                                // job g is live until chunk c is done
+      done_.fetch_add(1, std::memory_order_release);
     }
   }
 
-  static constexpr int SPIN_US = 300;          // a decode step's stages follow each other within this
+  void work(uint64_t seen) {
+    for (;;) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; posted_.load(std::memory_order_acquire) == seen; ++i) {
+        DSV4_PAUSE();
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(SPIN_US)) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lk, [&] { return posted_.load() != seen; });
+          sleepers_.fetch_sub(1);
+          break;
+        }
+      }
+      seen = posted_.load();
+      if (quit_) return;
+      chunks(claim_.load(std::memory_order_acquire) >> 40);
+    }
+  }
+
+  static constexpr int SPIN_US = 100;        // a decode step's stages (and blocks) follow within this
+  static constexpr uint64_t FIELD = (1u << 20) - 1, GEN = (1u << 24) - 1;   // claim word: gen | C | next
   std::vector<std::thread> th_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> left_{0}, sleepers_{0};
-  const std::function<void(int, int)>* fn_ = nullptr;
-  int T_ = 1;
+  std::atomic<uint64_t> posted_{0}, claim_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  uint64_t gen_ = 0;                          // the calling thread's job number (low 32 bits)
+  const std::function<void(int64_t)>* fn_ = nullptr;
   bool quit_ = false;
   std::mutex m_;
   std::condition_variable cv_;
@@ -104,7 +119,7 @@ inline Pool& pool() {
 }
 
 // [lo, hi) of `n` items for part t of T (contiguous, sizes differing by at most one)
-inline void split(int64_t n, int t, int T, int64_t& lo, int64_t& hi) {
+inline void split(int64_t n, int64_t t, int64_t T, int64_t& lo, int64_t& hi) {
   lo = n * t / T;
   hi = n * (t + 1) / T;
 }
