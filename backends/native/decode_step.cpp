@@ -281,13 +281,13 @@ void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* ou
     jobs.push_back(job(P.icomp.wgate, x, d, B, R.ig.data(), icw));
   }
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  for (int64_t b = 0; b < B; ++b) {          // norms, the kv row's RoPE and its ring slot (a few hundred flops)
+  for_seqs(B, nt, [&](int64_t b) {           // norms, the kv row's RoPE and its ring slot
     rms(R.qr.data() + b * ql, ql, P.q_norm, P.eps);
     float* kv = R.kvr.data() + b * D;
     rms(kv, D, P.kv_norm, P.eps);
     rope(kv, D, P.freqs, P.rope_half, seqs[b].pos, false);
     std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, kv, sizeof(float) * D);
-  }
+  });
   jobs = {job(P.wq_b, R.qr.data(), ql, B, R.q.data(), HD)};
   if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
   run_jobs(jobs.data(), int(jobs.size()), nt);
@@ -353,7 +353,7 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   const int64_t d = P.d, k = P.k, I = P.inter, SI = P.shared_inter, E = P.E;
   std::vector<int64_t> idx(B * k);
   std::vector<float> wgt(B * k);
-  for (int64_t b = 0; b < B; ++b) route(P, x + b * d, ids[b], idx.data() + b * k, wgt.data() + b * k);
+  for_seqs(B, nt, [&](int64_t b) { route(P, x + b * d, ids[b], idx.data() + b * k, wgt.data() + b * k); });
   // slot b*k + j -> its row among expert idx's tokens; experts' rows laid out one after another
   std::vector<int64_t> first(E + 1, 0), row(B * k);
   for (int64_t i = 0; i < B * k; ++i) ++first[idx[i] + 1];
@@ -376,9 +376,11 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
     jobs.push_back(job(P.shared[2], x, d, B, su.data(), SI));
   }
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  for (int64_t i = 0; i < n; ++i) swiglu(g.data() + row[i] * I, u.data() + row[i] * I, I, P.limit, wgt[i]);
-  if (P.shared)
-    for (int64_t b = 0; b < B; ++b) swiglu(sg.data() + b * SI, su.data() + b * SI, SI, P.limit, 1.0f);
+  // the activations (an exp per element) of every routed row, then of the shared rows
+  for_seqs(n + (P.shared ? B : 0), nt, [&](int64_t i) {
+    if (i < n) swiglu(g.data() + row[i] * I, u.data() + row[i] * I, I, P.limit, wgt[i]);
+    else swiglu(sg.data() + (i - n) * SI, su.data() + (i - n) * SI, SI, P.limit, 1.0f);
+  });
   jobs.clear();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t c = first[e + 1] - first[e];
@@ -386,8 +388,9 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   }
   if (P.shared) jobs.push_back(job(P.shared[1], sg.data(), SI, B, st.data(), d));
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  std::vector<int64_t> order(k);
-  for (int64_t b = 0; b < B; ++b) {
+  for_seqs(B, nt, [&](int64_t b) {
+    thread_local std::vector<int64_t> order;
+    order.resize(k);
     const int64_t* ib = idx.data() + b * k;
     for (int64_t j = 0; j < k; ++j) order[j] = j;
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return ib[a] < ib[c]; });
@@ -397,7 +400,7 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
       for (int64_t j : order) r += t[row[b * k + j] * d + i];
       yb[i] = r + (P.shared ? 0.f + st[b * d + i] : 0.f);
     }
-  }
+  });
 }
 
 struct HcP { const float *fn, *base, *scale, *norm; int64_t hc, d, iters; float hc_eps, norm_eps; };
