@@ -195,11 +195,16 @@ def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
 
 
 def seq_params(plan: Plan, sts: list, starts: list[int]):
-    """The kernels' view of each sequence's layer state (room for this step's rows reserved first): SeqP
-    records built as one flat int64 array (a decode step builds B of them per block, so per-field ctypes
-    assignments would cost more than the block's kernels at small widths)."""
-    vals: list[int] = []
+    """The kernels' view of each sequence's layer state, then the counters advanced past this step's rows
+    (the kernel's own rule: `_advance`; the kernel reads only the records, so the counters may move first).
+    Room for the rows is reserved first. Returns (SeqP pointer, the array behind it, for the caller to keep
+    alive during the call), or None, with nothing changed, when a sequence is in a speculative verify step
+    (`mark`-ed pending rows: the per-op path runs). The records are one flat int64 array: a decode step builds
+    B of them per block, and per-field ctypes assignments would cost more than the block's kernels."""
     ratio, csa, W = plan.ratio, plan.csa, plan.W
+    if ratio and any(st.comp_buf.retain is not None for st in sts):
+        return None
+    vals: list[int] = []
     for st, p0 in zip(sts, starts):
         kv = st.kv
         pend = (0, 0, 0)
@@ -218,18 +223,13 @@ def seq_params(plan: Plan, sts: list, starts: list[int]):
             if p0 + 1 - ib.start > ib._kv.shape[0]:
                 ib.reserve(p0 + 1 - ib.start)
             idx = (ik._buf.data_ptr(), ik.n, ib._kv.data_ptr(), ib._score.data_ptr(), ib.start)
+            if _advance(ib, p0, 4, True):
+                ik.n += 1
         vals += (p0, kv._buf.data_ptr(), kv.n - W, *pend, *idx)
+        if ratio and _advance(cb, p0, ratio, csa):
+            kv.n += 1
     arr = array.array("q", vals)                       # ~5x faster to build than a ctypes array
-    return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr   # the caller keeps arr alive
-
-
-def advance_states(plan: Plan, sts: list, starts: list[int]) -> None:
-    """After a kernel call: the counters of the rows it wrote (the same rule as the kernel's)."""
-    for st, p0 in zip(sts, starts):
-        if plan.ratio and _advance(st.comp_buf, p0, plan.ratio, plan.csa):
-            st.kv.n += 1
-        if plan.csa and _advance(st.index_buf, p0, 4, True):
-            st.index_keys.n += 1
+    return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr
 
 
 def plan_for(block):
@@ -243,21 +243,19 @@ def plan_for(block):
 def decode_block(block, X, ids, positions, starts, states):
     """Same contract as `runtime.ops.decode.decode_block`."""
     plan = plan_for(block)
-    sts = [s.layers[block.layer] for s in states]
-    if plan is False or recording() or any(st.comp_buf is not None and st.comp_buf.retain is not None
-                                           for st in sts):
+    layer = block.layer
+    sts = [s.layers[layer] for s in states]
+    params = None if plan is False or recording() else seq_params(plan, sts, starts)
+    if params is None:
         return block.forward_ops(X, ids, positions, starts, states)
-    B = X.shape[0]
-    seqs, _keep = seq_params(plan, sts, starts)
     X = X.contiguous()
     out = torch.empty_like(X)
     ha, A, hf, M = plan.refs
     idv = ids.reshape(-1)
     if idv.dtype != torch.int64 or not idv.is_contiguous():
         idv = idv.to(torch.int64).contiguous()
-    _state["lib"].dsv4d_block(ha, A, hf, M, B, X.data_ptr(), ctypes.cast(idv.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
-                              seqs, out.data_ptr(), torch.get_num_threads())
-    advance_states(plan, sts, starts)
+    _state["lib"].dsv4d_block(ha, A, hf, M, X.shape[0], X.data_ptr(), idv.data_ptr(), params[0], out.data_ptr(),
+                              torch.get_num_threads())
     return out
 
 
@@ -287,7 +285,6 @@ def attention(block, x: torch.Tensor, starts: list[int], states: list) -> torch.
     x = x.contiguous()
     out = torch.empty_like(x)
     library().dsv4d_attn(ctypes.byref(plan.A), x.shape[0], x.data_ptr(), seqs, out.data_ptr(), 1)
-    advance_states(plan, sts, starts)
     return out
 
 
