@@ -405,13 +405,15 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
 
 struct HcP { const float *fn, *base, *scale, *norm; int64_t hc, d, iters; float hc_eps, norm_eps; };
 
-// `dots`: X . fn_j for the (2 + hc) * hc mixes, computed by the caller's stage (null: here, the same values)
-void hc_pre_one(const HcP& P, const float* X, const float* dots, float* x, float* post, float* comb) {
+// mHC pre in three parts, so that a batch runs the Sinkhorn iterations of all its rows at once (lanes = rows):
+// head: the mixes (`dots`: X . fn_j for the (2 + hc) * hc of them, from the caller's stage; null: computed
+// here, the same values), the pre / post gates and comb's row softmax (+ eps); sinkhorn: the alternating
+// normalisations; tail: the weighted stream sum and the sub-block's norm.
+void hc_pre_head(const HcP& P, const float* X, const float* dots, float* pre, float* post, float* comb) {
   const int64_t hc = P.hc, d = P.d, nd = hc * d, nm = (2 + hc) * hc;
   float r = 1.0f / std::sqrt(sumsq(X, nd) / float(nd) + P.norm_eps);
-  thread_local std::vector<float> mix, pre;
+  thread_local std::vector<float> mix;
   mix.resize(nm);
-  pre.resize(hc);
   for (int64_t j = 0; j < nm; ++j) {
     float v;
     if (dots) {
@@ -438,28 +440,54 @@ void hc_pre_one(const HcP& P, const float* X, const float* dots, float* x, float
     for (int64_t j = 0; j < hc; ++j) { cm[i * hc + j] = std::exp(cm[i * hc + j] - mx); sum += cm[i * hc + j]; }
     for (int64_t j = 0; j < hc; ++j) cm[i * hc + j] = cm[i * hc + j] / sum + P.hc_eps;
   }
-  auto cols = [&] {
-    for (int64_t j = 0; j < hc; ++j) {
-      float sum = P.hc_eps;
-      for (int64_t i = 0; i < hc; ++i) sum += cm[i * hc + j];
-      for (int64_t i = 0; i < hc; ++i) cm[i * hc + j] /= sum;
-    }
+}
+
+// the Sinkhorn normalisations of B rows' comb [B, hc, hc] in place: column sums first, then rows and columns
+// alternately. Each row is one lane of the innermost loops: additions and divisions in the same order as for
+// a row alone (no exp or fma here, so vector lanes compute exactly what scalar code does).
+void sinkhorn(const HcP& P, int64_t B, float* comb) {
+  const int64_t hc = P.hc, e = hc * hc;
+  thread_local std::vector<float> t, sum;
+  t.resize(e * B);
+  sum.resize(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < e; ++k) t[k * B + b] = comb[b * e + k];
+  float* __restrict T = t.data();
+  float* __restrict S = sum.data();
+  const float eps = P.hc_eps;
+  auto line = [&](int64_t first, int64_t step) {      // normalise elements first + m * step, m < hc
+    for (int64_t b = 0; b < B; ++b) S[b] = eps;
+    for (int64_t m = 0; m < hc; ++m)
+      for (int64_t b = 0; b < B; ++b) S[b] += T[(first + m * step) * B + b];
+    for (int64_t m = 0; m < hc; ++m)
+      for (int64_t b = 0; b < B; ++b) T[(first + m * step) * B + b] /= S[b];
   };
+  auto cols = [&] { for (int64_t j = 0; j < hc; ++j) line(j, hc); };
   cols();
   for (int64_t it = 1; it < P.iters; ++it) {
-    for (int64_t i = 0; i < hc; ++i) {
-      float sum = P.hc_eps;
-      for (int64_t j = 0; j < hc; ++j) sum += cm[i * hc + j];
-      for (int64_t j = 0; j < hc; ++j) cm[i * hc + j] /= sum;
-    }
+    for (int64_t i = 0; i < hc; ++i) line(i * hc, 1);
     cols();
   }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < e; ++k) comb[b * e + k] = t[k * B + b];
+}
+
+void hc_pre_tail(const HcP& P, const float* X, const float* pre, float* x) {
+  const int64_t hc = P.hc, d = P.d;
   for (int64_t k = 0; k < d; ++k) {
     float v = 0.f;
     for (int64_t i = 0; i < hc; ++i) v += pre[i] * X[i * d + k];
     x[k] = v;
   }
   if (P.norm) rms(x, d, P.norm, P.norm_eps);
+}
+
+void hc_pre_one(const HcP& P, const float* X, float* x, float* post, float* comb) {
+  thread_local std::vector<float> pre;
+  pre.resize(P.hc);
+  hc_pre_head(P, X, nullptr, pre.data(), post, comb);
+  sinkhorn(P, 1, comb);
+  hc_pre_tail(P, X, pre.data(), x);
 }
 
 void hc_post_one(int64_t hc, int64_t d, const float* y, const float* res, const float* post, const float* comb,
@@ -481,7 +509,7 @@ extern "C" {
 // X [T, hc, d] -> x [T, d] (after the norm when P.norm is set), post [T, hc], comb [T, hc, hc]
 void dsv4d_hc_pre(const HcP* P, int64_t T, const float* X, float* x, float* post, float* comb) {
   for (int64_t t = 0; t < T; ++t)
-    hc_pre_one(*P, X + t * P->hc * P->d, nullptr, x + t * P->d, post + t * P->hc, comb + t * P->hc * P->hc);
+    hc_pre_one(*P, X + t * P->hc * P->d, x + t * P->d, post + t * P->hc, comb + t * P->hc * P->hc);
 }
 
 void dsv4d_hc_post(int64_t T, int64_t hc, int64_t d, const float* y, const float* res, const float* post,
@@ -500,34 +528,36 @@ void dsv4d_moe(const MoeP* P, int64_t B, const float* x, const int64_t* ids, flo
   moe_batch(*P, B, x, ids, out, nt);
 }
 
-// rows' mHC mixes X . fn_j [B, (2 + hc) * hc] as one stage of tiles (fn is float32 [(2 + hc) * hc, hc * d])
-void hc_dots(const HcP& P, int64_t B, const float* X, float* dots, int nt) {
-  const int64_t nd = P.hc * P.d, nm = (2 + P.hc) * P.hc;
+// mHC pre of a batch: X [B, hc, d] -> x [B, d] (after the norm), post [B, hc], comb [B, hc, hc]; the mixes
+// X . fn_j [B, (2 + hc) * hc] as one stage of tiles (fn is float32 [(2 + hc) * hc, hc * d])
+void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post, float* comb, int nt) {
+  const int64_t hc = P.hc, d = P.d, nd = hc * d, nm = (2 + hc) * hc;
+  thread_local std::vector<float> dots, pre;
+  dots.resize(B * nm);
+  pre.resize(B * hc);
   const Lin fn{0, P.fn, nd, nullptr, 0, nm, nd};
-  const Job j = job(fn, X, nd, B, dots, nm);
+  const Job j = job(fn, X, nd, B, dots.data(), nm);
   run_jobs(&j, 1, nt);
+  float *D = dots.data(), *Pr = pre.data();
+  for_seqs(B, nt, [&](int64_t b) {
+    hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
+  });
+  sinkhorn(P, B, comb);
+  for_seqs(B, nt, [&](int64_t b) { hc_pre_tail(P, X + b * nd, Pr + b * hc, x + b * d); });
 }
 
 // One block's decode step: X [B, hc, d] -> Xo [B, hc, d]
 void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, const float* X,
                  const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
-  const int64_t hc = ha->hc, d = ha->d, nd = hc * d, nm = (2 + hc) * hc;
-  std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd), dots(B * nm);
-  hc_dots(*ha, B, X, dots.data(), nt);
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_pre_one(*ha, X + b * nd, dots.data() + b * nm, x.data() + b * d, post.data() + b * hc,
-               comb.data() + b * hc * hc);
-  });
+  const int64_t hc = ha->hc, d = ha->d, nd = hc * d;
+  std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd);
+  hc_pre_batch(*ha, B, X, x.data(), post.data(), comb.data(), nt);
   attn_batch(*A, B, x.data(), seqs, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, X + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
                 mid.data() + b * nd);
   });
-  hc_dots(*hf, B, mid.data(), dots.data(), nt);
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_pre_one(*hf, mid.data() + b * nd, dots.data() + b * nm, x.data() + b * d, post.data() + b * hc,
-               comb.data() + b * hc * hc);
-  });
+  hc_pre_batch(*hf, B, mid.data(), x.data(), post.data(), comb.data(), nt);
   moe_batch(*M, B, x.data(), ids, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, mid.data() + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
