@@ -168,6 +168,40 @@ int comp_step(const Comp& C, const float* kv, const float* gate, int64_t pos, fl
   return 1;
 }
 
+// out[i] = sum_j p[j] * kv[rows[j]][i], j in order for every element (from zero, one multiply-add per term);
+// 64 elements at a time held in registers across all j on AVX-512
+inline void weighted_rows(const float* p, const float* kv, const int64_t* rows, int64_t K, int64_t D, float* out) {
+  int64_t i0 = 0;
+#if defined(__AVX512F__)
+  for (; i0 + 64 <= D; i0 += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < K; ++j) {
+      const float* v = kv + rows[j] * D + i0;
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      a0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), a0);
+      a1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), a1);
+      a2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), a2);
+      a3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), a3);
+    }
+    _mm512_storeu_ps(out + i0, a0);
+    _mm512_storeu_ps(out + i0 + 16, a1);
+    _mm512_storeu_ps(out + i0 + 32, a2);
+    _mm512_storeu_ps(out + i0 + 48, a3);
+  }
+  for (int64_t i = i0; i < D; ++i) {
+    float a = 0.f;
+    for (int64_t j = 0; j < K; ++j) a = std::fma(p[j], kv[rows[j] * D + i], a);
+    out[i] = a;
+  }
+#else
+  std::memset(out, 0, sizeof(float) * D);
+  for (int64_t j = 0; j < K; ++j) {
+    const float* __restrict v = kv + rows[j] * D;
+    for (int64_t i = 0; i < D; ++i) out[i] += p[j] * v[i];
+  }
+#endif
+}
+
 // One attention layer's per-token rows of a batch, each [B, width] (the stage linears' outputs).
 struct AttnRows {
   std::vector<float> qr, kvr, q, o, z, ckv, cg, iw, ikv, ig, iq;
@@ -251,16 +285,10 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
     for (int64_t j = 0; j < K; ++j) { sh[j] = std::exp(sh[j] - mx); dn += sh[j]; }
     den[h] = dn;
   }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < K; ++j) s[h * K + j] /= den[h];
   float* o = R.o.data() + b * H * D;
-  std::memset(o, 0, sizeof(float) * H * D);
-  for (int64_t j = 0; j < K; ++j) {          // o[h] += p[h, j] * v_j, j in order for every element
-    const float* __restrict v = S.kv + rows[j] * D;
-    for (int64_t h = 0; h < H; ++h) {
-      const float p = s[h * K + j] / den[h];
-      float* __restrict oh = o + h * D;
-      for (int64_t i = 0; i < D; ++i) oh[i] += p * v[i];
-    }
-  }
+  for (int64_t h = 0; h < H; ++h) weighted_rows(s.data() + h * K, S.kv, rows.data(), K, D, o + h * D);
   for (int64_t h = 0; h < H; ++h) rope_cs(o + h * D, D, cs.data(), P.rope_half, true);
 }
 
