@@ -17,6 +17,7 @@ tap recorder is active (parity taps live in the per-op code).
 
 from __future__ import annotations
 
+import array
 import ctypes
 from pathlib import Path
 
@@ -194,33 +195,41 @@ def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
 
 
 def seq_params(plan: Plan, sts: list, starts: list[int]):
-    """The kernels' view of each sequence's layer state (room for this step's rows reserved first)."""
-    seqs = (SeqP * len(sts))()
-    for sp, st, p0 in zip(seqs, sts, starts):
-        sp.pos = p0
-        kv = st.kv
-        if plan.ratio:
-            kv.reserve(1)
-            cb = st.comp_buf
-            cb.reserve(p0 + 1 - cb.start)
-            sp.pk, sp.ps, sp.pstart = cb._kv.data_ptr(), cb._score.data_ptr(), cb.start
-        sp.kv, sp.n_entries = kv._buf.data_ptr(), kv.n - plan.W
-        if plan.csa:
-            ik, ib = st.index_keys, st.index_buf
-            ik.reserve(1)
-            ib.reserve(p0 + 1 - ib.start)
-            sp.ikeys, sp.n_index = ik._buf.data_ptr(), ik.n
-            sp.ipk, sp.ips, sp.ipstart = ib._kv.data_ptr(), ib._score.data_ptr(), ib.start
-    return seqs
-
-
-def advance_states(plan: Plan, sts: list, starts: list[int]) -> None:
-    """After a kernel call: the counters of the rows it wrote (the same rule as the kernel's)."""
+    """The kernels' view of each sequence's layer state, then the counters advanced past this step's rows
+    (the kernel's own rule: `_advance`; the kernel reads only the records, so the counters may move first).
+    Room for the rows is reserved first. Returns (SeqP pointer, the array behind it, for the caller to keep
+    alive during the call), or None, with nothing changed, when a sequence is in a speculative verify step
+    (`mark`-ed pending rows: the per-op path runs). The records are one flat int64 array: a decode step builds
+    B of them per block, and per-field ctypes assignments would cost more than the block's kernels."""
+    ratio, csa, W = plan.ratio, plan.csa, plan.W
+    if ratio and any(st.comp_buf.retain is not None for st in sts):
+        return None
+    vals: list[int] = []
     for st, p0 in zip(sts, starts):
-        if plan.ratio and _advance(st.comp_buf, p0, plan.ratio, plan.csa):
-            st.kv.n += 1
-        if plan.csa and _advance(st.index_buf, p0, 4, True):
-            st.index_keys.n += 1
+        kv = st.kv
+        pend = (0, 0, 0)
+        if ratio:
+            if kv.n >= kv._buf.shape[0]:
+                kv.reserve(1)
+            cb = st.comp_buf
+            if p0 + 1 - cb.start > cb._kv.shape[0]:
+                cb.reserve(p0 + 1 - cb.start)
+            pend = (cb._kv.data_ptr(), cb._score.data_ptr(), cb.start)
+        idx = (0, 0, 0, 0, 0)
+        if csa:
+            ik, ib = st.index_keys, st.index_buf
+            if ik.n >= ik._buf.shape[0]:
+                ik.reserve(1)
+            if p0 + 1 - ib.start > ib._kv.shape[0]:
+                ib.reserve(p0 + 1 - ib.start)
+            idx = (ik._buf.data_ptr(), ik.n, ib._kv.data_ptr(), ib._score.data_ptr(), ib.start)
+            if _advance(ib, p0, 4, True):
+                ik.n += 1
+        vals += (p0, kv._buf.data_ptr(), kv.n - W, *pend, *idx)
+        if ratio and _advance(cb, p0, ratio, csa):
+            kv.n += 1
+    arr = array.array("q", vals)                       # ~5x faster to build than a ctypes array
+    return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr
 
 
 def plan_for(block):
@@ -234,18 +243,19 @@ def plan_for(block):
 def decode_block(block, X, ids, positions, starts, states):
     """Same contract as `runtime.ops.decode.decode_block`."""
     plan = plan_for(block)
-    sts = [s.layers[block.layer] for s in states]
-    if plan is False or recording() or any(st.comp_buf is not None and st.comp_buf.retain is not None
-                                           for st in sts):
+    layer = block.layer
+    sts = [s.layers[layer] for s in states]
+    params = None if plan is False or recording() else seq_params(plan, sts, starts)
+    if params is None:
         return block.forward_ops(X, ids, positions, starts, states)
-    B = X.shape[0]
-    seqs = seq_params(plan, sts, starts)
     X = X.contiguous()
     out = torch.empty_like(X)
     ha, A, hf, M = plan.refs
-    _state["lib"].dsv4d_block(ha, A, hf, M, B, X.data_ptr(), (ctypes.c_int64 * B)(*ids.reshape(-1).tolist()), seqs,
-                              out.data_ptr(), torch.get_num_threads())
-    advance_states(plan, sts, starts)
+    idv = ids.reshape(-1)
+    if idv.dtype != torch.int64 or not idv.is_contiguous():
+        idv = idv.to(torch.int64).contiguous()
+    _state["lib"].dsv4d_block(ha, A, hf, M, X.shape[0], X.data_ptr(), idv.data_ptr(), params[0], out.data_ptr(),
+                              torch.get_num_threads())
     return out
 
 
@@ -271,11 +281,10 @@ def attention(block, x: torch.Tensor, starts: list[int], states: list) -> torch.
     """x [B, d] (after attn_norm), one token per sequence -> [B, d]; updates the sequences' layer states."""
     plan = plan_for(block)
     sts = [s.layers[block.layer] for s in states]
-    seqs = seq_params(plan, sts, starts)
+    seqs, _keep = seq_params(plan, sts, starts)
     x = x.contiguous()
     out = torch.empty_like(x)
     library().dsv4d_attn(ctypes.byref(plan.A), x.shape[0], x.data_ptr(), seqs, out.data_ptr(), 1)
-    advance_states(plan, sts, starts)
     return out
 
 
@@ -291,7 +300,7 @@ impl("decode_block", "cpu.native_fused", "cpu", decode_block, prepare=_prepare)
 # Where the fused step refuses (numerics that round inside the step, no compiler), dispatch runs the reference
 # -- the block's per-op step over the table's own fast ops -- and its row names the refusal.
 
-SMALL_T = 8          # hc_head: tokens up to which the native collapse runs (a decode step's), else the reference
+SMALL_T = 64         # hc_head: tokens up to which the native collapse runs (a decode step of up to 64 rows), else the reference
 
 
 def hc_head(X, fn, base, scale, hc_eps: float, norm_eps: float):

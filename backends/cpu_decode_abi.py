@@ -46,7 +46,7 @@ def bind(lib):
     lib.dsv4d_hc_post.argtypes = [i64, i64, i64, vp, vp, vp, vp, vp]
     lib.dsv4d_attn.argtypes = [P(AttnP), i64, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_moe.argtypes = [P(MoeP), i64, vp, vp, vp, ctypes.c_int]
-    lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, P(i64), P(SeqP), vp, ctypes.c_int]
+    lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block"):
         getattr(lib, f).restype = None

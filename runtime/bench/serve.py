@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--shared", type=int, default=15900)
     ap.add_argument("--no-plain", action="store_true", help="skip the non-invariant comparison")
+    ap.add_argument("--no-ttft", action="store_true", help="skip the 16K-token time-to-first-token runs")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
     try:
@@ -112,14 +113,16 @@ def main(argv=None) -> int:
         base = res["decode"][0]["invariant_tok_s"]
         for row in res["decode"]:
             row["speedup_vs_1"] = row["invariant_tok_s"] / base
-        res["ttft"] = ttft(inv, a.context, a.shared)
+        if not a.no_ttft:
+            res["ttft"] = ttft(inv, a.context, a.shared)
     print(f"{'conc':>5} {'tok/s (invariant)':>18} {'x vs 1':>7} {'tok/s (plain table)':>20}")
     for r in res["decode"]:
         print(f"{r['concurrency']:>5} {r['invariant_tok_s']:>18.1f} {r['speedup_vs_1']:>7.2f} "
               f"{r.get('plain_tok_s', float('nan')):>20.1f}")
     t = res["ttft"]
-    print(f"TTFT {t['context']:,}-token prompt: cold {t['cold_s']:.2f} s, with {t['cached_tokens']:,} cached "
-          f"{t['hit_s']:.3f} s ({100 * t['hit_over_cold']:.1f}% of cold)")
+    if t is not None:
+        print(f"TTFT {t['context']:,}-token prompt: cold {t['cold_s']:.2f} s, with {t['cached_tokens']:,} cached "
+              f"{t['hit_s']:.3f} s ({100 * t['hit_over_cold']:.1f}% of cold)")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

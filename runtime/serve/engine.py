@@ -90,6 +90,7 @@ class Engine:
         self.block = cache.block if cache is not None else block
         self.prefill_tokens = max(prefill_tokens, self.block)
         self.cache, self.metrics = cache, metrics or Metrics()
+        self.metrics.state_bytes.set_function(self.state_bytes)   # computed when scraped, not every step
         self.spec = 0                          # tokens a step may feed past the last emitted one
         if speculative is not None:
             from .speculate import check
@@ -159,7 +160,9 @@ class Engine:
             self.cv.notify_all()
 
     def state_bytes(self) -> int:
-        return sum(s.state.nbytes() for s in list(self.running) if s.state is not None)
+        # read at each /metrics scrape (the gauge's function) from the HTTP thread: a snapshot of the list,
+        # and a state freed meanwhile counts 0
+        return sum(st.nbytes() for st in [s.state for s in list(self.running)] if st is not None)
 
     def idle(self) -> bool:
         with self.cv:
@@ -218,7 +221,6 @@ class Engine:
         m = self.metrics
         m.running.set(len(self.running))
         m.waiting.set(len(self.waiting))
-        m.state_bytes.set(self.state_bytes())
         if self.cache is not None:
             m.cache_bytes.set(self.cache.bytes)
 
@@ -265,8 +267,14 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         logits = self.exec.decode(seqs, [s.out[-1] for s in seqs])
+        # greedy rows without a grammar: one argmax over the whole batch (the first maximum, as `sample`'s
+        # per-row argmax), not one sampling call per sequence
+        top = logits.argmax(-1).tolist()
         for i, s in enumerate(seqs):
-            self._emit(s, logits[i])
+            if s.params.temperature == 0 and not hasattr(s.output, "constrain"):
+                self._take(s, top[i], logits[i])
+            else:
+                self._emit(s, logits[i])
 
     def _emit(self, seq: Sequence, row: torch.Tensor) -> None:
         """Choose seq's next token from its logits row [V], hand it to its output, finish if it stopped."""

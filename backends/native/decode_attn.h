@@ -1,0 +1,318 @@
+// The fused decode step's attention sub-block (included by decode_step.cpp after decode_linear.h): the small
+// float32 helpers the kernels share (lane dot products, RMS norm, RoPE), the compressors' per-token update,
+// the per-sequence attention core (q norms / RoPE, compressors, indexer top-k, attention with the sink) and
+// `attn_batch`, which runs a batch's projections as stages of tiles around the cores. See decode_step.cpp.
+#pragma once
+
+#include <cmath>
+
+#include "decode_linear.h"
+
+namespace {
+
+// Lane accumulation for the fused kernels' own dot products: plain loops over LANES accumulators that the
+// compiler vectorises. acc[0..LANES) += a[0..n) * b[0..n) for the multiple-of-LANES head; returns the tail.
+inline float fma_lanes(float* __restrict acc, const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int j = 0; j < LANES; ++j) acc[j] += a[i + j] * b[i + j];
+  float t = 0.f;
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
+}
+
+inline float sumsq(const float* x, int64_t n) {
+  alignas(64) float acc[LANES] = {0};
+  float t = fma_lanes(acc, x, x, n);
+  return reduce(acc) + t;
+}
+
+// in place: x * rsqrt(mean(x^2) + eps) (* w)
+inline void rms(float* x, int64_t n, const float* w, float eps) {
+  float r = 1.0f / std::sqrt(sumsq(x, n) / float(n) + eps);
+  if (w) for (int64_t i = 0; i < n; ++i) x[i] = x[i] * r * w[i];
+  else for (int64_t i = 0; i < n; ++i) x[i] *= r;
+}
+
+// interleaved-pair RoPE of the trailing 2*half dims of x at position pos (inverse: conjugate)
+inline void rope(float* x, int64_t dim, const float* freqs, int64_t half, int64_t pos, bool inverse) {
+  float* r = x + dim - 2 * half;
+  for (int64_t k = 0; k < half; ++k) {
+    float ang = float(pos) * freqs[k];
+    float c = std::cos(ang), s = inverse ? -std::sin(ang) : std::sin(ang);
+    float a = r[2 * k], b = r[2 * k + 1];
+    r[2 * k] = a * c - b * s;
+    r[2 * k + 1] = a * s + b * c;
+  }
+}
+
+// RoPE with the cos / sin of one position precomputed (cs[2k], cs[2k+1]: the same values `rope` computes),
+// for the many heads rotated at the same position
+inline void trig(const float* freqs, int64_t half, int64_t pos, float* cs) {
+  for (int64_t k = 0; k < half; ++k) {
+    float ang = float(pos) * freqs[k];
+    cs[2 * k] = std::cos(ang);
+    cs[2 * k + 1] = std::sin(ang);
+  }
+}
+inline void rope_cs(float* x, int64_t dim, const float* cs, int64_t half, bool inverse) {
+  float* r = x + dim - 2 * half;
+  for (int64_t k = 0; k < half; ++k) {
+    float c = cs[2 * k], s = inverse ? -cs[2 * k + 1] : cs[2 * k + 1];
+    float a = r[2 * k], b = r[2 * k + 1];
+    r[2 * k] = a * c - b * s;
+    r[2 * k + 1] = a * s + b * c;
+  }
+}
+
+inline float sigm(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// The indexer's heads against one key, four heads at a time sharing each key load (measured faster than one
+// head at a time): y[r] = sum_k key[k] * q_r[k] for r < rows.
+inline void dot4(const float* __restrict key, const float* __restrict q0, int64_t ldq, int64_t K, int rows,
+                 float* __restrict y) {
+  const float* qs[4];
+  for (int r = 0; r < 4; ++r) qs[r] = q0 + (r < rows ? r : 0) * ldq;
+  alignas(64) float p[4][LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= K; i += LANES)
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < LANES; ++j) p[r][j] += key[i + j] * qs[r][i + j];
+  for (int r = 0; r < rows; ++r) {
+    float tail = 0.f;
+    for (int64_t m = i; m < K; ++m) tail += key[m] * qs[r][m];
+    y[r] = reduce(p[r]) + tail;
+  }
+}
+
+struct Comp {            // one compressor's weights
+  Lin wkv, wgate;
+  const float* ape;      // [m, coff*c]
+  const float* norm;     // [c]
+  int64_t m, overlap, c;
+};
+
+struct AttnP {           // one attention layer's weights and dims
+  Lin wq_a, wq_b, wkv, wo_a, wo_b, iwq_b, iw_proj;
+  const float *q_norm, *kv_norm, *sink, *freqs;
+  Comp comp, icomp;
+  int64_t d, H, D, rope_half, q_lora, G, o_lora, W, ratio, csa;
+  int64_t ih, idim, topk;
+  float eps, iscale;
+};
+
+struct SeqP {            // one sequence's state of this layer (pointers into its torch buffers)
+  int64_t pos;
+  float* kv;             // [W + entries (+1 room), D]: ring then compressed entries
+  int64_t n_entries;
+  float *pk, *ps;        // compressor pending values / scores [cap, coff*c]
+  int64_t pstart;
+  float* ikeys;          // [n_index (+1 room), idim]
+  int64_t n_index;
+  float *ipk, *ips;
+  int64_t ipstart;
+};
+
+inline int64_t comp_width(const Comp& C) { return (C.overlap ? 2 : 1) * C.c; }
+
+// Add token `pos`'s projected row (kv, gate: C.wkv / C.wgate of x, computed by the stage's linears) to a
+// compressor's pending rows; pool the window it closes into out[row] (norm, RoPE at the window start).
+// Returns 1 when an entry was written. The caller's counters follow the same rule (runtime/model/decode.py):
+// keep = stop*m - (m if overlap), pending start = keep.
+int comp_step(const Comp& C, const float* kv, const float* gate, int64_t pos, float* pk, float* ps,
+              int64_t pstart, float* out, const float* freqs, int64_t half, float eps) {
+  const int64_t width = comp_width(C), m = C.m;
+  const int64_t row = pos - pstart;
+  std::memcpy(pk + row * width, kv, sizeof(float) * width);
+  const float* a = C.ape + (pos % m) * width;
+  for (int64_t j = 0; j < width; ++j) ps[row * width + j] = gate[j] + a[j];
+  if ((pos + 1) % m) return 0;
+  const int64_t w = (pos + 1) / m - 1;       // the closing window
+  const int64_t c = C.c;
+  // slots: overlap -> window w-1's first half channels (rows [0, m) when w >= 1) then window w's second half
+  const int64_t cur = C.overlap ? (w >= 1 ? m : 0) : 0;   // row of window w's first slot in pending
+  for (int64_t ch = 0; ch < c; ++ch) {
+    float mx = -INFINITY;
+    auto each = [&](auto f) {
+      if (C.overlap && w >= 1)
+        for (int64_t i = 0; i < m; ++i) f(ps[i * width + ch], pk[i * width + ch]);
+      const int64_t off = C.overlap ? c : 0;
+      for (int64_t i = 0; i < m; ++i) f(ps[(cur + i) * width + off + ch], pk[(cur + i) * width + off + ch]);
+    };
+    each([&](float s, float) { mx = std::max(mx, s); });
+    float den = 0.f, num = 0.f;
+    each([&](float s, float v) { float e = std::exp(s - mx); den += e; num += e * v; });
+    out[ch] = num / den;
+  }
+  rms(out, c, C.norm, eps);
+  rope(out, c, freqs, half, w * m, false);
+  // keep the last closed window for an overlapping compressor: rows [m, 2m) -> [0, m)
+  if (C.overlap && cur == m) {
+    std::memmove(pk, pk + m * width, sizeof(float) * m * width);
+    std::memmove(ps, ps + m * width, sizeof(float) * m * width);
+  }
+  return 1;
+}
+
+// out[i] = sum_j p[j] * kv[rows[j]][i], j in order for every element (from zero, one multiply-add per term);
+// 64 elements at a time held in registers across all j on AVX-512
+inline void weighted_rows(const float* p, const float* kv, const int64_t* rows, int64_t K, int64_t D, float* out) {
+  int64_t i0 = 0;
+#if defined(__AVX512F__)
+  for (; i0 + 64 <= D; i0 += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < K; ++j) {
+      const float* v = kv + rows[j] * D + i0;
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      a0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), a0);
+      a1 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16), a1);
+      a2 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 32), a2);
+      a3 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 48), a3);
+    }
+    _mm512_storeu_ps(out + i0, a0);
+    _mm512_storeu_ps(out + i0 + 16, a1);
+    _mm512_storeu_ps(out + i0 + 32, a2);
+    _mm512_storeu_ps(out + i0 + 48, a3);
+  }
+  for (int64_t i = i0; i < D; ++i) {
+    float a = 0.f;
+    for (int64_t j = 0; j < K; ++j) a = std::fma(p[j], kv[rows[j] * D + i], a);
+    out[i] = a;
+  }
+#else
+  std::memset(out, 0, sizeof(float) * D);
+  for (int64_t j = 0; j < K; ++j) {
+    const float* __restrict v = kv + rows[j] * D;
+    for (int64_t i = 0; i < D; ++i) out[i] += p[j] * v[i];
+  }
+#endif
+}
+
+// One attention layer's per-token rows of a batch, each [B, width] (the stage linears' outputs).
+struct AttnRows {
+  std::vector<float> qr, kvr, q, o, z, ckv, cg, iw, ikv, ig, iq;
+  AttnRows(const AttnP& P, int64_t B)
+      : qr(B * P.q_lora), kvr(B * P.D), q(B * P.H * P.D), o(B * P.H * P.D), z(B * P.G * P.o_lora),
+        ckv(P.ratio ? B * comp_width(P.comp) : 0), cg(ckv.size()), iw(P.csa ? B * P.ih : 0),
+        ikv(P.csa ? B * comp_width(P.icomp) : 0), ig(ikv.size()), iq(P.csa ? B * P.ih * P.idim : 0) {}
+};
+
+// Sequence b's attention after the projections: q norms / RoPE, compressors, indexer top-k, attention over
+// window + entries with the sink, inverse RoPE -> R.o row b. The ring row was written by the caller.
+void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
+  const int64_t H = P.H, D = P.D, pos = S.pos;
+  thread_local std::vector<float> cs, s, den, sc, hs;
+  thread_local std::vector<int64_t> rows, ord;
+  cs.resize(2 * P.rope_half);
+  trig(P.freqs, P.rope_half, pos, cs.data());
+  float* q = R.q.data() + b * H * D;
+  for (int64_t h = 0; h < H; ++h) {
+    rms(q + h * D, D, nullptr, P.eps);
+    rope_cs(q + h * D, D, cs.data(), P.rope_half, false);
+  }
+  int64_t n_ent = S.n_entries;
+  if (P.ratio) {
+    const int64_t cw = comp_width(P.comp);
+    n_ent += comp_step(P.comp, R.ckv.data() + b * cw, R.cg.data() + b * cw, pos, S.pk, S.ps, S.pstart,
+                       S.kv + (P.W + n_ent) * D, P.freqs, P.rope_half, P.eps);
+  }
+  rows.clear();                              // pool rows this query reads: window slots, then entries
+  for (int64_t t = pos - P.W + 1; t <= pos; ++t) if (t >= 0) rows.push_back(t % P.W);
+  if (P.ratio) {
+    const int64_t n_vis = (pos + 1) / P.ratio;
+    if (P.csa) {
+      float* iq = R.iq.data() + b * P.ih * P.idim;
+      float* iw = R.iw.data() + b * P.ih;
+      for (int64_t h = 0; h < P.ih; ++h) rope_cs(iq + h * P.idim, P.idim, cs.data(), P.rope_half, false);
+      for (int64_t h = 0; h < P.ih; ++h) iw[h] *= P.iscale;
+      const int64_t icw = comp_width(P.icomp);
+      int64_t n_idx = S.n_index + comp_step(P.icomp, R.ikv.data() + b * icw, R.ig.data() + b * icw, pos, S.ipk,
+                                            S.ips, S.ipstart, S.ikeys + S.n_index * P.idim, P.freqs,
+                                            P.rope_half, P.eps);
+      const int64_t n = std::min(n_vis, n_idx), k = std::min(P.topk, n_vis);
+      sc.resize(n);
+      hs.resize(P.ih);
+      for (int64_t e = 0; e < n; ++e) {        // relu(q_h . key) for every head (4 at a time), weighted, summed
+        const float* key = S.ikeys + e * P.idim;
+        for (int64_t h = 0; h < P.ih; h += 4)
+          dot4(key, iq + h * P.idim, P.idim, P.idim, int(std::min<int64_t>(4, P.ih - h)), hs.data() + h);
+        float tot = 0.f;
+        for (int64_t h = 0; h < P.ih; ++h) tot += std::max(hs[h], 0.f) * iw[h];
+        sc[e] = tot;
+      }
+      ord.resize(n);
+      for (int64_t e = 0; e < n; ++e) ord[e] = e;
+      const int64_t kk = std::min(k, n);
+      std::partial_sort(ord.begin(), ord.begin() + kk, ord.end(), [&](int64_t a, int64_t b) {
+        return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);   // the reference's stable descending sort
+      });
+      for (int64_t j = 0; j < kk; ++j) rows.push_back(P.W + ord[j]);
+    } else {
+      for (int64_t e = 0; e < n_vis; ++e) rows.push_back(P.W + e);
+    }
+  }
+  // attention with the sink: p_j = exp(s_j) / (sum exp(s_j) + exp(sink_h)). Scores s[h, j] = q_h . kv[rows[j]]
+  // by the linear tiles over each run of consecutive pool rows (the ring's two halves, HCA's entries).
+  const float scale = 1.0f / std::sqrt(float(D));
+  const int64_t K = int64_t(rows.size());
+  s.resize(H * K);
+  den.resize(H);
+  for (int64_t j0 = 0; j0 < K;) {
+    int64_t j1 = j0 + 1;
+    while (j1 < K && rows[j1] == rows[j1 - 1] + 1) ++j1;
+    rows_batch(q, D, H, S.kv + rows[j0] * D, D, D, 0, j1 - j0, 0, s.data() + j0, K);
+    j0 = j1;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = s.data() + h * K;
+    float mx = P.sink[h];
+    for (int64_t j = 0; j < K; ++j) { sh[j] *= scale; mx = std::max(mx, sh[j]); }
+    float dn = std::exp(P.sink[h] - mx);
+    for (int64_t j = 0; j < K; ++j) { sh[j] = std::exp(sh[j] - mx); dn += sh[j]; }
+    den[h] = dn;
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < K; ++j) s[h * K + j] /= den[h];
+  float* o = R.o.data() + b * H * D;
+  for (int64_t h = 0; h < H; ++h) weighted_rows(s.data() + h * K, S.kv, rows.data(), K, D, o + h * D);
+  for (int64_t h = 0; h < H; ++h) rope_cs(o + h * D, D, cs.data(), P.rope_half, true);
+}
+
+// x [B, d] (after attn_norm), one token per sequence -> out [B, d]; updates the sequences' states.
+void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* out, int nt) {
+  const int64_t d = P.d, D = P.D, HD = P.H * P.D, ql = P.q_lora, ol = P.o_lora, G = P.G;
+  AttnRows R(P, B);
+  std::vector<Job> jobs{job(P.wq_a, x, d, B, R.qr.data(), ql), job(P.wkv, x, d, B, R.kvr.data(), D)};
+  if (P.ratio) {
+    const int64_t cw = comp_width(P.comp);
+    jobs.push_back(job(P.comp.wkv, x, d, B, R.ckv.data(), cw));
+    jobs.push_back(job(P.comp.wgate, x, d, B, R.cg.data(), cw));
+  }
+  if (P.csa) {
+    const int64_t icw = comp_width(P.icomp);
+    jobs.push_back(job(P.iw_proj, x, d, B, R.iw.data(), P.ih));
+    jobs.push_back(job(P.icomp.wkv, x, d, B, R.ikv.data(), icw));
+    jobs.push_back(job(P.icomp.wgate, x, d, B, R.ig.data(), icw));
+  }
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  for_seqs(B, nt, [&](int64_t b) {           // norms, the kv row's RoPE and its ring slot
+    rms(R.qr.data() + b * ql, ql, P.q_norm, P.eps);
+    float* kv = R.kvr.data() + b * D;
+    rms(kv, D, P.kv_norm, P.eps);
+    rope(kv, D, P.freqs, P.rope_half, seqs[b].pos, false);
+    std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, kv, sizeof(float) * D);
+  });
+  jobs = {job(P.wq_b, R.qr.data(), ql, B, R.q.data(), HD)};
+  if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  for_seqs(B, nt, [&](int64_t b) { attn_core(P, R, b, seqs[b]); });
+  const int64_t per = HD / G;                // wo_a: group g's rows [g*o_lora, (g+1)*o_lora) read o[g*per..]
+  jobs.clear();
+  for (int64_t g = 0; g < G; ++g)
+    jobs.push_back(Job{&P.wo_a, R.o.data() + g * per, HD, B, R.z.data() + g * ol, G * ol, g * ol, (g + 1) * ol});
+  run_jobs(jobs.data(), int(jobs.size()), nt);
+  jobs = {job(P.wo_b, R.z.data(), G * ol, B, out, d)};
+  run_jobs(jobs.data(), 1, nt);
+}
+
+}  // namespace

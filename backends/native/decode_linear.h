@@ -1,0 +1,202 @@
+// The fused decode step's linears (included by decode_step.cpp after stored_gemm.cpp): a stage's linears run
+// as one list of jobs whose output rows are split over the pool's threads (decode_pool.h), and each weight
+// row is read once for all B rows of the batch (a small model's decode reads its weights from the last-level
+// cache, so re-reading them per sequence is what a step waits on).
+// Batch invariance: row b's value is sum_k x[b, k] W[n, k] accumulated by the same code whatever B, the
+// thread split or the neighbouring rows: LANES per-lane accumulators over k in order, the lanes reduced by one
+// fixed tree, then the K % LANES tail (`tile`, whose shape only decides which loads are shared).
+#pragma once
+
+#include "decode_pool.h"
+
+namespace {
+
+struct Lin {             // one linear's weight in its stored format
+  int64_t kind;          // 0 float32, 1 bf16, 2 fp8 block, 3 fp4 experts
+  const void* w;
+  int64_t ldw;           // row stride of w (elements / bytes)
+  const uint8_t* s;      // scales (fp8 / fp4)
+  int64_t lds;
+  int64_t N, K;
+};
+
+inline float widen(uint16_t h) { return bits_f(uint32_t(h) << 16); }   // bf16
+inline float widen(float v) { return v; }
+
+// The lanes of an accumulator summed as a fixed tree (halves, quarters, pairs: what the AVX-512 path's
+// shuffles compute), a few dependent adds instead of a LANES-long chain.
+inline float reduce(const float* a) {
+  static_assert(LANES == 16, "the tree below sums 16 lanes");
+  float r8[8], r4[4];
+  for (int i = 0; i < 8; ++i) r8[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) r4[i] = r8[i] + r8[i + 4];
+  return (r4[0] + r4[2]) + (r4[1] + r4[3]);
+}
+
+#if defined(__AVX512F__)
+inline float reduce(__m512 v) {          // the same tree as reduce(const float*)
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+#endif
+
+// A tile of RW weight rows x RX rows of x: y[c * ldy + r] = sum_k x[c * ldx + k] * w[r * ldw + k]. Each
+// (r, c) pair has its own LANES accumulators, fed in k order and reduced by one fixed tree, then the K % LANES
+// tail: the same arithmetic for every tile shape (shapes only change how many loads are shared).
+#if defined(__AVX512F__)
+template <int RW, int RX, class T>
+inline void tile(const float* __restrict x, int64_t ldx, const T* __restrict w, int64_t ldw, int64_t K,
+                 float* __restrict y, int64_t ldy) {
+  static_assert(LANES == 16, "one zmm of accumulators per pair");
+  __m512 acc[RW][RX];
+  for (int r = 0; r < RW; ++r)
+    for (int c = 0; c < RX; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    __m512 wv[RW];
+    for (int r = 0; r < RW; ++r) {
+      if constexpr (sizeof(T) == 2)    // bf16: the high half of a float32
+        wv[r] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + r * ldw + i))), 16));
+      else
+        wv[r] = _mm512_loadu_ps((const float*)(w + r * ldw + i));
+    }
+    for (int c = 0; c < RX; ++c) {
+      const __m512 xv = _mm512_loadu_ps(x + c * ldx + i);
+      for (int r = 0; r < RW; ++r) acc[r][c] = _mm512_fmadd_ps(xv, wv[r], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int c = 0; c < RX; ++c) {
+      float t = 0.f;
+      for (int64_t m = i; m < K; ++m) t += x[c * ldx + m] * widen(w[r * ldw + m]);
+      y[c * ldy + r] = reduce(acc[r][c]) + t;
+    }
+}
+#else
+template <int RW, int RX, class T>
+inline void tile(const float* __restrict x, int64_t ldx, const T* __restrict w, int64_t ldw, int64_t K,
+                 float* __restrict y, int64_t ldy) {
+  alignas(64) float acc[RW][RX][LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= K; i += LANES) {
+    alignas(64) float wv[RW][LANES];
+    for (int r = 0; r < RW; ++r)
+      for (int j = 0; j < LANES; ++j) wv[r][j] = widen(w[r * ldw + i + j]);
+    for (int c = 0; c < RX; ++c)
+      for (int r = 0; r < RW; ++r)
+        for (int j = 0; j < LANES; ++j) acc[r][c][j] += x[c * ldx + i + j] * wv[r][j];
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int c = 0; c < RX; ++c) {
+      float t = 0.f;
+      for (int64_t m = i; m < K; ++m) t += x[c * ldx + m] * widen(w[r * ldw + m]);
+      y[c * ldy + r] = reduce(acc[r][c]) + t;
+    }
+}
+#endif
+
+template <int RW, class T>
+inline void tile_rows(const float* x, int64_t ldx, int64_t B, const T* w, int64_t ldw, int64_t K, float* y,
+                      int64_t ldy) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) tile<RW, 4>(x + b * ldx, ldx, w, ldw, K, y + b * ldy, ldy);
+  switch (B - b) {
+    case 3: tile<RW, 3>(x + b * ldx, ldx, w, ldw, K, y + b * ldy, ldy); break;
+    case 2: tile<RW, 2>(x + b * ldx, ldx, w, ldw, K, y + b * ldy, ldy); break;
+    case 1: tile<RW, 1>(x + b * ldx, ldx, w, ldw, K, y + b * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// weight rows [a, e), every one of the B rows of x: y[b * ldy + n - base]
+template <class T>
+void rows_batch(const float* x, int64_t ldx, int64_t B, const T* w, int64_t ldw, int64_t K, int64_t a, int64_t e,
+                int64_t base, float* y, int64_t ldy) {
+  int64_t n = a;
+  for (; n + 4 <= e; n += 4) tile_rows<4>(x, ldx, B, w + n * ldw, ldw, K, y + (n - base), ldy);
+  switch (e - n) {
+    case 3: tile_rows<3>(x, ldx, B, w + n * ldw, ldw, K, y + (n - base), ldy); break;
+    case 2: tile_rows<2>(x, ldx, B, w + n * ldw, ldw, K, y + (n - base), ldy); break;
+    case 1: tile_rows<1>(x, ldx, B, w + n * ldw, ldw, K, y + (n - base), ldy); break;
+    default: break;
+  }
+}
+
+// One x row through stored_gemm.cpp's job API (the best ISA this CPU runs, one thread: the pool splits):
+// rows [n0, n1) of the stored weight `w` (its row 0; fp8 codes or fp4 packed pairs) into y[0 .. n1 - n0).
+inline void stored_gemv(int kind, const float* x, int64_t K, const uint8_t* w, int64_t ldw, const uint8_t* s,
+                        int64_t lds, float* y, int64_t n0, int64_t n1) {
+  Dsv4Job j{};
+  j.kind = kind; j.M = 1; j.K = K; j.N = n1 - n0; j.n0 = n0;
+  j.x = x; j.ldx = K; j.w = w; j.ldw = ldw; j.s = s; j.lds = lds; j.rs = nullptr; j.y = y; j.ldy = n1 - n0;
+  dsv4_gemv(&j, 1, 1, -1);
+}
+
+// One linear of a stage: y[b * ldy + n - n0] = sum_k x[b * ldx + k] W[n, k] for rows n in [n0, n1), b < B.
+struct Job {
+  const Lin* L;
+  const float* x;
+  int64_t ldx, B;
+  float* y;
+  int64_t ldy, n0, n1;
+};
+
+inline Job job(const Lin& L, const float* x, int64_t ldx, int64_t B, float* y, int64_t ldy) {
+  return Job{&L, x, ldx, B, y, ldy, 0, L.N};
+}
+
+// rows [a, e) of job j
+inline void job_rows(const Job& j, int64_t a, int64_t e) {
+  const Lin& L = *j.L;
+  switch (L.kind) {
+    case 1:              // bf16 (as stored, or FP8 / FP4 widened exactly at plan time)
+      rows_batch(j.x, j.ldx, j.B, (const uint16_t*)L.w, L.ldw, L.K, a, e, j.n0, j.y, j.ldy);
+      return;
+    case 0:
+      rows_batch(j.x, j.ldx, j.B, (const float*)L.w, L.ldw, L.K, a, e, j.n0, j.y, j.ldy);
+      return;
+    default:             // stored FP8 / FP4 (past the widening budget): one row of x per GEMV, bandwidth-bound
+      for (int64_t b = 0; b < j.B; ++b)
+        stored_gemv(L.kind == 2 ? FP8 : FP4, j.x + b * j.ldx, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds,
+                    j.y + b * j.ldy + (a - j.n0), a, e);
+  }
+}
+
+// multiply-adds of a stage below which one thread runs it (~10 us of work: less does not pay for handing
+// rows to another core; a one-sequence step stays on the calling thread)
+constexpr int64_t MIN_SPLIT = 1 << 18;
+
+// every job's rows, in chunks of about equal multiply-adds (contiguous row ranges) claimed by up to nt threads
+inline void run_jobs(const Job* jobs, int n, int nt) {
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += (jobs[i].n1 - jobs[i].n0) * jobs[i].L->K * jobs[i].B;
+  const int T = total < MIN_SPLIT ? 1 : nt;
+  const int64_t C = T == 1 ? 1 : 4 * T;      // a few chunks per thread: a late thread leaves no idle tail
+  dsv4pool::pool().run(T, C, [&](int64_t t) {
+    int64_t lo, hi, base = 0;
+    dsv4pool::split(total, t, C, lo, hi);
+    for (int i = 0; i < n; ++i) {
+      const Job& j = jobs[i];
+      const int64_t c = j.L->K * j.B, rows = j.n1 - j.n0;
+      // rows r whose cost start base + r * c lies in [lo, hi): each row in exactly one chunk
+      const int64_t a = c ? std::min(rows, std::max<int64_t>(0, (lo - base + c - 1) / c)) : 0;
+      const int64_t e = c ? std::min(rows, std::max<int64_t>(0, (hi - base + c - 1) / c)) : 0;
+      if (a < e) job_rows(j, j.n0 + a, j.n0 + e);
+      base += rows * c;
+    }
+  });
+}
+
+// f(b) for every sequence b < B, one chunk per sequence, on up to nt threads (from 4 sequences on: a
+// sequence's mHC or attention core is a few microseconds at small widths)
+template <class F>
+inline void for_seqs(int64_t B, int nt, F f) {
+  dsv4pool::pool().run(B < 4 ? 1 : nt, B, [&](int64_t b) { f(b); });
+}
+
+}  // namespace
