@@ -73,11 +73,20 @@ inline void dot4(const float* __restrict key, const float* __restrict q0, int64_
                  float* __restrict y) {
   const float* qs[4];
   for (int r = 0; r < 4; ++r) qs[r] = q0 + (r < rows ? r : 0) * ldq;
+  // Four named accumulators and pointers, lanes innermost: written as p[r][j] over qs[r], gcc vectorised across
+  // r with gathers (measured: the indexer scan was 2/3 of a 4K-context decode step). Same sums, same order.
   alignas(64) float p[4][LANES] = {};
+  const float *__restrict a = qs[0], *__restrict b = qs[1], *__restrict c = qs[2], *__restrict e = qs[3];
+  float *__restrict p0 = p[0], *__restrict p1 = p[1], *__restrict p2 = p[2], *__restrict p3 = p[3];
   int64_t i = 0;
   for (; i + LANES <= K; i += LANES)
-    for (int r = 0; r < 4; ++r)
-      for (int j = 0; j < LANES; ++j) p[r][j] += key[i + j] * qs[r][i + j];
+    for (int j = 0; j < LANES; ++j) {
+      const float kj = key[i + j];
+      p0[j] += kj * a[i + j];
+      p1[j] += kj * b[i + j];
+      p2[j] += kj * c[i + j];
+      p3[j] += kj * e[i + j];
+    }
   for (int r = 0; r < rows; ++r) {
     float tail = 0.f;
     for (int64_t m = i; m < K; ++m) tail += key[m] * qs[r][m];
