@@ -24,7 +24,7 @@ import torch
 
 from runtime.weights.device_layout import Fp8Block, Int8Channel
 from runtime.formats import quant_fp4, quant_fp8_block
-from runtime.model.params import Linear
+from runtime.model.v4 import Linear
 from runtime.ops import norm_rope, reference_ops
 from runtime.ops.numerics import int8_roundtrip, quant_act_fp8, rounder
 from runtime.weight_formats import quantize_int8_per_channel

@@ -25,7 +25,7 @@ from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
 from .model.state import StateBatch
 from .nonfinite import finite, raise_non_finite
-from .model.transformer import Transformer
+from .model.v4 import Transformer
 from .ops.numerics import MODES
 from .profile import Profile, capabilities_needed, load_profile
 from .sampling import Generation, SamplingParams, sample

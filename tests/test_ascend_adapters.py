@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from backends import ascend_ops
-from runtime.model.params import Linear
+from runtime.model.v4 import Linear
 from runtime.ops import attention, moe, norm_rope, reference_ops
 from tests.twins import torch_npu_twin as twin
 

@@ -11,7 +11,7 @@ import torch
 
 from backends import cpu_ops
 from runtime.model.state import DecodeState
-from runtime.model.transformer import Transformer
+from runtime.model.v4 import Transformer
 from runtime.ops import attention, mhc, reference_ops
 
 G = torch.Generator().manual_seed(7)

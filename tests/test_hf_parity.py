@@ -26,7 +26,7 @@ import torch
 
 from runtime.checkpoint import load_checkpoint, write_checkpoint
 from runtime.model.state import DecodeState
-from runtime.model.transformer import Transformer
+from runtime.model.v4 import Transformer
 from runtime.ops import reference_ops
 from runtime.ops.norm_rope import rope_frequencies
 from runtime.presets import preset

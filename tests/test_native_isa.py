@@ -15,7 +15,7 @@ import torch
 
 from backends import cpu_native, cpu_stored
 from runtime import formats
-from runtime.model.params import Linear
+from runtime.model.v4 import Linear
 from runtime.ops import moe, reference_ops
 from runtime.weight_formats import quantize_int8_per_channel
 from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows

@@ -73,7 +73,7 @@ def test_group_linear_on_fp8_row_ranges(impl, rng):
 def test_fp4_experts_uneven_tokens(rng):
     """Routed experts on FP4 storage (decode-sized and prefill-sized groups; one expert gets 7 tokens,
     others 1, some none) against the reference op on the float32 values."""
-    from runtime.model.params import Linear
+    from runtime.model.v4 import Linear
 
     E, d, inter = 6, 64, 96
     experts = [tuple(Linear(_fp4(rng, *shape), False) for shape in ((inter, d), (d, inter), (inter, d)))
@@ -100,7 +100,7 @@ def test_official_numerics_on_stored_weights(rng):
     move a value across a rounding boundary)."""
     import dataclasses
 
-    from runtime.model.params import Linear
+    from runtime.model.v4 import Linear
 
     ref = reference_ops("official")
     fast = dataclasses.replace(ref, linear=cpu_stored.linear_native)

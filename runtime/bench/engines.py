@@ -12,7 +12,7 @@ import json
 import torch
 
 from ..model.state import DecodeState
-from ..model.transformer import Transformer
+from ..model.v4 import Transformer
 
 DENSE_PREFILL_CHUNK = 512           # dense windows are as long as the context: keep [chunk, W] index lists small
 

@@ -141,7 +141,7 @@ def child(spec: dict) -> dict:
                        r.impl for r in rt.dispatch.rows if r.op == "linear"))
     else:                                                                     # the former float32 path
         from ..checkpoint import load_checkpoint
-        from ..model.transformer import Transformer
+        from ..model.v4 import Transformer
 
         rt = Runtime.load(spec["profile"], checkpoint=path, progress=False)  # its dispatch table only
         before = _rss()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import formats
 from ..checkpoint.inventory import expected_tensors
-from ..model.transformer import Transformer
+from ..model.v4 import Transformer
 from ..ops import reference_ops
 
 
