@@ -19,7 +19,7 @@ import torch
 
 from backends import get_backend, names as backend_names
 
-from .cache import default_checkpoint
+from .checkpoint.builtin import default_checkpoint
 from .checkpoint import CheckpointReader
 from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error

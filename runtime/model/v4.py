@@ -41,13 +41,13 @@ from ..ops.linear import project
 from ..ops.norm_rope import rope_cos_sin, rope_frequencies
 from ..parallel.comm import SINGLE, Parallel
 from ..taps import tap
-from .state import DecodeState, LayerState, Pending, Rows, SequenceState
+from .state import ModelState, LayerState, Pending, Rows, SequenceState
 
 
 # ---------------------------------------------------------------- weights by official checkpoint name
 @dataclass(frozen=True)
 class Linear:
-    weight: object           # [out, in]: float32 (reference), or a device storage (runtime.weights.device_layout)
+    weight: object           # [out, in]: float32 (reference), or a device storage (runtime.weights.device_storage)
     quantized: bool          # its input is quantised under the numerics (FP8 / FP4 / INT8 weights)
 
 
@@ -438,9 +438,9 @@ class Transformer:
         tap("final.logits", logits)
         return (logits, X) if return_hidden else logits
 
-    def new_state(self, batch_size: int, context: int = 0) -> DecodeState:
+    def new_state(self, batch_size: int, context: int = 0) -> ModelState:
         """Fresh state for `batch_size` sequences, with room for `context` tokens reserved up front."""
-        return DecodeState(self.cfg, batch_size, self.device, context)
+        return ModelState(self.cfg, batch_size, self.device, context)
 
     def _positions(self, starts: list[int], S: int) -> torch.Tensor:
         """[B, S] int64 positions starts[b] + 0..S-1, on the model's device."""
