@@ -3,7 +3,8 @@
 `join(profile, layout, cfg, backend)` initialises torch.distributed from the launcher's environment (`torchrun`
 sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) with the backend's process group
 (`Backend.process_group_backend()`: gloo on CPU, nccl on CUDA, hccl on Ascend), on the backend's device per rank
-(`Backend.rank_device`) and with the profile's `collective_timeout_s`, builds the TP and EP sub-groups and returns a `Parallel`.
+(`Backend.rank_device`) and with the profile's `collective_timeout_s`, builds the TP and EP sub-groups and returns
+a `Parallel`, which the model's modules take as `par` (runtime.model.v4).
 `SINGLE` is the one-device context: every hook returns its input, so the single-device model is unchanged.
 
 Where the collectives are (spec §15):
