@@ -87,8 +87,8 @@ def test_no_two_float32_decodes_of_quantised_tensors_live_at_once(tiny_ckpt, mon
             return out
         return wrapper
 
-    monkeypatch.setattr(loader_mod.formats, "dequant_fp8_block", tracked(number_formats.dequant_fp8_block))
-    monkeypatch.setattr(loader_mod.formats, "dequant_fp4", tracked(number_formats.dequant_fp4))
+    monkeypatch.setattr(loader_mod.number_formats, "dequant_fp8_block", tracked(number_formats.dequant_fp8_block))
+    monkeypatch.setattr(loader_mod.number_formats, "dequant_fp4", tracked(number_formats.dequant_fp4))
     Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False)
     assert calls["n"] == 0                          # exact: nothing is decoded at load
     for profile in ("cpu-bf16", "ascend-910b"):     # emulations decode one tensor at a time to derive storage
