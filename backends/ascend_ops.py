@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.weights.device_layout import Int8Channel
+from runtime.weights.device_storage import Int8Channel
 from runtime.dispatch import impl
 from runtime.errors import V4Error
 
@@ -87,7 +87,7 @@ def clamped_swiglu(npu, g: torch.Tensor, u: torch.Tensor, limit: float) -> torch
 
 def prepare_w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight [out, in] float -> (int8 [in, out] contiguous = the op's x2 [K, N], float32 scale [out]).
-    Per-output-channel symmetric INT8, the same codes as runtime.weight_formats' W8A8 emulation."""
+    Per-output-channel symmetric INT8, the same codes as runtime.weight_transforms' W8A8 emulation."""
     packed = Int8Channel.from_float(w)
     return packed.codes_kn, packed.scale
 
@@ -270,7 +270,7 @@ def expert_ffn(npu, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w
 
 def linear(npu, x: torch.Tensor, w, max_n: int = QUANT_MATMUL_MAX_N) -> torch.Tensor:
     """The table's linear on an NPU: INT8-channel weights (`w8a8_int8`, stored [K, N] by
-    runtime.weights.device_layout) through `linear_w8a8`; bf16 / fp16 weights as a torch GEMM in their dtype on the
+    runtime.weights.device_storage) through `linear_w8a8`; bf16 / fp16 weights as a torch GEMM in their dtype on the
     NPU's cube units. Returns float32 like the reference."""
     if isinstance(w, Int8Channel):
         return linear_w8a8(npu, x, w.codes_kn, w.scale, max_n).float()

@@ -26,7 +26,7 @@ import torch
 from runtime.dispatch import impl
 from runtime.ops import mhc as ref_mhc
 from runtime.taps import recording
-from runtime.weights.storage import Fp4Stored, Fp8Stored
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
 
 from . import cpu_native
 from .cpu_decode_abi import AttnP, Comp, HcP, Lin, MoeP, SeqP, bind

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from runtime.ops import moe as ref_moe
 from runtime.ops.linear import project
-from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
 
 from .cpu_native import Job, isa_code, kernels
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime import formats
+from runtime import number_formats
 
 BLOCK = 128
 # The torch call, by name, so a test can route it through a twin asserting CUDA's constraints.
@@ -41,8 +41,8 @@ def quant_act_blocks(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pad = -K % BLOCK
     ap = F.pad(a, (0, pad)) if pad else a
     b = ap.view(M, -1, BLOCK)
-    s = formats.pow2_scale(b.abs().amax(-1).clamp(min=1e-4), formats.FP8_MAX)            # [M, KB]
-    q = (b / s[..., None]).clamp(-formats.FP8_MAX, formats.FP8_MAX).view(M, -1)[:, :K]
+    s = number_formats.pow2_scale(b.abs().amax(-1).clamp(min=1e-4), number_formats.FP8_MAX)            # [M, KB]
+    q = (b / s[..., None]).clamp(-number_formats.FP8_MAX, number_formats.FP8_MAX).view(M, -1)[:, :K]
     return q.to(torch.float8_e4m3fn).contiguous(), s
 
 

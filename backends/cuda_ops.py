@@ -6,7 +6,7 @@
 - `sparse_attention`: gathered sparse attention with sinks through `scaled_dot_product_attention` (no dense
   masks: each query attends to its own gathered rows).
 - `routed_experts`: one grouped GEMM per projection over tokens sorted by expert (`torch.nn.functional.grouped_mm`)
-  on the [E, out, in] expert stacks `runtime.weights.device_layout` lays out. Chosen only where those stacks are bf16 /
+  on the [E, out, in] expert stacks `runtime.weights.device_storage` lays out. Chosen only where those stacks are bf16 /
   fp16 (checked at resolve time from the load's weight format): elsewhere (`--numerics exact`, a float32
   profile) the row is `cuda.torch` and says why, and a call without such stacks is an error, never a quiet
   expert-by-expert loop.
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime import formats
-from runtime.weights.device_layout import BLOCK, Fp8Block, expert_stack
+from runtime import number_formats
+from runtime.weights.device_storage import BLOCK, Fp8Block, expert_stack
 from runtime.dispatch import DispatchError, impl
 
 from .torch_generic import LOW_PRECISION, register_generic, storage_group_linear, storage_linear
@@ -52,8 +52,8 @@ def fp8_linear(x: torch.Tensor, w: Fp8Block) -> torch.Tensor:
     out = torch.zeros(a.shape[0], N, device=a.device)
     for kb, s in enumerate(range(0, K, BLOCK)):
         blk = a[:, s:s + BLOCK]
-        sa = formats.pow2_scale(blk.abs().amax(-1, keepdim=True).clamp(min=1e-4), formats.FP8_MAX)   # [M, 1]
-        qa = (blk / sa).clamp(-formats.FP8_MAX, formats.FP8_MAX).to(torch.float8_e4m3fn)
+        sa = number_formats.pow2_scale(blk.abs().amax(-1, keepdim=True).clamp(min=1e-4), number_formats.FP8_MAX)   # [M, 1]
+        qa = (blk / sa).clamp(-number_formats.FP8_MAX, number_formats.FP8_MAX).to(torch.float8_e4m3fn)
         out += scaled_mm(qa, w.codes[:, s:s + BLOCK].t(), scale_a=sa,
                                 scale_b=w.column_scale(kb)[None, :].contiguous(), out_dtype=torch.bfloat16).float()
     return out.view(*lead, N)

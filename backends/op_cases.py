@@ -22,13 +22,13 @@ import zlib
 
 import torch
 
-from runtime.weights.device_layout import Fp8Block, Int8Channel
-from runtime.formats import quant_fp4, quant_fp8_block
-from runtime.model.params import Linear
+from runtime.weights.device_storage import Fp8Block, Int8Channel
+from runtime.number_formats import quant_fp4, quant_fp8_block
+from runtime.model.v4 import Linear
 from runtime.ops import norm_rope, reference_ops
 from runtime.ops.numerics import int8_roundtrip, quant_act_fp8, rounder
-from runtime.weight_formats import quantize_int8_per_channel
-from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows
+from runtime.weight_transforms import quantize_int8_per_channel
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
 
 CASES = {"decode-1": (1,), "decode-4": (1, 1, 1, 1), "prefill-1": (32,), "ragged": (7, 1, 19)}
 FLOAT_DTYPES = ("float32", "bf16")

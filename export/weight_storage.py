@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from runtime import formats
+from runtime import number_formats
 from runtime.errors import V4Error
 
 
@@ -42,15 +42,15 @@ def _key(a: np.ndarray) -> str:
 
 def _fp8(w: torch.Tensor):
     """float32 [out, in] -> (e4m3 codes [out, in] as uint8, float32 scales [out, ceil(in/128)])."""
-    codes, s = formats.quant_fp8_block(w, 128)
-    scale = formats.decode_e8m0(s).repeat_interleave(128, 0)[: w.shape[0]]
+    codes, s = number_formats.quant_fp8_block(w, 128)
+    scale = number_formats.decode_e8m0(s).repeat_interleave(128, 0)[: w.shape[0]]
     return codes.view(torch.uint8), scale, 128
 
 
 def _int8_from_fp4(w: torch.Tensor):
     """float32 [out, in] FP4-valued -> (int8 codes [out, in], float32 scales [out, in/32]): codes = 2 * e2m1."""
     blocks = w.view(w.shape[0], -1, 32)
-    scale = formats.pow2_scale(blocks.abs().amax(-1).clamp(min=formats.FP4_MAX * 2.0 ** -126), formats.FP4_MAX) / 2
+    scale = number_formats.pow2_scale(blocks.abs().amax(-1).clamp(min=number_formats.FP4_MAX * 2.0 ** -126), number_formats.FP4_MAX) / 2
     codes = torch.round(blocks / scale[..., None])
     return codes.view_as(w).to(torch.int8), scale, 32
 

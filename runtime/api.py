@@ -19,13 +19,13 @@ import torch
 
 from backends import get_backend, names as backend_names
 
-from .cache import default_checkpoint
+from .checkpoint.builtin import default_checkpoint
 from .checkpoint import CheckpointReader
 from .dispatch import DispatchTable, Resolution, resolve
 from .errors import InputError, V4Error
 from .model.state import StateBatch
 from .nonfinite import finite, raise_non_finite
-from .model.transformer import Transformer
+from .model.v4 import Transformer
 from .ops.numerics import MODES
 from .profile import Profile, capabilities_needed, load_profile
 from .sampling import Generation, SamplingParams, sample

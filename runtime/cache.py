@@ -1,25 +1,21 @@
 """The runtime's cache folder (`DSV4RT_HOME`, default ~/.cache/dsv4rt): what is built once and reused.
 
 `cache_dir()` is the folder; `build_once(path, done, build)` builds a folder in it atomically (concurrent
-builders, failed builds and half-built folders are handled); `random_checkpoint()` is the random tiny preset,
-generated once (`default_checkpoint()` is the trained model shipped in the package). Users: the random checkpoint, the ONNX export cache (backends/onnx.py), the shard digests of
+builders, failed builds and half-built folders are handled). Users: the random checkpoint
+(runtime.checkpoint.builtin), the ONNX export cache (backends/onnx.py), the shard digests of
 the checkpoint fingerprint (runtime.checkpoint.fingerprint), the native kernels (backends/cpu_native.py), the
 Ascend self-test and bench's generated models.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint.make import CHECKPOINT_FORMAT_VERSION, make_preset
 from .errors import V4Error
-from .presets import preset
 
 
 def cache_dir() -> Path:
@@ -57,18 +53,3 @@ def build_once(path: Path, done: str, build: Callable[[Path], object]) -> Path:
     if not (path / done).is_file():
         raise V4Error(f"{path} could not be built (no {done} after the build); remove the folder and retry")
     return path
-
-
-def default_checkpoint() -> Path:
-    """The embedded default: the trained small V4 shipped in the package (runtime/default_model)."""
-    from .default_model import FOLDER
-
-    return FOLDER
-
-
-def random_checkpoint(seed: int = 0) -> Path:
-    """The random-weight tiny preset (tests of other shapes, the bench), generated once into the cache folder."""
-    # Keyed by the generator's inputs, so a changed preset or format never reuses a stale folder.
-    key = hashlib.sha256(json.dumps([preset("tiny"), seed, CHECKPOINT_FORMAT_VERSION], sort_keys=True).encode())
-    path = cache_dir() / f"tiny-seed{seed}-{key.hexdigest()[:12]}"
-    return build_once(path, "model.safetensors.index.json", lambda tmp: make_preset(tmp, "tiny", seed=seed))

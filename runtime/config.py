@@ -176,49 +176,51 @@ def _fp8_linears(v: _Values) -> bool:
 class Yarn:
     """YaRN frequency interpolation of the compressed layers' RoPE (applied without mscale, spec §7.2)."""
 
-    factor: float
-    original_max_position: int
-    beta_fast: float
-    beta_slow: float
+    factor: float                   # context extension factor s (rope_scaling.factor)
+    original_max_position: int      # the pre-extension context the frequencies were trained for
+    beta_fast: float                # above beta_fast rotations over that context: frequencies kept
+    beta_slow: float                # below beta_slow rotations: frequencies divided by `factor`; ramp between
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    rope_dim: int                   # RoPE acts on the trailing `rope_dim` dims of each head
-    q_lora_rank: int
-    o_groups: int
-    o_lora_rank: int
-    n_routed_experts: int
-    n_shared_experts: int
-    experts_per_token: int
-    moe_inter_dim: int
-    route_scale: float
-    num_hash_layers: int
-    swiglu_limit: float
-    window: int
-    compress_ratios: tuple[int, ...]  # one per layer, then one per MTP block
-    compress_rope_theta: float
-    rope_theta: float
-    yarn: Yarn | None
-    index_n_heads: int
-    index_head_dim: int
-    index_topk: int
-    hc_mult: int
-    hc_sinkhorn_iters: int
-    hc_eps: float
-    norm_eps: float
-    num_mtp: int
-    max_position: int
-    bos_token_id: int
-    eos_token_id: int
+    """One model's shape and constants. Each field names its config.json key when the name differs."""
+
+    vocab_size: int                 # V: rows of embed.weight and head.weight
+    hidden_size: int                # d: width of each residual stream
+    num_layers: int                 # num_hidden_layers: main-model blocks (MTP blocks not counted)
+    num_heads: int                  # num_attention_heads: H query heads (all share one K=V head)
+    head_dim: int                   # D: width of a query head and of the shared K=V head
+    rope_dim: int                   # qk_rope_head_dim: RoPE acts on the trailing `rope_dim` dims of each head
+    q_lora_rank: int                # low-rank query: wq_a [q_lora, d], wq_b [H*D, q_lora]
+    o_groups: int                   # G: output groups of the grouped wo_a (H/G heads each)
+    o_lora_rank: int                # each group's slice of wo_a's output; wo_b [d, G*o_lora]
+    n_routed_experts: int           # E routed experts per MoE layer
+    n_shared_experts: int           # 0 or 1 always-on expert added to the routed sum
+    experts_per_token: int          # num_experts_per_tok: k experts each token is routed to
+    moe_inter_dim: int              # moe_intermediate_size: every expert's SwiGLU width
+    route_scale: float              # routed_scaling_factor: the renormalised routing weights are multiplied by it
+    num_hash_layers: int            # the first layers route by token id (gate.tid2eid), not by learned scores
+    swiglu_limit: float             # clamp of the SwiGLU gate (above) and up projection (both sides)
+    window: int                     # sliding_window W: raw KV rows every query sees (its ring in the state)
+    compress_ratios: tuple[int, ...]  # one per layer, then one per MTP block: 0 window only, 4 CSA, else HCA
+    compress_rope_theta: float      # RoPE base of compressed layers (with YaRN); spec §18.9: trust config.json
+    rope_theta: float               # RoPE base of window-only layers (no YaRN)
+    yarn: Yarn | None               # rope_scaling: YaRN of the compressed layers' RoPE (None: plain RoPE)
+    index_n_heads: int              # lightning indexer heads (CSA layers)
+    index_head_dim: int             # indexer query / key width (a power of two: Hadamard rotation)
+    index_topk: int                 # compressed entries each query keeps in a CSA layer
+    hc_mult: int                    # hc: residual streams of the hyper-connections (mHC)
+    hc_sinkhorn_iters: int          # Sinkhorn iterations projecting hc_pre's comb matrix
+    hc_eps: float                   # eps added to the pre / head gates, comb's softmax and each Sinkhorn division
+    norm_eps: float                 # rms_norm_eps: every RMS norm's eps (also the mHC mixes' rsqrt)
+    num_mtp: int                    # num_nextn_predict_layers: MTP draft blocks (layer ids num_layers + i)
+    max_position: int               # max_position_embeddings: longest context the model was built for
+    bos_token_id: int               # begin-of-sequence token id
+    eos_token_id: int               # end-of-sequence token id (generation stops at it)
     fp8_linears: bool               # quantization_config says FP8 e4m3 with 128x128 ue8m0 block scales
-    expert_dtype: str | None        # "fp4", "fp8" or None (detect from the checkpoint)
-    ignored_keys: tuple[str, ...] = field(default=(), compare=False)
+    expert_dtype: str | None        # "fp4", "fp8", "bf16" or None (detect from the checkpoint)
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False)   # config keys this runtime does not read
 
     # ---- derived ----
     @property

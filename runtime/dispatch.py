@@ -79,11 +79,6 @@ def impl(op: str, impl_id: str, backend: str, fn: Callable, *, requires=(), prep
     return fn
 
 
-def register(op: str, impl_id: str, backend: str, requires=(), prepare: Prepare | None = None):
-    """Deprecated decorator spelling of `impl` (kept for callers not yet moved to `impl`)."""
-    return lambda fn: impl(op, impl_id, backend, fn, requires=requires, prepare=prepare)
-
-
 def implementations(op: str) -> dict[str, Impl]:
     return dict(_REGISTRY.get(op, {}))
 

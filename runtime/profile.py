@@ -21,7 +21,7 @@ from backends import names as backend_names
 
 from .errors import V4Error
 from .ops.numerics import ACT_QUANT, FLOAT_DTYPES, INDEXER_DTYPES, KV_DTYPES, NumericsSpec
-from .weight_formats import W8A8_DEFAULT, WEIGHT_FORMATS
+from .weight_transforms import W8A8_DEFAULT, WEIGHT_FORMATS
 from .yaml_io import read_yaml
 
 PROFILE_DIR = Path(hardware_profiles.__file__).resolve().parent      # package data: ships in the wheel

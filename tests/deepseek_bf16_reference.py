@@ -4,7 +4,7 @@ position 0, as the official code runs it, on torch bf16 tensors wherever the off
 
 It is the oracle of `numerics="official"` block by block (tests/test_official_numerics.py). Shared with the
 runtime on purpose, because they are the official kernels' semantics and tested on their own: the mHC ops
-(float32 in both; runtime.ops.mhc) and the FP8 / FP4 / Hadamard round trips (runtime.formats). Everything
+(float32 in both; runtime.ops.mhc) and the FP8 / FP4 / Hadamard round trips (runtime.number_formats). Everything
 else — linears, norms, RoPE, the compressors, the indexer, the `sparse_attn` kernel loop, the MoE — is
 written out here. Float32 accumulations that the official GEMMs do in bf16 tensor cores are float32 matmuls.
 The indexer's top-k takes ties lower index first (the runtime's documented rule; `torch.topk` leaves it open).
@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from runtime import formats
+from runtime import number_formats
 from runtime.ops import mhc
 
 BF = torch.bfloat16
@@ -26,7 +26,7 @@ def mm(a, b):
 
 
 def lin_q(x, w):      # act_quant (fp8, block 128, ue8m0) + fp8/fp4 gemm -> bf16
-    return mm(formats.fp8_roundtrip(x.float(), 128), w).to(BF)
+    return mm(number_formats.fp8_roundtrip(x.float(), 128), w).to(BF)
 
 
 def lin_bf16(x, w):   # bf16 F.linear: float32 accumulation, bf16 out
@@ -68,16 +68,16 @@ def set_rope(x, f, rd, inverse=False):
 
 
 def hadamard_bf16(x):
-    return formats.hadamard(x.float()).to(BF)
+    return number_formats.hadamard(x.float()).to(BF)
 
 
 def fp4_inplace(x):
-    return formats.fp4_roundtrip(x.float(), 32).to(BF)
+    return number_formats.fp4_roundtrip(x.float(), 32).to(BF)
 
 
 def fp8_inplace(x, rd):
     x = x.clone()
-    x[..., :-rd] = formats.fp8_roundtrip(x[..., :-rd].float(), 64).to(BF)
+    x[..., :-rd] = number_formats.fp8_roundtrip(x[..., :-rd].float(), 64).to(BF)
     return x
 
 

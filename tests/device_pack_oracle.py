@@ -1,6 +1,6 @@
 """The former whole-model device packing (float32 checkpoint values -> device storage in one pass), kept as the
 tests' oracle of the streaming path `runtime.weights.device.device_weights`: the same layouts
-(runtime.weights.device_layout) from the decoded values, which must match the stream bit for bit. Not a test
+(runtime.weights.device_storage) from the decoded values, which must match the stream bit for bit. Not a test
 module."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Iterable
 
 import torch
 
-from runtime.weight_formats import W8A8_DEFAULT, _bf16_on_disk, _is_linear
-from runtime.weights.device_layout import _COMPUTE, _EXPERT, _STORAGE, Fp8Block, Int8Channel
+from runtime.weight_transforms import W8A8_DEFAULT, _bf16_on_disk, _is_linear
+from runtime.weights.device_storage import _COMPUTE, _EXPERT, _STORAGE, Fp8Block, Int8Channel
 
 
 def pack_weights(tensors: dict[str, torch.Tensor], quantized: Iterable[str], weight_format: str,

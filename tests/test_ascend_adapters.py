@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from backends import ascend_ops
-from runtime.model.params import Linear
+from runtime.model.v4 import Linear
 from runtime.ops import attention, moe, norm_rope, reference_ops
 from tests.twins import torch_npu_twin as twin
 
@@ -60,7 +60,7 @@ def test_clipped_swiglu_adapter_uses_v4_constants():
 
 def test_w8a8_linear_adapter_matches_the_emulated_numerics():
     from runtime.ops.numerics import int8_roundtrip
-    from runtime.weight_formats import dequantize_int8_per_channel, quantize_int8_per_channel
+    from runtime.weight_transforms import dequantize_int8_per_channel, quantize_int8_per_channel
 
     w = torch.randn(48, 256, generator=G) / 16
     x = torch.randn(3, 5, 256, generator=G).bfloat16().float()            # a bf16 activation
@@ -274,7 +274,7 @@ def test_w8a8_nz_weight():
 def test_w8a8_linear_splits_n_over_the_kernel_limit():
     """npu_quant_matmul takes N <= 65535; V4-Pro's attn.wq_b has N = 65536: the adapter splits the columns."""
     from runtime.ops.numerics import int8_roundtrip
-    from runtime.weight_formats import dequantize_int8_per_channel, quantize_int8_per_channel
+    from runtime.weight_transforms import dequantize_int8_per_channel, quantize_int8_per_channel
 
     N, K = 65536, 32
     w = torch.randn(N, K, generator=G) / 8

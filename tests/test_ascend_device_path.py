@@ -13,7 +13,7 @@ import yaml
 
 from backends import ascend_ops
 from runtime.api import Runtime
-from runtime.weights.device_layout import Int8Channel
+from runtime.weights.device_storage import Int8Channel
 from runtime.profile import PROFILE_DIR, parse_profile
 from tests.twins.backends import hosted_ascend
 

@@ -176,7 +176,7 @@ def test_failed_build_leaves_no_temporary_folder_and_half_built_is_rebuilt(tmp_p
 
 
 def test_unwritable_cache_folder_is_one_line(tmp_path, monkeypatch):
-    from runtime.cache import random_checkpoint
+    from runtime.checkpoint.builtin import random_checkpoint
 
     blocker = tmp_path / "home"
     blocker.write_text("a file where the cache folder should be")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from backends import cpu_ops
-from runtime.model.state import DecodeState
-from runtime.model.transformer import Transformer
+from runtime.model.state import ModelState
+from runtime.model.v4 import Transformer
 from runtime.ops import attention, mhc, reference_ops
 
 G = torch.Generator().manual_seed(7)
@@ -94,7 +94,7 @@ def test_model_on_fast_ops_matches_reference_table(tiny_rt, rng):
     tensors, quantized = tiny_rt.weights.tensors, tiny_rt.weights.quantized
     ref = Transformer(m.cfg, tensors, quantized, reference_ops("exact"))
     ids = torch.randint(2, 300, (2, 330), generator=rng)
-    fast_state, ref_state = DecodeState(m.cfg, 2), DecodeState(m.cfg, 2)
+    fast_state, ref_state = ModelState(m.cfg, 2), ModelState(m.cfg, 2)
     got, want = m.forward(ids, fast_state.seqs), ref.forward(ids, ref_state.seqs)
     assert (got - want).abs().max() <= 1e-4
     for step in range(6):

@@ -22,13 +22,13 @@ from backends import cuda_ops
 from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
 from runtime.dispatch import DispatchError
-from runtime.weights.device_layout import Fp8Block, Int8Channel, dequantize, expert_stack
+from runtime.weights.device_storage import Fp8Block, Int8Channel, dequantize, expert_stack
 from tests.device_pack_oracle import pack_weights
-from runtime.formats import decode_e8m0, dequant_fp8_block, quant_fp8_block
-from runtime.model.params import Linear
+from runtime.number_formats import decode_e8m0, dequant_fp8_block, quant_fp8_block
+from runtime.model.v4 import Linear
 from runtime.ops import moe, reference_ops
 from runtime.ops.numerics import MODES, quant_act_fp8
-from runtime.weight_formats import transform_weights
+from runtime.weight_transforms import transform_weights
 from tests.twins import backends as twins
 from tests.twins import torch_cuda_twin
 

@@ -29,7 +29,7 @@ from backends.base import DeviceInfo
 from backends.cuda import CudaBackend
 from backends.cuda_fp8_triton import fp8_block_linear
 from runtime.api import Runtime
-from runtime.weights.device_layout import Fp8Block
+from runtime.weights.device_storage import Fp8Block
 from runtime.ops.numerics import quant_act_fp8
 from tests.twins import torch_cuda_blockwise_twin, torch_cuda_twin  # noqa: E402
 

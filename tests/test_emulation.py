@@ -14,7 +14,7 @@ import torch
 
 from runtime.checkpoint import load_checkpoint
 from runtime.parity.emulation import LABELS, TOLERANCES, kl_and_top1, measure, table_row
-from runtime.weight_formats import dequantize_int8_per_channel, quantize_int8_per_channel, transform_weights
+from runtime.weight_transforms import dequantize_int8_per_channel, quantize_int8_per_channel, transform_weights
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -67,7 +67,7 @@ def test_cli_streams_and_reports_speed(tiny_ckpt):
 
 def test_random_checkpoint_is_generated_once(tmp_path, monkeypatch, tiny_rt):
     from runtime.api import Runtime
-    from runtime.cache import random_checkpoint
+    from runtime.checkpoint.builtin import random_checkpoint
 
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path))
     path = random_checkpoint()                                # the random tiny preset, into the cache folder

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from runtime.checkpoint import load_checkpoint, write_checkpoint
-from runtime.model.state import DecodeState
-from runtime.model.transformer import Transformer
+from runtime.model.state import ModelState
+from runtime.model.v4 import Transformer
 from runtime.ops import reference_ops
 from runtime.ops.norm_rope import rope_frequencies
 from runtime.presets import preset
@@ -67,7 +67,7 @@ def test_logits_match_transformers(name, tmp_path):
     ids = torch.randint(2, raw["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         ref = hf(input_ids=ids, use_cache=False).logits.float()
-        got = ours.forward(ids, DecodeState(ck.config, 2).seqs)
+        got = ours.forward(ids, ModelState(ck.config, 2).seqs)
     # the comparison is only meaningful if the indexer really selects: more entries than index_topk
     assert seq // 4 > 4 * ck.config.index_topk
     err = (got - ref).abs().max().item()

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from backends import cpu_native, cpu_stored
-from runtime import formats
-from runtime.model.params import Linear
+from runtime import number_formats
+from runtime.model.v4 import Linear
 from runtime.ops import moe, reference_ops
-from runtime.weight_formats import quantize_int8_per_channel
-from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows
+from runtime.weight_transforms import quantize_int8_per_channel
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
 
 
 def _runnable():
@@ -56,7 +56,7 @@ def test_fp8_every_code_decodes_exactly(isa):
     codes[:, 130] = torch.arange(256, dtype=torch.uint8)
     scale = torch.tensor([[120, 127], [127, 133]], dtype=torch.uint8)        # 2^-7, 1, 2^6 over the blocks
     w = Fp8Stored(codes.view(torch.float8_e4m3fn), scale.view(torch.float8_e8m0fnu))
-    want = formats.dequant_fp8_block(w.codes, w.scale)
+    want = number_formats.dequant_fp8_block(w.codes, w.scale)
     for col in (37, 130):
         x = torch.zeros(1, 131)
         x[0, col] = 1.0
@@ -108,11 +108,11 @@ def test_every_position_decodes_exactly(isa, fmt, K, rng):
 @pytest.mark.parametrize("M,N,K", [(1, 131, 200), (4, 131, 200), (16, 77, 384), (3, 5, 4096), (5, 33, 480)])
 def test_formats_against_the_reference(isa, M, N, K, rng):
     x = torch.randn(M, K, generator=rng)
-    w8 = Fp8Stored(*formats.quant_fp8_block(torch.randn(N, K, generator=rng) * 0.05))
+    w8 = Fp8Stored(*number_formats.quant_fp8_block(torch.randn(N, K, generator=rng) * 0.05))
     wb = (torch.randn(N, K, generator=rng) * 0.05).bfloat16()
     wi = Int8Rows(*quantize_int8_per_channel(torch.randn(N, K, generator=rng) * 0.05))
     k4 = K - K % 32
-    w4 = Fp4Stored(*formats.quant_fp4(torch.randn(N, k4, generator=rng) * 0.05))
+    w4 = Fp4Stored(*number_formats.quant_fp4(torch.randn(N, k4, generator=rng) * 0.05))
     tol = 2e-6 * (K / 200) ** 0.5                                      # measured <= 5.7e-6 at K = 4096
     for w, xx, ref in ((w8, x, w8.dequantize()), (wb, x, wb.float()), (wi, x, wi.dequantize()),
                        (w4, x[:, :k4], w4.dequantize())):
@@ -150,8 +150,8 @@ def test_isa_knob_reaches_the_fused_decode_calls(name):
 
 
 def _experts(rng, E, d, inter, fmt):
-    make = (lambda n, k: Fp4Stored(*formats.quant_fp4(torch.randn(n, k, generator=rng) * 0.05))) if fmt == "fp4" \
-        else (lambda n, k: Fp8Stored(*formats.quant_fp8_block(torch.randn(n, k, generator=rng) * 0.05)))
+    make = (lambda n, k: Fp4Stored(*number_formats.quant_fp4(torch.randn(n, k, generator=rng) * 0.05))) if fmt == "fp4" \
+        else (lambda n, k: Fp8Stored(*number_formats.quant_fp8_block(torch.randn(n, k, generator=rng) * 0.05)))
     q = fmt == "fp4"
     return [tuple(Linear(make(*s), q) for s in ((inter, d), (d, inter), (inter, d))) for _ in range(E)]
 

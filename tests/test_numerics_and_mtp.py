@@ -2,7 +2,7 @@
 
 import torch
 
-from runtime import formats
+from runtime import number_formats
 from runtime.api import Runtime
 from runtime.ops import numerics
 
@@ -10,7 +10,7 @@ from runtime.ops import numerics
 def test_official_numerics_ops():
     x = torch.randn(3, 48) * 5
     assert torch.equal(numerics.round_bf16(x), x.to(torch.bfloat16).float())
-    assert torch.equal(numerics.quant_act_fp8(x), formats.fp8_roundtrip(x, 128))
+    assert torch.equal(numerics.quant_act_fp8(x), number_formats.fp8_roundtrip(x, 128))
     v = torch.randn(4, 32)
     y = numerics.indexer_fp4_qat(v)
     H = torch.tensor([[1.0]])

@@ -11,7 +11,7 @@ point matters (the float32-inside form differs), so it fails on the code without
 import torch
 
 from backends import cpu_ops
-from runtime import formats
+from runtime import number_formats
 from runtime.api import Runtime
 from runtime.checkpoint import load_checkpoint
 from runtime.ops import attention, numerics, reference_ops
@@ -171,7 +171,7 @@ def test_indexer_hadamard_output_is_bf16_before_fp4():
     want = official_fp4_act_quant(rotated).float()
     got = numerics.indexer_fp4_qat(xs)
     assert torch.equal(got, want)
-    old = formats.fp4_roundtrip(formats.hadamard(xs), 32).to(BF16).float()     # float32 into the FP4 step
+    old = number_formats.fp4_roundtrip(number_formats.hadamard(xs), 32).to(BF16).float()     # float32 into the FP4 step
     assert not torch.equal(old[-1], want[-1])
 
 

@@ -5,8 +5,7 @@ import math
 import torch
 
 from runtime.config import ModelConfig, Yarn
-from runtime.model.attention import Compressor, Rope
-from runtime.model.params import Params
+from runtime.model.v4 import Compressor, Params, Rope
 from runtime.model.state import Pending, Rows
 from runtime.ops import attention, mhc, moe, norm_rope, reference_ops
 
@@ -162,7 +161,7 @@ def test_compressor_matches_naive_pooling_in_any_chunking():
         for chunks in ((70,), (1,) * 70, (3, 9, 1, 30, 27)):
             buf, rows, p0 = Pending(coff * c), Rows(c), 0
             for n in chunks:
-                kv, sc = comp.project(x[p0:p0 + n], torch.arange(p0, p0 + n))
+                kv, sc = comp.inputs(x[p0:p0 + n], torch.arange(p0, p0 + n))
                 comp.advance(buf, rows, kv, sc, p0)
                 p0 += n
             assert rows.n == 70 // m

@@ -295,7 +295,7 @@ def test_plan_cli_layouts():
 def test_device_storage_stacks_an_ep_ranks_experts(tiny_ckpt):
     """On a device the experts of a layer are one [E_local, out, in] stack (grouped GEMM operand), also when an
     EP rank holds only experts 4..7."""
-    from runtime.weights.device_layout import expert_stack
+    from runtime.weights.device_storage import expert_stack
     from tests.device_pack_oracle import pack_weights
 
     cfg = ModelConfig.from_file(tiny_ckpt / "config.json")

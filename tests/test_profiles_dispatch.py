@@ -7,8 +7,7 @@ import sys
 import pytest
 import yaml
 
-from runtime.dispatch import DispatchError, _REGISTRY, impl, register, resolve
-from runtime.dispatch import implementations as implementations_of
+from runtime.dispatch import DispatchError, _REGISTRY, impl, resolve
 from runtime.ops.numerics import MODES
 from runtime.profile import PROFILE_DIR, ProfileError, load_profile, parse_profile, shipped_profiles
 
@@ -117,9 +116,6 @@ def test_registered_implementation_is_chosen_only_with_its_capability():
         assert t.rows[0].impl.startswith("reference") and "needs fp8_gemm" in t.rows[0].reason
         with pytest.raises(DispatchError, match="op linear has no usable testdev implementation"):
             resolve(prof, "testdev", "testdev:0", frozenset({"bf16"}), prof.numerics, False, False)
-        # the old decorator spelling registers the same way (kept until every caller uses `impl`)
-        register("linear", "testdev.old_spelling", "testdev", requires=("bf16",))(lambda x, w: x @ w.T)
-        assert implementations_of("linear")["testdev.old_spelling"].requires == {"bf16"}
     finally:
         _REGISTRY.clear()
         _REGISTRY.update(saved)

@@ -18,7 +18,7 @@ from runtime.checkpoint.__main__ import main as checkpoint_cli
 from runtime.checkpoint.sparse import check_extents, disk_usage, write_sparse_checkpoint
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
-from runtime.formats import decode_e8m0
+from runtime.number_formats import decode_e8m0
 from runtime.plan.memory import MemoryPlan
 from runtime.plan import plan, weight_bytes
 from runtime.presets import preset

@@ -11,22 +11,22 @@ import pytest
 import torch
 
 from backends import cpu_native, cpu_stored
-from runtime import formats
+from runtime import number_formats
 from runtime.ops import moe, reference_ops
 from runtime.ops.linear import group_linear, linear, project
-from runtime.weight_formats import quantize_int8_per_channel
-from runtime.weights.storage import Fp4Stored, Fp8Stored, Int8Rows
+from runtime.weight_transforms import quantize_int8_per_channel
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
 
 IMPLS = [cpu_stored.linear_native, cpu_stored.linear_torch_tiles]
 
 
 def _fp8(g, N, K):
-    codes, scale = formats.quant_fp8_block(torch.randn(N, K, generator=g) * 0.05)
+    codes, scale = number_formats.quant_fp8_block(torch.randn(N, K, generator=g) * 0.05)
     return Fp8Stored(codes, scale)
 
 
 def _fp4(g, N, K):
-    codes, scale = formats.quant_fp4(torch.randn(N, K, generator=g) * 0.05)
+    codes, scale = number_formats.quant_fp4(torch.randn(N, K, generator=g) * 0.05)
     return Fp4Stored(codes, scale)
 
 
@@ -73,7 +73,7 @@ def test_group_linear_on_fp8_row_ranges(impl, rng):
 def test_fp4_experts_uneven_tokens(rng):
     """Routed experts on FP4 storage (decode-sized and prefill-sized groups; one expert gets 7 tokens,
     others 1, some none) against the reference op on the float32 values."""
-    from runtime.model.params import Linear
+    from runtime.model.v4 import Linear
 
     E, d, inter = 6, 64, 96
     experts = [tuple(Linear(_fp4(rng, *shape), False) for shape in ((inter, d), (d, inter), (inter, d)))
@@ -100,7 +100,7 @@ def test_official_numerics_on_stored_weights(rng):
     move a value across a rounding boundary)."""
     import dataclasses
 
-    from runtime.model.params import Linear
+    from runtime.model.v4 import Linear
 
     ref = reference_ops("official")
     fast = dataclasses.replace(ref, linear=cpu_stored.linear_native)
@@ -110,26 +110,26 @@ def test_official_numerics_on_stored_weights(rng):
     want = project(ref, x, Linear(w.dequantize(), True))
     assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-6)
     assert (got == want).float().mean() > 0.95
-    assert torch.equal(ref.quant_act(x), formats.fp8_roundtrip(x, 128))       # the activations both see
+    assert torch.equal(ref.quant_act(x), number_formats.fp8_roundtrip(x, 128))       # the activations both see
 
 
 def test_reference_linear_is_the_oracle_for_storage(rng):
     """The reference op dequantises any storage to exactly the checkpoint's values (decoded independently)."""
     w = _fp8(rng, 131, 200)
     x = torch.randn(2, 200, generator=rng)
-    assert torch.equal(linear(x, w), x @ formats.dequant_fp8_block(w.codes, w.scale).T)
+    assert torch.equal(linear(x, w), x @ number_formats.dequant_fp8_block(w.codes, w.scale).T)
     assert torch.equal(w.dequantize_rows(64, 131), w.dequantize()[64:131])
 
 
 def test_storage_dequantize_equals_the_bit_level_decoders(rng):
-    """`dequantize()` (torch float8 casts, the reference ops' input) equals runtime.formats' independent
+    """`dequantize()` (torch float8 casts, the reference ops' input) equals runtime.number_formats' independent
     table decoders bit for bit, over every e4m3 / e2m1 code and a range of ue8m0 scales, NaN codes included."""
     for N, K in ((256, 384), (131, 200)):
         codes = torch.randint(0, 256, (N, K), dtype=torch.uint8, generator=rng).view(torch.float8_e4m3fn)
         scale = torch.randint(0, 255, (-(-N // 128), -(-K // 128)), dtype=torch.uint8, generator=rng)
         got = Fp8Stored(codes, scale.view(torch.float8_e8m0fnu)).dequantize()
-        want = formats.dequant_fp8_block(codes, scale.view(torch.float8_e8m0fnu))
+        want = number_formats.dequant_fp8_block(codes, scale.view(torch.float8_e8m0fnu))
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
         packed = torch.randint(-128, 128, (N, 64), dtype=torch.int8, generator=rng)
         s4 = torch.randint(0, 255, (N, 4), dtype=torch.uint8, generator=rng).view(torch.float8_e8m0fnu)
-        assert torch.equal(Fp4Stored(packed, s4).dequantize(), formats.dequant_fp4(packed, s4))
+        assert torch.equal(Fp4Stored(packed, s4).dequantize(), number_formats.dequant_fp4(packed, s4))

@@ -22,18 +22,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import formats
+from runtime import number_formats
 from runtime.api import Runtime
 from runtime.checkpoint import CheckpointReader, load_checkpoint
 from runtime.checkpoint import loader as loader_mod
-from runtime.weights.device_layout import Fp8Block, Int8Channel, dequantize, expert_stack
+from runtime.weights.device_storage import Fp8Block, Int8Channel, dequantize, expert_stack
 from tests.device_pack_oracle import pack_weights
 from runtime.plan.memory import MemoryPlan
 from runtime.profile import load_profile
-from runtime.weight_formats import transform_weights
+from runtime.weight_transforms import transform_weights
 from runtime.weights.cpu import cpu_weights
 from runtime.weights.device import device_weights
-from runtime.weights.storage import Fp4Stored, Fp8Stored
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,8 +87,8 @@ def test_no_two_float32_decodes_of_quantised_tensors_live_at_once(tiny_ckpt, mon
             return out
         return wrapper
 
-    monkeypatch.setattr(loader_mod.formats, "dequant_fp8_block", tracked(formats.dequant_fp8_block))
-    monkeypatch.setattr(loader_mod.formats, "dequant_fp4", tracked(formats.dequant_fp4))
+    monkeypatch.setattr(loader_mod.number_formats, "dequant_fp8_block", tracked(number_formats.dequant_fp8_block))
+    monkeypatch.setattr(loader_mod.number_formats, "dequant_fp4", tracked(number_formats.dequant_fp4))
     Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False)
     assert calls["n"] == 0                          # exact: nothing is decoded at load
     for profile in ("cpu-bf16", "ascend-910b"):     # emulations decode one tensor at a time to derive storage

@@ -154,7 +154,7 @@ def test_export_is_what_the_runtime_loads(setup, tok, tmp_path):
     assert rt.tokenizer.name == "tokenizer.json" and rt.encode("def") == [0] + tok[0].encode("def").ids
     ids = stream[:40][None]
     got = rt.forward(ids)
-    from runtime.model.transformer import Transformer
+    from runtime.model.v4 import Transformer
     from runtime.ops import reference_ops
     from runtime.train.objective import storage_kinds
 

@@ -8,14 +8,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export.weight_storage import StorageError, store_quantized
-from runtime import formats
+from runtime import number_formats
 from runtime.errors import V4Error
 
 G = torch.Generator().manual_seed(0)
 
 
 def _fp8_valued(out: int, inp: int) -> torch.Tensor:
-    return formats.dequant_fp8_block(*formats.quant_fp8_block(torch.randn(out, inp, generator=G)))
+    return number_formats.dequant_fp8_block(*number_formats.quant_fp8_block(torch.randn(out, inp, generator=G)))
 
 
 def _graph(*weights: torch.Tensor) -> onnx.ModelProto:

@@ -11,8 +11,8 @@ import json
 
 import torch
 
-from ..model.state import DecodeState
-from ..model.transformer import Transformer
+from ..model.state import ModelState
+from ..model.v4 import Transformer
 
 DENSE_PREFILL_CHUNK = 512           # dense windows are as long as the context: keep [chunk, W] index lists small
 
@@ -31,7 +31,7 @@ class TorchEngine:
             self.chunk = min(chunk, DENSE_PREFILL_CHUNK)
 
     def new_state(self):
-        return DecodeState(self.model.cfg, 1, self.model.device)
+        return ModelState(self.model.cfg, 1, self.model.device)
 
     def prefill(self, ids: torch.Tensor, state) -> torch.Tensor:
         with torch.inference_mode():

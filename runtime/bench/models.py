@@ -15,7 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..cache import build_once, cache_dir, random_checkpoint
+from ..cache import build_once, cache_dir
+from ..checkpoint.builtin import random_checkpoint
 from ..checkpoint.make import CHECKPOINT_FORMAT_VERSION, write_checkpoint
 from ..errors import InputError
 from ..presets import preset

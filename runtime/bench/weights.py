@@ -63,13 +63,13 @@ def write_streaming(out: Path, raw: dict, seed: int = 0, shard_bytes: int = 1 <<
             shards.append(cur)
             cur, size = {}, 0
 
-    from .. import formats
+    from .. import number_formats
 
     def encode(v, kind):                  # the generator's encoding, without decoding the result back
         if kind == "fp8":
-            return formats.quant_fp8_block(v)
+            return number_formats.quant_fp8_block(v)
         if kind == "fp4":
-            return formats.quant_fp4(v)
+            return number_formats.quant_fp4(v)
         return _encode(v, kind)[:2]
 
     for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
@@ -95,7 +95,8 @@ def write_streaming(out: Path, raw: dict, seed: int = 0, shard_bytes: int = 1 <<
 
 
 def bench_model(name: str) -> Path:
-    from ..cache import build_once, cache_dir, random_checkpoint
+    from ..cache import build_once, cache_dir
+    from ..checkpoint.builtin import random_checkpoint
 
     if name == "tiny":
         return random_checkpoint()
@@ -141,7 +142,7 @@ def child(spec: dict) -> dict:
                        r.impl for r in rt.dispatch.rows if r.op == "linear"))
     else:                                                                     # the former float32 path
         from ..checkpoint import load_checkpoint
-        from ..model.transformer import Transformer
+        from ..model.v4 import Transformer
 
         rt = Runtime.load(spec["profile"], checkpoint=path, progress=False)  # its dispatch table only
         before = _rss()
@@ -155,9 +156,9 @@ def child(spec: dict) -> dict:
         res.update(stored_bytes=rt.weights.stored_bytes, held_bytes=sum(v.numel() * v.element_size()
                                                                        for v in tensors.values()), mapped_bytes=0)
     res.update(anon_growth=after["RssAnon"] - before["RssAnon"], file_growth=after["RssFile"] - before["RssFile"])
-    from ..model.state import DecodeState
+    from ..model.state import ModelState
 
-    st = DecodeState(model.cfg, 1, model.device)
+    st = ModelState(model.cfg, 1, model.device)
     with torch.inference_mode():
         t = time.perf_counter()
         logits = model.forward(torch.randint(2, min(model.cfg.vocab_size, 258), (1, 16)), st.seqs)

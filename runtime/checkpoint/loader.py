@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .. import formats
+from .. import number_formats
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..yaml_io import read_json
@@ -141,9 +141,9 @@ class Stored:
         if self.decoded:
             return self.data
         if self.kind == "fp8":
-            return formats.dequant_fp8_block(self.data, self.scale)
+            return number_formats.dequant_fp8_block(self.data, self.scale)
         if self.kind == "fp4":
-            return formats.dequant_fp4(self.data, self.scale)
+            return number_formats.dequant_fp4(self.data, self.scale)
         return self.data if self.kind == "i64" else self.data.to(torch.float32)
 
     def nbytes(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import formats
+from .. import number_formats
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..presets import preset
@@ -61,11 +61,11 @@ def _init(name: str, shape: tuple[int, ...], cfg: ModelConfig, g: torch.Generato
 def _encode(value: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(stored tensor, stored scale or None, the float32 value the stored form decodes to)."""
     if kind == "fp8":
-        w, s = formats.quant_fp8_block(value)
-        return w, s, formats.dequant_fp8_block(w, s)
+        w, s = number_formats.quant_fp8_block(value)
+        return w, s, number_formats.dequant_fp8_block(w, s)
     if kind == "fp4":
-        w, s = formats.quant_fp4(value)
-        return w, s, formats.dequant_fp4(w, s)
+        w, s = number_formats.quant_fp4(value)
+        return w, s, number_formats.dequant_fp4(w, s)
     if kind == "bf16":
         w = value.to(torch.bfloat16)
         return w, None, w.float()

@@ -1,4 +1,4 @@
-"""Decode state: what a sequence keeps between forward calls, per layer (spec §8, §10, §11).
+"""Model state: what each sequence keeps between forward calls, prefill and decode alike (spec §8, §10, §11).
 
 Per sequence and layer:
 - `kv`: one growing [W + entries, D] buffer: rows [0, W) are the ring of the last `W` raw KV rows (token p in
@@ -190,8 +190,8 @@ class StateBatch:
         return sum(s.nbytes() for s in self.seqs)
 
 
-class DecodeState(StateBatch):
-    """The torch model's state of a batch of sequences."""
+class ModelState(StateBatch):
+    """The torch model's state of a batch of sequences (`Transformer.new_state`), for prefill and decode alike."""
 
     def __init__(self, cfg, batch_size: int, device="cpu", context: int = 0):
         super().__init__([SequenceState(cfg, device, context) for _ in range(batch_size)])

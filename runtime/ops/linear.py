@@ -1,6 +1,6 @@
 """Reference ops: linear layers (float32), whatever the weight's storage.
 
-A weight is a float tensor of any dtype or a typed device weight (`runtime.weights.device_layout`: FP8 blocks, INT8
+A weight is a float tensor of any dtype or a typed device weight (`runtime.weights.device_storage`: FP8 blocks, INT8
 channels); the reference computes with its exact float32 values, so it is the oracle of every backend's GEMMs
 and a correct (if slow) recorded fallback on any device. `project` is a linear layer under the table's
 numerics: the model and the expert ops call it.
@@ -14,7 +14,7 @@ import torch
 
 def dequantize(w) -> torch.Tensor:
     """Float32 values of any weight kind: a plain tensor of any float dtype, or a typed device weight
-    (`runtime.weights.device_layout`) through its `dequantize()`."""
+    (`runtime.weights.device_storage`) through its `dequantize()`."""
     return w.float() if isinstance(w, torch.Tensor) else w.dequantize()
 
 

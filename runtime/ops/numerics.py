@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
+from .. import number_formats
 from .norm_rope import rms_norm_rounded
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,7 +63,7 @@ def round_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def quant_act_fp8(x: torch.Tensor) -> torch.Tensor:
     """Per-token, per-128-column FP8 quantise-dequantise of a linear's input (DeepSeek `act_quant`)."""
-    return formats.fp8_roundtrip(x, 128)
+    return number_formats.fp8_roundtrip(x, 128)
 
 
 def int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
@@ -74,18 +74,18 @@ def int8_roundtrip(x: torch.Tensor) -> torch.Tensor:
 
 def kv_fp8_qat(x: torch.Tensor) -> torch.Tensor:
     """FP8 round trip of the non-RoPE KV dims, block 64, stored back in bf16."""
-    return round_bf16(formats.fp8_roundtrip(x, 64))
+    return round_bf16(number_formats.fp8_roundtrip(x, 64))
 
 
 def indexer_fp4_qat(x: torch.Tensor) -> torch.Tensor:
     """Hadamard rotation, its bf16 output (DeepSeek's `rotate_activation` returns bf16), then the FP4 (block
     32) round trip of indexer queries / keys, stored bf16. The bf16 step moves values by 2^-9 relative and can
     move a block's power-of-two scale when its max sits next to a power of two."""
-    return round_bf16(formats.fp4_roundtrip(round_bf16(formats.hadamard(x)), 32))
+    return round_bf16(number_formats.fp4_roundtrip(round_bf16(number_formats.hadamard(x)), 32))
 
 
 def indexer_int8_qat(x: torch.Tensor) -> torch.Tensor:
-    return round_bf16(int8_roundtrip(formats.hadamard(x)))
+    return round_bf16(int8_roundtrip(number_formats.hadamard(x)))
 
 
 def head_norm_once(ops, q: torch.Tensor, eps: float) -> torch.Tensor:

@@ -3,12 +3,13 @@
 `join(profile, layout, cfg, backend)` initialises torch.distributed from the launcher's environment (`torchrun`
 sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT) with the backend's process group
 (`Backend.process_group_backend()`: gloo on CPU, nccl on CUDA, hccl on Ascend), on the backend's device per rank
-(`Backend.rank_device`) and with the profile's `collective_timeout_s`, builds the TP and EP sub-groups and returns a `Parallel`.
+(`Backend.rank_device`) and with the profile's `collective_timeout_s`, builds the TP and EP sub-groups and returns
+a `Parallel`, which the model's modules take as `par` (runtime.model.v4).
 `SINGLE` is the one-device context: every hook returns its input, so the single-device model is unchanged.
 
 Where the collectives are (spec §15):
 - `tp_sum` after `wo_b` (row-parallel output projection) and on the indexer's partial head scores;
-- `ep_sum` after the routed experts (partial sums of each rank's experts);
+- `ep_sum` after the routed experts (partial sums of each rank's experts; the routing to them is the MoE's);
 - `embed` / `gather_vocab`: vocab-parallel embedding (sum of one non-zero row) and head (all-gather);
 - `broadcast_tokens`: rank 0's sampled tokens, so every rank feeds the same ids.
 A collective that fails in the process group (a torch.distributed `DistError`, or an error while waiting on the
@@ -43,7 +44,7 @@ class _PeerLost(Exception):
 
 
 class Parallel:
-    """One rank's view of the layout and its collectives. The model reaches it through `Params.parallel`."""
+    """One rank's view of the layout and its collectives; the model's modules take it as `par` (runtime.model.v4)."""
 
     def __init__(self, layout: Layout = Layout(), rank: int = 0, device="cpu", groups=None, timeout_s: float = 0.0):
         self.layout, self.rank, self.device = layout, rank, device
@@ -138,26 +139,6 @@ class Parallel:
         t = tokens.to(device=self.device, dtype=torch.int64).contiguous()
         self._call("token broadcast", lambda: dist.broadcast(t, src=0, async_op=True))
         return t.to(tokens.device)
-
-    def routed_experts(self, ops, x, idx, w, experts, limit, local: range | None):
-        """The routed experts' sum for tokens x [T, d] with routing idx / w [T, k].
-
-        Expert parallel: each rank runs its own experts for every (token, slot) routed to one of them, then the
-        partial sums are all-reduced over the EP group. All-reduce rather than all-to-all dispatch because this
-        runtime serves small batches: after attention every rank already holds every token (replicated
-        activations), so dispatch would only move the same rows again, and two all-to-alls cost more latency than
-        one all-reduce of [T, d] at decode sizes; all-to-all pays off at large batch, where it avoids
-        computing-nothing ranks and the [T, d] reduce. `experts` holds this rank's experts in `local` order."""
-        if self.ep == 1:
-            return ops.routed_experts(x, idx, w, experts, limit, ops)
-        lidx = idx - local.start                                      # this rank's experts: 0..len(local)-1
-        tok, slot = ((lidx >= 0) & (lidx < len(local))).nonzero(as_tuple=True)
-        out = torch.zeros_like(x)
-        if tok.numel():
-            # one routing slot per row (k = 1): rows of the same token are summed back below
-            y = ops.routed_experts(x[tok], lidx[tok, slot][:, None], w[tok, slot][:, None], experts, limit, ops)
-            out.index_add_(0, tok, y)
-        return self.ep_sum(out)
 
 
 class VocabEmbedding:

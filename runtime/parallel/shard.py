@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .. import formats
+from .. import number_formats
 from ..checkpoint.inventory import FP8_BLOCK
 from ..checkpoint.loader import LoadedCheckpoint, Stored, _open, _read, entry_bytes, inventory, with_scale
 from ..config import ModelConfig
@@ -101,7 +101,7 @@ class ShardedReader:
             s = self._read(handles[found[s_name][2]], s_name, sl.dim, b_lo, b_hi)
             if sl.lo % FP8_BLOCK == 0 and (sl.hi % FP8_BLOCK == 0 or sl.hi == size):    # whole blocks: as stored
                 return Stored(name, kind, w.contiguous().clone(), s.contiguous().clone())
-            full = formats.dequant_fp8_block(w, s)          # blocks cut: the slice's float32 values
+            full = number_formats.dequant_fp8_block(w, s)          # blocks cut: the slice's float32 values
             return Stored(name, kind, full.narrow(sl.dim, sl.lo - b_lo * FP8_BLOCK, sl.hi - sl.lo).clone(),
                           decoded=True)
         if kind == "fp4":

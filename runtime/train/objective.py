@@ -21,9 +21,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .. import formats
+from .. import number_formats
 from ..checkpoint.inventory import expected_tensors
-from ..model.transformer import Transformer
+from ..model.v4 import Transformer
 from ..ops import reference_ops
 
 
@@ -35,9 +35,9 @@ def fake_quant(value: torch.Tensor, kind: str) -> torch.Tensor:
     """value rounded to its storage kind, straight-through (identity gradient)."""
     with torch.no_grad():
         if kind == "fp8":
-            q = formats.dequant_fp8_block(*formats.quant_fp8_block(value))
+            q = number_formats.dequant_fp8_block(*number_formats.quant_fp8_block(value))
         elif kind == "fp4":
-            q = formats.dequant_fp4(*formats.quant_fp4(value))
+            q = number_formats.dequant_fp4(*number_formats.quant_fp4(value))
         elif kind == "bf16":
             q = value.to(torch.bfloat16).float()
         else:

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .storage import Fp4Stored, Fp8Stored, Int8Rows, held_bytes, tensors_of
+from .cpu_storage import Fp4Stored, Fp8Stored, Int8Rows, held_bytes, tensors_of
 
 __all__ = ["Weights", "Fp8Stored", "Fp4Stored", "Int8Rows", "held_bytes"]
 
 
 @dataclass
 class Weights:
-    tensors: dict[str, object]          # official name -> storage (a tensor or a runtime.weights.storage kind)
+    tensors: dict[str, object]          # official name -> storage (a tensor or a runtime.weights.cpu_storage kind)
     quantized: frozenset[str]           # linears whose input the numerics quantise (FP8 / INT8 activations)
     stored_bytes: int                   # checkpoint bytes read for these weights (weights and scales)
     mapped: frozenset[str] = field(default_factory=frozenset)   # kept as views of the memory-mapped shards

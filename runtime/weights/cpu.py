@@ -8,11 +8,11 @@ Per tensor (`Stored`, one at a time), what the profile's weight format does to i
 - values rounded (fp16 where a value is not representable): that dtype's own storage, from one tensor's
   float32 transient;
 - W8A8's `int8_linears`: int8 codes + one float32 scale per output channel (`Int8Rows`), re-quantised from the
-  tensor's exact values (the same codes `runtime.weight_formats.quantize_int8_per_channel` gives);
+  tensor's exact values (the same codes `runtime.weight_transforms.quantize_int8_per_channel` gives);
 - small float32 copies where the model computes with a float32 tensor: 1-D bf16 weights (norms) and the MoE
   gate's [E, d] weight (DeepSeek's reference computes the gate in fp32).
 float32 / int64 tensors are the map's views. Which linears quantise their input at run time is what
-`runtime.weight_formats.transform_weights` says (its values are the oracle of this storage in the tests).
+`runtime.weight_transforms.transform_weights` says (its values are the oracle of this storage in the tests).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 
 from ..checkpoint.loader import Stored
 from ..ops.numerics import rounder
-from ..weight_formats import W8A8_DEFAULT, _bf16_on_disk, quantize_int8_per_channel
+from ..weight_transforms import W8A8_DEFAULT, _bf16_on_disk, quantize_int8_per_channel
 from . import Weights
-from .storage import Fp4Stored, Fp8Stored, Int8Rows
+from .cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
 
 _ROUND = {"bf16": "bfloat16", "fp16": "float16"}
 _DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}

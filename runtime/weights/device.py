@@ -1,5 +1,5 @@
 """Device storage from the checkpoint stream: each tensor packed on the host and copied to the GPU / NPU
-before the next one is read (issue 15), into the layouts `runtime.weights.device_layout` describes.
+before the next one is read (issue 15), into the layouts `runtime.weights.device_storage` describes.
 
 - FP8 linears in `fp8_block` stay as stored: the e4m3 codes are copied as they are (no FP8 -> float32 -> FP8
   round trip), the ue8m0 block scales decoded to float32 powers of two (`Fp8Block`);
@@ -17,9 +17,9 @@ import re
 
 import torch
 
-from .. import formats
-from .device_layout import _COMPUTE, _EXPERT, _STORAGE, Fp8Block, Int8Channel
-from ..weight_formats import W8A8_DEFAULT, _bf16_on_disk
+from .. import number_formats
+from .device_storage import _COMPUTE, _EXPERT, _STORAGE, Fp8Block, Int8Channel
+from ..weight_transforms import W8A8_DEFAULT, _bf16_on_disk
 from . import Weights
 
 
@@ -49,7 +49,7 @@ def device_weights(reader, weight_format: str, compute_dtype: str, device,
             if item.decoded:                   # a TP slice that cut blocks: re-blocked from its values
                 out[name] = Fp8Block.from_float(item.data).to(device)
             else:                              # as stored: the codes' bytes are the checkpoint's
-                out[name] = Fp8Block(item.data.to(device), formats.decode_e8m0(item.scale).to(device))
+                out[name] = Fp8Block(item.data.to(device), number_formats.decode_e8m0(item.scale).to(device))
         elif (item.quantized or (kind == "bf16" and _bf16_on_disk(name, item.data))) and len(shape) >= 2:
             m = _EXPERT.match(name)
             if m:

@@ -9,7 +9,7 @@
 
 Every kind gives its float32 values through `dequantize()` (the reference ops and the emulation compute with
 them; decoded with torch's own float8 casts and one broadcast multiply per block, so that a reference linear
-costs little more than its matmul -- tests check them bit for bit against `runtime.formats`' independent
+costs little more than its matmul -- tests check them bit for bit against `runtime.number_formats`' independent
 bit-level decoders over every code) and its held bytes through `nbytes()`. `dequantize_rows(lo, hi)` decodes
 one row range only (the torch tile path of backends/cpu_stored.py).
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
+from .. import number_formats
 
 FP8_BLOCK, FP4_BLOCK = 128, 32
 
@@ -48,8 +48,8 @@ class Fp8Stored(_CodesAt):
     def dequantize_rows(self, lo: int, hi: int) -> torch.Tensor:
         """float32 rows [lo, hi) (the reference's values), decoding only those rows' codes."""
         b0 = lo // FP8_BLOCK
-        w = formats.decode_e4m3(self.codes[lo:hi])
-        s = formats.decode_e8m0(self.scale[b0:-(-hi // FP8_BLOCK)])
+        w = number_formats.decode_e4m3(self.codes[lo:hi])
+        s = number_formats.decode_e8m0(self.scale[b0:-(-hi // FP8_BLOCK)])
         s = s.repeat_interleave(FP8_BLOCK, 0)[lo - b0 * FP8_BLOCK:hi - b0 * FP8_BLOCK]
         return w * s.repeat_interleave(FP8_BLOCK, 1)[:, :w.shape[1]]
 
@@ -73,12 +73,12 @@ class Fp4Stored:
     def dequantize(self) -> torch.Tensor:
         N, H = self.packed.shape
         b = self.packed.view(torch.uint8).to(torch.int32)
-        v = torch.stack((formats.E2M1_TABLE[b & 15], formats.E2M1_TABLE[b >> 4]), dim=-1)     # [N, H, 2]
+        v = torch.stack((number_formats.E2M1_TABLE[b & 15], number_formats.E2M1_TABLE[b >> 4]), dim=-1)     # [N, H, 2]
         s = self.scale.view(torch.float8_e8m0fnu).float()                                     # [N, K/32]
         return (v.view(N, s.shape[1], FP4_BLOCK) * s[..., None]).view(N, 2 * H)
 
     def dequantize_rows(self, lo: int, hi: int) -> torch.Tensor:
-        return formats.dequant_fp4(self.packed[lo:hi], self.scale[lo:hi], FP4_BLOCK)
+        return number_formats.dequant_fp4(self.packed[lo:hi], self.scale[lo:hi], FP4_BLOCK)
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scale.numel()

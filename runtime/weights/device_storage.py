@@ -1,7 +1,7 @@
 """The storage layouts of weights on a GPU / NPU: what `runtime.weights.device` streams the checkpoint into when
 the model runs on a device.
 
-The emulation path (`runtime.weight_formats`) keeps the float32 *values* a weight format represents; these
+The emulation path (`runtime.weight_transforms`) keeps the float32 *values* a weight format represents; these
 layouts keep the format's *storage* on the device, so memory use and GEMM kernels are the deployment's:
 
 - `Fp8Block`: e4m3 codes [out, in] with one float32 power-of-two scale per 128x128 block (`fp8_block`, as
@@ -31,10 +31,10 @@ from typing import Sequence
 
 import torch
 
-from .. import formats
+from .. import number_formats
 from ..ops.linear import dequantize  # noqa: F401  (the float32 values of any weight kind)
-from ..weight_formats import quantize_int8_per_channel
-from .storage import _CodesAt
+from ..weight_transforms import quantize_int8_per_channel
+from .cpu_storage import _CodesAt
 
 BLOCK = 128
 _STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -53,8 +53,8 @@ class Fp8Block(_CodesAt):
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Fp8Block":
-        codes, s = formats.quant_fp8_block(w.float(), BLOCK)
-        return cls(codes, formats.decode_e8m0(s))
+        codes, s = number_formats.quant_fp8_block(w.float(), BLOCK)
+        return cls(codes, number_formats.decode_e8m0(s))
 
     def to(self, device) -> "Fp8Block":
         return Fp8Block(self.codes.to(device), self.scale.to(device))
