@@ -180,7 +180,7 @@ def test_checker_refuses_host_syncs():
             with pytest.raises(CaptureRefused, match=what):
                 call()
         # the eager reference experts group by torch.unique().tolist(): not capturable, and said where
-        from runtime.model.params import Linear
+        from runtime.model.v4 import Linear
 
         experts = [tuple(Linear(torch.randn(8, 4) if j != 1 else torch.randn(4, 8), False) for j in range(3))
                    for _ in range(3)]
