@@ -168,11 +168,11 @@ def attention(a, ops, L: LayerSlots, x: torch.Tensor, pos: torch.Tensor) -> torc
     tokens = pos[:, None] - W + 1 + torch.arange(W, device=x.device)
     idx = [torch.where(tokens >= 0, tokens % W, -1)]
     if a.compressor is not None:
-        ckv, csc = a.compressor.project(x, pos)
+        ckv, csc = a.compressor.inputs(x, pos)
         _compress(a.compressor, ops, L.comp, L.kv, W, ckv, csc, pos, rows)
         visible = (pos + 1) // a.ratio                                       # entries whose window closed
         if a.indexer is not None:
-            ikv, isc = a.indexer.compressor.project(x, pos)
+            ikv, isc = a.indexer.compressor.inputs(x, pos)
             _compress(a.indexer.compressor, ops, L.icomp, L.ik, 0, ikv, isc, pos, rows)
             sel = _index_select(a.indexer, ops, qr, x, cos, sin, L.ik[:, :L.E4], visible, L.E4)
         else:                                                                # HCA: every closed entry
