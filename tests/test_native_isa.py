@@ -209,3 +209,42 @@ def test_grouped_experts_with_an_expert_repeated_per_token(rng):
     want = moe.routed_experts(x, idx, w, values, 10.0, ref)
     got = cpu_stored.routed_experts_native(x, idx, w, experts, 10.0, fast)
     assert (got - want).abs().max() <= 4e-6
+
+
+_DEQUANT_CHECK = """
+import torch
+from backends import cpu_native, cpu_stored
+from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
+g = torch.Generator().manual_seed(3)
+lib = cpu_native.kernels()
+for K in (200, 4096 + 64 + 5):
+    codes = torch.randint(0, 256, (131, K), generator=g, dtype=torch.uint8)
+    codes[:, :256 if K > 256 else K] = torch.arange(256, dtype=torch.uint8)[:min(K, 256)]   # every code, NaNs too
+    scale = torch.randint(110, 145, (2, -(-K // 128)), generator=g, dtype=torch.uint8)
+    scale[0, 0] = 0
+    w = Fp8Stored(codes.view(torch.float8_e4m3fn), scale.view(torch.float8_e8m0fnu))
+    want, got = w.dequantize(), cpu_stored._dequant_rows(w, 0, 131, lib)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0)), K
+    part = cpu_stored._dequant_rows(w, 7, 130, lib)                     # a row range not starting at 0
+    assert torch.equal(part.nan_to_num(0), want[7:130].nan_to_num(0)), K
+for K in (480, 512):
+    packed = torch.randint(0, 256, (131, K // 2), generator=g, dtype=torch.uint8)
+    packed[:, :256 if K // 2 >= 256 else K // 2] = torch.arange(256, dtype=torch.uint8)[:min(K // 2, 256)]
+    scale = torch.randint(110, 145, (131, K // 32), generator=g, dtype=torch.uint8)
+    scale[0], scale[1, ::2] = 0, 250
+    w = Fp4Stored(packed.view(torch.int8), scale.view(torch.float8_e8m0fnu))
+    assert torch.equal(cpu_stored._dequant_rows(w, 0, 131, lib), w.dequantize()), K
+    assert torch.equal(cpu_stored._dequant_rows(w, 5, 99, lib), w.dequantize()[5:99]), K
+print(lib.dsv4_process_isa())
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_tile_dequantisation_is_the_reference_bit_for_bit(isa):
+    """The large-M path's tile dequantisation (dsv4_fp8_dequant / dsv4_fp4_dequant, vectorised on the AVX-512
+    levels) gives the reference's dequantised values bit for bit -- every code, the K tails, subnormal and
+    large scales, row ranges -- on each instruction set, as DSV4_NATIVE_ISA picks it (a fresh process)."""
+    e = {k: v for k, v in os.environ.items() if k != cpu_native.ISA_ENV} | {cpu_native.ISA_ENV: isa}
+    out = subprocess.run([sys.executable, "-c", _DEQUANT_CHECK], capture_output=True, text=True, env=e)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == cpu_native.ISAS[isa]

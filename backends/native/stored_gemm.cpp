@@ -284,6 +284,59 @@ void split_rows(int64_t n0, int64_t n1, int nthreads, const F& f) {   // f(a, b)
   const int64_t per = (n1 - n0 + T - 1) / T;
   parallel(T, [&](int t) { f(std::min(n1, n0 + t * per), std::min(n1, n0 + (t + 1) * per)); });
 }
+#ifdef DSV4_HAVE_X86
+// The large-M path's tile dequantisation, 32 values per step: the same float32 values as the scalar loops below.
+// FP8: each e4m3 code's fp16 form (fp8_half_512) is exact, times 256 restores its exponent, then times the
+// power-of-two block scale, as the scalar loop multiplies. FP4: the 16 e2m1 values by a table permute, low and
+// high nibbles interleaved back into k order, times the per-32 scale.
+DSV4_T512 void fp8_dequant_row_512(const uint8_t* w, const uint8_t* s, int64_t K, float* o) {
+  const __m512 v256 = _mm512_set1_ps(256.f);
+  for (int64_t k0 = 0; k0 < K; k0 += 128) {
+    const int64_t len = std::min<int64_t>(128, K - k0), full = len & ~int64_t(31);
+    const float sc = e8m0(s[k0 >> 7]);
+    const __m512 vs = _mm512_set1_ps(sc);
+    for (int64_t k = k0; k < k0 + full; k += 32) {
+      const __m512i h = fp8_half_512(_mm256_loadu_si256((const __m256i*)(w + k)));
+      const __m512 a = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), v256), vs);
+      const __m512 b = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), v256), vs);
+      _mm512_storeu_ps(o + k, a);
+      _mm512_storeu_ps(o + k + 16, b);
+    }
+    for (int64_t k = k0 + full; k < k0 + len; ++k) o[k] = dec_fp8(w[k]) * sc;
+  }
+}
+
+DSV4_T512 void fp4_dequant_row_512(const uint8_t* w, const uint8_t* s, int64_t K, float* o) {
+  const __m512 tab = _mm512_setr_ps(0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                                    -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f);
+  const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const int64_t nb = K / 32;
+  for (int64_t j = 0; j < nb; ++j) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + 16 * j)));
+    const __m512 lo = _mm512_permutexvar_ps(v, tab), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
+    const __m512 sc = _mm512_set1_ps(e8m0(s[j]));
+    _mm512_storeu_ps(o + 32 * j, _mm512_mul_ps(_mm512_permutex2var_ps(lo, i0, hi), sc));
+    _mm512_storeu_ps(o + 32 * j + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, i1, hi), sc));
+  }
+  for (int64_t i = nb * 16; i < K / 2; ++i) {
+    const float sc = e8m0(s[(2 * i) / 32]);
+    o[2 * i] = dec_e2m1(w[i] & 15u) * sc;
+    o[2 * i + 1] = dec_e2m1(uint32_t(w[i]) >> 4) * sc;
+  }
+}
+#endif
+
+// AVX-512 dequantisation where the process's ISA (process_isa: DSV4_NATIVE_ISA or the best) is an AVX-512 level
+bool dequant_512() {
+#ifdef DSV4_HAVE_X86
+  const int isa = process_isa();
+  return isa == AVX512 || isa == VBMI;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 extern "C" {
@@ -291,7 +344,14 @@ extern "C" {
 // Tile dequantisation for the large-M path: out [(n1 - n0), K] float32 = the reference's dequantised rows.
 void dsv4_fp8_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t lds, int64_t K, float* out,
                       int64_t n0, int64_t n1, int nthreads) {
+  const bool v512 = dequant_512();
   auto f = [=](int64_t a, int64_t b) {
+#ifdef DSV4_HAVE_X86
+    if (v512) {
+      for (int64_t n = a; n < b; ++n) fp8_dequant_row_512(w + n * ldw, s + (n >> 7) * lds, K, out + (n - n0) * K);
+      return;
+    }
+#endif
     for (int64_t n = a; n < b; ++n)
       for (int64_t k0 = 0; k0 < K; k0 += 128) {
         const float sc = e8m0(s[(n >> 7) * lds + (k0 >> 7)]);
@@ -304,7 +364,14 @@ void dsv4_fp8_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t l
 
 void dsv4_fp4_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t lds, int64_t K, float* out,
                       int64_t n0, int64_t n1, int nthreads) {
+  const bool v512 = dequant_512();
   auto f = [=](int64_t a, int64_t b) {
+#ifdef DSV4_HAVE_X86
+    if (v512) {
+      for (int64_t n = a; n < b; ++n) fp4_dequant_row_512(w + n * ldw, s + n * lds, K, out + (n - n0) * K);
+      return;
+    }
+#endif
     for (int64_t n = a; n < b; ++n) {
       float* o = out + (n - n0) * K;
       for (int64_t i = 0; i < K / 2; ++i) {
