@@ -1,7 +1,9 @@
 """Native mHC for chunks of any length on the CPU backend (issue 19: prefill stays ahead of llama.cpp).
 
 The reference `hc_pre` is a handful of [T, hc, hc] tensor ops per Sinkhorn round (20 rounds): on a 2,048-token
-prefill chunk of the tiny model that is ~30 ms per call and ~27% of the whole prefill, spent in small reductions.
+prefill chunk of the tiny model ~9 ms per call on a quiet machine (~20% of the prefill; this form ~6 ms, so the
+whole prefill gained ~2%), and several times that on a loaded one, where each small reduction waits on the
+scheduler (~30 ms per call, ~27% of the prefill, measured at a load average of ~6).
 backends/native/decode_step.cpp already holds the per-token form the fused decode step uses (mixes from the
 rms-normalised input, gates, row softmax, the Sinkhorn rounds and the pre-weighted collapse, float32 in the
 reference's order of operations); this module runs it over a chunk's tokens, split across the torch thread count
