@@ -29,7 +29,7 @@ from runtime.taps import recording
 from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
 
 from . import cpu_native
-from .cpu_decode_abi import AttnP, Comp, HcP, Lin, MoeP, SeqP, bind
+from .cpu_decode_abi import AttnP, Comp, HcP, HeadP, LayerP, Lin, MoeP, SeqP, bind
 
 SOURCE = Path(__file__).parent / "native" / "decode_step.cpp"
 LIB = "libdsv4rt_decode.so"
@@ -194,16 +194,16 @@ def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
     return True
 
 
-def seq_params(plan: Plan, sts: list, starts: list[int]):
-    """The kernels' view of each sequence's layer state, then the counters advanced past this step's rows
-    (the kernel's own rule: `_advance`; the kernel reads only the records, so the counters may move first).
-    Room for the rows is reserved first. Returns (SeqP pointer, the array behind it, for the caller to keep
-    alive during the call), or None, with nothing changed, when a sequence is in a speculative verify step
-    (`mark`-ed pending rows: the per-op path runs). The records are one flat int64 array: a decode step builds
-    B of them per block, and per-field ctypes assignments would cost more than the block's kernels."""
+def _refuses(plan: Plan, sts: list) -> bool:
+    """True when a sequence is in a speculative verify step (`mark`-ed pending rows: the per-op path runs)."""
+    return bool(plan.ratio) and any(st.comp_buf.retain is not None for st in sts)
+
+
+def _seq_vals(plan: Plan, sts: list, starts: list[int]) -> list[int]:
+    """The kernels' view of each sequence's layer state (SeqP fields, flat), then the counters advanced past
+    this step's rows (the kernel's own rule: `_advance`; the kernel reads only the records, so the counters
+    may move first). Room for the rows is reserved first."""
     ratio, csa, W = plan.ratio, plan.csa, plan.W
-    if ratio and any(st.comp_buf.retain is not None for st in sts):
-        return None
     vals: list[int] = []
     for st, p0 in zip(sts, starts):
         kv = st.kv
@@ -228,8 +228,20 @@ def seq_params(plan: Plan, sts: list, starts: list[int]):
         vals += (p0, kv._buf.data_ptr(), kv.n - W, *pend, *idx)
         if ratio and _advance(cb, p0, ratio, csa):
             kv.n += 1
-    arr = array.array("q", vals)                       # ~5x faster to build than a ctypes array
+    return vals
+
+
+def _records(vals: list[int]):
+    """(SeqP pointer, the array behind it, for the caller to keep alive during the call). One flat int64
+    array: a decode step builds B records per block, and per-field ctypes assignments would cost more than
+    the block's kernels; array.array is ~5x faster to build than a ctypes array."""
+    arr = array.array("q", vals)
     return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr
+
+
+def seq_params(plan: Plan, sts: list, starts: list[int]):
+    """One block's records (`_seq_vals`, `_records`), or None, with nothing changed, when `_refuses`."""
+    return None if _refuses(plan, sts) else _records(_seq_vals(plan, sts, starts))
 
 
 def plan_for(block):
@@ -257,6 +269,65 @@ def decode_block(block, X, ids, positions, starts, states):
     _state["lib"].dsv4d_block(ha, A, hf, M, X.shape[0], X.data_ptr(), idv.data_ptr(), params[0], out.data_ptr(),
                               torch.get_num_threads())
     return out
+
+
+# ------------------------------------------------------------------ a whole step in one call
+class StepPlan:
+    """The model's per-layer descriptors as one array (and the head's), built at its first fused step."""
+
+    def __init__(self, model, plans: list[Plan]):
+        self.plans = plans
+        self.layers = (LayerP * len(plans))(*[LayerP(*(ctypes.pointer(s) for s in (p.ha, p.A, p.hf, p.M)))
+                                              for p in plans])
+        self.head = None
+        h, cfg = model.head, model.cfg
+        if not h.par.distributed:             # a vocab-parallel head gathers across ranks: per-op head then
+            keep = _Keep()
+            self.keep = keep
+            self.head = HeadP(keep.f32(h.fn), keep.f32(h.base), keep.f32(h.scale), keep.f32(h.norm), cfg.hc_mult,
+                              cfg.hidden_size, cfg.hc_eps, cfg.norm_eps, lin_desc(h.head_w, keep))
+            self.vocab = h.head_w.shape[0]
+
+
+def step_plan(model):
+    """The model's StepPlan, or False where a block runs the per-op path (TP / EP ranks)."""
+    sp = model.__dict__.get("_fused_step")
+    if sp is None:
+        plans = [plan_for(b) for b in model.blocks]
+        model._fused_step = sp = False if any(p is False for p in plans) else StepPlan(model, plans)
+    return sp
+
+
+def decode_step(model, X, ids, starts, states):
+    """Every block of a one-token step, then the head, in one native call: X [B, 1, hc, d] -> (final streams
+    [B, 1, hc, d], logits [B, 1, V] or None where the head is vocab-parallel), or None (nothing changed) where
+    the per-block path runs (TP / EP ranks, a speculative verify step, tap recording). Each block is exactly
+    `decode_block`'s kernel; the head is hc_head's kernel, the final norm and the head linear (the fused
+    step's tiles, batch-invariant like every stage)."""
+    sp = step_plan(model)
+    if sp is False or recording():
+        return None
+    layer_sts = [[s.layers[p.layer] for s in states] for p in sp.plans]
+    if any(_refuses(p, sts) for p, sts in zip(sp.plans, layer_sts)):
+        return None
+    vals: list[int] = []
+    for p, sts in zip(sp.plans, layer_sts):
+        vals += _seq_vals(p, sts, starts)
+    seqs, _arr = _records(vals)
+    X = X.contiguous()
+    B = X.shape[0]
+    out = torch.empty_like(X)
+    logits = X.new_empty(B, 1, sp.vocab) if sp.head is not None else None
+    idv = ids.reshape(-1)
+    if idv.dtype != torch.int64 or not idv.is_contiguous():
+        idv = idv.to(torch.int64).contiguous()
+    _state["lib"].dsv4d_step(len(sp.plans), sp.layers, B, X.data_ptr(), idv.data_ptr(), seqs, out.data_ptr(),
+                             ctypes.byref(sp.head) if sp.head is not None else None,
+                             logits.data_ptr() if logits is not None else None, torch.get_num_threads())
+    return out, logits
+
+
+decode_block.whole_step = decode_step       # Transformer.forward's one-call step where the table runs this
 
 
 # ------------------------------------------------------------------ the kernels one by one (tests, profiling)

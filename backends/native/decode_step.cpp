@@ -78,6 +78,7 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   std::vector<int64_t> idx(B * k);
   std::vector<float> wgt(B * k);
   for_seqs(B, nt, [&](int64_t b) { route(P, x + b * d, ids[b], idx.data() + b * k, wgt.data() + b * k); });
+  prof::mark(9);
   // slot b*k + j -> its row among expert idx's tokens; experts' rows laid out one after another
   std::vector<int64_t> first(E + 1, 0), row(B * k);
   for (int64_t i = 0; i < B * k; ++i) ++first[idx[i] + 1];
@@ -100,11 +101,13 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
     jobs.push_back(job(P.shared[2], x, d, B, su.data(), SI));
   }
   run_jobs(jobs.data(), int(jobs.size()), nt);
+  prof::mark(10);
   // the activations (an exp per element) of every routed row, then of the shared rows
   for_seqs(n + (P.shared ? B : 0), nt, [&](int64_t i) {
     if (i < n) swiglu(g.data() + row[i] * I, u.data() + row[i] * I, I, P.limit, wgt[i]);
     else swiglu(sg.data() + (i - n) * SI, su.data() + (i - n) * SI, SI, P.limit, 1.0f);
   });
+  prof::mark(11);
   jobs.clear();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t c = first[e + 1] - first[e];
@@ -112,6 +115,7 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   }
   if (P.shared) jobs.push_back(job(P.shared[1], sg.data(), SI, B, st.data(), d));
   run_jobs(jobs.data(), int(jobs.size()), nt);
+  prof::mark(12);
   for_seqs(B, nt, [&](int64_t b) {
     thread_local std::vector<int64_t> order;
     order.resize(k);
@@ -275,18 +279,24 @@ void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, in
                  const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
   const int64_t hc = ha->hc, d = ha->d, nd = hc * d;
   std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd);
+  prof::start();
   hc_pre_batch(*ha, B, X, x.data(), post.data(), comb.data(), nt);
+  prof::mark(0);
   attn_batch(*A, B, x.data(), seqs, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, X + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
                 mid.data() + b * nd);
   });
+  prof::mark(7);
   hc_pre_batch(*hf, B, mid.data(), x.data(), post.data(), comb.data(), nt);
+  prof::mark(8);
   moe_batch(*M, B, x.data(), ids, y.data(), nt);
+  prof::mark(13);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, mid.data() + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
                 Xo + b * nd);
   });
+  prof::mark(14);
 }
 
 // hc_head: X [T, hc, d] -> out [T, d] = sum_h (sigmoid(mix_h * scale[0] + base[h]) + eps) X_h
@@ -310,6 +320,53 @@ void dsv4d_hc_head(int64_t T, int64_t hc, int64_t d, const float* X, const float
   }
 }
 
-int dsv4d_abi() { return 2; }
+struct LayerP { const HcP* ha; const AttnP* A; const HcP* hf; const MoeP* M; };
+
+struct HeadP {           // hc_head collapse -> final RMS norm -> vocabulary projection
+  const float *fn, *base, *scale, *norm;
+  int64_t hc, d;
+  float hc_eps, norm_eps;
+  Lin w;                 // [V, d]
+};
+
+// A whole decode step's blocks in one call (no Python between blocks, the pool's workers stay warm):
+// X [B, hc, d] through layers[0 .. L) -> Xo [B, hc, d]; seqs [L][B] (layer l's records at seqs + l * B). Each
+// block is exactly dsv4d_block. With `head`: logits [B, V] of Xo (hc_head per row, the norm, the head linear
+// as one stage: a row's values do not depend on B either).
+void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, const int64_t* ids, SeqP* seqs,
+                float* Xo, const HeadP* head, float* logits, int nt) {
+  const int64_t nd = layers[0].ha->hc * layers[0].ha->d;
+  thread_local std::vector<float> tmp;
+  tmp.resize(B * nd);
+  const float* in = X;
+  for (int64_t l = 0; l < L; ++l) {
+    float* out = (L - 1 - l) % 2 == 0 ? Xo : tmp.data();
+    const LayerP& P = layers[l];
+    dsv4d_block(P.ha, P.A, P.hf, P.M, B, in, ids, seqs + l * B, out, nt);
+    in = out;
+  }
+  if (!head) return;
+  prof::start();
+  const HeadP& H = *head;
+  thread_local std::vector<float> y;
+  y.resize(B * H.d);
+  float* Y = y.data();
+  for_seqs(B, nt, [&](int64_t b) {
+    dsv4d_hc_head(1, H.hc, H.d, Xo + b * nd, H.fn, H.base, H.scale, H.hc_eps, H.norm_eps, Y + b * H.d);
+    rms(Y + b * H.d, H.d, H.norm, H.norm_eps);
+  });
+  const Job j = job(H.w, Y, H.d, B, logits, H.w.N);
+  run_jobs(&j, 1, nt);
+  prof::mark(15);
+}
+
+int dsv4d_abi() { return 3; }
+
+// stage timing (profiling only): on = 1 starts (and zeroes), 0 stops; acc gets the 32 accumulated seconds
+void dsv4d_prof(int on, double* acc) {
+  if (acc) std::memcpy(acc, prof::acc, sizeof(prof::acc));
+  if (on) std::memset(prof::acc, 0, sizeof(prof::acc));
+  prof::on = on != 0;
+}
 
 }  // extern "C"

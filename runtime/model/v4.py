@@ -428,13 +428,22 @@ class Transformer:
         [B, S, V] float32 (and the final residual streams [B, S, hc, d] if asked, for the MTP block)."""
         B, S = ids.shape
         ids, starts = ids.to(self.device), [s.pos for s in seqs]
-        positions = self._positions(starts, S)                                              # [B, S]
         X = self.embed[ids].float()[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()  # [B,S,hc,d]
-        for block in self.blocks:
-            X = block(X, ids, positions, starts, seqs)
+        # a one-token step whose `decode_block` can run every block (and the head) in one call does (the same
+        # implementation, without Python between blocks); it returns None where the per-block path runs
+        whole = getattr(self.ops.decode_block, "whole_step", None) if S == 1 else None
+        fused = whole(self, X, ids, starts, seqs) if whole is not None else None
+        if fused is None:
+            positions = self._positions(starts, S)                                          # [B, S]
+            for block in self.blocks:
+                X = block(X, ids, positions, starts, seqs)
         for s in seqs:
             s.pos += S
-        logits = self.head(X)
+        if fused is not None and fused[1] is not None:
+            X, logits = fused
+        else:
+            X = X if fused is None else fused[0]
+            logits = self.head(X)
         tap("final.logits", logits)
         return (logits, X) if return_hidden else logits
 
