@@ -183,3 +183,26 @@ def test_batch_of_16_equals_each_sequence_alone_bit_for_bit(tiny_rt):
             assert torch.equal(la.kv.view(), lb.kv.view())
             if la.index_keys is not None:
                 assert torch.equal(la.index_keys.view(), lb.index_keys.view())
+
+
+def test_whole_step_is_the_blocks_then_the_head(tiny_rt):
+    """The one-call step Transformer.forward takes (`decode_step`: every block, then the head, issue 16) gives
+    exactly the per-block fused path's streams and states, and the per-op head's logits within TOL, on a
+    ragged batch crossing window and compressor boundaries."""
+    cfg, m = tiny_rt.config, tiny_rt.model
+    starts = [0, 13, 125, 253]
+    whole, blocks = _prefilled(tiny_rt, starts, seed=4), _prefilled(tiny_rt, starts, seed=4)
+    g = torch.Generator().manual_seed(17)
+    with torch.inference_mode():
+        for _ in range(5):
+            ids = torch.randint(2, 258, (len(starts), 1), generator=g)
+            X = m.embed[ids].float()[:, :, None, :].expand(-1, -1, cfg.hc_mult, -1).contiguous()
+            Xw, logits = cpu_decode.decode_step(m, X, ids, [s.pos for s in whole.seqs], whole.seqs)
+            for s in whole.seqs:
+                s.pos += 1
+            Xb = _blocks(tiny_rt, X, ids, blocks.seqs)
+            assert torch.equal(Xw, Xb)
+            torch.testing.assert_close(logits, m.head(Xb), atol=TOL, rtol=0)
+    for a, b in zip(whole.seqs, blocks.seqs):
+        for la, lb in zip(a.layers[:cfg.num_layers], b.layers[:cfg.num_layers]):
+            assert torch.equal(la.kv.view(), lb.kv.view())

@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "decode_exp.h"
 #include "decode_linear.h"
 
 namespace {
@@ -197,13 +198,17 @@ inline void weighted_rows(const float* p, const float* kv, const int64_t* rows, 
 #endif
 }
 
-// One attention layer's per-token rows of a batch, each [B, width] (the stage linears' outputs).
+// One attention layer's per-token rows of a batch, each [B, width] (the stage linears' outputs). One per
+// calling thread, reused by every layer and step (every row is written before it is read: no clearing).
 struct AttnRows {
   std::vector<float> qr, kvr, q, o, z, ckv, cg, iw, ikv, ig, iq;
-  AttnRows(const AttnP& P, int64_t B)
-      : qr(B * P.q_lora), kvr(B * P.D), q(B * P.H * P.D), o(B * P.H * P.D), z(B * P.G * P.o_lora),
-        ckv(P.ratio ? B * comp_width(P.comp) : 0), cg(ckv.size()), iw(P.csa ? B * P.ih : 0),
-        ikv(P.csa ? B * comp_width(P.icomp) : 0), ig(ikv.size()), iq(P.csa ? B * P.ih * P.idim : 0) {}
+  void size(const AttnP& P, int64_t B) {
+    qr.resize(B * P.q_lora), kvr.resize(B * P.D), q.resize(B * P.H * P.D), o.resize(B * P.H * P.D);
+    z.resize(B * P.G * P.o_lora);
+    ckv.resize(P.ratio ? B * comp_width(P.comp) : 0), cg.resize(ckv.size());
+    iw.resize(P.csa ? B * P.ih : 0), ikv.resize(P.csa ? B * comp_width(P.icomp) : 0), ig.resize(ikv.size());
+    iq.resize(P.csa ? B * P.ih * P.idim : 0);
+  }
 };
 
 // Sequence b's attention after the projections: q norms / RoPE, compressors, indexer top-k, attention over
@@ -276,8 +281,10 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
     float* sh = s.data() + h * K;
     float mx = P.sink[h];
     for (int64_t j = 0; j < K; ++j) { sh[j] *= scale; mx = std::max(mx, sh[j]); }
-    float dn = std::exp(P.sink[h] - mx);
-    for (int64_t j = 0; j < K; ++j) { sh[j] = std::exp(sh[j] - mx); dn += sh[j]; }
+    float dn = dexp::one(P.sink[h] - mx);
+    for (int64_t j = 0; j < K; ++j) sh[j] -= mx;
+    dexp::inplace(sh, K);
+    for (int64_t j = 0; j < K; ++j) dn += sh[j];
     den[h] = dn;
   }
   for (int64_t h = 0; h < H; ++h)
@@ -290,7 +297,9 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
 // x [B, d] (after attn_norm), one token per sequence -> out [B, d]; updates the sequences' states.
 void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* out, int nt) {
   const int64_t d = P.d, D = P.D, HD = P.H * P.D, ql = P.q_lora, ol = P.o_lora, G = P.G;
-  AttnRows R(P, B);
+  thread_local AttnRows mine;
+  AttnRows& R = mine;        // a local name: the lambdas below run on pool threads, where `mine` is theirs
+  R.size(P, B);
   std::vector<Job> jobs{job(P.wq_a, x, d, B, R.qr.data(), ql), job(P.wkv, x, d, B, R.kvr.data(), D)};
   if (P.ratio) {
     const int64_t cw = comp_width(P.comp);

@@ -64,9 +64,13 @@ void route(const MoeP& P, const float* x, int64_t id, int64_t* idx, float* wgt) 
 
 // h[i] = silu(min(g, limit)) * clamp(u, +-limit) * wgt, in place in g
 inline void swiglu(float* g, const float* u, int64_t n, float limit, float wgt) {
+  thread_local std::vector<float> e;
+  e.resize(n);
+  for (int64_t i = 0; i < n; ++i) e[i] = -std::min(g[i], limit);
+  dexp::inplace(e.data(), n);              // see decode_exp.h
   for (int64_t i = 0; i < n; ++i) {
     float a = std::min(g[i], limit), b = std::max(-limit, std::min(u[i], limit));
-    g[i] = a / (1.0f + std::exp(-a)) * b * wgt;
+    g[i] = a / (1.0f + e[i]) * b * wgt;
   }
 }
 
@@ -86,7 +90,12 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   std::vector<int64_t> fill(first.begin(), first.end() - 1);
   for (int64_t i = 0; i < B * k; ++i) row[i] = fill[idx[i]]++;
   const int64_t n = B * k;
-  std::vector<float> xg(n * d), g(n * I), u(n * I), t(n * d), sg(B * SI), su(B * SI), st(P.shared ? B * d : 0);
+  // reused per calling thread (every row is written before it is read)
+  thread_local std::vector<float> tls[7];
+  // local names (the lambdas below run on pool threads: a thread_local named there would be that thread's)
+  std::vector<float> &xg = tls[0], &g = tls[1], &u = tls[2], &t = tls[3], &sg = tls[4], &su = tls[5], &st = tls[6];
+  xg.resize(n * d), g.resize(n * I), u.resize(n * I), t.resize(n * d), sg.resize(B * SI), su.resize(B * SI);
+  st.resize(P.shared ? B * d : 0);
   for (int64_t i = 0; i < n; ++i) std::memcpy(xg.data() + row[i] * d, x + (i / k) * d, sizeof(float) * d);
   std::vector<Job> jobs;
   for (int64_t e = 0; e < E; ++e) {
@@ -278,7 +287,9 @@ void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post
 void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, const float* X,
                  const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
   const int64_t hc = ha->hc, d = ha->d, nd = hc * d;
-  std::vector<float> x(B * d), y(B * d), post(B * hc), comb(B * hc * hc), mid(B * nd);
+  thread_local std::vector<float> tls[5];                      // reused per calling thread, by local names
+  std::vector<float> &x = tls[0], &y = tls[1], &post = tls[2], &comb = tls[3], &mid = tls[4];   // (as moe_batch)
+  x.resize(B * d), y.resize(B * d), post.resize(B * hc), comb.resize(B * hc * hc), mid.resize(B * nd);
   prof::start();
   hc_pre_batch(*ha, B, X, x.data(), post.data(), comb.data(), nt);
   prof::mark(0);
