@@ -428,7 +428,11 @@ class Transformer:
         [B, S, V] float32 (and the final residual streams [B, S, hc, d] if asked, for the MTP block)."""
         B, S = ids.shape
         ids, starts = ids.to(self.device), [s.pos for s in seqs]
-        X = self.embed[ids].float()[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()  # [B,S,hc,d]
+        # index_select on a whole table: the same rows as `embed[ids]`, whose index kernel enters an OpenMP
+        # region even for a decode step's few rows (its spinning workers then take a core from the fused step)
+        e = self.embed.index_select(0, ids.reshape(-1)).view(B, S, -1) if isinstance(self.embed, torch.Tensor) \
+            else self.embed[ids]
+        X = e.float()[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()                # [B,S,hc,d]
         # a one-token step whose `decode_block` can run every block (and the head) in one call does (the same
         # implementation, without Python between blocks); it returns None where the per-block path runs
         whole = getattr(self.ops.decode_block, "whole_step", None) if S == 1 else None
