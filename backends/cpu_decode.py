@@ -5,7 +5,9 @@ that file's GEMV kernels) runs a block's whole one-token step: mHC pre + norm, t
 projections, norms, RoPE, ring write, the compressors' in-place pending rows, indexer top-k, attention over
 window + selected / HCA entries with the sink, wo_a / wo_b), mHC post, mHC pre + norm, routing + routed and
 shared experts, mHC post. The unfused step is ~250-700 ATen ops per block; this is one ctypes call plus a
-few host-side counter updates. Its oracle is the reference `decode_block` (the per-op path): tests/
+few host-side counter updates. Transformer.forward takes `decode_step` (`decode_block.whole_step`) where it
+can: every block of a one-token step and then the head (hc_head, final norm, head linear) in one call, with
+no Python between blocks (issue 16: the per-block wrapper and the per-op head were a third of a batched step). Its oracle is the reference `decode_block` (the per-op path): tests/
 test_decode_fused.py checks each kernel and 200 whole steps against it.
 
 Registered as `decode_block` implementation `cpu.native_fused`; its prepare hook refuses (the row says why,
@@ -58,7 +60,8 @@ def _prepare(ctx):
         return None, f"fused float32 kernels; numerics {ctx.numerics.name} rounds inside the step"
     if library() is None:
         return None, f"decode library unavailable ({_state['why']})"
-    return decode_block, ("backends/native/decode_step.cpp, one call per block (FP8 / FP4 linears widened "
+    return decode_block, ("backends/native/decode_step.cpp, one call per step for every block and the head "
+                          "(one per block where the head is vocab-parallel; FP8 / FP4 linears widened "
                           f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB); per-op path for TP/EP ranks, "
                           "speculative verify steps and tap recording")
 

@@ -9,6 +9,7 @@
 //                  sink, inverse RoPE, wo_a per group, wo_b                          = Attention.__call__
 //   dsv4d_moe      gate (sqrt-softplus, hash or biased top-k), routed + shared clamped-SwiGLU experts = MoE
 //   dsv4d_block    the four above in order for one block                           = Block.__call__ (S = 1)
+//   dsv4d_step     every block of the step, then the head (hc_head, final norm, head linear): one call a step
 // Exact numerics only (float32 everywhere; the Python side refuses other numerics). Linears decode the
 // checkpoint's storage with the GEMV kernels of stored_gemm.cpp (included, not copied: one source of truth).
 // Ragged batches: every sequence has its own position and state pointers. Plain C ABI for ctypes.
