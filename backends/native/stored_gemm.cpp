@@ -25,6 +25,7 @@
 
 #include "stored_simd.h"
 #include "stored_vbmi.h"
+#include "stored_rows.h"
 #include "stored_pool.h"
 
 using namespace dsv4;
@@ -146,6 +147,24 @@ const RowFn* table(int isa, int kind) {
   return scalar[kind];
 }
 
+// M = 1 kernels that take RW = 1..4 weight rows per pass (stored_rows.h): [isa][kind][RW]; nullptr: none (the
+// single-row table runs)
+using RowsFn = void (*)(const Gemv*);
+const RowsFn* rows_table(int isa, int kind) {
+#ifdef DSV4_HAVE_X86
+#define DSV4_RW(f) {nullptr, f<1>, f<2>, f<3>, f<4>}
+  static const RowsFn avx512[4][5] = {DSV4_RW(fp8_rows_512), {}, DSV4_RW(bf16_rows_512), {}};
+#ifdef DSV4_HAVE_VBMI
+  static const RowsFn vbmi[4][5] = {DSV4_RW(fp8_rows_512), DSV4_RW(fp4_rows_vbmi), DSV4_RW(bf16_rows_512), {}};
+  if (isa == VBMI) return vbmi[kind][1] ? vbmi[kind] : nullptr;
+#endif
+#undef DSV4_RW
+  if (isa == AVX512) return avx512[kind][1] ? avx512[kind] : nullptr;
+#endif
+  (void)isa; (void)kind;
+  return nullptr;
+}
+
 bool supported(int isa) {
   switch (isa) {
     case SCALAR: return true;
@@ -253,6 +272,20 @@ int dsv4_gemv(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
       const float* x = b.kind == FP4 ? xs[j].data() : b.x;
       const int64_t ldx = b.kind == FP4 ? b.K : b.ldx;
       const int64_t esz = b.kind == BF16 ? 2 : 1;
+      const RowsFn* multi = b.M == 1 ? rows_table(isa, b.kind) : nullptr;
+      if (multi) {               // M = 1: up to 4 weight rows per pass over x (each row's value as alone)
+        for (int64_t i = a; i < e;) {
+          const int rw = int(std::min<int64_t>(4, e - i));
+          Gemv g[4];
+          for (int r = 0; r < rw; ++r, ++i) {
+            const int64_t n = b.n0 + i;
+            g[r] = Gemv{x, ldx, b.K, b.w + n * b.ldw * esz, nullptr, nullptr, b.y + i, b.ldy};
+            g[r].s = b.kind == FP8 ? b.s + (n >> 7) * b.lds : b.kind == FP4 ? b.s + n * b.lds : nullptr;
+          }
+          multi[rw](g);
+        }
+        continue;
+      }
       for (int64_t i = a; i < e; ++i) {
         const int64_t n = b.n0 + i;
         Gemv g{x, ldx, b.K, b.w + n * b.ldw * esz, nullptr, b.rs ? b.rs + n : nullptr, b.y + i, b.ldy};
