@@ -4,12 +4,12 @@ Two implementations of the `linear` and `group_linear` ops, both with the float3
 (`runtime.ops.linear`: x @ dequantize(w).T) as oracle:
 - `cpu.stored_native`: the native kernels (backends/native/stored_gemm.cpp). Up to `MAX_M` rows of x (a decode
   step, a routed expert's few tokens): one pass over the stored weight, each row's values decoded in
-  registers and used for every x row. `MAX_M` < M <= `MGEMM_MAX_M` (a prefill's routed experts, ~48 tokens
-  each at 512 tokens and 64 experts): the small-M GEMM (backends/native/stored_mgemm.h), a 96-row weight
-  panel decoded once per K block into L2 and accumulated into every x row in registers (AVX-512 kernel on
-  the AVX-512 levels, the portable C++ one elsewhere: `mgemm_path()`). More rows (prefill chunks): the weight
-  is dequantised `TILE_FLOATS` at a time by the native decoder and multiplied with torch's GEMM into the
-  transposed output.
+  registers and used for every x row. `MAX_M` < M <= `MGEMM_MAX_M` on a weight of at least `TILE_FLOATS`
+  values (a prefill's routed experts, ~48 tokens each at 512 tokens and 64 experts): the small-M GEMM
+  (backends/native/stored_mgemm.h), a 96-row weight panel decoded once per K block into L2 and accumulated
+  into every x row in registers (AVX-512 kernel on the AVX-512 levels, the portable C++ one elsewhere:
+  `mgemm_path()`). Otherwise (prefill chunks, small weights): the weight is dequantised `TILE_FLOATS` at a
+  time by the native decoder and multiplied with torch's GEMM into the transposed output.
 - `cpu.stored_torch_tiles` (no compiler on this machine): the same tiles dequantised with torch ops, for every M.
 Either way, no whole dequantised weight exists per call, and the values are the reference's float32 values
 (code x power-of-two scale is exact), accumulated in float32: only the summation order differs.
@@ -32,7 +32,9 @@ from .cpu_native import Job, isa_code, kernels
 MAX_M = 16                        # x rows up to which the GEMV kernels run (the library's own limit)
 MGEMM_MAX_M = 256                 # x rows up to which the small-M GEMM runs; above, torch's GEMM on tiles is
                                   # faster (2 threads, 2048 x 4096 FP8 / FP4: mgemm 200-260 GFLOP/s at M 32-256
-                                  # vs tiles 95-230; at M >= 512 tiles 280-300 vs mgemm 205-245)
+                                  # vs tiles 95-230; at M >= 512 tiles 280-300 vs mgemm 205-245). Only for a
+                                  # weight (row range) of at least one tile: a smaller one is one tile in cache,
+                                  # where torch's GEMM wins (128 x 256 FP4, M = 100: 44 vs 88 us)
 TILE_FLOATS = 1 << 20             # dequantised weight per GEMM tile: 4 MB of float32
 
 
@@ -116,8 +118,9 @@ def _rows_linear(x: torch.Tensor, w, lo: int, hi: int, native: bool) -> torch.Te
     """x [M, K] float32 @ rows [lo, hi) of w, transposed -> [M, hi - lo]."""
     lib = kernels() if native else None
     x = x.contiguous()
-    if lib is not None and x.shape[0] <= MGEMM_MAX_M:
-        y = (_gemv if x.shape[0] <= MAX_M else _mgemm)(lib, x, w, lo, hi)
+    M = x.shape[0]
+    if lib is not None and (M <= MAX_M or (M <= MGEMM_MAX_M and (hi - lo) * x.shape[1] >= TILE_FLOATS)):
+        y = (_gemv if M <= MAX_M else _mgemm)(lib, x, w, lo, hi)
         if y is not None:
             return y
     yt = torch.empty(hi - lo, x.shape[0])                     # y.T: each tile's rows are contiguous

@@ -78,15 +78,24 @@ def test_bf16_and_int8(M, isa, rng):
     assert _err(cpu_stored.native_mgemm(x, w8, isa), x, w8.dequantize()) <= 1e-6     # measured <= 3.5e-7
 
 
-def test_linear_routes_by_rows(rng, monkeypatch):
-    """`linear` on stored weights takes the small-M GEMM for MAX_M < M <= MGEMM_MAX_M and only there."""
+def _count_mgemm(monkeypatch, tile_floats):
+    """Rows of each small-M GEMM call from now on, with `TILE_FLOATS` set to `tile_floats`."""
     calls = []
     real = cpu_stored._mgemm
     monkeypatch.setattr(cpu_stored, "_mgemm", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
-    w = _fp8(rng, 64, 256)
+    monkeypatch.setattr(cpu_stored, "TILE_FLOATS", tile_floats)
+    return calls
+
+
+def test_linear_routes_by_rows_and_size(rng, monkeypatch):
+    """`linear` on stored weights takes the small-M GEMM for MAX_M < M <= MGEMM_MAX_M on a weight of at least
+    one tile, and only there (a smaller weight, or more rows: the tiles)."""
+    calls = _count_mgemm(monkeypatch, 64 * 256)
+    w, small = _fp8(rng, 64, 256), _fp8(rng, 63, 256)
     for M in (16, 17, cpu_stored.MGEMM_MAX_M, cpu_stored.MGEMM_MAX_M + 1):
         x = torch.randn(M, 256, generator=rng)
         assert _err(cpu_stored.linear_native(x, w), x, w.dequantize()) <= 3e-6
+        assert _err(cpu_stored.linear_native(x, small), x, small.dequantize()) <= 3e-6
     assert calls == [17, cpu_stored.MGEMM_MAX_M]
 
 
@@ -137,9 +146,7 @@ def test_fp4_experts_uneven_prefill_tokens(rng, monkeypatch):
     w = torch.rand(T, 3, generator=rng)
     counts = torch.bincount(idx.flatten(), minlength=E)
     assert counts[5] == 0 and (counts[:5] > cpu_stored.MAX_M).all()
-    rows = []
-    real = cpu_stored._mgemm
-    monkeypatch.setattr(cpu_stored, "_mgemm", lambda *a, **k: rows.append(a[1].shape[0]) or real(*a, **k))
+    rows = _count_mgemm(monkeypatch, 96 * 640)                                # every expert linear >= a tile
     got = cpu_stored.routed_experts_native(x, idx, w, experts, 10.0, fast)
     assert sorted(rows) == sorted(3 * counts[:5].tolist())                  # w1, w3, w2 of every active expert
     want = moe.routed_experts(x, idx, w, values, 10.0, reference_ops("exact"))

@@ -224,11 +224,11 @@ int dsv4_mgemm(const Dsv4Job* jobs, int njobs, int nthreads, int isa) {
   const int64_t units = first_unit[njobs];
   std::vector<MgPacked> packed(njobs);
   int T = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max<int64_t>(units, njobs))));
-  if (work < MIN_PARALLEL * 16) T = 1;
+  if (work < MIN_PARALLEL * 64) T = 1;   // 8M multiply-adds: below, a second thread costs more than it saves
   // x packed per job, the jobs taken by the threads
   std::atomic<int> next_job{0};
   auto pack = [&](int) { for (int j = next_job++; j < njobs; j = next_job++) mg_pack(jobs[j], packed[j]); };
-  mg_parallel(T, pack);
+  mg_parallel(njobs > 1 ? T : 1, pack);
   for (const MgPacked& p : packed) cmax = std::max(cmax, p.c_total);
   std::atomic<int64_t> next{0};
   auto run = [&](int) {
