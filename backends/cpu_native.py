@@ -4,7 +4,8 @@
 beside it) into the runtime cache folder (`$DSV4RT_HOME/kernels/<key>/`, the key a hash of the sources, the
 compiler's version and the flags, so a changed file or compiler never reuses a stale library) and returns
 the loaded `ctypes.CDLL`, or None and the reason. A plain C ABI: the build needs a C++ compiler and nothing
-else (no torch headers, no ninja, no isolated build environment). Flags: `-O3` for the baseline ISA -- the
+else (no torch headers, no ninja, no isolated build environment). Flags: `-O3` for the baseline ISA (the
+stored-format library first with `-fopenmp`, so that its small-M GEMM shares torch's OpenMP threads) -- the
 kernels carry their own `target` attributes and pick AVX-512 / AVX2 at run time -- then, should the compiler
 refuse something, the same without the SIMD paths (`-DDSV4_NO_NEON`, `-DDSV4_NO_X86_SIMD`).
 
@@ -36,6 +37,9 @@ from pathlib import Path
 NATIVE = Path(__file__).parent / "native"
 SOURCE = NATIVE / "stored_gemm.cpp"
 _FLAGS = (["-O3"], ["-O3", "-DDSV4_NO_NEON"], ["-O3", "-DDSV4_NO_NEON", "-DDSV4_NO_X86_SIMD"])
+# the stored-format library first with OpenMP: its small-M GEMM then runs on torch's own OpenMP threads
+# (backends/native/stored_mgemm.h says why); without it, on the library's pool
+_STORED_FLAGS = (["-O3", "-fopenmp"], *_FLAGS)
 _BASE = ["-shared", "-fPIC", "-std=c++17", "-pthread", "-fno-math-errno"]
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "avx512vbmi": 4}
 ISA_ENV = "DSV4_NATIVE_ISA"
@@ -133,6 +137,10 @@ def _bind(lib):
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.dsv4_gemv.argtypes = [p, i32, i32, i32]
     lib.dsv4_gemv.restype = i32
+    lib.dsv4_mgemm.argtypes = [p, i32, i32, i32]
+    lib.dsv4_mgemm.restype = i32
+    lib.dsv4_mgemm_path.argtypes = [i32]
+    lib.dsv4_mgemm_path.restype = i32
     for name in ("dsv4_fp8_dequant", "dsv4_fp4_dequant"):
         getattr(lib, name).argtypes = [p, i64, p, i64, i64, p, i64, i64, i32]
         getattr(lib, name).restype = None
@@ -157,7 +165,7 @@ def _choose_isa(lib) -> tuple[int | None, str]:
 def kernels():
     """The loaded stored-format library, or None (then `unavailable_reason()` says why; printed once)."""
     if "lib" not in _state:
-        lib, why = build_library(SOURCE, "libdsv4rt_stored.so")
+        lib, why = build_library(SOURCE, "libdsv4rt_stored.so", _STORED_FLAGS)
         if lib is not None:
             lib = _bind(lib)
             code, why = _choose_isa(lib)

@@ -4,8 +4,12 @@ Two implementations of the `linear` and `group_linear` ops, both with the float3
 (`runtime.ops.linear`: x @ dequantize(w).T) as oracle:
 - `cpu.stored_native`: the native kernels (backends/native/stored_gemm.cpp). Up to `MAX_M` rows of x (a decode
   step, a routed expert's few tokens): one pass over the stored weight, each row's values decoded in
-  registers and used for every x row. More rows (prefill): the weight is dequantised `TILE_FLOATS` at a time
-  (a few MB, in cache) by the native decoder and multiplied with torch's GEMM into the transposed output.
+  registers and used for every x row. `MAX_M` < M <= `MGEMM_MAX_M` on a weight of at least `TILE_FLOATS`
+  values (a prefill's routed experts, ~48 tokens each at 512 tokens and 64 experts): the small-M GEMM
+  (backends/native/stored_mgemm.h), a 96-row weight panel decoded once per K block into L2 and accumulated
+  into every x row in registers (AVX-512 kernel on the AVX-512 levels, the portable C++ one elsewhere:
+  `mgemm_path()`). Otherwise (prefill chunks, small weights): the weight is dequantised `TILE_FLOATS` at a
+  time by the native decoder and multiplied with torch's GEMM into the transposed output.
 - `cpu.stored_torch_tiles` (no compiler on this machine): the same tiles dequantised with torch ops, for every M.
 Either way, no whole dequantised weight exists per call, and the values are the reference's float32 values
 (code x power-of-two scale is exact), accumulated in float32: only the summation order differs.
@@ -26,6 +30,11 @@ from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
 from .cpu_native import Job, isa_code, kernels
 
 MAX_M = 16                        # x rows up to which the GEMV kernels run (the library's own limit)
+MGEMM_MAX_M = 256                 # x rows up to which the small-M GEMM runs; above, torch's GEMM on tiles is
+                                  # faster (2 threads, 2048 x 4096 FP8 / FP4: mgemm 200-260 GFLOP/s at M 32-256
+                                  # vs tiles 95-230; at M >= 512 tiles 280-300 vs mgemm 205-245). Only for a
+                                  # weight (row range) of at least one tile: a smaller one is one tile in cache,
+                                  # where torch's GEMM wins (128 x 256 FP4, M = 100: 44 vs 88 us)
 TILE_FLOATS = 1 << 20             # dequantised weight per GEMM tile: 4 MB of float32
 
 
@@ -88,12 +97,30 @@ def _gemv(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> 
     return y
 
 
+def run_mgemm(lib, jobs: list, isa: int | None = None) -> None:
+    """Run native jobs of any M in one call (backends/native/stored_mgemm.h; their units over torch's threads)."""
+    arr = (Job * len(jobs))(*jobs)
+    if lib.dsv4_mgemm(arr, len(jobs), torch.get_num_threads(), isa_code() if isa is None else isa) != 0:
+        raise RuntimeError("dsv4_mgemm refused a job (M < 1 or unknown kind)")
+
+
+def _mgemm(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> torch.Tensor | None:
+    """x [M, K] contiguous float32 -> [M, hi - lo] through the native small-M GEMM, or None (no kernel)."""
+    y = torch.empty(x.shape[0], hi - lo)
+    j = job(x, w, lo, hi, y)
+    if j is None:
+        return None
+    run_mgemm(lib, [j], isa)
+    return y
+
+
 def _rows_linear(x: torch.Tensor, w, lo: int, hi: int, native: bool) -> torch.Tensor:
     """x [M, K] float32 @ rows [lo, hi) of w, transposed -> [M, hi - lo]."""
     lib = kernels() if native else None
     x = x.contiguous()
-    if lib is not None and x.shape[0] <= MAX_M:
-        y = _gemv(lib, x, w, lo, hi)
+    M = x.shape[0]
+    if lib is not None and (M <= MAX_M or (M <= MGEMM_MAX_M and (hi - lo) * x.shape[1] >= TILE_FLOATS)):
+        y = (_gemv if M <= MAX_M else _mgemm)(lib, x, w, lo, hi)
         if y is not None:
             return y
     yt = torch.empty(hi - lo, x.shape[0])                     # y.T: each tile's rows are contiguous
@@ -139,6 +166,21 @@ def group_linear_native(x, w):
 def group_linear_torch_tiles(x, w):
     """Same contract as `runtime.ops.linear.group_linear`, torch tiles."""
     return _group_linear(x, w, False)
+
+
+def native_mgemm(x: torch.Tensor, w, isa: str | None = None) -> torch.Tensor:
+    """x [M, K] @ w.T on the native small-M GEMM (any M) with instruction set `isa` (as `native_gemv`)."""
+    lib = kernels()
+    x = x.float().contiguous()
+    y = _mgemm(lib, x, w, 0, w.shape[0], None if isa is None else isa_code(isa))
+    if y is None:
+        raise TypeError(f"no native kernel for a {type(w).__name__} weight")
+    return y
+
+
+def mgemm_path(isa: str | None = None) -> str:
+    """Which small-M GEMM kernel runs on `isa` (default: the one chosen at load): "avx512" or "portable"."""
+    return "avx512" if kernels().dsv4_mgemm_path(isa_code(isa)) else "portable"
 
 
 def native_gemv(x: torch.Tensor, w, isa: str | None = None) -> torch.Tensor:

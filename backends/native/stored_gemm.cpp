@@ -419,3 +419,5 @@ void dsv4_fp4_dequant(const uint8_t* w, int64_t ldw, const uint8_t* s, int64_t l
 }
 
 }  // extern "C"
+
+#include "stored_mgemm.h"   // the small-M GEMM (any M): after the job type, the ISA choice and the decoders
