@@ -34,9 +34,12 @@ def test_bench_runs_every_engine_end_to_end(tmp_path):
     assert target["met"], target            # measured state growth = the planner's bytes per token
     assert "ours vs other engines" in r.stdout and "vs transformers" in r.stdout
     for x in res.values():    # the untimed counting steps ran, and continued the same greedy sequence
-        # ours and the dense baseline (our model, dense attention) run the fused decode step (one native call
-        # per block: ~43 ops on the tiny model), transformers its per-op step (hundreds)
-        assert x["decode_aten_ops"] > (100 if x["engine"] == "transformers" else 20), x
+        # ours and the dense baseline (our model, dense attention) run the fused decode step (every block and
+        # the head in one native call: 14 ops counted on the tiny model), transformers its per-op step (hundreds)
+        if x["engine"] == "transformers":
+            assert x["decode_aten_ops"] > 100, x
+        else:
+            assert 5 <= x["decode_aten_ops"] <= 45, x
         assert len(x["greedy_tokens"]) == 1 + 3 + 4
     assert "aten_ops_ratio" in r.stdout
 
