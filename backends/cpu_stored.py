@@ -79,39 +79,39 @@ def job(x: torch.Tensor, w, lo: int, hi: int, y: torch.Tensor) -> Job | None:
                rs, y.data_ptr(), y.stride(0))
 
 
-def run_jobs(lib, jobs: list, isa: int | None = None) -> None:
-    """Run native jobs in one call (their rows split over torch's threads)."""
+def _call(fn, refused: str, jobs: list, isa: int | None) -> None:
     arr = (Job * len(jobs))(*jobs)
-    rc = lib.dsv4_gemv(arr, len(jobs), torch.get_num_threads(), isa_code() if isa is None else isa)
-    if rc != 0:
-        raise RuntimeError("dsv4_gemv refused a job (M > MAX_M or unknown kind)")
+    if fn(arr, len(jobs), torch.get_num_threads(), isa_code() if isa is None else isa) != 0:
+        raise RuntimeError(refused)
 
 
-def _gemv(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> torch.Tensor | None:
-    """x [M <= MAX_M, K] contiguous float32 -> [M, hi - lo] through the native kernel, or None (no kernel)."""
-    y = torch.empty(x.shape[0], hi - lo)
-    j = job(x, w, lo, hi, y)
-    if j is None:
-        return None
-    run_jobs(lib, [j], isa)
-    return y
+def run_jobs(lib, jobs: list, isa: int | None = None) -> None:
+    """Run native GEMV jobs (M <= MAX_M) in one call (their rows split over torch's threads)."""
+    _call(lib.dsv4_gemv, "dsv4_gemv refused a job (M > MAX_M or unknown kind)", jobs, isa)
 
 
 def run_mgemm(lib, jobs: list, isa: int | None = None) -> None:
     """Run native jobs of any M in one call (backends/native/stored_mgemm.h; their units over torch's threads)."""
-    arr = (Job * len(jobs))(*jobs)
-    if lib.dsv4_mgemm(arr, len(jobs), torch.get_num_threads(), isa_code() if isa is None else isa) != 0:
-        raise RuntimeError("dsv4_mgemm refused a job (M < 1 or unknown kind)")
+    _call(lib.dsv4_mgemm, "dsv4_mgemm refused a job (M < 1 or unknown kind)", jobs, isa)
 
 
-def _mgemm(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> torch.Tensor | None:
-    """x [M, K] contiguous float32 -> [M, hi - lo] through the native small-M GEMM, or None (no kernel)."""
+def _one(run, lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None) -> torch.Tensor | None:
     y = torch.empty(x.shape[0], hi - lo)
     j = job(x, w, lo, hi, y)
     if j is None:
         return None
-    run_mgemm(lib, [j], isa)
+    run(lib, [j], isa)
     return y
+
+
+def _gemv(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> torch.Tensor | None:
+    """x [M <= MAX_M, K] contiguous float32 -> [M, hi - lo] through the native kernel, or None (no kernel)."""
+    return _one(run_jobs, lib, x, w, lo, hi, isa)
+
+
+def _mgemm(lib, x: torch.Tensor, w, lo: int, hi: int, isa: int | None = None) -> torch.Tensor | None:
+    """x [M, K] contiguous float32 -> [M, hi - lo] through the native small-M GEMM, or None (no kernel)."""
+    return _one(run_mgemm, lib, x, w, lo, hi, isa)
 
 
 def _rows_linear(x: torch.Tensor, w, lo: int, hi: int, native: bool) -> torch.Tensor:

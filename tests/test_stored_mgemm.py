@@ -20,6 +20,7 @@ from runtime import number_formats
 from runtime.ops import moe, reference_ops
 from runtime.weight_transforms import quantize_int8_per_channel
 from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored, Int8Rows
+from tests.test_stored_kernels import _fp4, _fp8
 
 
 def _runnable():
@@ -30,16 +31,6 @@ def _runnable():
 
 ISAS = _runnable()
 MS = [17, 48, 130]
-
-
-def _fp8(g, N, K):
-    codes, scale = number_formats.quant_fp8_block(torch.randn(N, K, generator=g) * 0.05)
-    return Fp8Stored(codes, scale)
-
-
-def _fp4(g, N, K):
-    codes, scale = number_formats.quant_fp4(torch.randn(N, K, generator=g) * 0.05)
-    return Fp4Stored(codes, scale)
 
 
 def _err(got, x, w_f32):
