@@ -247,9 +247,11 @@ _ROTATIONS: dict[tuple, tuple] = {}
 # One `impl` call per implementation, in preference order per op. Linears on the checkpoint's storage
 # (backends/cpu_stored.py): the native kernels where they built (capability `native_kernels`), else torch
 # tiles -- the dispatch table shows which.
-impl("linear", "cpu.stored_native", "cpu", cpu_stored.linear_native, requires=("native_kernels",))
+impl("linear", "cpu.stored_native", "cpu", cpu_stored.linear_native, requires=("native_kernels",),
+     prepare=cpu_stored.prepare_native(cpu_stored.linear_native))
 impl("linear", "cpu.stored_torch_tiles", "cpu", cpu_stored.linear_torch_tiles)
-impl("group_linear", "cpu.stored_native", "cpu", cpu_stored.group_linear_native, requires=("native_kernels",))
+impl("group_linear", "cpu.stored_native", "cpu", cpu_stored.group_linear_native, requires=("native_kernels",),
+     prepare=cpu_stored.prepare_native(cpu_stored.group_linear_native))
 impl("group_linear", "cpu.stored_torch_tiles", "cpu", cpu_stored.group_linear_torch_tiles)
 impl("sparse_attention", "cpu.union_flash", "cpu", sparse_attention)
 impl("indexer_topk", "cpu.topk_exact_ties", "cpu", indexer_topk)

@@ -178,6 +178,17 @@ def native_mgemm(x: torch.Tensor, w, isa: str | None = None) -> torch.Tensor:
     return y
 
 
+def prepare_native(fn):
+    """A `prepare` hook for the native linears: the dispatch row says which kernel paths run here."""
+    from .cpu_native import isa
+
+    def prepare(ctx):
+        return fn, (f"backends/native/stored_gemm.cpp on {isa()}: GEMV up to {MAX_M} rows, small-M GEMM "
+                    f"({mgemm_path()}) up to {MGEMM_MAX_M} rows on weights of >= {TILE_FLOATS >> 18} MB as float32, "
+                    "else float32 tiles + torch's GEMM")
+    return prepare
+
+
 def mgemm_path(isa: str | None = None) -> str:
     """Which small-M GEMM kernel runs on `isa` (default: the one chosen at load): "avx512" or "portable"."""
     return "avx512" if kernels().dsv4_mgemm_path(isa_code(isa)) else "portable"
