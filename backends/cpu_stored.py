@@ -170,9 +170,11 @@ def group_linear_torch_tiles(x, w):
 
 def native_mgemm(x: torch.Tensor, w, isa: str | None = None) -> torch.Tensor:
     """x [M, K] @ w.T on the native small-M GEMM (any M) with instruction set `isa` (as `native_gemv`)."""
-    lib = kernels()
-    x = x.float().contiguous()
-    y = _mgemm(lib, x, w, 0, w.shape[0], None if isa is None else isa_code(isa))
+    return _whole(_mgemm, x, w, isa)
+
+
+def _whole(run, x: torch.Tensor, w, isa: str | None) -> torch.Tensor:
+    y = run(kernels(), x.float().contiguous(), w, 0, w.shape[0], None if isa is None else isa_code(isa))
     if y is None:
         raise TypeError(f"no native kernel for a {type(w).__name__} weight")
     return y
@@ -197,12 +199,7 @@ def mgemm_path(isa: str | None = None) -> str:
 def native_gemv(x: torch.Tensor, w, isa: str | None = None) -> torch.Tensor:
     """x [M <= MAX_M, K] @ w.T on the native kernels with instruction set `isa` (a `cpu_native.ISAS` name;
     default: the one chosen at load) -- every ISA path this CPU runs can be compared with the reference."""
-    lib = kernels()
-    x = x.float().contiguous()
-    y = _gemv(lib, x, w, 0, w.shape[0], None if isa is None else isa_code(isa))
-    if y is None:
-        raise TypeError(f"no native kernel for a {type(w).__name__} weight")
-    return y
+    return _whole(_gemv, x, w, isa)
 
 
 def _stage(lib, rows: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor] | None:
