@@ -276,6 +276,12 @@ def plan_for(block):
     return plan
 
 
+def _ids64(ids: torch.Tensor) -> torch.Tensor:
+    """The step's token ids as the kernels read them: one contiguous int64 row."""
+    idv = ids.reshape(-1)
+    return idv if idv.dtype == torch.int64 and idv.is_contiguous() else idv.to(torch.int64).contiguous()
+
+
 def decode_block(block, X, ids, positions, starts, states):
     """Same contract as `runtime.ops.decode.decode_block`."""
     plan = plan_for(block)
@@ -287,9 +293,7 @@ def decode_block(block, X, ids, positions, starts, states):
     X = X.contiguous()
     out = torch.empty_like(X)
     ha, A, hf, M = plan.refs
-    idv = ids.reshape(-1)
-    if idv.dtype != torch.int64 or not idv.is_contiguous():
-        idv = idv.to(torch.int64).contiguous()
+    idv = _ids64(ids)
     _state["lib"].dsv4d_block(ha, A, hf, M, X.shape[0], X.data_ptr(), idv.data_ptr(), params[0], out.data_ptr(),
                               torch.get_num_threads())
     return out
@@ -342,9 +346,7 @@ def decode_step(model, X, ids, starts, states):
     B = X.shape[0]
     out = torch.empty_like(X)
     logits = X.new_empty(B, 1, sp.vocab) if sp.head is not None else None
-    idv = ids.reshape(-1)
-    if idv.dtype != torch.int64 or not idv.is_contiguous():
-        idv = idv.to(torch.int64).contiguous()
+    idv = _ids64(ids)
     _state["lib"].dsv4d_step(len(sp.plans), sp.layers, B, X.data_ptr(), idv.data_ptr(), seqs, out.data_ptr(),
                              ctypes.byref(sp.head) if sp.head is not None else None,
                              logits.data_ptr() if logits is not None else None, torch.get_num_threads())

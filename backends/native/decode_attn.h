@@ -313,7 +313,6 @@ void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* ou
     jobs.push_back(job(P.icomp.wgate, x, d, B, R.ig.data(), icw));
   }
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  prof::mark(1);
   for_seqs(B, nt, [&](int64_t b) {           // norms, the kv row's RoPE and its ring slot
     rms(R.qr.data() + b * ql, ql, P.q_norm, P.eps);
     float* kv = R.kvr.data() + b * D;
@@ -321,22 +320,17 @@ void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* ou
     rope(kv, D, P.freqs, P.rope_half, seqs[b].pos, false);
     std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, kv, sizeof(float) * D);
   });
-  prof::mark(2);
   jobs = {job(P.wq_b, R.qr.data(), ql, B, R.q.data(), HD)};
   if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  prof::mark(3);
   for_seqs(B, nt, [&](int64_t b) { attn_core(P, R, b, seqs[b]); });
-  prof::mark(4);
   const int64_t per = HD / G;                // wo_a: group g's rows [g*o_lora, (g+1)*o_lora) read o[g*per..]
   jobs.clear();
   for (int64_t g = 0; g < G; ++g)
     jobs.push_back(Job{&P.wo_a, R.o.data() + g * per, HD, B, R.z.data() + g * ol, G * ol, g * ol, (g + 1) * ol});
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  prof::mark(5);
   jobs = {job(P.wo_b, R.z.data(), G * ol, B, out, d)};
   run_jobs(jobs.data(), 1, nt);
-  prof::mark(6);
 }
 
 }  // namespace

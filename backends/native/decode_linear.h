@@ -11,21 +11,6 @@
 
 namespace {
 
-// Optional stage timing for profiling (runtime/bench or a script: dsv4d_prof): off by default, one branch per
-// stage boundary when off.
-namespace prof {
-inline bool on = false;
-inline double acc[32];
-inline std::chrono::steady_clock::time_point t0;
-inline void start() { if (on) t0 = std::chrono::steady_clock::now(); }
-inline void mark(int i) {
-  if (!on) return;
-  const auto t = std::chrono::steady_clock::now();
-  acc[i] += std::chrono::duration<double>(t - t0).count();
-  t0 = t;
-}
-}  // namespace prof
-
 struct Lin {             // one linear's weight in its stored format
   int64_t kind;          // 0 float32, 1 bf16, 2 fp8 block, 3 fp4 experts
   const void* w;

@@ -83,7 +83,6 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   std::vector<int64_t> idx(B * k);
   std::vector<float> wgt(B * k);
   for_seqs(B, nt, [&](int64_t b) { route(P, x + b * d, ids[b], idx.data() + b * k, wgt.data() + b * k); });
-  prof::mark(9);
   // slot b*k + j -> its row among expert idx's tokens; experts' rows laid out one after another
   std::vector<int64_t> first(E + 1, 0), row(B * k);
   for (int64_t i = 0; i < B * k; ++i) ++first[idx[i] + 1];
@@ -111,13 +110,11 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
     jobs.push_back(job(P.shared[2], x, d, B, su.data(), SI));
   }
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  prof::mark(10);
   // the activations (an exp per element) of every routed row, then of the shared rows
   for_seqs(n + (P.shared ? B : 0), nt, [&](int64_t i) {
     if (i < n) swiglu(g.data() + row[i] * I, u.data() + row[i] * I, I, P.limit, wgt[i]);
     else swiglu(sg.data() + (i - n) * SI, su.data() + (i - n) * SI, SI, P.limit, 1.0f);
   });
-  prof::mark(11);
   jobs.clear();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t c = first[e + 1] - first[e];
@@ -125,7 +122,6 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   }
   if (P.shared) jobs.push_back(job(P.shared[1], sg.data(), SI, B, st.data(), d));
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  prof::mark(12);
   for_seqs(B, nt, [&](int64_t b) {
     thread_local std::vector<int64_t> order;
     order.resize(k);
@@ -291,24 +287,18 @@ void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, in
   thread_local std::vector<float> tls[5];                      // reused per calling thread, by local names
   std::vector<float> &x = tls[0], &y = tls[1], &post = tls[2], &comb = tls[3], &mid = tls[4];   // (as moe_batch)
   x.resize(B * d), y.resize(B * d), post.resize(B * hc), comb.resize(B * hc * hc), mid.resize(B * nd);
-  prof::start();
   hc_pre_batch(*ha, B, X, x.data(), post.data(), comb.data(), nt);
-  prof::mark(0);
   attn_batch(*A, B, x.data(), seqs, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, X + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
                 mid.data() + b * nd);
   });
-  prof::mark(7);
   hc_pre_batch(*hf, B, mid.data(), x.data(), post.data(), comb.data(), nt);
-  prof::mark(8);
   moe_batch(*M, B, x.data(), ids, y.data(), nt);
-  prof::mark(13);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, mid.data() + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
                 Xo + b * nd);
   });
-  prof::mark(14);
 }
 
 // hc_head: X [T, hc, d] -> out [T, d] = sum_h (sigmoid(mix_h * scale[0] + base[h]) + eps) X_h
@@ -358,7 +348,6 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
     in = out;
   }
   if (!head) return;
-  prof::start();
   const HeadP& H = *head;
   thread_local std::vector<float> y;
   y.resize(B * H.d);
@@ -369,16 +358,8 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
   });
   const Job j = job(H.w, Y, H.d, B, logits, H.w.N);
   run_jobs(&j, 1, nt);
-  prof::mark(15);
 }
 
 int dsv4d_abi() { return 3; }
-
-// stage timing (profiling only): on = 1 starts (and zeroes), 0 stops; acc gets the 32 accumulated seconds
-void dsv4d_prof(int on, double* acc) {
-  if (acc) std::memcpy(acc, prof::acc, sizeof(prof::acc));
-  if (on) std::memset(prof::acc, 0, sizeof(prof::acc));
-  prof::on = on != 0;
-}
 
 }  // extern "C"
