@@ -23,6 +23,7 @@
 
 #include "decode_attn.h"
 #include "decode_linear.h"
+#include "decode_seqs.h"
 
 namespace {
 
@@ -360,6 +361,36 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
   run_jobs(&j, 1, nt);
 }
 
-int dsv4d_abi() { return 3; }
+// One layer's records (the attention kernel alone: tests, profiling) -> status (0: out[B] built, counters moved)
+int dsv4d_records(const AttnP* A, int64_t B, const int64_t* seqs, SeqP* out) {
+  const int st = step_status(1, &A, B, seqs);
+  if (st) return st;
+  layer_records(*A, 0, B, seqs, out);
+  return 0;
+}
+
+// dsv4d_step from the sequences' state arrays -> status (0: ran; 1, 2: seq_status; 3: a token id outside the
+// embedding; nothing changed unless 0). X null: the step embeds `ids` itself (`embed`).
+int dsv4d_run(int64_t L, const LayerP* layers, int64_t B, const float* X, const int64_t* ids, const int64_t* seqs,
+              float* Xo, const HeadP* head, float* logits, int nt, const EmbedP* embed) {
+  thread_local std::vector<const AttnP*> A;
+  thread_local std::vector<SeqP> recs;
+  thread_local std::vector<float> X0;
+  A.resize(L);
+  for (int64_t l = 0; l < L; ++l) A[l] = layers[l].A;
+  const int st = step_status(L, A.data(), B, seqs);
+  if (st) return st;
+  if (!X) {
+    X0.resize(B * embed->hc * embed->d);
+    if (!embed_rows(*embed, B, ids, X0.data())) return 3;
+    X = X0.data();
+  }
+  recs.resize(L * B);
+  for (int64_t l = 0; l < L; ++l) layer_records(*A[l], l, B, seqs, recs.data() + l * B);
+  dsv4d_step(L, layers, B, X, ids, recs.data(), Xo, head, logits, nt);
+  return 0;
+}
+
+int dsv4d_abi() { return 4; }
 
 }  // extern "C"
