@@ -206,11 +206,21 @@ void sinkhorn(const HcP& P, int64_t B, float* comb) {
     for (int64_t k = 0; k < e; ++k) comb[b * e + k] = t[k * B + b];
 }
 
+// x = sum_i pre[i] X_i (a multiply-add chain over the streams, from zero), then the norm. The AVX-512 path
+// keeps 16 columns in a register across the streams: the same chain per element.
 void hc_pre_tail(const HcP& P, const float* X, const float* pre, float* x) {
   const int64_t hc = P.hc, d = P.d;
-  for (int64_t k = 0; k < d; ++k) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= d; k += 16) {
+    __m512 v = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hc; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(pre[i]), _mm512_loadu_ps(X + i * d + k), v);
+    _mm512_storeu_ps(x + k, v);
+  }
+#endif
+  for (; k < d; ++k) {
     float v = 0.f;
-    for (int64_t i = 0; i < hc; ++i) v += pre[i] * X[i * d + k];
+    for (int64_t i = 0; i < hc; ++i) v = std::fma(pre[i], X[i * d + k], v);
     x[k] = v;
   }
   if (P.norm) rms(x, d, P.norm, P.norm_eps);
@@ -224,16 +234,28 @@ void hc_pre_one(const HcP& P, const float* X, float* x, float* post, float* comb
   hc_pre_tail(P, X, pre.data(), x);
 }
 
+// out_j = post[j] y + sum_i comb[i, j] res_i: per element the product, then a multiply-add per stream in order.
+// The AVX-512 path holds 16 columns of y and of the streams in registers for every output stream j.
 void hc_post_one(int64_t hc, int64_t d, const float* y, const float* res, const float* post, const float* comb,
                  float* out) {
-  for (int64_t j = 0; j < hc; ++j) {
-    float* o = out + j * d;
-    for (int64_t k = 0; k < d; ++k) o[k] = post[j] * y[k];
-    for (int64_t i = 0; i < hc; ++i) {
-      const float c = comb[i * hc + j], *r = res + i * d;
-      for (int64_t k = 0; k < d; ++k) o[k] += c * r[k];
+  int64_t k0 = 0;
+#if defined(__AVX512F__)
+  for (; k0 + 16 <= d; k0 += 16) {
+    const __m512 yv = _mm512_loadu_ps(y + k0);
+    for (int64_t j = 0; j < hc; ++j) {
+      __m512 o = _mm512_mul_ps(_mm512_set1_ps(post[j]), yv);
+      for (int64_t i = 0; i < hc; ++i)
+        o = _mm512_fmadd_ps(_mm512_set1_ps(comb[i * hc + j]), _mm512_loadu_ps(res + i * d + k0), o);
+      _mm512_storeu_ps(out + j * d + k0, o);
     }
   }
+#endif
+  for (int64_t j = 0; j < hc; ++j)
+    for (int64_t k = k0; k < d; ++k) {
+      float o = post[j] * y[k];
+      for (int64_t i = 0; i < hc; ++i) o = std::fma(comb[i * hc + j], res[i * d + k], o);
+      out[j * d + k] = o;
+    }
 }
 
 }  // namespace
@@ -273,11 +295,16 @@ void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post
   const Job j = job(fn, X, nd, B, dots.data(), nm);
   run_jobs(&j, 1, nt);
   float *D = dots.data(), *Pr = pre.data();
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
+  // groups of up to 4 rows, each through head, Sinkhorn (lanes = the group's rows) and tail on one thread: one
+  // fork / join, and the Sinkhorn divisions split over the threads (a row's values are the same in any group)
+  const int64_t groups = (B + 3) / 4;
+  for_seqs(B < 4 ? 1 : groups, nt, [&](int64_t g) {
+    const int64_t lo = B < 4 ? 0 : g * 4, hi = B < 4 ? B : std::min(B, lo + 4);
+    for (int64_t b = lo; b < hi; ++b)
+      hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
+    sinkhorn(P, hi - lo, comb + lo * hc * hc);
+    for (int64_t b = lo; b < hi; ++b) hc_pre_tail(P, X + b * nd, Pr + b * hc, x + b * d);
   });
-  sinkhorn(P, B, comb);
-  for_seqs(B, nt, [&](int64_t b) { hc_pre_tail(P, X + b * nd, Pr + b * hc, x + b * d); });
 }
 
 // One block's decode step: X [B, hc, d] -> Xo [B, hc, d]
