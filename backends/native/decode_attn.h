@@ -132,6 +132,22 @@ inline void index_scores(const IndexQ& Q, const float* keys, int64_t n, float* s
 #endif
 }
 
+// The k best of sc[0..n) in the reference's order (stable descending sort: a higher score first, equal scores
+// by index) -> idx[0..k), returns k. One pass keeping the best so far sorted: a key enters only when it beats
+// the k-th (a later key never wins a tie), so most keys cost one comparison.
+inline int64_t top_k(const float* sc, int64_t n, int64_t k, int64_t* idx) {
+  if (k <= 0) return 0;
+  int64_t cnt = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const float v = sc[e];
+    if (cnt == k && !(v > sc[idx[k - 1]])) continue;
+    int64_t p = cnt < k ? cnt++ : k - 1;     // drop the k-th when full
+    for (; p > 0 && v > sc[idx[p - 1]]; --p) idx[p] = idx[p - 1];
+    idx[p] = e;
+  }
+  return cnt;
+}
+
 struct Comp {            // one compressor's weights
   Lin wkv, wgate;
   const float* ape;      // [m, coff*c]
@@ -423,13 +439,10 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
       sc.resize(n);
       iqt.set(iq, iw, P.ih, P.idim);
       index_scores(iqt, S.ikeys, n, sc.data());
-      ord.resize(n);
-      for (int64_t e = 0; e < n; ++e) ord[e] = e;
       const int64_t kk = std::min(k, n);
-      std::partial_sort(ord.begin(), ord.begin() + kk, ord.end(), [&](int64_t a, int64_t b) {
-        return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);   // the reference's stable descending sort
-      });
-      for (int64_t j = 0; j < kk; ++j) rows.push_back(P.W + ord[j]);
+      ord.resize(kk);
+      const int64_t got = top_k(sc.data(), n, kk, ord.data());
+      for (int64_t j = 0; j < got; ++j) rows.push_back(P.W + ord[j]);
     } else {
       for (int64_t e = 0; e < n_vis; ++e) rows.push_back(P.W + e);
     }
@@ -475,7 +488,14 @@ void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* ou
   jobs = {job(P.wq_b, R.qr.data(), ql, B, R.q.data(), HD)};
   if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  for_seqs(B, nt, [&](int64_t b) { attn_core(P, R, b, seqs[b]); });
+  // the cores, longest context first (a core's cost grows with its position: the threads claim them in this
+  // order, so the last claims are the short ones and the threads finish together)
+  thread_local std::vector<int64_t> order;
+  std::vector<int64_t>& by_pos = order;      // a local name (as R above)
+  by_pos.resize(B);
+  for (int64_t b = 0; b < B; ++b) by_pos[b] = b;
+  std::stable_sort(by_pos.begin(), by_pos.end(), [&](int64_t a, int64_t c) { return seqs[a].pos > seqs[c].pos; });
+  for_seqs(B, nt, [&](int64_t i) { attn_core(P, R, by_pos[i], seqs[by_pos[i]]); });
   const int64_t per = HD / G;                // wo_a: group g's rows [g*o_lora, (g+1)*o_lora) read o[g*per..]
   jobs.clear();
   for (int64_t g = 0; g < G; ++g)
