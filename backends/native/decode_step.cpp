@@ -178,24 +178,25 @@ void hc_pre_head(const HcP& P, const float* X, const float* dots, float* pre, fl
 }
 
 // the Sinkhorn normalisations of B rows' comb [B, hc, hc] in place: column sums first, then rows and columns
-// alternately. Each row is one lane of the innermost loops: additions and divisions in the same order as for
-// a row alone (no exp or fma here, so vector lanes compute exactly what scalar code does).
-void sinkhorn(const HcP& P, int64_t B, float* comb) {
+// alternately. The rows are the lanes of the innermost loops, NL = 8 at a time (a fixed count, so the loops
+// compile to whole vectors; unused lanes hold zeros and are not written back): additions and divisions in the
+// same order as for a row alone (no exp or fma here, so vector lanes compute exactly what scalar code does).
+template <int NL>
+void sinkhorn_lanes(const HcP& P, int64_t nb, float* comb) {
   const int64_t hc = P.hc, e = hc * hc;
-  thread_local std::vector<float> t, sum;
-  t.resize(e * B);
-  sum.resize(B);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < e; ++k) t[k * B + b] = comb[b * e + k];
+  thread_local std::vector<float> t;
+  t.assign(e * NL, 0.f);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t k = 0; k < e; ++k) t[k * NL + b] = comb[b * e + k];
   float* __restrict T = t.data();
-  float* __restrict S = sum.data();
   const float eps = P.hc_eps;
   auto line = [&](int64_t first, int64_t step) {      // normalise elements first + m * step, m < hc
-    for (int64_t b = 0; b < B; ++b) S[b] = eps;
+    alignas(64) float S[NL];
+    for (int b = 0; b < NL; ++b) S[b] = eps;
     for (int64_t m = 0; m < hc; ++m)
-      for (int64_t b = 0; b < B; ++b) S[b] += T[(first + m * step) * B + b];
+      for (int b = 0; b < NL; ++b) S[b] += T[(first + m * step) * NL + b];
     for (int64_t m = 0; m < hc; ++m)
-      for (int64_t b = 0; b < B; ++b) T[(first + m * step) * B + b] /= S[b];
+      for (int b = 0; b < NL; ++b) T[(first + m * step) * NL + b] /= S[b];
   };
   auto cols = [&] { for (int64_t j = 0; j < hc; ++j) line(j, hc); };
   cols();
@@ -203,15 +204,29 @@ void sinkhorn(const HcP& P, int64_t B, float* comb) {
     for (int64_t i = 0; i < hc; ++i) line(i * hc, 1);
     cols();
   }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < e; ++k) comb[b * e + k] = t[k * B + b];
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t k = 0; k < e; ++k) comb[b * e + k] = t[k * NL + b];
 }
 
+void sinkhorn(const HcP& P, int64_t B, float* comb) {
+  for (int64_t b = 0; b < B; b += 8) sinkhorn_lanes<8>(P, std::min<int64_t>(8, B - b), comb + b * P.hc * P.hc);
+}
+
+// x = sum_i pre[i] X_i (a multiply-add chain over the streams, from zero), then the norm. The AVX-512 path
+// keeps 16 columns in a register across the streams: the same chain per element.
 void hc_pre_tail(const HcP& P, const float* X, const float* pre, float* x) {
   const int64_t hc = P.hc, d = P.d;
-  for (int64_t k = 0; k < d; ++k) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= d; k += 16) {
+    __m512 v = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hc; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(pre[i]), _mm512_loadu_ps(X + i * d + k), v);
+    _mm512_storeu_ps(x + k, v);
+  }
+#endif
+  for (; k < d; ++k) {
     float v = 0.f;
-    for (int64_t i = 0; i < hc; ++i) v += pre[i] * X[i * d + k];
+    for (int64_t i = 0; i < hc; ++i) v = std::fma(pre[i], X[i * d + k], v);
     x[k] = v;
   }
   if (P.norm) rms(x, d, P.norm, P.norm_eps);
@@ -225,16 +240,28 @@ void hc_pre_one(const HcP& P, const float* X, float* x, float* post, float* comb
   hc_pre_tail(P, X, pre.data(), x);
 }
 
+// out_j = post[j] y + sum_i comb[i, j] res_i: per element the product, then a multiply-add per stream in order.
+// The AVX-512 path holds 16 columns of y and of the streams in registers for every output stream j.
 void hc_post_one(int64_t hc, int64_t d, const float* y, const float* res, const float* post, const float* comb,
                  float* out) {
-  for (int64_t j = 0; j < hc; ++j) {
-    float* o = out + j * d;
-    for (int64_t k = 0; k < d; ++k) o[k] = post[j] * y[k];
-    for (int64_t i = 0; i < hc; ++i) {
-      const float c = comb[i * hc + j], *r = res + i * d;
-      for (int64_t k = 0; k < d; ++k) o[k] += c * r[k];
+  int64_t k0 = 0;
+#if defined(__AVX512F__)
+  for (; k0 + 16 <= d; k0 += 16) {
+    const __m512 yv = _mm512_loadu_ps(y + k0);
+    for (int64_t j = 0; j < hc; ++j) {
+      __m512 o = _mm512_mul_ps(_mm512_set1_ps(post[j]), yv);
+      for (int64_t i = 0; i < hc; ++i)
+        o = _mm512_fmadd_ps(_mm512_set1_ps(comb[i * hc + j]), _mm512_loadu_ps(res + i * d + k0), o);
+      _mm512_storeu_ps(out + j * d + k0, o);
     }
   }
+#endif
+  for (int64_t j = 0; j < hc; ++j)
+    for (int64_t k = k0; k < d; ++k) {
+      float o = post[j] * y[k];
+      for (int64_t i = 0; i < hc; ++i) o = std::fma(comb[i * hc + j], res[i * d + k], o);
+      out[j * d + k] = o;
+    }
 }
 
 }  // namespace
@@ -274,11 +301,16 @@ void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post
   const Job j = job(fn, X, nd, B, dots.data(), nm);
   run_jobs(&j, 1, nt);
   float *D = dots.data(), *Pr = pre.data();
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
+  // groups of rows (up to Sinkhorn's 8 lanes), each through head, Sinkhorn and tail on one thread: one fork /
+  // join, and the Sinkhorn divisions split over the threads (a row's values are the same in any group)
+  const int64_t gs = B >= 16 ? 8 : 4, groups = (B + gs - 1) / gs;
+  dsv4pool::pool().run(B < 4 ? 1 : nt, groups, [&](int64_t g) {
+    const int64_t lo = g * gs, hi = std::min(B, lo + gs);
+    for (int64_t b = lo; b < hi; ++b)
+      hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
+    sinkhorn(P, hi - lo, comb + lo * hc * hc);
+    for (int64_t b = lo; b < hi; ++b) hc_pre_tail(P, X + b * nd, Pr + b * hc, x + b * d);
   });
-  sinkhorn(P, B, comb);
-  for_seqs(B, nt, [&](int64_t b) { hc_pre_tail(P, X + b * nd, Pr + b * hc, x + b * d); });
 }
 
 // One block's decode step: X [B, hc, d] -> Xo [B, hc, d]
