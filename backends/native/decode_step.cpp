@@ -360,6 +360,13 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
   run_jobs(&j, 1, nt);
 }
 
+// One linear as the step runs it (a stage of one job): y [B, N] = x [B, K] W^T on up to nt threads. For the
+// tests of batch invariance (a row's bits alone = among B rows, whatever the tile shapes and the split).
+void dsv4d_linear(const Lin* L, int64_t B, const float* x, float* y, int nt) {
+  const Job j = job(*L, x, L->K, B, y, L->N);
+  run_jobs(&j, 1, nt);
+}
+
 int dsv4d_abi() { return 3; }
 
 }  // extern "C"
