@@ -130,11 +130,19 @@ void moe_experts(const MoeP& P, int64_t B, const float* x, const int64_t* idx, c
     const int64_t* ib = idx + b * k;
     for (int64_t j = 0; j < k; ++j) order[j] = j;
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return ib[a] < ib[c]; });
-    float* yb = y + b * d;
-    for (int64_t i = 0; i < d; ++i) {
-      float r = 0.f;                         // routed sum in ascending expert id, then + shared
-      for (int64_t j : order) r += t[row[b * k + j] * d + i];
-      yb[i] = r + (P.shared ? 0.f + st[b * d + i] : 0.f);
+    // routed sum in ascending expert id, then + shared: each element's additions in that order, a whole row
+    // of d elements per addition (vector loops)
+    float* __restrict yb = y + b * d;
+    for (int64_t i = 0; i < d; ++i) yb[i] = 0.f;
+    for (int64_t j : order) {
+      const float* __restrict tj = t.data() + row[b * k + j] * d;
+      for (int64_t i = 0; i < d; ++i) yb[i] += tj[i];
+    }
+    if (P.shared) {
+      const float* __restrict sb = st.data() + b * d;
+      for (int64_t i = 0; i < d; ++i) yb[i] = yb[i] + (0.f + sb[i]);
+    } else {
+      for (int64_t i = 0; i < d; ++i) yb[i] = yb[i] + 0.f;
     }
     then(b);
   });
