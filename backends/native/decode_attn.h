@@ -422,10 +422,13 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
     n_ent += comp_step(P.comp, R.ckv.data() + b * cw, R.cg.data() + b * cw, pos, S.pk, S.ps, S.pstart,
                        S.kv + (P.W + n_ent) * D, P.freqs, P.rope_half, P.eps);
   }
-  rows.clear();                              // pool rows this query reads: window slots, then entries
-  for (int64_t t = pos - P.W + 1; t <= pos; ++t) if (t >= 0) rows.push_back(t % P.W);
+  // pool rows this query reads: window slots, then entries (written in place: sized for the most it can be)
+  const int64_t n_vis = P.ratio ? (pos + 1) / P.ratio : 0;
+  rows.resize(std::min(pos + 1, P.W) + (P.csa ? std::min(P.topk, n_vis) : n_vis));
+  int64_t* rw = rows.data();
+  int64_t K = 0;
+  for (int64_t t = std::max<int64_t>(0, pos - P.W + 1); t <= pos; ++t) rw[K++] = t % P.W;
   if (P.ratio) {
-    const int64_t n_vis = (pos + 1) / P.ratio;
     if (P.csa) {
       float* iq = R.iq.data() + b * P.ih * P.idim;
       float* iw = R.iw.data() + b * P.ih;
@@ -442,14 +445,13 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
       const int64_t kk = std::min(k, n);
       ord.resize(kk);
       const int64_t got = top_k(sc.data(), n, kk, ord.data());
-      for (int64_t j = 0; j < got; ++j) rows.push_back(P.W + ord[j]);
+      for (int64_t j = 0; j < got; ++j) rw[K++] = P.W + ord[j];
     } else {
-      for (int64_t e = 0; e < n_vis; ++e) rows.push_back(P.W + e);
+      for (int64_t e = 0; e < n_vis; ++e) rw[K++] = P.W + e;
     }
   }
   // attention with the sink: p_j = exp(s_j) / (sum exp(s_j) + exp(sink_h)), scores s[h, j] = q_h . kv[rows[j]]
   const float scale = 1.0f / std::sqrt(float(D));
-  const int64_t K = int64_t(rows.size());
   s.resize(H * K);
   den.resize(H);
   scores_heads(q, H, D, S.kv, rows.data(), K, s.data(), K);
