@@ -291,20 +291,29 @@ void dsv4d_moe(const MoeP* P, int64_t B, const float* x, const int64_t* ids, flo
 
 // mHC pre of a batch: X [B, hc, d] -> x [B, d] (after the norm), post [B, hc], comb [B, hc, hc]; the mixes
 // X . fn_j [B, (2 + hc) * hc] as one stage of tiles (fn is float32 [(2 + hc) * hc, hc * d])
-void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post, float* comb, int nt) {
+// An mHC post to run first, row by row in the same stage (out = X of the pre; its post / comb may be the
+// buffers the pre then writes: a group posts all its rows before its heads overwrite them)
+struct PostIn { const float *y, *res, *post, *comb; };
+
+void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post, float* comb, int nt,
+                  const PostIn* first = nullptr) {
   const int64_t hc = P.hc, d = P.d, nd = hc * d, nm = (2 + hc) * hc;
   thread_local std::vector<float> dots, pre;
   dots.resize(B * nm);
   pre.resize(B * hc);
-  const Lin fn{0, P.fn, nd, nullptr, 0, nm, nd};
-  const Job j = job(fn, X, nd, B, dots.data(), nm);
-  run_jobs(&j, 1, nt);
   float *D = dots.data(), *Pr = pre.data();
-  // groups of rows (up to Sinkhorn's 8 lanes), each through head, Sinkhorn and tail on one thread: one fork /
-  // join, and the Sinkhorn divisions split over the threads (a row's values are the same in any group)
+  // groups of rows (up to Sinkhorn's 8 lanes), each through its mixes, head, Sinkhorn and tail on one thread:
+  // one fork / join, the group's X rows read where they are used, and the Sinkhorn divisions split over the
+  // threads. A row's values are the same in any group: the mixes are the linears' tiles (any tile shape
+  // computes the same sums), Sinkhorn's lanes are independent.
   const int64_t gs = B >= 16 ? 8 : 4, groups = (B + gs - 1) / gs;
   dsv4pool::pool().run(B < 4 ? 1 : nt, groups, [&](int64_t g) {
     const int64_t lo = g * gs, hi = std::min(B, lo + gs);
+    if (first)
+      for (int64_t b = lo; b < hi; ++b)
+        hc_post_one(hc, d, first->y + b * d, first->res + b * nd, first->post + b * hc,
+                    first->comb + b * hc * hc, const_cast<float*>(X) + b * nd);
+    rows_batch(X + lo * nd, nd, hi - lo, P.fn, nd, nd, 0, nm, 0, D + lo * nm, nm);
     for (int64_t b = lo; b < hi; ++b)
       hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
     sinkhorn(P, hi - lo, comb + lo * hc * hc);
@@ -321,11 +330,8 @@ void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, in
   x.resize(B * d), y.resize(B * d), post.resize(B * hc), comb.resize(B * hc * hc), mid.resize(B * nd);
   hc_pre_batch(*ha, B, X, x.data(), post.data(), comb.data(), nt);
   attn_batch(*A, B, x.data(), seqs, y.data(), nt);
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_post_one(hc, d, y.data() + b * d, X + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
-                mid.data() + b * nd);
-  });
-  hc_pre_batch(*hf, B, mid.data(), x.data(), post.data(), comb.data(), nt);
+  const PostIn attn_post{y.data(), X, post.data(), comb.data()};   // mid = mHC post of the attention output
+  hc_pre_batch(*hf, B, mid.data(), x.data(), post.data(), comb.data(), nt, &attn_post);
   moe_batch(*M, B, x.data(), ids, y.data(), nt);
   for_seqs(B, nt, [&](int64_t b) {
     hc_post_one(hc, d, y.data() + b * d, mid.data() + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
