@@ -240,23 +240,49 @@ void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, in
   });
 }
 
-// hc_head: X [T, hc, d] -> out [T, d] = sum_h (sigmoid(mix_h * scale[0] + base[h]) + eps) X_h
+// hc_head: X [T, hc, d] -> out [T, d] = sum_h (sigmoid(mix_h * scale[0] + base[h]) + eps) X_h. On AVX-512 the
+// sum of squares and the hc mixes share one pass over X (each the same lanes and tree as sumsq / fma_lanes),
+// and the weighted stream sum keeps 16 columns in a register (a multiply-add chain over the streams).
 void dsv4d_hc_head(int64_t T, int64_t hc, int64_t d, const float* X, const float* fn, const float* base,
                    const float* scale, float hc_eps, float norm_eps, float* out) {
   const int64_t nd = hc * d;
   std::vector<float> w(hc);
   for (int64_t t = 0; t < T; ++t) {
     const float* Xt = X + t * nd;
-    float r = 1.0f / std::sqrt(sumsq(Xt, nd) / float(nd) + norm_eps);
-    for (int64_t h = 0; h < hc; ++h) {
-      alignas(64) float acc[LANES] = {0};
-      float tt = fma_lanes(acc, Xt, fn + h * nd, nd);
-      w[h] = sigm((reduce(acc) + tt) * r * scale[0] + base[h]) + hc_eps;
+    float* ot = out + t * d;
+#if defined(__AVX512F__)
+    if (nd % 16 == 0 && hc <= 7) {
+      __m512 acc[8];
+      for (int h = 0; h < 8; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < nd; i += 16) {
+        const __m512 x = _mm512_loadu_ps(Xt + i);
+        acc[0] = _mm512_fmadd_ps(x, x, acc[0]);
+        for (int64_t h = 0; h < hc; ++h) acc[1 + h] = _mm512_fmadd_ps(x, _mm512_loadu_ps(fn + h * nd + i), acc[1 + h]);
+      }
+      const float r = 1.0f / std::sqrt((reduce(acc[0]) + 0.f) / float(nd) + norm_eps);
+      for (int64_t h = 0; h < hc; ++h) w[h] = sigm((reduce(acc[1 + h]) + 0.f) * r * scale[0] + base[h]) + hc_eps;
+    } else
+#endif
+    {
+      float r = 1.0f / std::sqrt(sumsq(Xt, nd) / float(nd) + norm_eps);
+      for (int64_t h = 0; h < hc; ++h) {
+        alignas(64) float acc[LANES] = {0};
+        float tt = fma_lanes(acc, Xt, fn + h * nd, nd);
+        w[h] = sigm((reduce(acc) + tt) * r * scale[0] + base[h]) + hc_eps;
+      }
     }
-    for (int64_t k = 0; k < d; ++k) {
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    for (; k + 16 <= d; k += 16) {
+      __m512 v = _mm512_setzero_ps();
+      for (int64_t h = 0; h < hc; ++h) v = _mm512_fmadd_ps(_mm512_set1_ps(w[h]), _mm512_loadu_ps(Xt + h * d + k), v);
+      _mm512_storeu_ps(ot + k, v);
+    }
+#endif
+    for (; k < d; ++k) {
       float v = 0.f;
-      for (int64_t h = 0; h < hc; ++h) v += w[h] * Xt[h * d + k];
-      out[t * d + k] = v;
+      for (int64_t h = 0; h < hc; ++h) v = std::fma(w[h], Xt[h * d + k], v);
+      ot[k] = v;
     }
   }
 }
