@@ -65,11 +65,13 @@ def bind(lib):
     lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_step.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_records.argtypes = [P(AttnP), i64, vp, P(SeqP)]
-    lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP)]
+    lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP), vp]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block",
               "dsv4d_step"):
         getattr(lib, f).restype = None
+    lib.dsv4d_argmax.argtypes = [i64, i64, vp, vp]
+    lib.dsv4d_argmax.restype = None
     lib.dsv4d_records.restype = lib.dsv4d_run.restype = ctypes.c_int
     lib.dsv4d_abi.restype = ctypes.c_int
     if lib.dsv4d_abi() != ABI:
