@@ -235,9 +235,11 @@ class Engine:
             gone = [s for s in self.waiting if s.cancelled]
             for s in gone:
                 self.waiting.remove(s)
-        for s in gone + [s for s in self.running if s.cancelled]:
+        dead = gone + [s for s in self.running if s.cancelled]
+        for s in dead:
             self._finish(s, "cancelled")
-        self.running = [s for s in self.running if s.status != "done"]
+        if dead:                              # (a step's finished sequences leave at its end)
+            self.running = [s for s in self.running if s.status != "done"]
 
     def _admit(self) -> None:
         while True:
