@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 
 i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-ABI = 4            # dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`)
+# dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`); 6 = dsv4d_run
+# also returns each row's greedy token (`top`), dsv4d_argmax (5: h/verify's speculative entry points)
+ABI = 6
 CTR_BYTES = 32     # one SeqCtr (the addresses of a layer's kv / comp_buf / index_keys / index_buf arrays)
 
 
