@@ -241,7 +241,7 @@ def decode_block(block, X, ids, positions, starts, states):
     out = torch.empty_like(X)
     idv = _ids64(ids)
     run = lambda seqs: _state["lib"].dsv4d_run(1, plan.one, B, X.data_ptr(), idv.data_ptr(), seqs,  # noqa: E731
-                                               out.data_ptr(), None, None, torch.get_num_threads(), None)
+                                               out.data_ptr(), None, None, torch.get_num_threads(), None, None)
     if not run_checked(run, [plan], states, starts, table(states, starts, block.layer)):
         return block.forward_ops(X, ids, positions, starts, states)
     return out
@@ -283,13 +283,15 @@ def step_plan(model):
     return sp
 
 
-def decode_step(model, X, ids, starts, states):
+def decode_step(model, X, ids, starts, states, hidden: bool = True, last: bool = False):
     """Every block of a one-token step, then the head, in one native call: X [B, 1, hc, d] (None: the step
-    embeds `ids` itself, as Transformer.streams) -> (final streams [B, 1, hc, d], logits [B, 1, V] or None
-    where the head is vocab-parallel), or None (nothing changed) where the per-block path runs (TP / EP ranks,
-    a speculative verify step, tap recording, a token id outside the embedding). Each block is exactly
-    `decode_block`'s kernel; the head is hc_head's kernel, the final norm and the head linear (the fused
-    step's tiles, batch-invariant like every stage)."""
+    embeds `ids` itself, as Transformer.streams) -> (final streams [B, 1, hc, d] (None if not `hidden` and
+    the head ran), logits [B, 1, V] ([B, V] if `last`) or None where the head is vocab-parallel), or None
+    (nothing changed) where the per-block path runs (TP / EP ranks, a speculative verify step, tap recording,
+    a token id outside the embedding). The logits tensor carries `argmax_rows`: each row's greedy token (the
+    first maximum, as torch.argmax), found by the native call. Each block is exactly `decode_block`'s kernel;
+    the head is hc_head's kernel, the final norm and the head linear (the fused step's tiles, batch-invariant
+    like every stage)."""
     sp = step_plan(model)
     if sp is False or recording():
         return None
@@ -300,14 +302,18 @@ def decode_step(model, X, ids, starts, states):
     if X is not None:
         X = X.contiguous()
         xp = X.data_ptr()
-    out = torch.empty(B, 1, model.cfg.hc_mult, model.cfg.hidden_size)
-    logits = out.new_empty(B, 1, sp.vocab) if sp.head is not None else None
+    out = torch.empty(B, 1, model.cfg.hc_mult, model.cfg.hidden_size) if hidden or sp.head is None else None
+    logits = top = None
+    if sp.head is not None:
+        logits = torch.empty(B, sp.vocab) if last else torch.empty(B, 1, sp.vocab)
+        logits.argmax_rows = top = array.array("q", bytes(8 * B))
     idv = _ids64(ids)
     head, embed = sp.head_ref, sp.embed
     run = lambda seqs: _state["lib"].dsv4d_run(len(sp.plans), sp.layers, B, xp, idv.data_ptr(),  # noqa: E731
-                                               seqs, out.data_ptr(), head,
+                                               seqs, out.data_ptr() if out is not None else None, head,
                                                logits.data_ptr() if logits is not None else None,
-                                               torch.get_num_threads(), embed)
+                                               torch.get_num_threads(), embed,
+                                               top.buffer_info()[0] if top is not None else None)
     if not run_checked(run, sp.plans, states, starts, table(states, starts)):
         return None
     return out, logits

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 
 i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-ABI = 4            # dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`)
+# dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`); 6 = dsv4d_run
+# also returns each row's greedy token (`top`), dsv4d_argmax (5: h/verify's speculative entry points)
+ABI = 6
 CTR_BYTES = 32     # one SeqCtr (the addresses of a layer's kv / comp_buf / index_keys / index_buf arrays)
 
 
@@ -65,11 +67,13 @@ def bind(lib):
     lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_step.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_records.argtypes = [P(AttnP), i64, vp, P(SeqP)]
-    lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP)]
+    lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP), vp]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block",
               "dsv4d_step"):
         getattr(lib, f).restype = None
+    lib.dsv4d_argmax.argtypes = [i64, i64, vp, vp]
+    lib.dsv4d_argmax.restype = None
     lib.dsv4d_records.restype = lib.dsv4d_run.restype = ctypes.c_int
     lib.dsv4d_abi.restype = ctypes.c_int
     if lib.dsv4d_abi() != ABI:

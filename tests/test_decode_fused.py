@@ -203,6 +203,7 @@ def test_whole_step_is_the_blocks_then_the_head(tiny_rt):
             Xb = _blocks(tiny_rt, X, ids, blocks.seqs)
             assert torch.equal(Xw, Xb)
             torch.testing.assert_close(logits, m.head(Xb), atol=TOL, rtol=0)
+            assert list(logits.argmax_rows) == logits[:, 0].argmax(-1).tolist()     # the step's greedy tokens
     for a, b in zip(whole.seqs, blocks.seqs):
         for la, lb in zip(a.layers[:cfg.num_layers], b.layers[:cfg.num_layers]):
             assert torch.equal(la.kv.view(), lb.kv.view())
@@ -251,3 +252,17 @@ def test_step_reads_the_states_own_arrays_through_copies_and_replaced_buffers(ti
     c = copy.copy(r)
     c.n += 1
     assert c.n == r.n + 1                    # a copy's counters are its own
+
+
+def test_greedy_rule_is_torch_argmax():
+    """The fused step's greedy token per row (decode_step.cpp argmax_row, `argmax_rows` of its logits) is
+    torch.argmax's: the first maximum, a NaN counting as the maximum (the first NaN)."""
+    import array
+
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([[1.0, 3.0, 3.0, 2.0], [nan, 1.0, nan, 5.0], [1.0, 2.0, nan, 9.0], [-inf, -inf, -inf, -inf],
+                         [0.0, -0.0, 0.0, -1.0], [-2.0, inf, inf, 1.0]])
+    rows = torch.cat((rows, torch.randn(4, 4, generator=torch.Generator().manual_seed(3))))
+    out = array.array("q", bytes(8 * rows.shape[0]))
+    cpu_decode.library().dsv4d_argmax(rows.shape[0], rows.shape[1], rows.data_ptr(), out.buffer_info()[0])
+    assert list(out) == rows.argmax(-1).tolist()

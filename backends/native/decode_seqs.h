@@ -2,10 +2,12 @@
 // Every Rows / Pending of a sequence's layer keeps its counters, buffer addresses and capacity in one int64
 // array (runtime/model/state.py `_c`); a sequence hands the step one SeqCtr per layer (the addresses of those
 // arrays). The records (SeqP) are built here and the counters advanced here by the rule of
-// Compressor.advance (runtime/model/v4.py), so a step costs the Python side no per-layer work.
+// Compressor.advance (runtime/model/v4.py), so a step costs the Python side no per-layer work. Also here: the
+// step's token embedding and its rows' greedy tokens (no torch calls around the native step).
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -89,6 +91,16 @@ inline bool embed_rows(const EmbedP& E, int64_t B, const int64_t* ids, float* X)
     for (int64_t h = 1; h < E.hc; ++h) std::memcpy(x + h * E.d, x, sizeof(float) * E.d);
   }
   return true;
+}
+
+// the index of a row's first maximum, a NaN counting as the maximum (the first one): torch.argmax's and
+// numpy's rule, so a greedy token is the same whichever computes it
+inline int64_t argmax_row(const float* r, int64_t V) {
+  int64_t best = 0;
+  float bv = r[0];
+  for (int64_t k = 1; k < V && !std::isnan(bv); ++k)
+    if (r[k] > bv || std::isnan(r[k])) bv = r[k], best = k;
+  return best;
 }
 
 }  // namespace

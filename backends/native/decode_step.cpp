@@ -334,9 +334,11 @@ int dsv4d_records(const AttnP* A, int64_t B, const int64_t* seqs, SeqP* out) {
 }
 
 // dsv4d_step from the sequences' state arrays -> status (0: ran; 1, 2: seq_status; 3: a token id outside the
-// embedding; nothing changed unless 0). X null: the step embeds `ids` itself (`embed`).
+// embedding; nothing changed unless 0). X null: the step embeds `ids` itself (`embed`); Xo null (with a head):
+// the final streams are not kept; `top` (with a head): each row's greedy token (argmax_row) while its logits
+// are in cache.
 int dsv4d_run(int64_t L, const LayerP* layers, int64_t B, const float* X, const int64_t* ids, const int64_t* seqs,
-              float* Xo, const HeadP* head, float* logits, int nt, const EmbedP* embed) {
+              float* Xo, const HeadP* head, float* logits, int nt, const EmbedP* embed, int64_t* top) {
   thread_local std::vector<const AttnP*> A;
   thread_local std::vector<SeqP> recs;
   thread_local std::vector<float> X0;
@@ -349,9 +351,16 @@ int dsv4d_run(int64_t L, const LayerP* layers, int64_t B, const float* X, const 
     if (!embed_rows(*embed, B, ids, X0.data())) return 3;
     X = X0.data();
   }
+  thread_local std::vector<float> Xs;
+  if (!Xo) {                                  // final streams not wanted (a step with the head): scratch
+    Xs.resize(B * layers[0].ha->hc * layers[0].ha->d);
+    Xo = Xs.data();
+  }
   recs.resize(L * B);
   for (int64_t l = 0; l < L; ++l) layer_records(*A[l], l, B, seqs, recs.data() + l * B);
   dsv4d_step(L, layers, B, X, ids, recs.data(), Xo, head, logits, nt);
+  if (top && head)
+    for (int64_t b = 0; b < B; ++b) top[b] = argmax_row(logits + b * head->w.N, head->w.N);
   return 0;
 }
 
@@ -362,6 +371,11 @@ void dsv4d_linear(const Lin* L, int64_t B, const float* x, float* y, int nt) {
   run_jobs(&j, 1, nt);
 }
 
-int dsv4d_abi() { return 4; }
+// out[b] = argmax_row of rows [B, V] (the rule alone: tests)
+void dsv4d_argmax(int64_t B, int64_t V, const float* rows, int64_t* out) {
+  for (int64_t b = 0; b < B; ++b) out[b] = argmax_row(rows + b * V, V);
+}
+
+int dsv4d_abi() { return 6; }
 
 }  // extern "C"

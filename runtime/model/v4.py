@@ -423,16 +423,18 @@ class Transformer:
         """This rank's parallel context (the Runtime reads it: token broadcast, describe, close)."""
         return self.par
 
-    def forward(self, ids: torch.Tensor, seqs: list[SequenceState], return_hidden: bool = False):
+    def forward(self, ids: torch.Tensor, seqs: list[SequenceState], return_hidden: bool = False,
+                last: bool = False):
         """ids [B, S] continuing each of the B sequences `seqs` (each at its own position) -> logits
-        [B, S, V] float32 (and the final residual streams [B, S, hc, d] if asked, for the MTP block)."""
+        [B, S, V] float32 (`last`: [B, V], the last position's) (and the final residual streams
+        [B, S, hc, d] if asked, for the MTP block)."""
         B, S = ids.shape
         ids, starts = ids.to(self.device), [s.pos for s in seqs]
         # a one-token step whose `decode_block` can run every block (and the head) in one call does (the same
-        # implementation, without Python between blocks; handed no streams, it embeds the tokens itself); it
-        # returns None where the per-block path runs
+        # implementation, without Python between blocks; handed no streams, it embeds the tokens itself, and
+        # it shapes the logits as asked: no torch call after the native step); None where the per-block path runs
         whole = getattr(self.ops.decode_block, "whole_step", None) if S == 1 else None
-        fused = whole(self, None, ids, starts, seqs) if whole is not None else None
+        fused = whole(self, None, ids, starts, seqs, hidden=return_hidden, last=last) if whole is not None else None
         if fused is None:
             X = self.streams(ids)
             positions = self._positions(starts, S)                                          # [B, S]
@@ -442,10 +444,12 @@ class Transformer:
             s.pos += S
         if fused is not None and fused[1] is not None:
             X, logits = fused
+            tap("final.logits", logits)
         else:
             X = X if fused is None else fused[0]
             logits = self.head(X)
-        tap("final.logits", logits)
+            tap("final.logits", logits)
+            logits = logits[:, -1] if last else logits
         return (logits, X) if return_hidden else logits
 
     def streams(self, ids: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,7 @@ class Engine:
         self.cv = threading.Condition()
         self.stopped = False
         self.steps = 0
+        self._counts = None                   # (running, waiting) as the gauges last showed them
         self.error: str | None = None
         self.thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
 
@@ -221,8 +222,11 @@ class Engine:
             self._decode(dec)
         self.running = [s for s in self.running if s.status != "done"]
         m = self.metrics
-        m.running.set(len(self.running))
-        m.waiting.set(len(self.waiting))
+        counts = (len(self.running), len(self.waiting))
+        if counts != self._counts:            # the gauges change only when sequences come or go
+            self._counts = counts
+            m.running.set(counts[0])
+            m.waiting.set(counts[1])
         if self.cache is not None:
             m.cache_bytes.set(self.cache.bytes)
 
@@ -231,9 +235,11 @@ class Engine:
             gone = [s for s in self.waiting if s.cancelled]
             for s in gone:
                 self.waiting.remove(s)
-        for s in gone + [s for s in self.running if s.cancelled]:
+        dead = gone + [s for s in self.running if s.cancelled]
+        for s in dead:
             self._finish(s, "cancelled")
-        self.running = [s for s in self.running if s.status != "done"]
+        if dead:                              # (a step's finished sequences leave at its end)
+            self.running = [s for s in self.running if s.status != "done"]
 
     def _admit(self) -> None:
         while True:
@@ -269,10 +275,12 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         logits = self.exec.decode(seqs, [s.out[-1] for s in seqs])
-        # greedy rows without a grammar: one argmax over the whole batch (numpy's: the first maximum, a NaN
-        # first, as `sample`'s per-row torch argmax, at a tenth of its cost on a [16, V] batch), not one
-        # sampling call per sequence
-        top = logits.numpy().argmax(-1).tolist()
+        # greedy rows without a grammar: one argmax over the whole batch, not one sampling call per sequence:
+        # the fused step's own (`argmax_rows`, found while the logits were in cache) or numpy's (a tenth of
+        # torch's cost on a [16, V] batch); both the first maximum, a NaN first, as `sample`'s torch argmax
+        top = getattr(logits, "argmax_rows", None)
+        if top is None:
+            top = logits.numpy().argmax(-1).tolist()
         # the step's tokens share one timestamp, so their inter-token latencies come in a few equal values:
         # the histogram takes each value once with its count (per-token observes were ~30% of a 16-row
         # step's host time)
