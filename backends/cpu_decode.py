@@ -13,8 +13,9 @@ test_decode_fused.py checks each kernel and 200 whole steps against it.
 Registered as `decode_block` implementation `cpu.native_fused`; its prepare hook refuses (the row says why,
 the per-op reference then runs) when the library does not build or the numerics are not `exact` (the kernels
 compute float32 with no rounding points). At run time the per-op path is taken, by design, for a block of a
-TP / EP rank (the kernels hold no collectives), a speculative verify step (`mark`-ed pending rows) and while a
-tap recorder is active (parity taps live in the per-op code).
+TP / EP rank (the kernels hold no collectives) and while a tap recorder is active (parity taps live in the
+per-op code). Chunks of a few tokens per sequence (a speculative verify step) and the MTP block's draft run
+through the same kernels in one call each: backends/cpu_decode_rows.py.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def _prepare(ctx):
         return None, f"decode library unavailable ({_state['why']})"
     return decode_block, ("backends/native/decode_step.cpp, one call per step for every block and the head "
                           "(one per block where the head is vocab-parallel; FP8 / FP4 linears widened "
-                          f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB); per-op path for TP/EP ranks, "
-                          "speculative verify steps and tap recording")
+                          f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB; chunks of a few tokens per "
+                          "sequence and the MTP draft too, backends/cpu_decode_rows.py); per-op path for TP/EP "
+                          "ranks and tap recording")
 
 
 # ------------------------------------------------------------------ weights -> descriptors (once per block)
@@ -219,7 +221,8 @@ def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
 
 
 def _refuses(plan: Plan, sts: list) -> bool:
-    """True when a sequence is in a speculative verify step (`mark`-ed pending rows: the per-op path runs)."""
+    """True when a sequence's pending rows are held for the per-op path's rollback (`state.arm`: the per-op
+    path then runs)."""
     return bool(plan.ratio) and any(st.comp_buf.retain is not None for st in sts)
 
 
@@ -421,3 +424,9 @@ def _prepare_head(ctx):
 
 
 impl("hc_head", "cpu.native_small", "cpu", hc_head, prepare=_prepare_head)
+
+
+# Speculative decoding's chunks (a verify step's few tokens per sequence) and the MTP block's draft, through the
+# same kernels in one call each: backends/cpu_decode_rows.py
+# (it reads this module's plans and sets decode_block.whole_rows / .mtp_step)
+from . import cpu_decode_rows  # noqa: E402,F401

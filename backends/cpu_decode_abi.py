@@ -50,6 +50,11 @@ class HeadP(ctypes.Structure):
                 ("hc_eps", f32), ("norm_eps", f32), ("w", Lin)]
 
 
+class MtpP(ctypes.Structure):
+    _fields_ = [("embed", vp), ("embed_kind", i64), ("enorm", vp), ("hnorm", vp), ("e_proj", Lin), ("h_proj", Lin),
+                ("hc", i64), ("d", i64), ("eps", f32)]
+
+
 def bind(lib):
     P = ctypes.POINTER
     lib.dsv4d_hc_pre.argtypes = [P(HcP), i64, vp, vp, vp, vp]
@@ -58,9 +63,14 @@ def bind(lib):
     lib.dsv4d_moe.argtypes = [P(MoeP), i64, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_step.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_step_rows.argtypes = [i64, P(LayerP), i64, i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_mtp_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, vp, vp, ctypes.c_int,
+                                   ctypes.c_int]
+    lib.dsv4d_spec_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, i64, P(LayerP), P(HeadP),
+                                    vp, vp, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block",
-              "dsv4d_step"):
+              "dsv4d_step", "dsv4d_step_rows", "dsv4d_mtp_step", "dsv4d_spec_step"):
         getattr(lib, f).restype = None
     lib.dsv4d_abi.restype = ctypes.c_int
     return lib
