@@ -7,7 +7,11 @@
   one-token step at its position, bit for bit (the kernels are batch-invariant): a verify step can keep the
   decided token's row instead of feeding it again.
 - `mtp_step` (`decode_block.mtp_step`, Transformer.forward_mtp's route): the MTP block's input projections,
-  its block and its head as one dsv4d_mtp_step call (the draft), 1 <= S <= `max_rows` positions per sequence.
+  its block and its head as one dsv4d_mtp_step call (the draft), 1 <= S <= `max_rows` positions per sequence;
+  with `last` (the draft needs only the last position's logits) a window-only block's earlier rows only write
+  their ring rows (the same kernels, so the same bits).
+- `spec_greedy` (`decode_block.spec_greedy`, runtime.speculative's greedy loop): the draft and the verify of
+  one iteration as one dsv4d_spec_step call (the MTP argmax feeds the verify natively), the argmaxes with it.
 - mark / settle (runtime.model.state): for a marked sequence the records builder saves what the rows
   overwrite in place -- the ring rows of the chunk's positions, and a compressor's live pending rows when a
   row closes its window (the kernel then shifts or restarts them) -- and the counters after every row;
@@ -82,11 +86,17 @@ def _rows_vals(plan, sts: list, starts: list[int], S: int, marks: list, vals: li
         if m is not None:
             D = kv._buf.shape[1]
             ring = _scratch(st, "_undo_ring", S, D)
-            rp = ring.data_ptr()
-            for i in range(S):
-                _memmove(rp + i * D * F32, kvp + ((p0 + i) % W) * D * F32, D * F32)
-            snaps = [s for s in ((_snapshot(cb, p0, S, ratio) if ratio else None),
-                                 (_snapshot(ib, p0, S, 4) if csa else None)) if s is not None]
+            rp, s0 = ring.data_ptr(), p0 % W
+            if s0 + S <= W:                     # the chunk's slots in one run (no wrap)
+                _memmove(rp, kvp + s0 * D * F32, S * D * F32)
+            else:
+                for i in range(S):
+                    _memmove(rp + i * D * F32, kvp + ((p0 + i) % W) * D * F32, D * F32)
+            snaps = []
+            if ratio and (-(p0 + 1)) % ratio < S:
+                snaps.append(_snapshot(cb, p0, S, ratio))
+            if csa and (-(p0 + 1)) % 4 < S:
+                snaps.append(_snapshot(ib, p0, S, 4))
             m.undo.append((st, ratio, ring, snaps))
         pk, ps = (cb._kv.data_ptr(), cb._score.data_ptr()) if ratio else (0, 0)
         if csa:
@@ -210,45 +220,50 @@ def mtp_step(model, i: int, X, next_ids, starts, states, last: bool = False):
     return logits
 
 
-def spec_greedy(model, H, next_ids, toks: list[int], states):
+def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
     """One greedy speculative iteration in one call (dsv4d_spec_step): MTP block 0 catches up the k positions
-    of streams H [n, k, hc, d] with the tokens after them next_ids [n, k] (the last = the decided, unfed token
-    `toks`) and drafts its argmax d; the main model verifies [tok, d]. -> (rows [n] of (draft, argmax of the
+    of streams H [n, k, hc, d] with the tokens after them, nexts [n][k] (the last = the decided, unfed token
+    toks[b]), and drafts its argmax d; the main model verifies [tok, d]. -> (rows [n] of (draft, argmax of the
     verify's row 0, of its row 1), final streams [n, 2, hc, d], logits [n, 2, V]), or None (nothing changed)
     where either part would take the per-op path. Marked sequences get their undo records (decode_rows)."""
     mp, sp = _mtp_plan(model, 0), cd.step_plan(model)
     if mp is False or sp is False or sp.head is None or recording():
         return None
-    n, k = next_ids.shape
+    n, k = len(nexts), len(nexts[0])
     rows = sp.__dict__.get("rows")
     if rows is None:
         sp.rows = rows = max_rows(sp.plans)
     marks = [s.marked for s in states]
     if k > mp.rows or rows < 2 or any(m is not None and m.rings is not None for m in marks):
         return None
-    mvals: list[int] = []
-    _rows_vals(mp.plan, [s.layers[mp.layer] for s in states], [s.mtp_pos for s in states], k, [None] * n, mvals)
-    mseqs, _marr = cd._records(mvals)
+    vals: list[int] = []
+    _rows_vals(mp.plan, [s.layers[mp.layer] for s in states], [s.mtp_pos for s in states], k, [None] * n, vals)
     for m in marks:
         if m is not None:
             m.undo, m.restore = [], restore
     starts = [s.pos for s in states]
-    vals: list[int] = []
+    n_mtp = len(vals)
     for p in sp.plans:
         _rows_vals(p, [s.layers[p.layer] for s in states], starts, 2, marks, vals)
-    seqs, _arr = cd._records(vals)
+    n_rec = len(vals)
+    for nx in nexts:                            # the token ids ride in the same int64 array, then the results
+        vals += nx
+    vals += toks
+    vals += [0] * (3 * n)
+    seqs, arr = cd._records(vals)
+    base = arr.buffer_info()[0]
+    at = (lambda i: base + 8 * i)
     H = H.reshape(n * k, *H.shape[2:]).contiguous()
-    nid, tok = cd._ids64(next_ids), torch.tensor(toks, dtype=torch.int64)
     out, logits = H.new_empty(n, 2, *H.shape[1:]), H.new_empty(n, 2, sp.vocab)
-    res = torch.empty(n, 3, dtype=torch.int64)
     cd._state["lib"].dsv4d_spec_step(ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), n, k, H.data_ptr(),
-                                     nid.data_ptr(), mseqs, len(sp.plans), sp.layers, ctypes.byref(sp.head),
-                                     tok.data_ptr(), seqs, out.data_ptr(), logits.data_ptr(), res.data_ptr(),
-                                     torch.get_num_threads())
+                                     at(n_rec), seqs, len(sp.plans), sp.layers, ctypes.byref(sp.head),
+                                     at(n_rec + n * k), at(n_mtp), out.data_ptr(), logits.data_ptr(),
+                                     at(n_rec + n * k + n), torch.get_num_threads())
     for s in states:
         s.pos += 2
         s.mtp_pos += k
-    return res.tolist(), out, logits
+    r = arr[n_rec + n * k + n:].tolist()
+    return [r[3 * b:3 * b + 3] for b in range(n)], out, logits
 
 
 cd.decode_block.whole_rows = decode_rows    # Transformer.forward's route for a chunk of a few tokens per sequence

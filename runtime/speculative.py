@@ -17,7 +17,9 @@ bit for bit, that of a run that never saw a rejected token:
 - otherwise (the per-op path: a GEMM's bits depend on its batch, the MoE groups the draft with the decided
   token) the whole step is undone (settle(0)) and the decided token is fed alone, as plain decoding does
   (one re-feed forward for the rejected rows).
-Sequences accept independently in a batch (one verify forward for all).
+Sequences accept independently in a batch (one verify forward for all). Greedy decoding with the MTP block
+takes each iteration's draft and verify in one backend call where the table has one (`decode_block.
+spec_greedy`: the CPU's fused kernels; the same arithmetic as the two calls), else the two forwards.
 
 MTP alignment (V3 convention, as `Transformer.forward_mtp`): the MTP block at position t reads the main
 model's final streams at t and the embedding of token t+1, and predicts token t+2. Its own (window-only)
@@ -113,7 +115,7 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
             if fast is not None and len({len(nexts[b]) for b in active}) == 1:
                 # draft and verify in one call (one catch-up length for all rows); None: the general path
                 H = hid[active[0]] if len(active) == 1 else torch.cat([hid[b] for b in active])
-                res = fast(model, H, torch.tensor([nexts[b] for b in active]), toks, seqs)
+                res = fast(model, H, [nexts[b] for b in active], toks, seqs)
             if res is not None:
                 out3, X, _ = res                             # (draft, target, bonus) per row
                 d, fix, bonus = [r[0] for r in out3], [r[1] for r in out3], [r[2] for r in out3]

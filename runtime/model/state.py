@@ -203,16 +203,17 @@ class ModelState(StateBatch):
 # a forward changes in a sequence's main-model layers: the ring slots of its S positions, the compressed
 # entries and indexer keys whose windows close inside the chunk (appended rows), the compressors' pending
 # rows, and `pos`. `mark` only notes the step; the forward that runs then saves what it overwrites, in its own
-# way (`Mark.ops` / `Mark.undo`), and `settle(keep)` undoes exactly the rejected positions. Nothing of a
+# way (`Mark.rings` / `Mark.undo`), and `settle(keep)` undoes exactly the rejected positions. Nothing of a
 # rejected position survives; the MTP block's layers are never touched.
 # - The per-op path (`arm`, called by Transformer.forward before its blocks): the ring rows it will overwrite
 #   are copied and the compressors keep every pending row (`Pending.retain`); settle puts back the ring rows,
 #   cuts the appended rows to the windows the kept prefix closes and the pending rows to exactly the ones a
 #   sequence at that position holds.
-# - A fused path that runs the chunk's rows as one-token steps in place (backends/cpu_decode.py) records per
-#   layer the counters after each row, the ring rows and the pending rows its later rows overwrite, and hands
-#   settle its own `restore`; its rows are bit-identical to one-token steps (`Mark.exact_rows`), so a verify
-#   step may keep the decided token's row instead of feeding it again.
+# - A fused path that runs the chunk's rows as one-token steps in place (backends/cpu_decode_rows.py) copies
+#   the ring rows and the pending rows its rows overwrite and hands settle its own `restore` (the counters
+#   are then those of a sequence at the kept position, the rule below); its rows are bit-identical to
+#   one-token steps (`Mark.exact_rows`), so a verify step may keep the decided token's row instead of feeding
+#   it again.
 
 
 class Mark:
