@@ -4,11 +4,14 @@ backends/native/decode_step.cpp (built at first use like stored_gemm.cpp, see ba
 that file's GEMV kernels) runs a block's whole one-token step: mHC pre + norm, the attention sub-block (q / kv
 projections, norms, RoPE, ring write, the compressors' in-place pending rows, indexer top-k, attention over
 window + selected / HCA entries with the sink, wo_a / wo_b), mHC post, mHC pre + norm, routing + routed and
-shared experts, mHC post. The unfused step is ~250-700 ATen ops per block; this is one ctypes call plus a
-few host-side counter updates. Transformer.forward takes `decode_step` (`decode_block.whole_step`) where it
-can: every block of a one-token step and then the head (hc_head, final norm, head linear) in one call, with
-no Python between blocks (issue 16: the per-block wrapper and the per-op head were a third of a batched step). Its oracle is the reference `decode_block` (the per-op path): tests/
-test_decode_fused.py checks each kernel and 200 whole steps against it.
+shared experts, mHC post. The unfused step is ~250-700 ATen ops per block; this is one ctypes call, which
+also embeds the tokens and builds each sequence's per-layer record from the state's own arrays and advances
+its counters (backends/cpu_decode_seqs.py), so a step's Python side is one int per sequence.
+Transformer.forward takes `decode_step` (`decode_block.whole_step`) where it can: every block of a one-token
+step and then the head (hc_head, final norm, head linear) in one call, with no Python between blocks (issue
+16: the per-block wrapper, the per-op head and the per-layer records were most of a batched step's host
+time). Its oracle is the reference `decode_block` (the per-op path): tests/test_decode_fused.py checks each
+kernel and 200 whole steps against it.
 
 Registered as `decode_block` implementation `cpu.native_fused`; its prepare hook refuses (the row says why,
 the per-op reference then runs) when the library does not build or the numerics are not `exact` (the kernels
@@ -32,7 +35,8 @@ from runtime.taps import recording
 from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
 
 from . import cpu_native
-from .cpu_decode_abi import AttnP, Comp, HcP, HeadP, LayerP, Lin, MoeP, SeqP, bind
+from .cpu_decode_seqs import run_checked, table
+from .cpu_decode_abi import AttnP, Comp, EmbedP, HcP, HeadP, LayerP, Lin, MoeP, SeqP, bind
 
 SOURCE = Path(__file__).parent / "native" / "decode_step.cpp"
 LIB = "libdsv4rt_decode.so"
@@ -44,7 +48,12 @@ def _load():
     and load the library. Its own loops are compiled for this CPU (-march=native) where the compiler can;
     the included stored-format kernels pick their instruction set at run time either way."""
     lib, why = cpu_native.build_library(SOURCE, LIB, flag_sets=(["-O3", "-march=native"], *cpu_native._FLAGS))
-    return (bind(lib), "") if lib is not None else (None, why)
+    if lib is None:
+        return None, why
+    try:
+        return bind(lib), ""
+    except RuntimeError as e:                       # a library of another ABI (cannot happen: keyed by source)
+        return None, str(e)
 
 
 def library():
@@ -198,6 +207,7 @@ class Plan:
             _hc(block.hc_ffn, block.ffn_norm, block.attn.cfg, keep)
         self.A, self.M = attn_params(block.attn, keep), moe_params(block.ffn, keep)
         self.refs = tuple(ctypes.byref(s) for s in (self.ha, self.A, self.hf, self.M))
+        self.one = (LayerP * 1)(LayerP(*(ctypes.pointer(s) for s in (self.ha, self.A, self.hf, self.M))))
         self.layer, cfg = block.layer, block.attn.cfg
         self.W, self.ratio, self.csa = cfg.window, block.attn.ratio, block.attn.indexer is not None
 
@@ -206,69 +216,6 @@ def _fusable(block) -> bool:
     par = block.attn.par
     return par.tp == 1 and getattr(block.ffn, "local", None) is not None and \
         len(block.ffn.local) == block.attn.cfg.n_routed_experts
-
-
-def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
-    """Mirror of the kernel's pending-row rule for token p0: True when a window closed."""
-    end = p0 + 1
-    if end % m:
-        buf.n += 1
-        return False
-    stop = end // m
-    keep = stop * m - (m if overlap and stop > 0 else 0)
-    buf.n, buf.start = end - keep, keep
-    return True
-
-
-def _refuses(plan: Plan, sts: list) -> bool:
-    """True when a sequence's pending rows are held for the per-op path's rollback (`state.arm`: the per-op
-    path then runs)."""
-    return bool(plan.ratio) and any(st.comp_buf.retain is not None for st in sts)
-
-
-def _seq_vals(plan: Plan, sts: list, starts: list[int]) -> list[int]:
-    """The kernels' view of each sequence's layer state (SeqP fields, flat), then the counters advanced past
-    this step's rows (the kernel's own rule: `_advance`; the kernel reads only the records, so the counters
-    may move first). Room for the rows is reserved first."""
-    ratio, csa, W = plan.ratio, plan.csa, plan.W
-    vals: list[int] = []
-    for st, p0 in zip(sts, starts):
-        kv = st.kv
-        pend = (0, 0, 0)
-        if ratio:
-            if kv.n >= kv._buf.shape[0]:
-                kv.reserve(1)
-            cb = st.comp_buf
-            if p0 + 1 - cb.start > cb._kv.shape[0]:
-                cb.reserve(p0 + 1 - cb.start)
-            pend = (cb._kv.data_ptr(), cb._score.data_ptr(), cb.start)
-        idx = (0, 0, 0, 0, 0)
-        if csa:
-            ik, ib = st.index_keys, st.index_buf
-            if ik.n >= ik._buf.shape[0]:
-                ik.reserve(1)
-            if p0 + 1 - ib.start > ib._kv.shape[0]:
-                ib.reserve(p0 + 1 - ib.start)
-            idx = (ik._buf.data_ptr(), ik.n, ib._kv.data_ptr(), ib._score.data_ptr(), ib.start)
-            if _advance(ib, p0, 4, True):
-                ik.n += 1
-        vals += (p0, kv._buf.data_ptr(), kv.n - W, *pend, *idx)
-        if ratio and _advance(cb, p0, ratio, csa):
-            kv.n += 1
-    return vals
-
-
-def _records(vals: list[int]):
-    """(SeqP pointer, the array behind it, for the caller to keep alive during the call). One flat int64
-    array: a decode step builds B records per block, and per-field ctypes assignments would cost more than
-    the block's kernels; array.array is ~5x faster to build than a ctypes array."""
-    arr = array.array("q", vals)
-    return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr
-
-
-def seq_params(plan: Plan, sts: list, starts: list[int]):
-    """One block's records (`_seq_vals`, `_records`), or None, with nothing changed, when `_refuses`."""
-    return None if _refuses(plan, sts) else _records(_seq_vals(plan, sts, starts))
 
 
 def plan_for(block):
@@ -280,25 +227,25 @@ def plan_for(block):
 
 
 def _ids64(ids: torch.Tensor) -> torch.Tensor:
-    """The step's token ids as the kernels read them: one contiguous int64 row."""
-    idv = ids.reshape(-1)
-    return idv if idv.dtype == torch.int64 and idv.is_contiguous() else idv.to(torch.int64).contiguous()
+    """The step's token ids as the kernels read them: contiguous int64 ([B, 1] is already one row)."""
+    if ids.dtype == torch.int64 and ids.is_contiguous():
+        return ids
+    return ids.reshape(-1).to(torch.int64).contiguous()
 
 
 def decode_block(block, X, ids, positions, starts, states):
     """Same contract as `runtime.ops.decode.decode_block`."""
     plan = plan_for(block)
-    layer = block.layer
-    sts = [s.layers[layer] for s in states]
-    params = None if plan is False or recording() else seq_params(plan, sts, starts)
-    if params is None:
+    if plan is False or recording():
         return block.forward_ops(X, ids, positions, starts, states)
     X = X.contiguous()
+    B = X.shape[0]
     out = torch.empty_like(X)
-    ha, A, hf, M = plan.refs
     idv = _ids64(ids)
-    _state["lib"].dsv4d_block(ha, A, hf, M, X.shape[0], X.data_ptr(), idv.data_ptr(), params[0], out.data_ptr(),
-                              torch.get_num_threads())
+    run = lambda seqs: _state["lib"].dsv4d_run(1, plan.one, B, X.data_ptr(), idv.data_ptr(), seqs,  # noqa: E731
+                                               out.data_ptr(), None, None, torch.get_num_threads(), None)
+    if not run_checked(run, [plan], states, starts, table(states, starts, block.layer)):
+        return block.forward_ops(X, ids, positions, starts, states)
     return out
 
 
@@ -318,6 +265,15 @@ class StepPlan:
             self.head = HeadP(keep.f32(h.fn), keep.f32(h.base), keep.f32(h.scale), keep.f32(h.norm), cfg.hc_mult,
                               cfg.hidden_size, cfg.hc_eps, cfg.norm_eps, lin_desc(h.head_w, keep))
             self.vocab = h.head_w.shape[0]
+        self.head_ref = ctypes.byref(self.head) if self.head is not None else None
+        # the step embeds its tokens itself (one row copy per token, no torch ops) from a plain table
+        e = model.embed
+        self.embed = None
+        if isinstance(e, torch.Tensor) and e.device.type == "cpu" and e.dim() == 2 and e.is_contiguous() and \
+                e.dtype in (torch.float32, torch.bfloat16):
+            self.embed_w, self.embed_p = e, EmbedP(e.data_ptr(), int(e.dtype == torch.bfloat16), e.shape[0],
+                                                   cfg.hc_mult, e.shape[1])
+            self.embed = ctypes.byref(self.embed_p)
 
 
 def step_plan(model):
@@ -330,29 +286,33 @@ def step_plan(model):
 
 
 def decode_step(model, X, ids, starts, states):
-    """Every block of a one-token step, then the head, in one native call: X [B, 1, hc, d] -> (final streams
-    [B, 1, hc, d], logits [B, 1, V] or None where the head is vocab-parallel), or None (nothing changed) where
-    the per-block path runs (TP / EP ranks, a speculative verify step, tap recording). Each block is exactly
+    """Every block of a one-token step, then the head, in one native call: X [B, 1, hc, d] (None: the step
+    embeds `ids` itself, as Transformer.streams) -> (final streams [B, 1, hc, d], logits [B, 1, V] or None
+    where the head is vocab-parallel), or None (nothing changed) where the per-block path runs (TP / EP ranks,
+    a per-op speculative verify's held pending rows, tap recording, a token id outside the embedding). Each
+    block is exactly
     `decode_block`'s kernel; the head is hc_head's kernel, the final norm and the head linear (the fused
     step's tiles, batch-invariant like every stage)."""
     sp = step_plan(model)
     if sp is False or recording():
         return None
-    layer_sts = [[s.layers[p.layer] for s in states] for p in sp.plans]
-    if any(_refuses(p, sts) for p, sts in zip(sp.plans, layer_sts)):
-        return None
-    vals: list[int] = []
-    for p, sts in zip(sp.plans, layer_sts):
-        vals += _seq_vals(p, sts, starts)
-    seqs, _arr = _records(vals)
-    X = X.contiguous()
-    B = X.shape[0]
-    out = torch.empty_like(X)
-    logits = X.new_empty(B, 1, sp.vocab) if sp.head is not None else None
+    if X is None and sp.embed is None:
+        X = model.streams(ids)
+    B = ids.shape[0]
+    xp = None
+    if X is not None:
+        X = X.contiguous()
+        xp = X.data_ptr()
+    out = torch.empty(B, 1, model.cfg.hc_mult, model.cfg.hidden_size)
+    logits = out.new_empty(B, 1, sp.vocab) if sp.head is not None else None
     idv = _ids64(ids)
-    _state["lib"].dsv4d_step(len(sp.plans), sp.layers, B, X.data_ptr(), idv.data_ptr(), seqs, out.data_ptr(),
-                             ctypes.byref(sp.head) if sp.head is not None else None,
-                             logits.data_ptr() if logits is not None else None, torch.get_num_threads())
+    head, embed = sp.head_ref, sp.embed
+    run = lambda seqs: _state["lib"].dsv4d_run(len(sp.plans), sp.layers, B, xp, idv.data_ptr(),  # noqa: E731
+                                               seqs, out.data_ptr(), head,
+                                               logits.data_ptr() if logits is not None else None,
+                                               torch.get_num_threads(), embed)
+    if not run_checked(run, sp.plans, states, starts, table(states, starts)):
+        return None
     return out, logits
 
 
@@ -380,11 +340,15 @@ def hc_post(y, res, post, comb) -> torch.Tensor:
 def attention(block, x: torch.Tensor, starts: list[int], states: list) -> torch.Tensor:
     """x [B, d] (after attn_norm), one token per sequence -> [B, d]; updates the sequences' layer states."""
     plan = plan_for(block)
-    sts = [s.layers[block.layer] for s in states]
-    seqs, _keep = seq_params(plan, sts, starts)
+    B = x.shape[0]
+    seqs = (SeqP * B)()
+    lib = library()
+    if not run_checked(lambda t: lib.dsv4d_records(ctypes.byref(plan.A), B, t, seqs), [plan], states, starts,
+                       table(states, starts, block.layer)):
+        raise ValueError("fused attention: a sequence is in a speculative verify step")
     x = x.contiguous()
     out = torch.empty_like(x)
-    library().dsv4d_attn(ctypes.byref(plan.A), x.shape[0], x.data_ptr(), seqs, out.data_ptr(), 1)
+    lib.dsv4d_attn(ctypes.byref(plan.A), B, x.data_ptr(), seqs, out.data_ptr(), 1)
     return out
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 
 i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+ABI = 5            # dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`);
+#                    5 = the speculative entry points (decode_spec.h)
+CTR_BYTES = 32     # one SeqCtr (the addresses of a layer's kv / comp_buf / index_keys / index_buf arrays)
 
 
 class Lin(ctypes.Structure):
@@ -55,6 +58,10 @@ class MtpP(ctypes.Structure):
                 ("hc", i64), ("d", i64), ("eps", f32)]
 
 
+class EmbedP(ctypes.Structure):
+    _fields_ = [("w", vp), ("kind", i64), ("V", i64), ("hc", i64), ("d", i64)]
+
+
 def bind(lib):
     P = ctypes.POINTER
     lib.dsv4d_hc_pre.argtypes = [P(HcP), i64, vp, vp, vp, vp]
@@ -68,9 +75,14 @@ def bind(lib):
                                    ctypes.c_int]
     lib.dsv4d_spec_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, i64, P(LayerP), P(HeadP),
                                     vp, vp, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_records.argtypes = [P(AttnP), i64, vp, P(SeqP)]
+    lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP)]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block",
               "dsv4d_step", "dsv4d_step_rows", "dsv4d_mtp_step", "dsv4d_spec_step"):
         getattr(lib, f).restype = None
+    lib.dsv4d_records.restype = lib.dsv4d_run.restype = ctypes.c_int
     lib.dsv4d_abi.restype = ctypes.c_int
+    if lib.dsv4d_abi() != ABI:
+        raise RuntimeError(f"decode library ABI {lib.dsv4d_abi()}, these bindings are for {ABI}")
     return lib

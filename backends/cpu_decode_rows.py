@@ -23,6 +23,7 @@ block, a vocab-parallel head (the per-op head then runs after the rows), tap rec
 
 from __future__ import annotations
 
+import array
 import ctypes
 
 import torch
@@ -31,10 +32,29 @@ from runtime.model.state import _pending_start
 from runtime.taps import recording
 
 from . import cpu_decode as cd
-from .cpu_decode_abi import HeadP, LayerP, MtpP
+from .cpu_decode_abi import HeadP, LayerP, MtpP, SeqP
 
 _memmove = ctypes.memmove
 F32 = 4
+
+
+def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
+    """The kernel's pending-row rule for token p0 (Compressor.advance's, decode_step.cpp `seq_record`), on the
+    Python side for a chunk's rows: True when a window closed."""
+    end = p0 + 1
+    if end % m:
+        buf.n += 1
+        return False
+    stop = end // m
+    keep = stop * m - (m if overlap and stop > 0 else 0)
+    buf.n, buf.start = end - keep, keep
+    return True
+
+
+def _records(vals: list[int]):
+    """(SeqP pointer, the int64 array behind it: the caller keeps it alive during the call)."""
+    arr = array.array("q", vals)
+    return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr
 
 
 def max_rows(plans) -> int:
@@ -49,7 +69,7 @@ def _scratch(obj, name: str, rows: int, width: int) -> torch.Tensor:
     t = obj.__dict__.get(name)
     if t is None or t.shape[0] < rows:
         t = torch.empty(max(rows, 8), width)
-        setattr(obj, name, t)
+        obj.__dict__[name] = t           # not a buffer of the state's layout (LayerState.__setattr__'s stamp)
     return t
 
 
@@ -104,10 +124,10 @@ def _rows_vals(plan, sts: list, starts: list[int], S: int, marks: list, vals: li
         for i in range(S):
             p = p0 + i
             idx = (ikp, ik.n, ipk, ips, ib.start) if csa else (0, 0, 0, 0, 0)
-            if csa and cd._advance(ib, p, 4, True):
+            if csa and _advance(ib, p, 4, True):
                 ik.n += 1
             vals += (p, kvp, kv.n - W, pk, ps, cb.start if ratio else 0, *idx)
-            if ratio and cd._advance(cb, p, ratio, csa):
+            if ratio and _advance(cb, p, ratio, csa):
                 kv.n += 1
 
 
@@ -142,7 +162,7 @@ def decode_rows(model, X, ids, starts, states):
     sp = cd.step_plan(model)
     if sp is False or recording():
         return None
-    B, S = X.shape[0], X.shape[1]
+    B, S = ids.shape
     rows = sp.__dict__.get("rows")
     if rows is None:
         sp.rows = rows = max_rows(sp.plans)
@@ -155,7 +175,8 @@ def decode_rows(model, X, ids, starts, states):
     vals: list[int] = []
     for p in sp.plans:
         _rows_vals(p, [s.layers[p.layer] for s in states], starts, S, marks, vals)
-    seqs, _arr = cd._records(vals)
+    seqs, _arr = _records(vals)
+    X = model.streams(ids) if X is None else X                 # (None: Transformer.forward's fused call)
     X = X.reshape(B * S, *X.shape[2:]).contiguous()
     out = torch.empty_like(X)
     logits = X.new_empty(B, S, sp.vocab) if sp.head is not None else None
@@ -209,7 +230,7 @@ def mtp_step(model, i: int, X, next_ids, starts, states, last: bool = False):
         return None
     vals: list[int] = []
     _rows_vals(mp.plan, [s.layers[mp.layer] for s in states], starts, S, [None] * B, vals)
-    seqs, _arr = cd._records(vals)
+    seqs, _arr = _records(vals)
     idv = cd._ids64(next_ids)
     X = X.reshape(B * S, *X.shape[2:]).contiguous()
     n = B if last else B * S
@@ -250,7 +271,7 @@ def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
         vals += nx
     vals += toks
     vals += [0] * (3 * n)
-    seqs, arr = cd._records(vals)
+    seqs, arr = _records(vals)
     base = arr.buffer_info()[0]
     at = (lambda i: base + 8 * i)
     H = H.reshape(n * k, *H.shape[2:]).contiguous()

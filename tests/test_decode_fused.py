@@ -206,3 +206,48 @@ def test_whole_step_is_the_blocks_then_the_head(tiny_rt):
     for a, b in zip(whole.seqs, blocks.seqs):
         for la, lb in zip(a.layers[:cfg.num_layers], b.layers[:cfg.num_layers]):
             assert torch.equal(la.kv.view(), lb.kv.view())
+
+
+def test_step_reads_the_states_own_arrays_through_copies_and_replaced_buffers(tiny_rt):
+    """The one-call step reads each sequence's counters and buffer addresses from the state's own arrays
+    (state.py `_c`) and keeps their addresses per sequence: it embeds the tokens itself exactly as the streams
+    the per-block path builds; a deep copy steps independently of its original; buffers replaced the way the
+    prefix cache restores them (new Rows / Pending objects) and buffers regrown are read at their new
+    addresses; a bad token id is refused before any state changes."""
+    from runtime.model.state import Rows
+
+    cfg, m = tiny_rt.config, tiny_rt.model
+    starts = [0, 13, 125, 253]
+    a = _prefilled(tiny_rt, starts, seed=5)
+    b = copy.deepcopy(a)
+    g = torch.Generator().manual_seed(19)
+    with torch.inference_mode():
+        for step in range(8):
+            if step == 3:                        # replace b's buffer objects (prefix-cache restore's way)
+                for s in b.seqs:
+                    for st in s.layers[:cfg.num_layers]:
+                        st.kv = Rows.from_tensor(st.kv.view(), st.kv.n + 1)   # full: the next entry regrows it
+                        if st.comp_buf is not None:
+                            st.comp_buf = st.comp_buf.copy()
+                        if st.index_buf is not None:
+                            st.index_buf, st.index_keys = st.index_buf.copy(), Rows.from_tensor(st.index_keys.view())
+            ids = torch.randint(2, 258, (len(starts), 1), generator=g)
+            Xa, la = cpu_decode.decode_step(m, None, ids, [s.pos for s in a.seqs], a.seqs)
+            Xb, lb = cpu_decode.decode_step(m, m.streams(ids), ids, [s.pos for s in b.seqs], b.seqs)
+            for s in a.seqs + b.seqs:
+                s.pos += 1
+            assert torch.equal(Xa, Xb) and torch.equal(la, lb), f"step {step}"
+        for sa, sb in zip(a.seqs, b.seqs):
+            for layer in range(cfg.num_layers):
+                _same_state(sa, sb, layer)
+                assert sa.layers[layer].kv._buf.data_ptr() != sb.layers[layer].kv._buf.data_ptr()
+        before = [(s.pos, [(st.kv.n, st.comp_buf.start if st.comp_buf is not None else 0) for st in s.layers])
+                  for s in a.seqs]
+        with pytest.raises(IndexError):
+            m.forward(torch.tensor([[2], [3], [cfg.vocab_size], [4]]), a.seqs)
+        assert before == [(s.pos, [(st.kv.n, st.comp_buf.start if st.comp_buf is not None else 0)
+                                   for st in s.layers]) for s in a.seqs]
+    r = a.seqs[0].layers[1].kv
+    c = copy.copy(r)
+    c.n += 1
+    assert c.n == r.n + 1                    # a copy's counters are its own

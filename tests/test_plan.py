@@ -157,3 +157,34 @@ def test_state_reserved_for_a_known_context_never_regrows(tiny_rt, rng):
     tiny_rt.forward(torch.randint(2, 300, (1, 24), generator=rng), state=st)
     assert all(lay.kv._buf is kv and (lay.index_keys is None or lay.index_keys._buf is ik)
                for lay, (kv, ik) in zip(layers, bufs))
+
+
+def test_macs_per_token_against_the_shipped_checkpoint_and_by_hand():
+    """runtime.plan.sizes.macs_per_token (the serve bench's roofline) against an independent count: the shipped
+    default's own tensor headers (FP4 experts stored two codes per byte), and the attention rows by hand."""
+    import glob
+
+    from safetensors import safe_open
+
+    from runtime import default_model
+    from runtime.plan.sizes import macs_per_token
+
+    cfg = ModelConfig.from_file(default_model.FOLDER / "config.json")
+    lin = 0
+    for f in glob.glob(str(default_model.FOLDER / "*.safetensors")):
+        with safe_open(f, "pt") as s:
+            for k in s.keys():
+                sl = s.get_slice(k)
+                shape = sl.get_shape()
+                if k.startswith("mtp.") or k == "embed.weight" or len(shape) != 2 \
+                        or not k.endswith(("weight", "_fn")):          # not scales, ape, tid2eid
+                    continue
+                n = shape[0] * shape[1] * (2 if sl.get_dtype() == "I8" else 1)       # FP4 pairs
+                lin += n * 2 // 8 if ".experts." in k else n                          # top-2 of 8 experts
+    got = macs_per_token(cfg, 100)
+    assert got["linears"] == lin == 1_882_112
+    # position 100: every layer sees 101 window rows; the CSA layer (ratio 4) its top-16 of 25 entries, the
+    # HCA layer (ratio 128) none yet; 8 heads x 64 dims, scores and weighted sums
+    assert got["attention"] == 2 * 8 * 64 * (101 + 101 + 16 + 101)
+    assert got["indexer"] == 16 * 32 * 25                      # 16 indexer heads x 32 dims x 25 keys
+    assert macs_per_token(cfg, 300)["attention"] == 2 * 8 * 64 * (128 + 128 + 16 + 128 + 2)

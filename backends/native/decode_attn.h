@@ -68,31 +68,84 @@ inline void rope_cs(float* x, int64_t dim, const float* cs, int64_t half, bool i
 
 inline float sigm(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-// The indexer's heads against one key, four heads at a time sharing each key load (measured faster than one
-// head at a time): y[r] = sum_k key[k] * q_r[k] for r < rows.
-inline void dot4(const float* __restrict key, const float* __restrict q0, int64_t ldq, int64_t K, int rows,
-                 float* __restrict y) {
-  const float* qs[4];
-  for (int r = 0; r < 4; ++r) qs[r] = q0 + (r < rows ? r : 0) * ldq;
-  // Four named accumulators and pointers, lanes innermost: written as p[r][j] over qs[r], gcc vectorised across
-  // r with gathers (measured: the indexer scan was 2/3 of a 4K-context decode step). Same sums, same order.
-  alignas(64) float p[4][LANES] = {};
-  const float *__restrict a = qs[0], *__restrict b = qs[1], *__restrict c = qs[2], *__restrict e = qs[3];
-  float *__restrict p0 = p[0], *__restrict p1 = p[1], *__restrict p2 = p[2], *__restrict p3 = p[3];
-  int64_t i = 0;
-  for (; i + LANES <= K; i += LANES)
-    for (int j = 0; j < LANES; ++j) {
-      const float kj = key[i + j];
-      p0[j] += kj * a[i + j];
-      p1[j] += kj * b[i + j];
-      p2[j] += kj * c[i + j];
-      p3[j] += kj * e[i + j];
+// The indexer's scores of n keys: sc[e] = sum_h relu(q_h . key_e) * w_h (w already scaled). The heads are the
+// lanes: q is transposed once per query into qt [G][idim][16] (G groups of 16 heads, zero-padded, as w into
+// wp [G][16]), so a key costs idim broadcast multiply-adds per group and one lane tree (`reduce`) instead of a
+// tree per head (the indexer scan over every compressed key is the step's longest loop at long contexts).
+// A key's value: per head a multiply-add chain over k from zero, relu times w, the group's 16 lanes by the
+// fixed tree, groups summed in order -- the same for every key whatever n or its place in a block of keys.
+struct IndexQ {
+  std::vector<float> qt, wp;
+  int64_t G = 0, idim = 0;
+  void set(const float* q, const float* w, int64_t ih, int64_t dim) {
+    G = (ih + 15) / 16, idim = dim;
+    qt.assign(G * dim * 16, 0.f);
+    wp.assign(G * 16, 0.f);
+    for (int64_t h = 0; h < ih; ++h) {
+      for (int64_t k = 0; k < dim; ++k) qt[((h / 16) * dim + k) * 16 + h % 16] = q[h * dim + k];
+      wp[h] = w[h];
     }
-  for (int r = 0; r < rows; ++r) {
-    float tail = 0.f;
-    for (int64_t m = i; m < K; ++m) tail += key[m] * qs[r][m];
-    y[r] = reduce(p[r]) + tail;
   }
+};
+
+#if defined(__AVX512F__)
+template <int NE>        // NE keys at a time: independent chains that share each qt load
+inline void index_block(const IndexQ& Q, const float* __restrict keys, float* __restrict sc) {
+  const int64_t dim = Q.idim;
+  float r[NE];
+  for (int i = 0; i < NE; ++i) r[i] = 0.f;
+  for (int64_t g = 0; g < Q.G; ++g) {
+    const float* qt = Q.qt.data() + g * dim * 16;
+    __m512 acc[NE];
+    for (int i = 0; i < NE; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < dim; ++k) {
+      const __m512 qv = _mm512_loadu_ps(qt + k * 16);
+      for (int i = 0; i < NE; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(keys[i * dim + k]), qv, acc[i]);
+    }
+    const __m512 wv = _mm512_loadu_ps(Q.wp.data() + g * 16), z = _mm512_setzero_ps();
+    for (int i = 0; i < NE; ++i) r[i] += reduce(_mm512_mul_ps(_mm512_max_ps(z, acc[i]), wv));
+  }
+  for (int i = 0; i < NE; ++i) sc[i] = r[i];
+}
+#endif
+
+inline void index_scores(const IndexQ& Q, const float* keys, int64_t n, float* sc) {
+  const int64_t dim = Q.idim;
+  int64_t e = 0;
+#if defined(__AVX512F__)
+  for (; e + 8 <= n; e += 8) index_block<8>(Q, keys + e * dim, sc + e);
+  for (; e < n; ++e) index_block<1>(Q, keys + e * dim, sc + e);
+#else
+  for (; e < n; ++e) {
+    const float* key = keys + e * dim;
+    float tot = 0.f;
+    for (int64_t g = 0; g < Q.G; ++g) {
+      const float* qt = Q.qt.data() + g * dim * 16;
+      alignas(64) float acc[16] = {0};
+      for (int64_t k = 0; k < dim; ++k)
+        for (int l = 0; l < 16; ++l) acc[l] = std::fma(key[k], qt[k * 16 + l], acc[l]);
+      for (int l = 0; l < 16; ++l) acc[l] = std::max(acc[l], 0.f) * Q.wp[g * 16 + l];
+      tot += reduce(acc);
+    }
+    sc[e] = tot;
+  }
+#endif
+}
+
+// The k best of sc[0..n) in the reference's order (stable descending sort: a higher score first, equal scores
+// by index) -> idx[0..k), returns k. One pass keeping the best so far sorted: a key enters only when it beats
+// the k-th (a later key never wins a tie), so most keys cost one comparison.
+inline int64_t top_k(const float* sc, int64_t n, int64_t k, int64_t* idx) {
+  if (k <= 0) return 0;
+  int64_t cnt = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const float v = sc[e];
+    if (cnt == k && !(v > sc[idx[k - 1]])) continue;
+    int64_t p = cnt < k ? cnt++ : k - 1;     // drop the k-th when full
+    for (; p > 0 && v > sc[idx[p - 1]]; --p) idx[p] = idx[p - 1];
+    idx[p] = e;
+  }
+  return cnt;
 }
 
 struct Comp {            // one compressor's weights
@@ -198,6 +251,144 @@ inline void weighted_rows(const float* p, const float* kv, const int64_t* rows, 
 #endif
 }
 
+#if defined(__AVX512F__)
+// r[i] = row i of a 16 x 16 block -> r[k] = its column k
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+template <int NH>        // NH heads against the transposed block kt [D][16]: NH chains over k, lanes = pool rows
+inline void scores_block(const float* __restrict q, int64_t D, const float* __restrict kt, float* s, int64_t lds,
+                         __mmask16 keep) {
+  __m512 acc[NH];
+  for (int i = 0; i < NH; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < D; ++k) {
+    const __m512 v = _mm512_loadu_ps(kt + k * 16);
+    for (int i = 0; i < NH; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * D + k]), v, acc[i]);
+  }
+  for (int i = 0; i < NH; ++i) _mm512_mask_storeu_ps(s + i * lds, keep, acc[i]);
+}
+#endif
+
+// The attention scores s[h * lds + j] = q_h . kv[rows[j]] (h < H, j < K): one multiply-add chain over k from
+// zero per score. On AVX-512 the pool rows are the lanes: each block of 16 rows is transposed once (16 x 16
+// in registers) and shared by every head, instead of a lane tree per (head, row) pair; a short block repeats
+// its last row in the unused lanes and stores only the used ones. The portable path runs the same chains.
+inline void scores_heads(const float* q, int64_t H, int64_t D, const float* kv, const int64_t* rows, int64_t K,
+                         float* s, int64_t lds) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    thread_local std::vector<float> buf;
+    buf.resize(D * 16);
+    float* kt = buf.data();
+    for (int64_t j0 = 0; j0 < K; j0 += 16) {
+      const int64_t nj = std::min<int64_t>(16, K - j0);
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(kv + rows[j0 + std::min<int64_t>(i, nj - 1)] * D + d0);
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) _mm512_storeu_ps(kt + (d0 + k) * 16, r[k]);
+      }
+      const __mmask16 keep = __mmask16((1u << nj) - 1);
+      int64_t h = 0;
+      for (; h + 8 <= H; h += 8) scores_block<8>(q + h * D, D, kt, s + h * lds + j0, lds, keep);
+      for (; h < H; ++h) scores_block<1>(q + h * D, D, kt, s + h * lds + j0, lds, keep);
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < K; ++j) {
+      const float* v = kv + rows[j] * D;
+      float a = 0.f;
+      for (int64_t k = 0; k < D; ++k) a = std::fma(q[h * D + k], v[k], a);
+      s[h * lds + j] = a;
+    }
+}
+
+// weighted_rows for nh heads at once (p [nh, ldp], out [nh, ldo]): on AVX-512 four heads share each 64-element
+// block's kv loads and keep 16 independent chains in flight (one head's four chains waited on the multiply-add
+// latency); every element is the same chain over j as weighted_rows computes, so the bits are the same.
+inline void weighted_rows_heads(const float* p, int64_t ldp, int64_t nh, const float* kv, const int64_t* rows,
+                                int64_t K, int64_t D, float* out, int64_t ldo) {
+  int64_t h = 0;
+#if defined(__AVX512F__)
+  if (D % 64 == 0)
+    for (; h + 4 <= nh; h += 4)
+      for (int64_t i0 = 0; i0 < D; i0 += 64) {
+        __m512 a[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < K; ++j) {
+          const float* v = kv + rows[j] * D + i0;
+          const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+                       v3 = _mm512_loadu_ps(v + 48);
+          for (int r = 0; r < 4; ++r) {
+            const __m512 pj = _mm512_set1_ps(p[(h + r) * ldp + j]);
+            a[r][0] = _mm512_fmadd_ps(pj, v0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(pj, v1, a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(pj, v2, a[r][2]);
+            a[r][3] = _mm512_fmadd_ps(pj, v3, a[r][3]);
+          }
+        }
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + (h + r) * ldo + i0 + 16 * c, a[r][c]);
+      }
+#endif
+  for (; h < nh; ++h) weighted_rows(p + h * ldp, kv, rows, K, D, out + h * ldo);
+}
+
+// Row h of s [H, K]: s = exp(s * scale - mx) / den with mx = max(sink_h, s * scale), den = exp(sink_h - mx) +
+// sum exp(.) in j order. The scale / max / subtract loops are vectorised (elementwise, and a max is the same
+// in any order); the sums of all heads run interleaved (H independent chains, each in j order).
+inline void softmax_sink(float* s, int64_t H, int64_t K, float scale, const float* sink, float* den) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = s + h * K;
+    float mx = sink[h];
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    const __m512 sv = _mm512_set1_ps(scale);
+    __m512 m = _mm512_set1_ps(mx);
+    for (; j + 16 <= K; j += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sh + j), sv);
+      _mm512_storeu_ps(sh + j, v);
+      m = _mm512_max_ps(v, m);             // (a NaN score is skipped, as std::max(mx, v) does)
+    }
+    mx = _mm512_reduce_max_ps(m);
+#endif
+    for (; j < K; ++j) { sh[j] *= scale; mx = std::max(mx, sh[j]); }
+    den[h] = dexp::one(sink[h] - mx);
+    for (j = 0; j < K; ++j) sh[j] -= mx;
+    dexp::inplace(sh, K);
+  }
+  for (int64_t j = 0; j < K; ++j)
+    for (int64_t h = 0; h < H; ++h) den[h] += s[h * K + j];
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < K; ++j) s[h * K + j] /= den[h];
+}
+
 // One attention layer's per-token rows of a batch, each [B, width] (the stage linears' outputs). One per
 // calling thread, reused by every layer and step (every row is written before it is read: no clearing).
 struct AttnRows {
@@ -215,7 +406,8 @@ struct AttnRows {
 // window + entries with the sink, inverse RoPE -> R.o row b. The ring row was written by the caller.
 void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   const int64_t H = P.H, D = P.D, pos = S.pos;
-  thread_local std::vector<float> cs, s, den, sc, hs;
+  thread_local std::vector<float> cs, s, den, sc;
+  thread_local IndexQ iqt;
   thread_local std::vector<int64_t> rows, ord;
   cs.resize(2 * P.rope_half);
   trig(P.freqs, P.rope_half, pos, cs.data());
@@ -245,52 +437,25 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
                                             P.rope_half, P.eps);
       const int64_t n = std::min(n_vis, n_idx), k = std::min(P.topk, n_vis);
       sc.resize(n);
-      hs.resize(P.ih);
-      for (int64_t e = 0; e < n; ++e) {        // relu(q_h . key) for every head (4 at a time), weighted, summed
-        const float* key = S.ikeys + e * P.idim;
-        for (int64_t h = 0; h < P.ih; h += 4)
-          dot4(key, iq + h * P.idim, P.idim, P.idim, int(std::min<int64_t>(4, P.ih - h)), hs.data() + h);
-        float tot = 0.f;
-        for (int64_t h = 0; h < P.ih; ++h) tot += std::max(hs[h], 0.f) * iw[h];
-        sc[e] = tot;
-      }
-      ord.resize(n);
-      for (int64_t e = 0; e < n; ++e) ord[e] = e;
+      iqt.set(iq, iw, P.ih, P.idim);
+      index_scores(iqt, S.ikeys, n, sc.data());
       const int64_t kk = std::min(k, n);
-      std::partial_sort(ord.begin(), ord.begin() + kk, ord.end(), [&](int64_t a, int64_t b) {
-        return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);   // the reference's stable descending sort
-      });
-      for (int64_t j = 0; j < kk; ++j) rows.push_back(P.W + ord[j]);
+      ord.resize(kk);
+      const int64_t got = top_k(sc.data(), n, kk, ord.data());
+      for (int64_t j = 0; j < got; ++j) rows.push_back(P.W + ord[j]);
     } else {
       for (int64_t e = 0; e < n_vis; ++e) rows.push_back(P.W + e);
     }
   }
-  // attention with the sink: p_j = exp(s_j) / (sum exp(s_j) + exp(sink_h)). Scores s[h, j] = q_h . kv[rows[j]]
-  // by the linear tiles over each run of consecutive pool rows (the ring's two halves, HCA's entries).
+  // attention with the sink: p_j = exp(s_j) / (sum exp(s_j) + exp(sink_h)), scores s[h, j] = q_h . kv[rows[j]]
   const float scale = 1.0f / std::sqrt(float(D));
   const int64_t K = int64_t(rows.size());
   s.resize(H * K);
   den.resize(H);
-  for (int64_t j0 = 0; j0 < K;) {
-    int64_t j1 = j0 + 1;
-    while (j1 < K && rows[j1] == rows[j1 - 1] + 1) ++j1;
-    rows_batch(q, D, H, S.kv + rows[j0] * D, D, D, 0, j1 - j0, 0, s.data() + j0, K);
-    j0 = j1;
-  }
-  for (int64_t h = 0; h < H; ++h) {
-    float* sh = s.data() + h * K;
-    float mx = P.sink[h];
-    for (int64_t j = 0; j < K; ++j) { sh[j] *= scale; mx = std::max(mx, sh[j]); }
-    float dn = dexp::one(P.sink[h] - mx);
-    for (int64_t j = 0; j < K; ++j) sh[j] -= mx;
-    dexp::inplace(sh, K);
-    for (int64_t j = 0; j < K; ++j) dn += sh[j];
-    den[h] = dn;
-  }
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t j = 0; j < K; ++j) s[h * K + j] /= den[h];
+  scores_heads(q, H, D, S.kv, rows.data(), K, s.data(), K);
+  softmax_sink(s.data(), H, K, scale, P.sink, den.data());
   float* o = R.o.data() + b * H * D;
-  for (int64_t h = 0; h < H; ++h) weighted_rows(s.data() + h * K, S.kv, rows.data(), K, D, o + h * D);
+  weighted_rows_heads(s.data(), K, H, S.kv, rows.data(), K, D, o, D);
   for (int64_t h = 0; h < H; ++h) rope_cs(o + h * D, D, cs.data(), P.rope_half, true);
 }
 
@@ -327,8 +492,15 @@ void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* ou
   if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
   run_jobs(jobs.data(), int(jobs.size()), nt);
   if (S == 1) {
-    for_seqs(B, nt, [&](int64_t b) { attn_core(P, R, b, seqs[b]); });
-  } else {
+    // the cores, longest context first (a core's cost grows with its position: the threads claim them in this
+    // order, so the last claims are the short ones and the threads finish together)
+    thread_local std::vector<int64_t> order;
+    std::vector<int64_t>& by_pos = order;      // a local name (as R above)
+    by_pos.resize(B);
+    for (int64_t b = 0; b < B; ++b) by_pos[b] = b;
+    std::stable_sort(by_pos.begin(), by_pos.end(), [&](int64_t a, int64_t c) { return seqs[a].pos > seqs[c].pos; });
+    for_seqs(B, nt, [&](int64_t i) { attn_core(P, R, by_pos[i], seqs[by_pos[i]]); });
+  } else {                                   // a sequence's rows in position order, each ring write first
     for_seqs(B / S, nt, [&](int64_t g) {
       for (int64_t b = g * S; b < (g + 1) * S; ++b) {
         std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, R.kvr.data() + b * D, sizeof(float) * D);

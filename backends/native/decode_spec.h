@@ -57,7 +57,8 @@ static void ring_rows(const LayerP& P, int64_t n, const float* X, const SeqP* se
   thread_local std::vector<float> tls[4];
   std::vector<float> &x = tls[0], &post = tls[1], &comb = tls[2], &kv = tls[3];
   x.resize(n * d), post.resize(n * hc), comb.resize(n * hc * hc), kv.resize(n * D);
-  hc_pre_batch(*P.ha, n, X, x.data(), post.data(), comb.data(), nt);
+  auto none = [](int64_t, int64_t) {};
+  hc_pre_batch(*P.ha, n, X, x.data(), post.data(), comb.data(), nt, none, none);
   const Job j = job(A.wkv, x.data(), d, n, kv.data(), D);
   run_jobs(&j, 1, nt);
   float* K = kv.data();

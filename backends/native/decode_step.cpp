@@ -26,6 +26,7 @@
 
 #include "decode_attn.h"
 #include "decode_linear.h"
+#include "decode_seqs.h"
 
 namespace {
 
@@ -78,14 +79,15 @@ inline void swiglu(float* g, const float* u, int64_t n, float limit, float wgt) 
   }
 }
 
-// x [B, d] (after ffn_norm), ids [B] -> y [B, d]. Each expert's weights are read once for the tokens routed
-// to it; a token's expert outputs are summed in ascending expert id (the reference's grouping), then the
-// shared expert's output is added.
-void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, float* y, int nt) {
+// x [B, d] (after ffn_norm) and each token's experts idx [B, k] and weights wgt [B, k] (`route`) -> y [B, d].
+// Each expert's weights are read once for the tokens routed to it; a token's expert outputs are summed in
+// ascending expert id (the reference's grouping), then the shared expert's output is added. then(b) runs right
+// after token b's y is written, in the same chunk (the caller's next per-sequence step, without a stage of its
+// own).
+template <class Then>
+void moe_experts(const MoeP& P, int64_t B, const float* x, const int64_t* idx, const float* wgt, float* y, int nt,
+                 Then then) {
   const int64_t d = P.d, k = P.k, I = P.inter, SI = P.shared_inter, E = P.E;
-  std::vector<int64_t> idx(B * k);
-  std::vector<float> wgt(B * k);
-  for_seqs(B, nt, [&](int64_t b) { route(P, x + b * d, ids[b], idx.data() + b * k, wgt.data() + b * k); });
   // slot b*k + j -> its row among expert idx's tokens; experts' rows laid out one after another
   std::vector<int64_t> first(E + 1, 0), row(B * k);
   for (int64_t i = 0; i < B * k; ++i) ++first[idx[i] + 1];
@@ -128,7 +130,7 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
   for_seqs(B, nt, [&](int64_t b) {
     thread_local std::vector<int64_t> order;
     order.resize(k);
-    const int64_t* ib = idx.data() + b * k;
+    const int64_t* ib = idx + b * k;
     for (int64_t j = 0; j < k; ++j) order[j] = j;
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return ib[a] < ib[c]; });
     float* yb = y + b * d;
@@ -137,7 +139,16 @@ void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, flo
       for (int64_t j : order) r += t[row[b * k + j] * d + i];
       yb[i] = r + (P.shared ? 0.f + st[b * d + i] : 0.f);
     }
+    then(b);
   });
+}
+
+void moe_batch(const MoeP& P, int64_t B, const float* x, const int64_t* ids, float* y, int nt) {
+  const int64_t k = P.k;
+  std::vector<int64_t> idx(B * k);
+  std::vector<float> wgt(B * k);
+  for_seqs(B, nt, [&](int64_t b) { route(P, x + b * P.d, ids[b], idx.data() + b * k, wgt.data() + b * k); });
+  moe_experts(P, B, x, idx.data(), wgt.data(), y, nt, [](int64_t) {});
 }
 
 struct HcP { const float *fn, *base, *scale, *norm; int64_t hc, d, iters; float hc_eps, norm_eps; };
@@ -180,24 +191,25 @@ void hc_pre_head(const HcP& P, const float* X, const float* dots, float* pre, fl
 }
 
 // the Sinkhorn normalisations of B rows' comb [B, hc, hc] in place: column sums first, then rows and columns
-// alternately. Each row is one lane of the innermost loops: additions and divisions in the same order as for
-// a row alone (no exp or fma here, so vector lanes compute exactly what scalar code does).
-void sinkhorn(const HcP& P, int64_t B, float* comb) {
+// alternately. The rows are the lanes of the innermost loops, NL = 8 at a time (a fixed count, so the loops
+// compile to whole vectors; unused lanes hold zeros and are not written back): additions and divisions in the
+// same order as for a row alone (no exp or fma here, so vector lanes compute exactly what scalar code does).
+template <int NL>
+void sinkhorn_lanes(const HcP& P, int64_t nb, float* comb) {
   const int64_t hc = P.hc, e = hc * hc;
-  thread_local std::vector<float> t, sum;
-  t.resize(e * B);
-  sum.resize(B);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < e; ++k) t[k * B + b] = comb[b * e + k];
+  thread_local std::vector<float> t;
+  t.assign(e * NL, 0.f);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t k = 0; k < e; ++k) t[k * NL + b] = comb[b * e + k];
   float* __restrict T = t.data();
-  float* __restrict S = sum.data();
   const float eps = P.hc_eps;
   auto line = [&](int64_t first, int64_t step) {      // normalise elements first + m * step, m < hc
-    for (int64_t b = 0; b < B; ++b) S[b] = eps;
+    alignas(64) float S[NL];
+    for (int b = 0; b < NL; ++b) S[b] = eps;
     for (int64_t m = 0; m < hc; ++m)
-      for (int64_t b = 0; b < B; ++b) S[b] += T[(first + m * step) * B + b];
+      for (int b = 0; b < NL; ++b) S[b] += T[(first + m * step) * NL + b];
     for (int64_t m = 0; m < hc; ++m)
-      for (int64_t b = 0; b < B; ++b) T[(first + m * step) * B + b] /= S[b];
+      for (int b = 0; b < NL; ++b) T[(first + m * step) * NL + b] /= S[b];
   };
   auto cols = [&] { for (int64_t j = 0; j < hc; ++j) line(j, hc); };
   cols();
@@ -205,15 +217,29 @@ void sinkhorn(const HcP& P, int64_t B, float* comb) {
     for (int64_t i = 0; i < hc; ++i) line(i * hc, 1);
     cols();
   }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < e; ++k) comb[b * e + k] = t[k * B + b];
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t k = 0; k < e; ++k) comb[b * e + k] = t[k * NL + b];
 }
 
+void sinkhorn(const HcP& P, int64_t B, float* comb) {
+  for (int64_t b = 0; b < B; b += 8) sinkhorn_lanes<8>(P, std::min<int64_t>(8, B - b), comb + b * P.hc * P.hc);
+}
+
+// x = sum_i pre[i] X_i (a multiply-add chain over the streams, from zero), then the norm. The AVX-512 path
+// keeps 16 columns in a register across the streams: the same chain per element.
 void hc_pre_tail(const HcP& P, const float* X, const float* pre, float* x) {
   const int64_t hc = P.hc, d = P.d;
-  for (int64_t k = 0; k < d; ++k) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= d; k += 16) {
+    __m512 v = _mm512_setzero_ps();
+    for (int64_t i = 0; i < hc; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(pre[i]), _mm512_loadu_ps(X + i * d + k), v);
+    _mm512_storeu_ps(x + k, v);
+  }
+#endif
+  for (; k < d; ++k) {
     float v = 0.f;
-    for (int64_t i = 0; i < hc; ++i) v += pre[i] * X[i * d + k];
+    for (int64_t i = 0; i < hc; ++i) v = std::fma(pre[i], X[i * d + k], v);
     x[k] = v;
   }
   if (P.norm) rms(x, d, P.norm, P.norm_eps);
@@ -227,16 +253,59 @@ void hc_pre_one(const HcP& P, const float* X, float* x, float* post, float* comb
   hc_pre_tail(P, X, pre.data(), x);
 }
 
+// out_j = post[j] y + sum_i comb[i, j] res_i: per element the product, then a multiply-add per stream in order.
+// The AVX-512 path holds 16 columns of y and of the streams in registers for every output stream j.
 void hc_post_one(int64_t hc, int64_t d, const float* y, const float* res, const float* post, const float* comb,
                  float* out) {
-  for (int64_t j = 0; j < hc; ++j) {
-    float* o = out + j * d;
-    for (int64_t k = 0; k < d; ++k) o[k] = post[j] * y[k];
-    for (int64_t i = 0; i < hc; ++i) {
-      const float c = comb[i * hc + j], *r = res + i * d;
-      for (int64_t k = 0; k < d; ++k) o[k] += c * r[k];
+  int64_t k0 = 0;
+#if defined(__AVX512F__)
+  for (; k0 + 16 <= d; k0 += 16) {
+    const __m512 yv = _mm512_loadu_ps(y + k0);
+    for (int64_t j = 0; j < hc; ++j) {
+      __m512 o = _mm512_mul_ps(_mm512_set1_ps(post[j]), yv);
+      for (int64_t i = 0; i < hc; ++i)
+        o = _mm512_fmadd_ps(_mm512_set1_ps(comb[i * hc + j]), _mm512_loadu_ps(res + i * d + k0), o);
+      _mm512_storeu_ps(out + j * d + k0, o);
     }
   }
+#endif
+  for (int64_t j = 0; j < hc; ++j)
+    for (int64_t k = k0; k < d; ++k) {
+      float o = post[j] * y[k];
+      for (int64_t i = 0; i < hc; ++i) o = std::fma(comb[i * hc + j], res[i * d + k], o);
+      out[j * d + k] = o;
+    }
+}
+
+// mHC pre of rows [b0, b1) of a batch, start to end: the mixes X . fn_j [(2 + hc) * hc] as tiles of these rows
+// (fn is float32 [(2 + hc) * hc, hc * d]; read once for the group), the head, the Sinkhorn iterations of the
+// group (lanes = rows), the tail. dots [B, (2 + hc) * hc] and pre [B, hc] are the caller's scratch.
+void hc_pre_rows(const HcP& P, int64_t b0, int64_t b1, const float* X, float* x, float* post, float* comb,
+                 float* dots, float* pre) {
+  const int64_t hc = P.hc, d = P.d, nd = hc * d, nm = (2 + hc) * hc;
+  rows_batch(X + b0 * nd, nd, b1 - b0, P.fn, nd, nd, 0, nm, 0, dots + b0 * nm, nm);
+  for (int64_t b = b0; b < b1; ++b)
+    hc_pre_head(P, X + b * nd, dots + b * nm, pre + b * hc, post + b * hc, comb + b * hc * hc);
+  sinkhorn(P, b1 - b0, comb + b0 * hc * hc);
+  for (int64_t b = b0; b < b1; ++b) hc_pre_tail(P, X + b * nd, pre + b * hc, x + b * d);
+}
+
+// mHC pre of a batch: X [B, hc, d] -> x [B, d] (after the norm), post [B, hc], comb [B, hc, hc], as one stage
+// of sequence groups (hc_pre_rows). In each group's chunk, before(b0, b1) runs first (the caller's step that
+// writes those rows of X) and after(b0, b1) last (its step that reads those rows of x).
+template <class Before, class After>
+void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post, float* comb, int nt,
+                  Before before, After after) {
+  const int64_t hc = P.hc, nm = (2 + hc) * hc;
+  thread_local std::vector<float> dots, pre;
+  dots.resize(B * nm);
+  pre.resize(B * hc);
+  float *D = dots.data(), *Pr = pre.data();
+  for_groups(B, nt, [&](int64_t b0, int64_t b1) {
+    before(b0, b1);
+    hc_pre_rows(P, b0, b1, X, x, post, comb, D, Pr);
+    after(b0, b1);
+  });
 }
 
 }  // namespace
@@ -265,42 +334,32 @@ void dsv4d_moe(const MoeP* P, int64_t B, const float* x, const int64_t* ids, flo
   moe_batch(*P, B, x, ids, out, nt);
 }
 
-// mHC pre of a batch: X [B, hc, d] -> x [B, d] (after the norm), post [B, hc], comb [B, hc, hc]; the mixes
-// X . fn_j [B, (2 + hc) * hc] as one stage of tiles (fn is float32 [(2 + hc) * hc, hc * d])
-void hc_pre_batch(const HcP& P, int64_t B, const float* X, float* x, float* post, float* comb, int nt) {
-  const int64_t hc = P.hc, d = P.d, nd = hc * d, nm = (2 + hc) * hc;
-  thread_local std::vector<float> dots, pre;
-  dots.resize(B * nm);
-  pre.resize(B * hc);
-  const Lin fn{0, P.fn, nd, nullptr, 0, nm, nd};
-  const Job j = job(fn, X, nd, B, dots.data(), nm);
-  run_jobs(&j, 1, nt);
-  float *D = dots.data(), *Pr = pre.data();
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_pre_head(P, X + b * nd, D + b * nm, Pr + b * hc, post + b * hc, comb + b * hc * hc);
-  });
-  sinkhorn(P, B, comb);
-  for_seqs(B, nt, [&](int64_t b) { hc_pre_tail(P, X + b * nd, Pr + b * hc, x + b * d); });
-}
-
-// One block's decode step: X [B, hc, d] -> Xo [B, hc, d]; S rows per sequence (see attn_batch)
+// One block's decode step: X [B, hc, d] -> Xo [B, hc, d]. Six stages besides the attention's: mHC pre; then
+// per sequence group the attention's mHC post, the FFN's mHC pre and the routing; the experts' two linear
+// stages and their activations between; the combine with the FFN's mHC post. S rows per sequence (attn_batch).
 static void block_rows(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, int64_t S,
                        const float* X, const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
-  const int64_t hc = ha->hc, d = ha->d, nd = hc * d;
-  thread_local std::vector<float> tls[5];                      // reused per calling thread, by local names
-  std::vector<float> &x = tls[0], &y = tls[1], &post = tls[2], &comb = tls[3], &mid = tls[4];   // (as moe_batch)
+  const int64_t hc = ha->hc, d = ha->d, nd = hc * d, k = M->k;
+  thread_local std::vector<float> tls[6];                      // reused per calling thread, by local names
+  std::vector<float> &x = tls[0], &y = tls[1], &post = tls[2], &comb = tls[3], &mid = tls[4], &wgt = tls[5];
+  thread_local std::vector<int64_t> idx_;                       // (as moe_experts)
+  std::vector<int64_t>& idx = idx_;
   x.resize(B * d), y.resize(B * d), post.resize(B * hc), comb.resize(B * hc * hc), mid.resize(B * nd);
-  hc_pre_batch(*ha, B, X, x.data(), post.data(), comb.data(), nt);
-  attn_batch(*A, B, x.data(), seqs, y.data(), nt, S);
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_post_one(hc, d, y.data() + b * d, X + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
-                mid.data() + b * nd);
+  idx.resize(B * k), wgt.resize(B * k);
+  float *xp = x.data(), *yp = y.data(), *pp = post.data(), *cp = comb.data(), *mp = mid.data();
+  auto none = [](int64_t, int64_t) {};
+  hc_pre_batch(*ha, B, X, xp, pp, cp, nt, none, none);
+  attn_batch(*A, B, xp, seqs, yp, nt, S);
+  int64_t* ip = idx.data();
+  float* wp = wgt.data();
+  hc_pre_batch(*hf, B, mp, xp, pp, cp, nt, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      hc_post_one(hc, d, yp + b * d, X + b * nd, pp + b * hc, cp + b * hc * hc, mp + b * nd);
+  }, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) route(*M, xp + b * d, ids[b], ip + b * k, wp + b * k);
   });
-  hc_pre_batch(*hf, B, mid.data(), x.data(), post.data(), comb.data(), nt);
-  moe_batch(*M, B, x.data(), ids, y.data(), nt);
-  for_seqs(B, nt, [&](int64_t b) {
-    hc_post_one(hc, d, y.data() + b * d, mid.data() + b * nd, post.data() + b * hc, comb.data() + b * hc * hc,
-                Xo + b * nd);
+  moe_experts(*M, B, xp, ip, wp, yp, nt, [&](int64_t b) {
+    hc_post_one(hc, d, yp + b * d, mp + b * nd, pp + b * hc, cp + b * hc * hc, Xo + b * nd);
   });
 }
 
@@ -373,7 +432,44 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
   step_rows(L, layers, B, 1, X, ids, seqs, Xo, head, logits, nt);
 }
 
-int dsv4d_abi() { return 4; }
+// One layer's records (the attention kernel alone: tests, profiling) -> status (0: out[B] built, counters moved)
+int dsv4d_records(const AttnP* A, int64_t B, const int64_t* seqs, SeqP* out) {
+  const int st = step_status(1, &A, B, seqs);
+  if (st) return st;
+  layer_records(*A, 0, B, seqs, out);
+  return 0;
+}
+
+// dsv4d_step from the sequences' state arrays -> status (0: ran; 1, 2: seq_status; 3: a token id outside the
+// embedding; nothing changed unless 0). X null: the step embeds `ids` itself (`embed`).
+int dsv4d_run(int64_t L, const LayerP* layers, int64_t B, const float* X, const int64_t* ids, const int64_t* seqs,
+              float* Xo, const HeadP* head, float* logits, int nt, const EmbedP* embed) {
+  thread_local std::vector<const AttnP*> A;
+  thread_local std::vector<SeqP> recs;
+  thread_local std::vector<float> X0;
+  A.resize(L);
+  for (int64_t l = 0; l < L; ++l) A[l] = layers[l].A;
+  const int st = step_status(L, A.data(), B, seqs);
+  if (st) return st;
+  if (!X) {
+    X0.resize(B * embed->hc * embed->d);
+    if (!embed_rows(*embed, B, ids, X0.data())) return 3;
+    X = X0.data();
+  }
+  recs.resize(L * B);
+  for (int64_t l = 0; l < L; ++l) layer_records(*A[l], l, B, seqs, recs.data() + l * B);
+  dsv4d_step(L, layers, B, X, ids, recs.data(), Xo, head, logits, nt);
+  return 0;
+}
+
+// One linear as the step runs it (a stage of one job): y [B, N] = x [B, K] W^T on up to nt threads. For the
+// tests of batch invariance (a row's bits alone = among B rows, whatever the tile shapes and the split).
+void dsv4d_linear(const Lin* L, int64_t B, const float* x, float* y, int nt) {
+  const Job j = job(*L, x, L->K, B, y, L->N);
+  run_jobs(&j, 1, nt);
+}
+
+int dsv4d_abi() { return 5; }
 
 }  // extern "C"
 

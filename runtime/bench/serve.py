@@ -3,7 +3,11 @@
 - aggregate decode tokens/s at concurrency 1, 4, 16, 32 (each sequence: a short prompt, then --tokens greedy
   tokens), with the batch-invariant op layout the server runs and, for comparison, the CPU table as it is
   (not batch-invariant: what exactness costs);
-- time to first token of a 16K-token prompt cold, and with a 15.9K-token prefix already in the prefix cache.
+- time to first token of a 16K-token prompt cold, and with a 15.9K-token prefix already in the prefix cache;
+- a roofline for the decode rates: the multiply-adds a token costs at the run's mean position
+  (runtime.plan.sizes.macs_per_token) times tok/s, against what a large float32 GEMM (torch.mm, MKL) reaches
+  on the same threads: a batched step of a model this small does its arithmetic in the last-level cache, so
+  the rate at 16 or 32 sequences is bounded by the machine's multiply-add throughput, not by weight reads.
 Prints a table and writes JSON (--out).
 """
 
@@ -54,6 +58,23 @@ def decode_rate(rt, concurrency: int, tokens: int) -> float:
         eng.stop()
 
 
+def mean_position(concurrency: int, tokens: int) -> float:
+    """The mean position of the decode steps `decode_rate` times (prompts of 24 + i tokens, then `tokens`)."""
+    return sum(24 + i for i in range(concurrency)) / concurrency + tokens / 2
+
+
+def gemm_rate(n: int = 1536, reps: int = 6) -> float:
+    """Multiply-adds per second of a float32 [n, n] x [n, n] torch.mm on the current threads (best of reps)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return n ** 3 / best
+
+
 def ttft(rt, context: int, shared: int) -> dict:
     from ..serve.engine import Engine, GenParams, Sequence
     from ..serve.prefix_cache import PrefixCache
@@ -98,6 +119,7 @@ def main(argv=None) -> int:
         print("bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1", file=sys.stderr)
         return 2
     from ..api import Runtime
+    from ..plan.sizes import macs_per_token
     from ..serve.engine import serving_runtime
 
     plain = Runtime.load("cpu", progress=False)
@@ -116,12 +138,20 @@ def main(argv=None) -> int:
         base = res["decode"][0]["invariant_tok_s"]
         for row in res["decode"]:
             row["speedup_vs_1"] = row["invariant_tok_s"] / base
+            macs = macs_per_token(plain.config, round(mean_position(row["concurrency"], a.tokens)))["total"]
+            row["macs_per_token"], row["gmac_s"] = macs, row["invariant_tok_s"] * macs / 1e9
+        res["gemm_gmac_s"] = gemm_rate() / 1e9
         if not a.no_ttft:
             res["ttft"] = ttft(inv, a.context, a.shared)
-    print(f"{'conc':>5} {'tok/s (invariant)':>18} {'x vs 1':>7} {'tok/s (plain table)':>20}")
+    print(f"{'conc':>5} {'tok/s (invariant)':>18} {'x vs 1':>7} {'GMAC/s':>7} {'tok/s (plain table)':>20}")
     for r in res["decode"]:
-        print(f"{r['concurrency']:>5} {r['invariant_tok_s']:>18.1f} {r['speedup_vs_1']:>7.2f} "
+        print(f"{r['concurrency']:>5} {r['invariant_tok_s']:>18.1f} {r['speedup_vs_1']:>7.2f} {r['gmac_s']:>7.1f} "
               f"{r.get('plain_tok_s', float('nan')):>20.1f}")
+    one = res["decode"][0]
+    print(f"roofline: {one['macs_per_token'] / 1e6:.2f} M multiply-adds per token; a float32 torch.mm reaches "
+          f"{res['gemm_gmac_s']:.0f} GMAC/s on {res['threads']} thread(s); 8x the "
+          f"single-stream rate (the issue's target at 16) would need {8 * one['gmac_s']:.0f} GMAC/s ({800 * one['gmac_s'] / res['gemm_gmac_s']:.0f}% "
+          "of it)")
     t = res["ttft"]
     if t is not None:
         print(f"TTFT {t['context']:,}-token prompt: cold {t['cold_s']:.2f} s, with {t['cached_tokens']:,} cached "

@@ -14,15 +14,57 @@ pitfall, spec §18 item 17).
 
 from __future__ import annotations
 
+import array
+
 import torch
 
+# The fused CPU decode step (backends/cpu_decode.py) reads a sequence's layer state without Python per layer:
+# every Rows / Pending keeps its counters, its buffers' addresses and its capacity in one int64 array `_c`
+# (the attributes below are views of it), which the native step reads and advances in place; it keeps per
+# sequence only the addresses of those arrays, valid until a LayerState's buffer objects are replaced, which
+# bumps `_STAMP` (a copied Rows / Pending gets its own array: `__setstate__`).
+_STAMP = [0]
 
-class Rows:
-    """An append-only [n, dim] float32 buffer with amortised growth (no re-materialisation per step)."""
+
+def layout_stamp() -> int:
+    """Changes whenever any LayerState's buffer objects (or a sequence's LayerStates) are replaced."""
+    return _STAMP[0]
+
+
+class _Counted:
+    """`_c`-backed state (see above): a copy (copy / deepcopy) re-reads its own buffers' addresses."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._c = array.array("q", self._c)
+        self._sync()
+
+
+def _field(i: int, doc: str):
+    return property(lambda self: self._c[i], lambda self, v: self._c.__setitem__(i, v), doc=doc)
+
+
+class Rows(_Counted):
+    """An append-only [n, dim] float32 buffer with amortised growth (no re-materialisation per step).
+    `_c` = [n, buffer address, capacity rows]."""
+
+    n = _field(0, "leading rows in use (a ring region counts from the start)")
 
     def __init__(self, dim: int, device="cpu", capacity: int = 16, n: int = 0):
+        self._c = array.array("q", (n, 0, 0))
         self._buf = torch.zeros(max(capacity, n, 1), dim, device=device)
-        self.n = n                    # leading rows in use (a ring region counts from the start)
+
+    @property
+    def _buf(self) -> torch.Tensor:
+        return self._b
+
+    @_buf.setter
+    def _buf(self, t: torch.Tensor) -> None:
+        self._b = t
+        self._sync()
+
+    def _sync(self) -> None:
+        self._c[1], self._c[2] = self._b.data_ptr(), self._b.shape[0]
 
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
@@ -59,8 +101,9 @@ class Rows:
         return out
 
 
-class Pending:
+class Pending(_Counted):
     """Compressor input rows not yet pooled: values and scores for positions [start, start + n).
+    `_c` = [n, start, retain (-1: None), values address, scores address, capacity rows].
 
     The rows live in preallocated storage (`capacity` rows: 2 windows for an overlapping compressor, one
     otherwise, all a decode step ever holds), so a decode step writes its row in place and the fused step
@@ -68,14 +111,49 @@ class Pending:
     the live rows; assigning them copies into the storage (growing it if a prefill chunk needs more).
     """
 
+    n = _field(0, "pending rows")
+    start = _field(1, "the position of the first pending row")
+
     def __init__(self, width: int, device="cpu", capacity: int = 0):
+        self._c = array.array("q", (0, 0, -1, 0, 0, 0))
         self._kv = torch.empty(capacity, width, device=device)
         self._score = torch.empty(capacity, width, device=device)
-        self.n = 0
-        self.start = 0
-        # Set by `mark` for a speculative verify step: the compressor then drops no row at or after this
-        # position, so `settle` can cut the rows back to what any accepted prefix needs (None = normal).
-        self.retain: int | None = None
+
+    # Set by `mark` for a speculative verify step: the compressor then drops no row at or after this
+    # position, so `settle` can cut the rows back to what any accepted prefix needs (None = normal).
+    @property
+    def retain(self) -> int | None:
+        v = self._c[2]
+        return None if v < 0 else v
+
+    @retain.setter
+    def retain(self, v: int | None) -> None:
+        self._c[2] = -1 if v is None else v
+
+    @property
+    def _kv(self) -> torch.Tensor:
+        return self._kvt
+
+    @_kv.setter
+    def _kv(self, t: torch.Tensor) -> None:
+        self._kvt = t
+        self._sync()
+
+    @property
+    def _score(self) -> torch.Tensor:
+        return self._sct
+
+    @_score.setter
+    def _score(self, t: torch.Tensor) -> None:
+        self._sct = t
+        self._sync()
+
+    def _sync(self) -> None:
+        kv, sc = self.__dict__.get("_kvt"), self.__dict__.get("_sct")
+        c = self._c
+        c[3] = kv.data_ptr() if kv is not None else 0
+        c[4] = sc.data_ptr() if sc is not None else 0
+        c[5] = min(t.shape[0] for t in (kv, sc) if t is not None) if kv is not None or sc is not None else 0
 
     @property
     def kv(self) -> torch.Tensor:
@@ -119,6 +197,10 @@ class Pending:
 
 
 class LayerState:
+    def __setattr__(self, name, value) -> None:
+        _STAMP[0] += 1                   # its buffer objects change: the fused step's cached addresses are stale
+        object.__setattr__(self, name, value)
+
     def __init__(self, head_dim: int, window: int, ratio: int, csa: bool, comp_width: int,
                  index_dim: int, index_width: int, device, context: int = 0):
         # `context`: tokens to reserve room for up front (no regrowth below it); 0 = grow on demand.

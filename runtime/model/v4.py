@@ -428,20 +428,17 @@ class Transformer:
         [B, S, V] float32 (and the final residual streams [B, S, hc, d] if asked, for the MTP block)."""
         B, S = ids.shape
         ids, starts = ids.to(self.device), [s.pos for s in seqs]
-        # index_select on a whole table: the same rows as `embed[ids]`, whose index kernel enters an OpenMP
-        # region even for a decode step's few rows (its spinning workers then take a core from the fused step)
-        e = self.embed.index_select(0, ids.reshape(-1)).view(B, S, -1) if isinstance(self.embed, torch.Tensor) \
-            else self.embed[ids]
-        X = e.float()[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()                # [B,S,hc,d]
         # a one-token step (or a short chunk per sequence, `whole_rows`: a speculative verify step) whose
         # `decode_block` can run every block (and the head) in one call does (the same implementation, without
-        # Python between blocks); it returns None where the per-block path runs
+        # Python between blocks; handed no streams, it embeds the tokens itself); it returns None where the
+        # per-block path runs
         whole = getattr(self.ops.decode_block, "whole_step" if S == 1 else "whole_rows", None)
-        fused = whole(self, X, ids, starts, seqs) if whole is not None else None
+        fused = whole(self, None, ids, starts, seqs) if whole is not None else None
         if fused is None:
             for s in seqs:
                 if getattr(s, "marked", None) is not None:      # a speculative step: the per-op path's undo
                     arm(s)
+            X = self.streams(ids)
             positions = self._positions(starts, S)                                          # [B, S]
             for block in self.blocks:
                 X = block(X, ids, positions, starts, seqs)
@@ -454,6 +451,16 @@ class Transformer:
             logits = self.head(X)
         tap("final.logits", logits)
         return (logits, X) if return_hidden else logits
+
+    def streams(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] -> the residual streams the blocks start from [B, S, hc, d]: each token's embedding in
+        every stream (float32)."""
+        B, S = ids.shape
+        # index_select on a whole table: the same rows as `embed[ids]`, whose index kernel enters an OpenMP
+        # region even for a decode step's few rows (its spinning workers then take a core from the fused step)
+        e = self.embed.index_select(0, ids.reshape(-1)).view(B, S, -1) if isinstance(self.embed, torch.Tensor) \
+            else self.embed[ids]
+        return e.float()[:, :, None, :].expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
 
     def new_state(self, batch_size: int, context: int = 0) -> ModelState:
         """Fresh state for `batch_size` sequences, with room for `context` tokens reserved up front."""

@@ -99,6 +99,31 @@ def weight_bytes(cfg: ModelConfig, profile, active: bool = False, layout=None, r
     return int(total)
 
 
+def macs_per_token(cfg: ModelConfig, pos: int) -> dict[str, int]:
+    """Multiply-adds one decoded token at position `pos` costs, by part (no MTP block): `linears` (every 2-D
+    weight it reads at its logical shape: k of the E routed experts, the mHC / head mixes, the head; not the
+    embedding, whose row is a copy), `attention` (scores and weighted sums of every head over the window rows
+    and the compressed entries it attends: the CSA layers' top-k, the HCA layers' all) and `indexer` (the CSA
+    layers' lightning-indexer scores over every compressed key). Softmax, norms, RoPE and Sinkhorn are not
+    multiply-adds and are left out: the figure is a floor on the arithmetic, for a roofline."""
+    lin = 0
+    for name, (shape, kind) in expected_tensors(cfg, cfg.expert_dtype or "fp4").items():
+        if name.startswith("mtp.") or len(shape) != 2 or kind == "i64" or name == "embed.weight" \
+                or not name.endswith(("weight", "_fn")):
+            continue
+        n = shape[0] * shape[1]
+        lin += n * cfg.experts_per_token // cfg.n_routed_experts if ".experts." in name else n
+    att = idx = 0
+    for layer in range(cfg.num_layers):
+        rows, r = min(pos + 1, cfg.window), cfg.ratio(layer)
+        if r:
+            rows += min(cfg.index_topk, (pos + 1) // r) if cfg.is_csa(layer) else (pos + 1) // r
+        att += 2 * cfg.num_heads * cfg.head_dim * rows
+        if r and cfg.is_csa(layer):
+            idx += cfg.index_n_heads * cfg.index_head_dim * ((pos + 1) // r)
+    return {"linears": lin, "attention": att, "indexer": idx, "total": lin + att + idx}
+
+
 # DeepSeek-V3.2-Exp's cache for comparison (its config.json): 61 layers, each caching per token one MLA latent of
 # kv_lora_rank 512 + RoPE 64 and one lightning-indexer key of 128 dims; no window, no compression.
 V32 = {"layers": 61, "latent": 512, "rope": 64, "index_dim": 128}

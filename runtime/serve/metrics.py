@@ -30,3 +30,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe_n(hist: Histogram, amount: float, n: int) -> None:
+    """`n` observations of `amount` in one update (a decode step's tokens share their inter-token latency):
+    the sum grows by n * amount and amount's bucket by n, as n `observe` calls would do (prometheus-client
+    keeps per-bucket counts and cumulates them when scraped; without those internals: n calls)."""
+    buckets, bounds = getattr(hist, "_buckets", None), getattr(hist, "_upper_bounds", None)
+    if n == 1 or buckets is None or bounds is None or len(buckets) != len(bounds):
+        for _ in range(n):
+            hist.observe(amount)
+        return
+    hist._sum.inc(amount * n)
+    for i, bound in enumerate(bounds):
+        if amount <= bound:
+            buckets[i].inc(n)
+            break

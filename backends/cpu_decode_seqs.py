@@ -1,0 +1,80 @@
+"""The fused decode step's view of the sequences (backends/cpu_decode.py, decode_step.cpp `dsv4d_run`).
+
+A step hands the kernels, per sequence, its position and the address of its SeqCtr array: one SeqCtr per layer,
+the addresses of that layer's Rows / Pending `_c` arrays (runtime/model/state.py: counters, buffer addresses,
+capacity). The native side builds each layer's record (SeqP) from them and advances the counters itself
+(decode_step.cpp `seq_record`: the one place a sequence's record is computed, by Compressor.advance's rule), so
+a step's Python work is one int per sequence. Where a buffer has no room for the step's rows the native call
+changes nothing and says so; `_make_room` reserves exactly as the kernels' check asks and the call is retried.
+"""
+
+from __future__ import annotations
+
+import array
+
+from runtime.model.state import layout_stamp
+
+from .cpu_decode_abi import CTR_BYTES
+
+
+class _Ctr:
+    """A sequence's SeqCtr array, built at its first fused step; stale once `layout_stamp()` moves (a
+    LayerState's buffer objects replaced) or the sequence's LayerStates are new (`reset`). A copied state
+    (deepcopy) starts without one: its buffers are its own."""
+
+    __slots__ = ("stamp", "layers", "arr", "addr")
+
+    def __init__(self, seq):
+        self.stamp, self.layers = layout_stamp(), seq.layers
+        addrs = []
+        for st in seq.layers:
+            addrs += [o._c.buffer_info()[0] if o is not None else 0
+                      for o in (st.kv, st.comp_buf, st.index_keys, st.index_buf)]
+        self.arr = array.array("q", addrs)
+        self.addr = self.arr.buffer_info()[0]
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+def seq_ctr(seq) -> int:
+    """The address of `seq`'s SeqCtr array (layer l's at + l * CTR_BYTES)."""
+    c = seq.__dict__.get("_fused_ctr")
+    if c is None or c.stamp != layout_stamp() or c.layers is not seq.layers:
+        c = seq._fused_ctr = _Ctr(seq)
+    return c.addr
+
+
+def table(states: list, starts: list[int], layer: int = 0) -> array.array:
+    """The kernels' `seqs` argument: each sequence's position, then each one's SeqCtr address (from `layer`)."""
+    off = layer * CTR_BYTES
+    return array.array("q", starts + [seq_ctr(s) + off for s in states])
+
+
+def _make_room(plans: list, states: list, starts: list[int]) -> None:
+    """Room for a step's rows where the kernels found none (status 1): the kernels write a new entry, indexer
+    key and pending row in place (the same conditions as decode_step.cpp `seq_status`)."""
+    for p in plans:
+        if not p.ratio:
+            continue
+        for s, p0 in zip(states, starts):
+            st = s.layers[p.layer]
+            bufs = ((st.kv, st.comp_buf),) + (((st.index_keys, st.index_buf),) if p.csa else ())
+            for rows, pend in bufs:
+                if rows.n >= rows._c[2]:
+                    rows.reserve(1)
+                if p0 + 1 - pend.start > pend._c[5]:
+                    pend.reserve(p0 + 1 - pend.start)
+
+
+def run_checked(call, plans: list, states: list, starts: list[int], seqs: array.array) -> bool:
+    """`call(address of seqs)` (a dsv4d_run / dsv4d_records call), after making room if it asks -> False, with
+    nothing changed, where a sequence is in a speculative verify step (`mark`-ed pending rows, status 2) or a
+    token id is outside the embedding (3): the per-op path runs then (and reports a bad id)."""
+    status = call(seqs.buffer_info()[0])
+    if status == 1:
+        _make_room(plans, states, starts)
+        status = call(seqs.buffer_info()[0])
+        if status == 1:
+            raise RuntimeError("fused decode: no room for the step's rows after reserving (a bug)")
+    return status == 0
