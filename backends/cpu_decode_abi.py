@@ -70,6 +70,7 @@ def bind(lib):
     lib.dsv4d_moe.argtypes = [P(MoeP), i64, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_step.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_step_rows.restype = lib.dsv4d_mtp_step.restype = lib.dsv4d_spec_step.restype = ctypes.c_int
     lib.dsv4d_step_rows.argtypes = [i64, P(LayerP), i64, i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_mtp_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, vp, vp, ctypes.c_int,
                                    ctypes.c_int]
@@ -79,7 +80,7 @@ def bind(lib):
     lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP)]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block",
-              "dsv4d_step", "dsv4d_step_rows", "dsv4d_mtp_step", "dsv4d_spec_step"):
+              "dsv4d_step"):
         getattr(lib, f).restype = None
     lib.dsv4d_records.restype = lib.dsv4d_run.restype = ctypes.c_int
     lib.dsv4d_abi.restype = ctypes.c_int

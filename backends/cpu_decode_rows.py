@@ -2,20 +2,20 @@
 
 - `decode_rows` (`decode_block.whole_rows`, Transformer.forward's route for a chunk of 1 < S <= `max_rows`
   tokens per sequence, e.g. a verify step [decided, draft]): every block and the head as one dsv4d_step_rows
-  call. Each row has its own records (the layer counters after the rows before it, by the kernel's rule
-  `cpu_decode._advance`) and the kernel runs a sequence's rows in position order, so row i is exactly the
-  one-token step at its position, bit for bit (the kernels are batch-invariant): a verify step can keep the
-  decided token's row instead of feeding it again.
+  call. The kernel builds each row's records from the sequences' state arrays (as dsv4d_run: the layer
+  counters after the rows before it, decode_seqs.h `seq_record`) and runs a sequence's rows in position order,
+  so row i is exactly the one-token step at its position, bit for bit (the kernels are batch-invariant): a
+  verify step can keep the decided token's row instead of feeding it again.
 - `mtp_step` (`decode_block.mtp_step`, Transformer.forward_mtp's route): the MTP block's input projections,
   its block and its head as one dsv4d_mtp_step call (the draft), 1 <= S <= `max_rows` positions per sequence;
   with `last` (the draft needs only the last position's logits) a window-only block's earlier rows only write
   their ring rows (the same kernels, so the same bits).
 - `spec_greedy` (`decode_block.spec_greedy`, runtime.speculative's greedy loop): the draft and the verify of
   one iteration as one dsv4d_spec_step call (the MTP argmax feeds the verify natively), the argmaxes with it.
-- mark / settle (runtime.model.state): for a marked sequence the records builder saves what the rows
+- mark / settle (runtime.model.state): for a marked sequence `_capture` saves, before the call, what the rows
   overwrite in place -- the ring rows of the chunk's positions, and a compressor's live pending rows when a
-  row closes its window (the kernel then shifts or restarts them) -- and the counters after every row;
-  `restore` puts back exactly the rejected rows' part. S <= every compressor ratio (`max_rows`): a chunk closes
+  row closes its window (the kernel then shifts or restarts them); `restore` puts back exactly the rejected
+  rows' part, the counters by the position rule. S <= every compressor ratio (`max_rows`): a chunk closes
   at most one window per compressor, so one snapshot taken before the call covers any kept prefix.
 Both refuse (None: nothing changed, the per-op path runs) where the fused one-token step would: a TP / EP
 block, a vocab-parallel head (the per-op head then runs after the rows), tap recording.
@@ -32,29 +32,11 @@ from runtime.model.state import _pending_start
 from runtime.taps import recording
 
 from . import cpu_decode as cd
-from .cpu_decode_abi import HeadP, LayerP, MtpP, SeqP
+from .cpu_decode_abi import HeadP, LayerP, MtpP
+from .cpu_decode_seqs import table
 
 _memmove = ctypes.memmove
 F32 = 4
-
-
-def _advance(buf, p0: int, m: int, overlap: bool) -> bool:
-    """The kernel's pending-row rule for token p0 (Compressor.advance's, decode_step.cpp `seq_record`), on the
-    Python side for a chunk's rows: True when a window closed."""
-    end = p0 + 1
-    if end % m:
-        buf.n += 1
-        return False
-    stop = end // m
-    keep = stop * m - (m if overlap and stop > 0 else 0)
-    buf.n, buf.start = end - keep, keep
-    return True
-
-
-def _records(vals: list[int]):
-    """(SeqP pointer, the int64 array behind it: the caller keeps it alive during the call)."""
-    arr = array.array("q", vals)
-    return ctypes.cast(arr.buffer_info()[0], ctypes.POINTER(SeqP)), arr
 
 
 def max_rows(plans) -> int:
@@ -86,25 +68,31 @@ def _snapshot(buf, p0: int, S: int, m: int) -> tuple | None:
     return buf, r, n0, skv, ssc
 
 
-def _rows_vals(plan, sts: list, starts: list[int], S: int, marks: list, vals: list) -> None:
-    """One layer's records for S rows per sequence (row i of sequence b at starts[b] + i), appended to vals,
-    the counters advanced past every row; for a marked sequence, its undo record into the Mark."""
-    ratio, csa, W = plan.ratio, plan.csa, plan.W
-    for st, p0, m in zip(sts, starts, marks):
-        kv, cb, ik, ib = st.kv, st.comp_buf, st.index_keys, st.index_buf
-        if ratio:                   # room first: the pointers below must stay valid for every row
-            if kv.n + S > kv._buf.shape[0]:
-                kv.reserve(S)
-            if p0 + S - cb.start > cb._kv.shape[0]:
-                cb.reserve(p0 + S - cb.start)
-        if csa:
-            if ik.n + S > ik._buf.shape[0]:
-                ik.reserve(S)
-            if p0 + S - ib.start > ib._kv.shape[0]:
-                ib.reserve(p0 + S - ib.start)
-        kvp = kv._buf.data_ptr()
-        if m is not None:
-            D = kv._buf.shape[1]
+def _room(plans, states: list, starts: list[int], S: int) -> None:
+    """Room for S more rows in every buffer the kernels write in place (the bounds decode_spec.h
+    `chunk_status` checks; asked by its status 1, then the call is retried)."""
+    for p in plans:
+        if not p.ratio:
+            continue
+        for s, p0 in zip(states, starts):
+            st = s.layers[p.layer]
+            for rows, pend in ((st.kv, st.comp_buf),) + (((st.index_keys, st.index_buf),) if p.csa else ()):
+                if rows.n + S > rows._buf.shape[0]:
+                    rows.reserve(S)
+                if p0 + S - pend.start > pend._kv.shape[0]:
+                    pend.reserve(p0 + S - pend.start)
+
+
+def _capture(plans, states: list, starts: list[int], S: int, marks: list) -> None:
+    """Each marked sequence's undo record for `restore`, taken before the chunk's call changes anything."""
+    for s, p0, m in zip(states, starts, marks):
+        if m is None:
+            continue
+        m.undo, m.restore = [], restore
+        for p in plans:
+            st, ratio, W = s.layers[p.layer], p.ratio, p.W
+            buf = st.kv._buf
+            kvp, D = buf.data_ptr(), buf.shape[1]
             ring = _scratch(st, "_undo_ring", S, D)
             rp, s0 = ring.data_ptr(), p0 % W
             if s0 + S <= W:                     # the chunk's slots in one run (no wrap)
@@ -114,21 +102,27 @@ def _rows_vals(plan, sts: list, starts: list[int], S: int, marks: list, vals: li
                     _memmove(rp + i * D * F32, kvp + ((p0 + i) % W) * D * F32, D * F32)
             snaps = []
             if ratio and (-(p0 + 1)) % ratio < S:
-                snaps.append(_snapshot(cb, p0, S, ratio))
-            if csa and (-(p0 + 1)) % 4 < S:
-                snaps.append(_snapshot(ib, p0, S, 4))
+                snaps.append(_snapshot(st.comp_buf, p0, S, ratio))
+            if p.csa and (-(p0 + 1)) % 4 < S:
+                snaps.append(_snapshot(st.index_buf, p0, S, 4))
             m.undo.append((st, ratio, ring, snaps))
-        pk, ps = (cb._kv.data_ptr(), cb._score.data_ptr()) if ratio else (0, 0)
-        if csa:
-            ikp, ipk, ips = ik._buf.data_ptr(), ib._kv.data_ptr(), ib._score.data_ptr()
-        for i in range(S):
-            p = p0 + i
-            idx = (ikp, ik.n, ipk, ips, ib.start) if csa else (0, 0, 0, 0, 0)
-            if csa and _advance(ib, p, 4, True):
-                ik.n += 1
-            vals += (p, kvp, kv.n - W, pk, ps, cb.start if ratio else 0, *idx)
-            if ratio and _advance(cb, p, ratio, csa):
-                kv.n += 1
+
+
+def _run(call, plans, states: list, starts: list[int], S: int, marks: list) -> bool:
+    """`call()` (a chunk entry point: status) after the marked sequences' capture; room made and retried on
+    status 1 -> whether it ran (False, nothing changed: held pending rows, the per-op path runs)."""
+    _capture(plans, states, starts, S, marks)
+    st = call()
+    if st == 1:
+        _room(plans, states, starts, S)
+        st = call()
+        if st == 1:
+            raise RuntimeError("fused chunk: no room for the rows after reserving (a bug)")
+    if st:
+        for m in marks:
+            if m is not None:
+                m.undo = m.restore = None
+    return st == 0
 
 
 def restore(seq, m, keep: int) -> None:
@@ -156,9 +150,10 @@ def restore(seq, m, keep: int) -> None:
 
 
 def decode_rows(model, X, ids, starts, states):
-    """A chunk of S tokens per sequence through every block and the head in one call: X [B, S, hc, d] ->
-    (final streams [B, S, hc, d], logits [B, S, V] or None where the head is vocab-parallel), or None
-    (nothing changed) where the per-op path runs (see the module doc; S > max_rows too)."""
+    """A chunk of S tokens per sequence through every block and the head in one call: X [B, S, hc, d] (None:
+    Transformer.streams of ids) -> (final streams [B, S, hc, d], logits [B, S, V] or None where the head is
+    vocab-parallel), or None (nothing changed) where the per-op path runs (see the module doc; S > max_rows
+    too)."""
     sp = cd.step_plan(model)
     if sp is False or recording():
         return None
@@ -169,21 +164,17 @@ def decode_rows(model, X, ids, starts, states):
     marks = [s.marked for s in states]
     if S > rows or any(m is not None and m.rings is not None for m in marks):
         return None
-    for m in marks:
-        if m is not None:
-            m.undo, m.restore = [], restore
-    vals: list[int] = []
-    for p in sp.plans:
-        _rows_vals(p, [s.layers[p.layer] for s in states], starts, S, marks, vals)
-    seqs, _arr = _records(vals)
-    X = model.streams(ids) if X is None else X                 # (None: Transformer.forward's fused call)
+    X = model.streams(ids) if X is None else X
     X = X.reshape(B * S, *X.shape[2:]).contiguous()
     out = torch.empty_like(X)
     logits = X.new_empty(B, S, sp.vocab) if sp.head is not None else None
     idv = cd._ids64(ids)
-    cd._state["lib"].dsv4d_step_rows(len(sp.plans), sp.layers, B * S, S, X.data_ptr(), idv.data_ptr(), seqs,
-                                     out.data_ptr(), ctypes.byref(sp.head) if sp.head is not None else None,
-                                     logits.data_ptr() if logits is not None else None, torch.get_num_threads())
+    tab = table(states, starts)
+    call = lambda: cd._state["lib"].dsv4d_step_rows(  # noqa: E731
+        len(sp.plans), sp.layers, B, S, X.data_ptr(), idv.data_ptr(), tab.buffer_info()[0], out.data_ptr(),
+        sp.head_ref, logits.data_ptr() if logits is not None else None, torch.get_num_threads())
+    if not _run(call, sp.plans, states, starts, S, marks):
+        return None
     return out.view(B, S, *X.shape[1:]), logits
 
 
@@ -228,16 +219,16 @@ def mtp_step(model, i: int, X, next_ids, starts, states, last: bool = False):
     B, S = next_ids.shape
     if mp is False or recording() or S > mp.rows:
         return None
-    vals: list[int] = []
-    _rows_vals(mp.plan, [s.layers[mp.layer] for s in states], starts, S, [None] * B, vals)
-    seqs, _arr = _records(vals)
     idv = cd._ids64(next_ids)
     X = X.reshape(B * S, *X.shape[2:]).contiguous()
     n = B if last else B * S
     out, logits = X.new_empty(n, *X.shape[1:]), X.new_empty(B, n // B, mp.vocab)
-    cd._state["lib"].dsv4d_mtp_step(ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), B * S, S, X.data_ptr(),
-                                    idv.data_ptr(), seqs, out.data_ptr(), logits.data_ptr(), int(last),
-                                    torch.get_num_threads())
+    tab = table(states, starts, mp.layer)
+    call = lambda: cd._state["lib"].dsv4d_mtp_step(  # noqa: E731
+        ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), B, S, X.data_ptr(), idv.data_ptr(),
+        tab.buffer_info()[0], out.data_ptr(), logits.data_ptr(), int(last), torch.get_num_threads())
+    if not _run(call, [mp.plan], states, starts, S, [None] * B):
+        return None
     return logits
 
 
@@ -246,7 +237,7 @@ def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
     of streams H [n, k, hc, d] with the tokens after them, nexts [n][k] (the last = the decided, unfed token
     toks[b]), and drafts its argmax d; the main model verifies [tok, d]. -> (rows [n] of (draft, argmax of the
     verify's row 0, of its row 1), final streams [n, 2, hc, d], logits [n, 2, V]), or None (nothing changed)
-    where either part would take the per-op path. Marked sequences get their undo records (decode_rows)."""
+    where either part would take the per-op path. Marked sequences get their undo records (`_capture`)."""
     mp, sp = _mtp_plan(model, 0), cd.step_plan(model)
     if mp is False or sp is False or sp.head is None or recording():
         return None
@@ -257,33 +248,23 @@ def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
     marks = [s.marked for s in states]
     if k > mp.rows or rows < 2 or any(m is not None and m.rings is not None for m in marks):
         return None
-    vals: list[int] = []
-    _rows_vals(mp.plan, [s.layers[mp.layer] for s in states], [s.mtp_pos for s in states], k, [None] * n, vals)
-    for m in marks:
-        if m is not None:
-            m.undo, m.restore = [], restore
-    starts = [s.pos for s in states]
-    n_mtp = len(vals)
-    for p in sp.plans:
-        _rows_vals(p, [s.layers[p.layer] for s in states], starts, 2, marks, vals)
-    n_rec = len(vals)
-    for nx in nexts:                            # the token ids ride in the same int64 array, then the results
-        vals += nx
-    vals += toks
-    vals += [0] * (3 * n)
-    seqs, arr = _records(vals)
-    base = arr.buffer_info()[0]
-    at = (lambda i: base + 8 * i)
+    mstarts, starts = [s.mtp_pos for s in states], [s.pos for s in states]
+    mtab, tab = table(states, mstarts, mp.layer), table(states, starts)
+    io = array.array("q", [t for nx in nexts for t in nx] + toks + [0] * (3 * n))   # ids in, results out
+    at = io.buffer_info()[0]
     H = H.reshape(n * k, *H.shape[2:]).contiguous()
     out, logits = H.new_empty(n, 2, *H.shape[1:]), H.new_empty(n, 2, sp.vocab)
-    cd._state["lib"].dsv4d_spec_step(ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), n, k, H.data_ptr(),
-                                     at(n_rec), seqs, len(sp.plans), sp.layers, ctypes.byref(sp.head),
-                                     at(n_rec + n * k), at(n_mtp), out.data_ptr(), logits.data_ptr(),
-                                     at(n_rec + n * k + n), torch.get_num_threads())
+    call = lambda: cd._state["lib"].dsv4d_spec_step(  # noqa: E731
+        ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), n, k, H.data_ptr(), at, mtab.buffer_info()[0],
+        len(sp.plans), sp.layers, sp.head_ref, at + 8 * n * k, tab.buffer_info()[0], out.data_ptr(),
+        logits.data_ptr(), at + 8 * (n * k + n), torch.get_num_threads())
+    _room([mp.plan], states, mstarts, k)            # (window-only MTP: nothing to reserve)
+    if not _run(call, sp.plans, states, starts, 2, marks):
+        return None
     for s in states:
         s.pos += 2
         s.mtp_pos += k
-    r = arr[n_rec + n * k + n:].tolist()
+    r = io[n * k + n:].tolist()
     return [r[3 * b:3 * b + 3] for b in range(n)], out, logits
 
 

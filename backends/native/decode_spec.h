@@ -8,13 +8,48 @@
 
 extern "C" {
 
-// dsv4d_step over chunks of S tokens per sequence (a speculative verify step): B = sequences * S rows, row
-// b * S + i at sequence b's position + i, with its own records (the counters after the rows before it). A
-// sequence's rows run in position order (attn_batch), every row exactly as a one-token step at its position:
-// a chunk's row i has the bits of that step, the kernels being batch-invariant.
-void dsv4d_step_rows(int64_t L, const LayerP* layers, int64_t B, int64_t S, const float* X, const int64_t* ids,
-                     SeqP* seqs, float* Xo, const HeadP* head, float* logits, int nt) {
-  step_rows(L, layers, B, S, X, ids, seqs, Xo, head, logits, nt);
+// A chunk's status from the sequences' state arrays (`seqs` as dsv4d_run's: n positions, then n SeqCtr
+// addresses, layer l's at + l): step_status's for S rows each (1: room for S more rows first, by the bounds
+// backends/cpu_decode_rows.py `_room` reserves; 2: pending rows held for the per-op path's rollback).
+static int chunk_status(int64_t L, const LayerP* layers, int64_t n, int64_t S, const int64_t* seqs) {
+  int st = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const AttnP& P = *layers[l].A;
+    if (!P.ratio) continue;
+    for (int64_t b = 0; b < n; ++b) {
+      const SeqCtr& c = reinterpret_cast<const SeqCtr*>(seqs[n + b])[l];
+      const int64_t p0 = seqs[b];
+      if (c.comp->retain >= 0) return 2;
+      if (c.kv->n + S > c.kv->cap || p0 + S - c.comp->start > c.comp->cap) st = 1;
+      if (P.csa && (c.ik->n + S > c.ik->cap || p0 + S - c.ib->start > c.ib->cap)) st = 1;
+    }
+  }
+  return st;
+}
+
+// the chunk's records into out [L][n * S] (row b * S + i at sequence b's position + i: its counters after the
+// rows before it), the counters advanced past every row (seq_record, row after row)
+static void chunk_records(int64_t L, const LayerP* layers, int64_t n, int64_t S, const int64_t* seqs, SeqP* out) {
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t b = 0; b < n; ++b) {
+      const SeqCtr& c = reinterpret_cast<const SeqCtr*>(seqs[n + b])[l];
+      for (int64_t i = 0; i < S; ++i) seq_record(*layers[l].A, c, seqs[b] + i, out[l * n * S + b * S + i]);
+    }
+}
+
+// dsv4d_step over chunks of S tokens per sequence (a speculative verify step) -> status (chunk_status; 0: ran):
+// n sequences, X [n * S, hc, d], row b * S + i at sequence b's position + i. A sequence's rows run in position
+// order (attn_batch), every row exactly as a one-token step at its position: a chunk's row i has the bits of
+// that step, the kernels being batch-invariant.
+int dsv4d_step_rows(int64_t L, const LayerP* layers, int64_t n, int64_t S, const float* X, const int64_t* ids,
+                    const int64_t* seqs, float* Xo, const HeadP* head, float* logits, int nt) {
+  const int st = chunk_status(L, layers, n, S, seqs);
+  if (st) return st;
+  thread_local std::vector<SeqP> recs;
+  recs.resize(L * n * S);
+  chunk_records(L, layers, n, S, seqs, recs.data());
+  step_rows(L, layers, n * S, S, X, ids, recs.data(), Xo, head, logits, nt);
+  return 0;
 }
 
 struct MtpP {            // an MTP block's input: the shared embedding table, enorm / hnorm, e_proj / h_proj [d, d]
@@ -120,24 +155,39 @@ static void mtp_rows(const MtpP& M, const LayerP& layer, const HeadP& head, int6
   step_rows(1, &layer, n, 1, xl.data(), il.data(), sl.data(), Xo, &head, logits, nt);
 }
 
-void dsv4d_mtp_step(const MtpP* M, const LayerP* layer, const HeadP* head, int64_t B, int64_t S, const float* X,
-                    const int64_t* ids, SeqP* seqs, float* Xo, float* logits, int last, int nt) {
-  mtp_rows(*M, *layer, *head, B, S, X, ids, seqs, Xo, logits, nt, last != 0);
+// -> status (chunk_status; 0: ran); n sequences of S positions, `seqs` (dsv4d_run's) from the MTP layer's
+int dsv4d_mtp_step(const MtpP* M, const LayerP* layer, const HeadP* head, int64_t n, int64_t S, const float* X,
+                   const int64_t* ids, const int64_t* seqs, float* Xo, float* logits, int last, int nt) {
+  const int st = chunk_status(1, layer, n, S, seqs);
+  if (st) return st;
+  thread_local std::vector<SeqP> recs;
+  recs.resize(n * S);
+  chunk_records(1, layer, n, S, seqs, recs.data());
+  mtp_rows(*M, *layer, *head, n * S, S, X, ids, recs.data(), Xo, logits, nt, last != 0);
+  return 0;
 }
 
 // One greedy speculative iteration for n sequences in one call: the MTP block catches up k positions per
 // sequence (H [n * k, hc, d] streams, nids [n * k] the tokens after them, mseqs its records) and drafts the
 // argmax d of its last row; then the main model verifies [tok, d] (dsv4d_step_rows, S = 2; seqs [L][2n]) ->
 // Xo [2n, hc, d], logits [2n, V] and res [n, 3] = (draft, argmax of row 0, argmax of row 1).
-void dsv4d_spec_step(const MtpP* M, const LayerP* mlayer, const HeadP* mhead, int64_t n, int64_t k,
-                     const float* H, const int64_t* nids, SeqP* mseqs, int64_t L, const LayerP* layers,
-                     const HeadP* head, const int64_t* tok, SeqP* seqs, float* Xo, float* logits, int64_t* res,
-                     int nt) {
+// -> status (chunk_status of either part; 0: ran). `mseqs` / `seqs`: dsv4d_run's tables of the MTP layer and
+// of the main layers.
+int dsv4d_spec_step(const MtpP* M, const LayerP* mlayer, const HeadP* mhead, int64_t n, int64_t k,
+                    const float* H, const int64_t* nids, const int64_t* mseqs, int64_t L, const LayerP* layers,
+                    const HeadP* head, const int64_t* tok, const int64_t* seqs, float* Xo, float* logits,
+                    int64_t* res, int nt) {
+  const int st = std::max(chunk_status(1, mlayer, n, k, mseqs), chunk_status(L, layers, n, 2, seqs));
+  if (st) return st;
   const int64_t hc = M->hc, d = M->d, nd = hc * d, V = head->w.N;
   thread_local std::vector<float> mx, ml, xin;
   thread_local std::vector<int64_t> ids;
+  thread_local std::vector<SeqP> mrecs, recs;
   mx.resize(n * nd), ml.resize(n * mhead->w.N), xin.resize(2 * n * nd), ids.resize(2 * n);
-  mtp_rows(*M, *mlayer, *mhead, n * k, k, H, nids, mseqs, mx.data(), ml.data(), nt, true);
+  mrecs.resize(n * k), recs.resize(L * n * 2);
+  chunk_records(1, mlayer, n, k, mseqs, mrecs.data());
+  chunk_records(L, layers, n, 2, seqs, recs.data());
+  mtp_rows(*M, *mlayer, *mhead, n * k, k, H, nids, mrecs.data(), mx.data(), ml.data(), nt, true);
   for (int64_t b = 0; b < n; ++b) {
     ids[2 * b] = tok[b];
     ids[2 * b + 1] = res[3 * b] = argmax(ml.data() + b * mhead->w.N, mhead->w.N);
@@ -146,11 +196,12 @@ void dsv4d_spec_step(const MtpP* M, const LayerP* mlayer, const HeadP* mhead, in
     embed_row(*M, ids[r], xin.data() + r * nd);
     for (int64_t j = 1; j < hc; ++j) std::memcpy(xin.data() + r * nd + j * d, xin.data() + r * nd, sizeof(float) * d);
   }
-  step_rows(L, layers, 2 * n, 2, xin.data(), ids.data(), seqs, Xo, head, logits, nt);
+  step_rows(L, layers, 2 * n, 2, xin.data(), ids.data(), recs.data(), Xo, head, logits, nt);
   for (int64_t b = 0; b < n; ++b) {
     res[3 * b + 1] = argmax(logits + 2 * b * V, V);
     res[3 * b + 2] = argmax(logits + (2 * b + 1) * V, V);
   }
+  return 0;
 }
 
 }  // extern "C"
