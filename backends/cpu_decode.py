@@ -16,8 +16,9 @@ kernel and 200 whole steps against it.
 Registered as `decode_block` implementation `cpu.native_fused`; its prepare hook refuses (the row says why,
 the per-op reference then runs) when the library does not build or the numerics are not `exact` (the kernels
 compute float32 with no rounding points). At run time the per-op path is taken, by design, for a block of a
-TP / EP rank (the kernels hold no collectives), a speculative verify step (`mark`-ed pending rows) and while a
-tap recorder is active (parity taps live in the per-op code).
+TP / EP rank (the kernels hold no collectives) and while a tap recorder is active (parity taps live in the
+per-op code). Chunks of a few tokens per sequence (a speculative verify step) and the MTP block's draft run
+through the same kernels in one call each: backends/cpu_decode_rows.py.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def _prepare(ctx):
         return None, f"decode library unavailable ({_state['why']})"
     return decode_block, ("backends/native/decode_step.cpp, one call per step for every block and the head "
                           "(one per block where the head is vocab-parallel; FP8 / FP4 linears widened "
-                          f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB); per-op path for TP/EP ranks, "
-                          "speculative verify steps and tap recording")
+                          f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB; chunks of a few tokens per "
+                          "sequence and the MTP draft too, backends/cpu_decode_rows.py); per-op path for TP/EP "
+                          "ranks and tap recording")
 
 
 # ------------------------------------------------------------------ weights -> descriptors (once per block)
@@ -287,8 +289,8 @@ def decode_step(model, X, ids, starts, states, hidden: bool = True, last: bool =
     """Every block of a one-token step, then the head, in one native call: X [B, 1, hc, d] (None: the step
     embeds `ids` itself, as Transformer.streams) -> (final streams [B, 1, hc, d] (None if not `hidden` and
     the head ran), logits [B, 1, V] ([B, V] if `last`) or None where the head is vocab-parallel), or None
-    (nothing changed) where the per-block path runs (TP / EP ranks, a speculative verify step, tap recording,
-    a token id outside the embedding). The logits tensor carries `argmax_rows`: each row's greedy token (the
+    (nothing changed) where the per-block path runs (TP / EP ranks, a per-op speculative verify's held
+    pending rows, tap recording, a token id outside the embedding). The logits tensor carries `argmax_rows`: each row's greedy token (the
     first maximum, as torch.argmax), found by the native call. Each block is exactly `decode_block`'s kernel;
     the head is hc_head's kernel, the final norm and the head linear (the fused step's tiles, batch-invariant
     like every stage)."""
@@ -391,3 +393,9 @@ def _prepare_head(ctx):
 
 
 impl("hc_head", "cpu.native_small", "cpu", hc_head, prepare=_prepare_head)
+
+
+# Speculative decoding's chunks (a verify step's few tokens per sequence) and the MTP block's draft, through the
+# same kernels in one call each: backends/cpu_decode_rows.py
+# (it reads this module's plans and sets decode_block.whole_rows / .mtp_step)
+from . import cpu_decode_rows  # noqa: E402,F401

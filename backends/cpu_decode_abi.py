@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 
 i64, f32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-# dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`); 6 = dsv4d_run
-# also returns each row's greedy token (`top`), dsv4d_argmax (5: h/verify's speculative entry points)
+# dsv4d_abi(): 4 = dsv4d_run / dsv4d_records read the sequences' state arrays (state.py `_c`); 5 = the
+# speculative entry points (decode_spec.h); 6 = dsv4d_run also returns each row's greedy token (`top`),
+# dsv4d_argmax
 ABI = 6
 CTR_BYTES = 32     # one SeqCtr (the addresses of a layer's kv / comp_buf / index_keys / index_buf arrays)
 
@@ -54,6 +55,11 @@ class HeadP(ctypes.Structure):
                 ("hc_eps", f32), ("norm_eps", f32), ("w", Lin)]
 
 
+class MtpP(ctypes.Structure):
+    _fields_ = [("embed", vp), ("embed_kind", i64), ("enorm", vp), ("hnorm", vp), ("e_proj", Lin), ("h_proj", Lin),
+                ("hc", i64), ("d", i64), ("eps", f32)]
+
+
 class EmbedP(ctypes.Structure):
     _fields_ = [("w", vp), ("kind", i64), ("V", i64), ("hc", i64), ("d", i64)]
 
@@ -66,6 +72,12 @@ def bind(lib):
     lib.dsv4d_moe.argtypes = [P(MoeP), i64, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_block.argtypes = [P(HcP), P(AttnP), P(HcP), P(MoeP), i64, vp, vp, P(SeqP), vp, ctypes.c_int]
     lib.dsv4d_step.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_step_rows.restype = lib.dsv4d_mtp_step.restype = lib.dsv4d_spec_step.restype = ctypes.c_int
+    lib.dsv4d_step_rows.argtypes = [i64, P(LayerP), i64, i64, vp, vp, vp, vp, vp, vp, ctypes.c_int]
+    lib.dsv4d_mtp_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, vp, vp, ctypes.c_int,
+                                   ctypes.c_int]
+    lib.dsv4d_spec_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, i64, P(LayerP), P(HeadP),
+                                    vp, vp, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_records.argtypes = [P(AttnP), i64, vp, P(SeqP)]
     lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP), vp]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]

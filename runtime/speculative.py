@@ -8,12 +8,18 @@ decides:
   norm(max(0, p - q)), so every emitted token has the target's distribution p exactly (Leviathan et al.,
   Chen et al. 2023). p and q are the same temperature / top-p transform of the target's and the draft's logits.
 A kept draft also yields the main model's next token for free (from the verify's last position). On a
-rejection the verify step is undone exactly (`runtime.model.state.mark` / `settle`: ring slots, compressed
-entries and indexer keys closed in it, the compressors' pending rows) and the decided token is fed alone, as
-plain decoding does: keeping its row from the verify chunk instead would leave float-rounding traces of the
-rejected draft (a GEMM's bits depend on its batch: the MoE groups the draft with it), so the state always
-equals, bit for bit, that of a run that never saw a rejected token. Sequences accept independently in a
-batch (one verify forward for all, one re-feed forward for the rejected rows).
+rejection the draft's position is undone exactly (`runtime.model.state.mark` / `settle`: ring slots,
+compressed entries and indexer keys closed in it, the compressors' pending rows), so the state always equals,
+bit for bit, that of a run that never saw a rejected token:
+- where the verify forward ran its rows as one-token steps (the CPU's fused kernels: `Mark.exact_rows`,
+  backends/cpu_decode_rows.py), the decided token's row is the plain step's, bit for bit, and is kept
+  (settle(1));
+- otherwise (the per-op path: a GEMM's bits depend on its batch, the MoE groups the draft with the decided
+  token) the whole step is undone (settle(0)) and the decided token is fed alone, as plain decoding does
+  (one re-feed forward for the rejected rows).
+Sequences accept independently in a batch (one verify forward for all). Greedy decoding with the MTP block
+takes each iteration's draft and verify in one backend call where the table has one (`decode_block.
+spec_greedy`: the CPU's fused kernels; the same arithmetic as the two calls), else the two forwards.
 
 MTP alignment (V3 convention, as `Transformer.forward_mtp`): the MTP block at position t reads the main
 model's final streams at t and the embedding of token t+1, and predicts token t+2. Its own (window-only)
@@ -70,7 +76,7 @@ def _prefill(model, row: list[int], seq, chunk: int = PREFILL_CHUNK):
         Xs = X if carry is None else torch.cat((carry, X), dim=1)          # positions mtp_pos .. pos-1
         nxt = row[seq.mtp_pos + 1:seq.pos]                                  # token after each but the last
         if nxt:
-            model.forward_mtp(Xs[:, :-1], torch.tensor([nxt]), [seq])
+            model.forward_mtp(Xs[:, :-1], torch.tensor([nxt]), [seq], last=True)     # for its state
         carry = X[:, -1:]
     return logits[:, -1].float().cpu(), carry
 
@@ -99,35 +105,53 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
             if _emit(out, hist, b, tok, on_token, eos, params):
                 active.append(b)
         nexts = {b: [hist[b][-1]] for b in active}
+        fast = getattr(model.ops.decode_block, "spec_greedy", None) \
+            if params.temperature == 0 and draft is None else None
         while active:
             seqs = [state.seqs[b] for b in active]
-            q_logits = _draft_logits(model, active, seqs, hid, nexts, hist, draft)         # [n, V]
-            d = _choose(q_logits, params, gen)
-            ids = torch.tensor([[hist[b][-1], int(d[j])] for j, b in enumerate(active)])
             marks = [mark(s, 2) for s in seqs]
-            logits, X = model.forward(ids, seqs, return_hidden=True)
-            logits = logits.float().cpu()
-            steps += 2 * len(active)
-            if params.temperature == 0:
-                target = logits[:, 0].argmax(-1)
-                kept = target == d
-                fix = target
+            toks = [hist[b][-1] for b in active]
+            res = None
+            if fast is not None and len({len(nexts[b]) for b in active}) == 1:
+                # draft and verify in one call (one catch-up length for all rows); None: the general path
+                H = hid[active[0]] if len(active) == 1 else torch.cat([hid[b] for b in active])
+                res = fast(model, H, [nexts[b] for b in active], toks, seqs)
+            if res is not None:
+                out3, X, _ = res                             # (draft, target, bonus) per row
+                d, fix, bonus = [r[0] for r in out3], [r[1] for r in out3], [r[2] for r in out3]
+                kept = [r[0] == r[1] for r in out3]
             else:
-                kept, fix = accept(_dist(logits[:, 0], params), _dist(q_logits, params), d, gen)
-            bonus = _choose(logits[:, 1], params, gen)
+                q_logits = _draft_logits(model, active, seqs, hid, nexts, hist, draft)         # [n, V]
+                dt = _choose(q_logits, params, gen)
+                d = dt.tolist()
+                ids = torch.tensor([[t, dj] for t, dj in zip(toks, d)])
+                logits, X = model.forward(ids, seqs, return_hidden=True)
+                logits = logits.float().cpu()
+                if params.temperature == 0:
+                    fix = logits[:, 0].argmax(-1).tolist()
+                    kept = [f == dj for f, dj in zip(fix, d)]
+                else:
+                    kt, ft = accept(_dist(logits[:, 0], params), _dist(q_logits, params), dt, gen)
+                    kept, fix = kt.tolist(), ft.tolist()
+                bonus = _choose(logits[:, 1], params, gen).tolist()
+            steps += 2 * len(active)
             still, redo = [], []
             for j, b in enumerate(active):
                 drafted += 1
-                if bool(kept[j]):
+                if kept[j]:
                     kept_n += 1
                     settle(seqs[j], marks[j], 2)
-                    hid[b], nexts[b] = X[j:j + 1, 0:2], [int(d[j]), int(bonus[j])]
-                    go = _emit(out, hist, b, int(d[j]), on_token, eos, params) and \
-                        _emit(out, hist, b, int(bonus[j]), on_token, eos, params)
+                    hid[b], nexts[b] = X[j:j + 1, 0:2], [d[j], bonus[j]]
+                    go = _emit(out, hist, b, d[j], on_token, eos, params) and \
+                        _emit(out, hist, b, bonus[j], on_token, eos, params)
+                elif marks[j].exact_rows:                   # row 0 = the plain step of the decided token
+                    settle(seqs[j], marks[j], 1)
+                    hid[b], nexts[b] = X[j:j + 1, 0:1], [fix[j]]
+                    go = _emit(out, hist, b, fix[j], on_token, eos, params)
                 else:
                     settle(seqs[j], marks[j], 0)            # exactly the state before the verify step
-                    nexts[b] = [int(fix[j])]
-                    go = _emit(out, hist, b, int(fix[j]), on_token, eos, params)
+                    nexts[b] = [fix[j]]
+                    go = _emit(out, hist, b, fix[j], on_token, eos, params)
                     if go:
                         redo.append(j)
                 if go:
@@ -135,7 +159,8 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
             if redo:
                 # The decided token alone, as plain decoding feeds it: the state then holds nothing that was
                 # computed next to the rejected draft, bit for bit; its streams feed the MTP block.
-                _, Xr = model.forward(ids[redo, :1], [seqs[j] for j in redo], return_hidden=True)
+                _, Xr = model.forward(torch.tensor([[toks[j]] for j in redo]), [seqs[j] for j in redo],
+                                      return_hidden=True)
                 steps += len(redo)
                 for k, j in enumerate(redo):
                     hid[active[j]] = Xr[k:k + 1]
@@ -164,9 +189,9 @@ def _draft_logits(model, active, seqs, hid, nexts, hist, draft) -> torch.Tensor:
     for j, b in enumerate(active):                   # the MTP block catches up 1 or 2 positions per row
         by_len.setdefault(len(nexts[b]), []).append(j)
     for js in by_len.values():
-        X = torch.cat([hid[active[j]] for j in js])
+        X = hid[active[js[0]]] if len(js) == 1 else torch.cat([hid[active[j]] for j in js])
         ids = torch.tensor([nexts[active[j]] for j in js])
-        lg = model.forward_mtp(X, ids, [seqs[j] for j in js])[:, -1].float().cpu()
+        lg = model.forward_mtp(X, ids, [seqs[j] for j in js], last=True)[:, -1].float().cpu()
         for k, j in enumerate(js):
             out[j] = lg[k]
     return torch.stack(out)

@@ -155,6 +155,31 @@ def test_rollback_is_exact(tiny_rt, n):
         _assert_same(_snapshot(marked.seqs[0]), _snapshot(plain.seqs[0]))
 
 
+@pytest.mark.parametrize("n", [2, 3, 14, 15, 126, 127, 190])
+def test_keeping_the_decided_row_equals_a_plain_step(tiny_rt, n):
+    """The no-re-feed rejection: verify [t0, draft] on the fused path, settle(1) == a run that fed t0 alone as a
+    one-token step, tensor by tensor (and the verify's row 0 is that step's logits and streams); both then
+    continue identically."""
+    ids = torch.randint(2, 258, (1, n + 2), generator=torch.Generator().manual_seed(n))
+    model = tiny_rt.model
+    with torch.inference_mode():
+        plain = tiny_rt.new_state(1)
+        model.forward(ids[:, :n], plain.seqs)
+        lp, Xp = model.forward(ids[:, n:n + 1], plain.seqs, return_hidden=True)
+        for draft in (5, 77, 250):
+            st = tiny_rt.new_state(1)
+            model.forward(ids[:, :n], st.seqs)
+            m = mark(st.seqs[0], 2)
+            lv, Xv = model.forward(torch.tensor([[int(ids[0, n]), draft]]), st.seqs, return_hidden=True)
+            assert m.exact_rows                              # the fused chunk ran (no re-feed needed)
+            assert torch.equal(lv[:, :1], lp) and torch.equal(Xv[:, :1], Xp)
+            settle(st.seqs[0], m, 1)
+            _assert_same(_snapshot(st.seqs[0]), _snapshot(plain.seqs[0]))
+            a = model.forward(ids[:, n + 1:], st.seqs)
+            b = model.forward(ids[:, n + 1:], copy.deepcopy(plain).seqs)
+            assert torch.equal(a, b)
+
+
 def test_rollback_keeps_a_prefix_and_rejects_bad_use(tiny_rt):
     """settle(keep=1) leaves the layout of a sequence one token further (positions, row counts, pending
     starts); a settle without a matching mark is refused."""

@@ -211,8 +211,11 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   for (int64_t h = 0; h < H; ++h) rope_cs(o + h * D, D, cs.data(), P.rope_half, true);
 }
 
-// x [B, d] (after attn_norm), one token per sequence -> out [B, d]; updates the sequences' states.
-void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* out, int nt) {
+// x [B, d] (after attn_norm) -> out [B, d]; updates the sequences' states. S: rows per sequence (B / S
+// sequences of S consecutive rows at consecutive positions, each row with its own record: a speculative verify
+// chunk). A sequence's rows run in position order on one thread, its ring write right before its core, so
+// each row sees exactly what a one-token step at its position sees (S = 1: one token per sequence).
+void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* out, int nt, int64_t S = 1) {
   const int64_t d = P.d, D = P.D, HD = P.H * P.D, ql = P.q_lora, ol = P.o_lora, G = P.G;
   thread_local AttnRows mine;
   AttnRows& R = mine;        // a local name: the lambdas below run on pool threads, where `mine` is theirs
@@ -235,19 +238,28 @@ void attn_batch(const AttnP& P, int64_t B, const float* x, SeqP* seqs, float* ou
     float* kv = R.kvr.data() + b * D;
     rms(kv, D, P.kv_norm, P.eps);
     rope(kv, D, P.freqs, P.rope_half, seqs[b].pos, false);
-    std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, kv, sizeof(float) * D);
+    if (S == 1) std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, kv, sizeof(float) * D);
   });
   jobs = {job(P.wq_b, R.qr.data(), ql, B, R.q.data(), HD)};
   if (P.csa) jobs.push_back(job(P.iwq_b, R.qr.data(), ql, B, R.iq.data(), P.ih * P.idim));
   run_jobs(jobs.data(), int(jobs.size()), nt);
-  // the cores, longest context first (a core's cost grows with its position: the threads claim them in this
-  // order, so the last claims are the short ones and the threads finish together)
-  thread_local std::vector<int64_t> order;
-  std::vector<int64_t>& by_pos = order;      // a local name (as R above)
-  by_pos.resize(B);
-  for (int64_t b = 0; b < B; ++b) by_pos[b] = b;
-  std::stable_sort(by_pos.begin(), by_pos.end(), [&](int64_t a, int64_t c) { return seqs[a].pos > seqs[c].pos; });
-  for_seqs(B, nt, [&](int64_t i) { attn_core(P, R, by_pos[i], seqs[by_pos[i]]); });
+  if (S == 1) {
+    // the cores, longest context first (a core's cost grows with its position: the threads claim them in this
+    // order, so the last claims are the short ones and the threads finish together)
+    thread_local std::vector<int64_t> order;
+    std::vector<int64_t>& by_pos = order;      // a local name (as R above)
+    by_pos.resize(B);
+    for (int64_t b = 0; b < B; ++b) by_pos[b] = b;
+    std::stable_sort(by_pos.begin(), by_pos.end(), [&](int64_t a, int64_t c) { return seqs[a].pos > seqs[c].pos; });
+    for_seqs(B, nt, [&](int64_t i) { attn_core(P, R, by_pos[i], seqs[by_pos[i]]); });
+  } else {                                   // a sequence's rows in position order, each ring write first
+    for_seqs(B / S, nt, [&](int64_t g) {
+      for (int64_t b = g * S; b < (g + 1) * S; ++b) {
+        std::memcpy(seqs[b].kv + (seqs[b].pos % P.W) * D, R.kvr.data() + b * D, sizeof(float) * D);
+        attn_core(P, R, b, seqs[b]);
+      }
+    });
+  }
   const int64_t per = HD / G;                // wo_a: group g's rows [g*o_lora, (g+1)*o_lora) read o[g*per..]
   jobs.clear();
   for (int64_t g = 0; g < G; ++g)

@@ -10,6 +10,9 @@
 //   dsv4d_moe      gate (sqrt-softplus, hash or biased top-k), routed + shared clamped-SwiGLU experts = MoE
 //   dsv4d_block    the four above in order for one block                           = Block.__call__ (S = 1)
 //   dsv4d_step     every block of the step, then the head (hc_head, final norm, head linear): one call a step
+//   dsv4d_step_rows  the same over chunks of S tokens per sequence (speculative verify), dsv4d_mtp_step the
+//                  MTP block's input projections, its block and its head (the speculative draft),
+//                  dsv4d_spec_step a greedy speculative iteration (draft, then verify) in one call
 // Exact numerics only (float32 everywhere; the Python side refuses other numerics). Linears decode the
 // checkpoint's storage with the GEMV kernels of stored_gemm.cpp (included, not copied: one source of truth).
 // Ragged batches: every sequence has its own position and state pointers. Plain C ABI for ctypes.
@@ -213,9 +216,9 @@ void dsv4d_moe(const MoeP* P, int64_t B, const float* x, const int64_t* ids, flo
 
 // One block's decode step: X [B, hc, d] -> Xo [B, hc, d]. Six stages besides the attention's: mHC pre; then
 // per sequence group the attention's mHC post, the FFN's mHC pre and the routing; the experts' two linear
-// stages and their activations between; the combine with the FFN's mHC post.
-void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, const float* X,
-                 const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
+// stages and their activations between; the combine with the FFN's mHC post. S rows per sequence (attn_batch).
+static void block_rows(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, int64_t S,
+                       const float* X, const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
   const int64_t hc = ha->hc, d = ha->d, nd = hc * d, k = M->k;
   thread_local std::vector<float> tls[6];                      // reused per calling thread, by local names
   std::vector<float> &x = tls[0], &y = tls[1], &post = tls[2], &comb = tls[3], &mid = tls[4], &wgt = tls[5];
@@ -226,7 +229,7 @@ void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, in
   float *xp = x.data(), *yp = y.data(), *pp = post.data(), *cp = comb.data(), *mp = mid.data();
   auto none = [](int64_t, int64_t) {};
   hc_pre_batch(*ha, B, X, xp, pp, cp, nt, none, none);
-  attn_batch(*A, B, xp, seqs, yp, nt);
+  attn_batch(*A, B, xp, seqs, yp, nt, S);
   int64_t* ip = idx.data();
   float* wp = wgt.data();
   hc_pre_batch(*hf, B, mp, xp, pp, cp, nt, [&](int64_t b0, int64_t b1) {
@@ -238,6 +241,11 @@ void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, in
   moe_experts(*M, B, xp, ip, wp, yp, nt, [&](int64_t b) {
     hc_post_one(hc, d, yp + b * d, mp + b * nd, pp + b * hc, cp + b * hc * hc, Xo + b * nd);
   });
+}
+
+void dsv4d_block(const HcP* ha, const AttnP* A, const HcP* hf, const MoeP* M, int64_t B, const float* X,
+                 const int64_t* ids, SeqP* seqs, float* Xo, int nt) {
+  block_rows(ha, A, hf, M, B, 1, X, ids, seqs, Xo, nt);
 }
 
 // hc_head: X [T, hc, d] -> out [T, d] = sum_h (sigmoid(mix_h * scale[0] + base[h]) + eps) X_h. On AVX-512 the
@@ -300,8 +308,8 @@ struct HeadP {           // hc_head collapse -> final RMS norm -> vocabulary pro
 // X [B, hc, d] through layers[0 .. L) -> Xo [B, hc, d]; seqs [L][B] (layer l's records at seqs + l * B). Each
 // block is exactly dsv4d_block. With `head`: logits [B, V] of Xo (hc_head per row, the norm, the head linear
 // as one stage: a row's values do not depend on B either).
-void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, const int64_t* ids, SeqP* seqs,
-                float* Xo, const HeadP* head, float* logits, int nt) {
+static void step_rows(int64_t L, const LayerP* layers, int64_t B, int64_t S, const float* X, const int64_t* ids,
+                      SeqP* seqs, float* Xo, const HeadP* head, float* logits, int nt) {
   const int64_t nd = layers[0].ha->hc * layers[0].ha->d;
   thread_local std::vector<float> tmp;
   tmp.resize(B * nd);
@@ -309,7 +317,7 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
   for (int64_t l = 0; l < L; ++l) {
     float* out = (L - 1 - l) % 2 == 0 ? Xo : tmp.data();
     const LayerP& P = layers[l];
-    dsv4d_block(P.ha, P.A, P.hf, P.M, B, in, ids, seqs + l * B, out, nt);
+    block_rows(P.ha, P.A, P.hf, P.M, B, S, in, ids, seqs + l * B, out, nt);
     in = out;
   }
   if (!head) return;
@@ -323,6 +331,11 @@ void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, cons
   });
   const Job j = job(H.w, Y, H.d, B, logits, H.w.N);
   run_jobs(&j, 1, nt);
+}
+
+void dsv4d_step(int64_t L, const LayerP* layers, int64_t B, const float* X, const int64_t* ids, SeqP* seqs,
+                float* Xo, const HeadP* head, float* logits, int nt) {
+  step_rows(L, layers, B, 1, X, ids, seqs, Xo, head, logits, nt);
 }
 
 // One layer's records (the attention kernel alone: tests, profiling) -> status (0: out[B] built, counters moved)
@@ -379,3 +392,5 @@ void dsv4d_argmax(int64_t B, int64_t V, const float* rows, int64_t* out) {
 int dsv4d_abi() { return 6; }
 
 }  // extern "C"
+
+#include "decode_spec.h"      // the speculative entry points: chunks, the MTP draft, a greedy iteration

@@ -240,6 +240,7 @@ class SequenceState:
         cfg = self.cfg
         self.pos = 0          # tokens consumed by the main model
         self.mtp_pos = 0      # tokens consumed by the MTP block(s)
+        self.marked = None    # the Mark of a speculative step in progress (`mark` .. `settle`)
         self.layers = []
         for layer in range(cfg.num_layers + cfg.num_mtp):
             ratio, csa = cfg.ratio(layer), cfg.is_csa(layer)
@@ -283,15 +284,31 @@ class ModelState(StateBatch):
 # A verify step feeds S tokens (the decided one plus drafts) and may keep only a prefix of them. What such
 # a forward changes in a sequence's main-model layers: the ring slots of its S positions, the compressed
 # entries and indexer keys whose windows close inside the chunk (appended rows), the compressors' pending
-# rows (replaced), and `pos`. `mark` records the ring rows it will overwrite and makes the compressors keep
-# every pending row; `settle(keep)` then puts back the ring rows of the rejected positions, cuts the appended
-# rows to the windows the kept prefix closes and the pending rows to exactly the ones a sequence at that
-# position holds. Nothing of a rejected position survives; the MTP block's layers are never touched.
+# rows, and `pos`. `mark` only notes the step; the forward that runs then saves what it overwrites, in its own
+# way (`Mark.rings` / `Mark.undo`), and `settle(keep)` undoes exactly the rejected positions. Nothing of a
+# rejected position survives; the MTP block's layers are never touched.
+# - The per-op path (`arm`, called by Transformer.forward before its blocks): the ring rows it will overwrite
+#   are copied and the compressors keep every pending row (`Pending.retain`); settle puts back the ring rows,
+#   cuts the appended rows to the windows the kept prefix closes and the pending rows to exactly the ones a
+#   sequence at that position holds.
+# - A fused path that runs the chunk's rows as one-token steps in place (backends/cpu_decode_rows.py) copies
+#   the ring rows and the pending rows its rows overwrite and hands settle its own `restore` (the counters
+#   are then those of a sequence at the kept position, the rule below); its rows are bit-identical to
+#   one-token steps (`Mark.exact_rows`), so a verify step may keep the decided token's row instead of feeding
+#   it again.
 
 
 class Mark:
-    def __init__(self, pos: int, S: int, rings: list):
-        self.pos, self.S, self.rings = pos, S, rings
+    def __init__(self, pos: int, S: int):
+        self.pos, self.S = pos, S
+        self.rings: list | None = None     # the per-op path's saved ring rows (`arm`)
+        self.undo = None                   # a fused path's record, given to `restore(seq, mark, keep)`
+        self.restore = None
+
+    @property
+    def exact_rows(self) -> bool:
+        """Whether the marked forward ran its rows exactly as one-token steps (a fused path)."""
+        return self.restore is not None
 
 
 def _pending_start(end: int, m: int, overlap: bool) -> int:
@@ -303,22 +320,39 @@ def _pending_start(end: int, m: int, overlap: bool) -> int:
 
 def mark(seq: SequenceState, S: int) -> Mark:
     """Prepare `seq` for a forward of S tokens that `settle` may partly undo."""
+    m = Mark(seq.pos, S)
+    seq.marked = m
+    return m
+
+
+def arm(seq: SequenceState) -> None:
+    """The per-op path's preparation of a marked sequence (before its forward changes anything)."""
+    m = seq.marked
+    if m is None or m.rings is not None or m.restore is not None:
+        return
     cfg, rings = seq.cfg, []
     for layer in seq.layers[:cfg.num_layers]:
-        slots = (seq.pos + torch.arange(min(S, layer.W), device=layer.kv.view().device)) % layer.W
+        slots = (seq.pos + torch.arange(min(m.S, layer.W), device=layer.kv.view().device)) % layer.W
         rings.append((slots, layer.window[slots].clone()))
         for buf in (layer.comp_buf, layer.index_buf):
             if buf is not None:
                 buf.retain = buf.start
-    return Mark(seq.pos, S, rings)
+    m.rings = rings
 
 
 def settle(seq: SequenceState, m: Mark, keep: int) -> None:
     """Keep the first `keep` of the S tokens fed since `mark(seq, S)`; drop every trace of the others."""
     cfg = seq.cfg
-    if seq.pos != m.pos + m.S or not 0 <= keep <= m.S:
+    if seq.pos != m.pos + m.S or not 0 <= keep <= m.S or seq.marked is not m:
         raise ValueError(f"settle: sequence at {seq.pos}, marked at {m.pos} for {m.S} tokens, keep {keep}")
+    seq.marked = None
     new = m.pos + keep
+    if m.restore is not None:
+        m.restore(seq, m, keep)
+        seq.pos = new
+        return
+    if m.rings is None:
+        raise ValueError("settle: the marked forward saved nothing to undo (was it a forward of the marked chunk?)")
     for i, (layer, (slots, rows)) in enumerate(zip(seq.layers[:cfg.num_layers], m.rings)):
         if keep < slots.shape[0]:
             layer.window[slots[keep:]] = rows[keep:]

@@ -41,7 +41,7 @@ from ..ops.linear import project
 from ..ops.norm_rope import rope_cos_sin, rope_frequencies
 from ..parallel.comm import SINGLE, Parallel
 from ..taps import tap
-from .state import ModelState, LayerState, Pending, Rows, SequenceState
+from .state import ModelState, LayerState, Pending, Rows, SequenceState, arm
 
 
 # ---------------------------------------------------------------- weights by official checkpoint name
@@ -430,12 +430,22 @@ class Transformer:
         [B, S, hc, d] if asked, for the MTP block)."""
         B, S = ids.shape
         ids, starts = ids.to(self.device), [s.pos for s in seqs]
-        # a one-token step whose `decode_block` can run every block (and the head) in one call does (the same
-        # implementation, without Python between blocks; handed no streams, it embeds the tokens itself, and
-        # it shapes the logits as asked: no torch call after the native step); None where the per-block path runs
-        whole = getattr(self.ops.decode_block, "whole_step", None) if S == 1 else None
-        fused = whole(self, None, ids, starts, seqs, hidden=return_hidden, last=last) if whole is not None else None
+        # a one-token step (or a short chunk per sequence, `whole_rows`: a speculative verify step) whose
+        # `decode_block` can run every block (and the head) in one call does (the same implementation, without
+        # Python between blocks; handed no streams, it embeds the tokens itself; a one-token step also shapes
+        # the logits as asked: no torch call after the native step); None where the per-block path runs
+        if S == 1:
+            whole = getattr(self.ops.decode_block, "whole_step", None)
+            fused = whole(self, None, ids, starts, seqs, hidden=return_hidden, last=last) if whole else None
+        else:
+            whole = getattr(self.ops.decode_block, "whole_rows", None)
+            fused = whole(self, None, ids, starts, seqs) if whole is not None else None
+            if fused is not None and last and fused[1] is not None:
+                fused = (fused[0], fused[1][:, -1])
         if fused is None:
+            for s in seqs:
+                if getattr(s, "marked", None) is not None:      # a speculative step: the per-op path's undo
+                    arm(s)
             X = self.streams(ids)
             positions = self._positions(starts, S)                                          # [B, S]
             for block in self.blocks:
@@ -470,12 +480,19 @@ class Transformer:
         """[B, S] int64 positions starts[b] + 0..S-1, on the model's device."""
         return torch.tensor(starts, device=self.device)[:, None] + torch.arange(S, device=self.device)[None, :]
 
-    def forward_mtp(self, X: torch.Tensor, next_ids: torch.Tensor, seqs: list[SequenceState], i: int = 0):
+    def forward_mtp(self, X: torch.Tensor, next_ids: torch.Tensor, seqs: list[SequenceState], i: int = 0,
+                    last: bool = False):
         """MTP block i on final residual streams X [B, S, hc, d] of positions p..p+S-1 and the ids of the
-        tokens that follow them [B, S] -> logits [B, S, V] for the token after those. Its own window state
-        lives in each sequence's layer slot num_layers + i; positions are the streams' positions."""
+        tokens that follow them [B, S] -> logits [B, S, V] for the token after those ([B, 1, V]: the last
+        position's, with `last`). Its own window state lives in each sequence's layer slot num_layers + i;
+        positions are the streams' positions."""
         starts, next_ids = [s.mtp_pos for s in seqs], next_ids.to(self.device)
-        logits = self.mtp[i](X, next_ids, self._positions(starts, next_ids.shape[1]), starts, seqs)
+        # the backend's one-call MTP step where its `decode_block` has one (None: the per-op block runs)
+        step = getattr(self.ops.decode_block, "mtp_step", None)
+        logits = step(self, i, X, next_ids, starts, seqs, last) if step is not None else None
+        if logits is None:
+            logits = self.mtp[i](X, next_ids, self._positions(starts, next_ids.shape[1]), starts, seqs)
+            logits = logits[:, -1:] if last else logits
         for s in seqs:
             s.mtp_pos += next_ids.shape[1]
         return logits

@@ -7,11 +7,13 @@ With the flag, every decoding sequence takes each step as runtime.speculative do
 3. per sequence: greedy keeps the draft iff it is the target's argmax; sampling keeps it with probability
    min(1, p/q) and otherwise draws from norm(max(0, p - q)) (runtime.speculative.accept), with the
    sequence's own generator, temperature and top-p. A kept draft also yields the bonus token from the
-   verify's second position; a rejection is undone exactly (`mark` / `settle`) and the decided token is fed
-   again alone (one forward for all rejected sequences), so the state never holds a trace of a rejected
-   draft and greedy outputs equal non-speculative greedy, token for token (on the tiny model; the logits of
-   a verified position differ from one-token decode's in the last bits, measured ~2e-6, because the
-   per-sequence attention ops see two query rows: a near-tie could flip an argmax).
+   verify's second position; a rejection is undone exactly (`mark` / `settle`), so the state never holds a
+   trace of a rejected draft: where the verify ran as one-token steps (the CPU's fused kernels,
+   `Mark.exact_rows`) the decided token's row is kept (it is the plain step, bit for bit); otherwise the
+   decided token is fed again alone (one forward for all rejected sequences), because the per-op path's
+   logits of a verified position differ from one-token decode's in the last bits (measured ~2e-6: the
+   per-sequence attention ops see two query rows; a near-tie could flip an argmax). Greedy outputs equal
+   non-speculative greedy, token for token.
 Logprobs come from the target's logits at each emitted position. Metrics count drafted and accepted tokens.
 
 Restrictions (each refused with one line, never a silent fallback): one device (not under --tp/--ep); the
@@ -51,7 +53,7 @@ def prefill_mtp(model, seq, chunk: torch.Tensor) -> torch.Tensor:
     Xs = X if seq.hid is None else torch.cat((seq.hid, X), dim=1)          # positions mtp_pos .. pos-1
     nxt = seq.prompt[st.mtp_pos + 1:st.pos]
     if nxt:
-        model.forward_mtp(Xs[:, :-1], torch.tensor([nxt]), [st])
+        model.forward_mtp(Xs[:, :-1], torch.tensor([nxt]), [st], last=True)        # for its state
     seq.hid = X[:, -1:]
     return logits
 
@@ -73,9 +75,9 @@ def _draft_logits(eng, seqs) -> torch.Tensor:
     for j, s in enumerate(seqs):                    # the MTP block catches up 1 or 2 positions per sequence
         by_len.setdefault(len(s.nexts), []).append(j)
     for js in by_len.values():
-        X = torch.cat([seqs[j].hid for j in js])
+        X = seqs[js[0]].hid if len(js) == 1 else torch.cat([seqs[j].hid for j in js])
         ids = torch.tensor([seqs[j].nexts for j in js])
-        lg = eng.model.forward_mtp(X, ids, [seqs[j].state for j in js])[:, -1].float().cpu()
+        lg = eng.model.forward_mtp(X, ids, [seqs[j].state for j in js], last=True)[:, -1].float().cpu()
         for k, j in enumerate(js):
             out[j] = lg[k]
     return torch.stack(out)
@@ -113,6 +115,10 @@ def decode_step(eng, seqs) -> None:
                 bonus = eng._pick(s, logits[j, 1])
                 s.nexts = [d, bonus]
                 eng._take(s, bonus, logits[j, 1])
+        elif marks[j].exact_rows:                   # row 0 = the plain step of the decided token
+            settle(s.state, marks[j], 1)
+            s.hid, s.nexts = X[j:j + 1, 0:1], [fix]
+            eng._take(s, fix, logits[j, 0])
         else:
             settle(s.state, marks[j], 0)            # exactly the state before the verify step
             s.nexts = [fix]
