@@ -91,17 +91,17 @@ class _Keep(list):
 # code times its power-of-two scale is exactly a bf16 value (checked per weight), and a bf16 row is decoded by a
 # shift, several times faster than the FP8 bit decoding. That pays while the weights sit in cache (a small
 # model's decode is compute-bound); past the budget (real widths: bandwidth-bound) the stored bytes are read.
-# Only a model whose widened active weights (every layer's FP8 / FP4 linears a token reads) fit the budget as
-# a whole is widened: a larger one streams its weights from memory each step, where widening the first 64 MiB
+# Only a model whose widened weights (every layer's FP8 / FP4 linears, all experts) fit the budget as a whole is
+# widened, each of them: a larger one streams its weights from memory each step, where widening the first 64 MiB
 # only doubles (FP8) or quadruples (FP4) the bytes read -- measured on v4-width-16e: 35.2 -> 32.3 ms per token
-# without the partial widening.
+# without the partial widening. The rule is the model's own (no count shared across the models of a process):
+# a model's kernels, hence its bits, do not depend on what was loaded before it.
 WIDEN_BUDGET = 64 << 20
-_widened = [0]
 
 
-def _active_widened_bytes(block) -> int:
-    """bf16 bytes of the FP8 / FP4 linears one token of this block reads (attention, the indexer and
-    compressors, top-k routed experts and the shared ones), were they widened."""
+def _widened_bytes(block) -> int:
+    """bf16 bytes of this block's FP8 / FP4 linears (attention, the indexer and compressors, every routed
+    expert and the shared ones), were they widened."""
     a, m = block.attn, block.ffn
     ws = [getattr(a, n).weight for n in ("wq_a", "wq_b", "wkv", "wo_b")] + [a.wo_a]
     for c in (a.compressor, a.indexer.compressor if a.indexer is not None else None):
@@ -109,21 +109,20 @@ def _active_widened_bytes(block) -> int:
             ws += [c.wkv, c.wgate]
     if a.indexer is not None:
         ws += [a.indexer.wq_b.weight, a.indexer.weights_proj.weight]
-    if m.experts:
-        ws += [l.weight for l in m.experts[0]] * a.cfg.experts_per_token
+    for e in m.experts or ():
+        ws += [l.weight for l in e]
     ws += [l.weight for l in (m.shared or ())]
     return sum(2 * w.shape[0] * w.shape[1] for w in ws if isinstance(w, (Fp8Stored, Fp4Stored)))
 
 
 def _widen(w, keep: _Keep) -> Lin | None:
     n, k = w.shape
-    if not getattr(keep, "widen", True) or _widened[0] + 2 * n * k > WIDEN_BUDGET:
+    if not getattr(keep, "widen", True):
         return None
     exact = w.dequantize()
     b = exact.to(torch.bfloat16)
     if not torch.equal(b.float(), exact):                  # not representable (cannot happen for finite codes)
         return None
-    _widened[0] += 2 * n * k
     keep.append(b)
     return Lin(1, b.data_ptr(), b.stride(0), None, 0, n, k)
 
@@ -201,7 +200,7 @@ class Plan:
 
     def __init__(self, block):
         keep = _Keep()
-        keep.widen = _active_widened_bytes(block) * block.attn.cfg.num_layers <= WIDEN_BUDGET
+        keep.widen = _widened_bytes(block) * block.attn.cfg.num_layers <= WIDEN_BUDGET
         self.keep = keep
         self.ha, self.hf = _hc(block.hc_attn, block.attn_norm, block.attn.cfg, keep), \
             _hc(block.hc_ffn, block.ffn_norm, block.attn.cfg, keep)

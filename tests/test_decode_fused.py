@@ -266,3 +266,24 @@ def test_greedy_rule_is_torch_argmax():
     out = array.array("q", bytes(8 * rows.shape[0]))
     cpu_decode.library().dsv4d_argmax(rows.shape[0], rows.shape[1], rows.data_ptr(), out.buffer_info()[0])
     assert list(out) == rows.argmax(-1).tolist()
+
+
+def test_a_models_kernels_do_not_depend_on_models_loaded_before(tiny_ckpt, monkeypatch):
+    """Whether FP8 / FP4 linears are widened to bf16 (which kernels run, hence the bits) is each model's own rule:
+    a load after others that widened up to the budget computes what a first load does (a process-wide count
+    once sent later models to the stored-format kernels: two loads of one checkpoint disagreed in the last bit)."""
+    def step(rt):
+        st = rt.new_state(1)
+        with torch.inference_mode():
+            rt.model.forward(torch.tensor([[0, 40, 50, 60, 70]]), [st.seqs[0]])
+            return rt.model.forward(torch.tensor([[80]]), [st.seqs[0]])
+
+    first = Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False)
+    a = step(first)
+    monkeypatch.setattr(cpu_decode, "WIDEN_BUDGET", cpu_decode._widened_bytes(first.model.blocks[0]) * 10)
+    later = [Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False) for _ in range(3)]
+    outs = [step(rt) for rt in later]
+    kinds = [[lin.kind for lin in (p.A.wq_a, p.A.wkv, p.A.wo_b)] for p in cpu_decode.step_plan(later[-1].model).plans]
+    assert all(k == [1, 1, 1] for k in kinds)            # every later load is widened (bf16 tiles) too
+    for o in outs:
+        assert torch.equal(o, a)
