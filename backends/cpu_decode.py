@@ -393,8 +393,6 @@ def _prepare_head(ctx):
 
 impl("hc_head", "cpu.native_small", "cpu", hc_head, prepare=_prepare_head)
 
-
-# Speculative decoding's chunks (a verify step's few tokens per sequence) and the MTP block's draft, through the
-# same kernels in one call each: backends/cpu_decode_rows.py
-# (it reads this module's plans and sets decode_block.whole_rows / .mtp_step)
-from . import cpu_decode_rows  # noqa: E402,F401
+# Speculative decoding's chunks (a verify step's few tokens per sequence) and the MTP block's draft run through
+# the same kernels in one call each: backends/cpu_decode_rows.py, which reads this module's plans and sets
+# decode_block.whole_rows / .mtp_step (imported beside this module by backends/cpu.py)
