@@ -254,9 +254,12 @@ inline void job_rows(const Job& j, int64_t a, int64_t e) {
 
 // multiply-adds of a stage below which one thread runs it (~5 us of work: less does not pay for handing rows
 // to another core). A stage whose jobs all have one x row (a one-sequence step) stays on the calling thread
-// whatever its size: measured, waking the pool there cost a 1-sequence step ~40 us of its Python side (the
-// pool's spinning worker takes the core torch's own threads use) for ~0 gained in the native call.
+// up to ONE_ROW_SPLIT: measured on the tiny default, waking the pool there cost a 1-sequence step ~40 us of its
+// Python side (the pool's spinning worker takes the core torch's own threads use) for ~0 gained in the native
+// call. Above it (a realistic width's linears, read from memory: bandwidth-bound) both cores read: measured
+// on v4-width-16e, one thread for every one-row stage halved decode (43 -> 23 tok/s).
 constexpr int64_t MIN_SPLIT = 1 << 17;
+constexpr int64_t ONE_ROW_SPLIT = 1 << 20;
 // a chunk's rows start at a multiple of GROUP within their job (the tiles' weight rows: a chunk boundary never
 // leaves a narrower tile behind)
 constexpr int64_t GROUP = 4;
@@ -268,7 +271,7 @@ inline void run_jobs(const Job* jobs, int n, int nt) {
     total += (jobs[i].n1 - jobs[i].n0) * jobs[i].L->K * jobs[i].B;
     rows = std::max(rows, jobs[i].B);
   }
-  const int T = total < MIN_SPLIT || rows < 2 ? 1 : nt;
+  const int T = total < MIN_SPLIT || (rows < 2 && total < ONE_ROW_SPLIT) ? 1 : nt;
   const int64_t C = T == 1 ? 1 : 4 * T;      // a few chunks per thread: a late thread leaves no idle tail
   dsv4pool::pool().run(T, C, [&](int64_t t) {
     int64_t lo, hi, base = 0;
