@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from backends import cpu_decode_rows
-from runtime.api import Runtime
 from runtime.model.state import mark, settle
+from tests.test_decode_fused import _prefilled, ref_rt  # noqa: F401  (ref_rt: the same module fixture)
 from tests.test_speculative import _assert_same, _snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,21 +20,6 @@ TOL = 1e-5            # the fused one-token step's bound against the reference (
 # ragged starts whose chunks cross the window's end (127 -> 128), ratio-128 / 16 / 4 window closes at
 # either row, and a fresh sequence
 STARTS = [126, 254, 14, 2, 0]
-
-
-@pytest.fixture(scope="module")
-def ref_rt(tiny_ckpt):
-    return Runtime.load("cpu", checkpoint=tiny_ckpt, emulate=True, progress=False)
-
-
-def _prefilled(rt, starts, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    st = rt.new_state(len(starts))
-    with torch.inference_mode():
-        for b, n in enumerate(starts):
-            if n:
-                rt.model.forward(torch.randint(2, 258, (1, n), generator=g), [st.seqs[b]])
-    return st
 
 
 def test_the_table_routes_chunks_and_drafts_here(tiny_rt):

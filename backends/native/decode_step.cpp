@@ -105,24 +105,28 @@ void sinkhorn(const HcP& P, int64_t B, float* comb) {
   for (int64_t b = 0; b < B; b += 8) sinkhorn_lanes<8>(P, std::min<int64_t>(8, B - b), comb + b * P.hc * P.hc);
 }
 
-// x = sum_i pre[i] X_i (a multiply-add chain over the streams, from zero), then the norm. The AVX-512 path
-// keeps 16 columns in a register across the streams: the same chain per element.
-void hc_pre_tail(const HcP& P, const float* X, const float* pre, float* x) {
-  const int64_t hc = P.hc, d = P.d;
+// out = sum_i w[i] X_i over hc streams of d (a multiply-add chain over the streams, from zero). The AVX-512
+// path keeps 16 columns in a register across the streams: the same chain per element.
+inline void stream_sum(int64_t hc, int64_t d, const float* w, const float* X, float* out) {
   int64_t k = 0;
 #if defined(__AVX512F__)
   for (; k + 16 <= d; k += 16) {
     __m512 v = _mm512_setzero_ps();
-    for (int64_t i = 0; i < hc; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(pre[i]), _mm512_loadu_ps(X + i * d + k), v);
-    _mm512_storeu_ps(x + k, v);
+    for (int64_t i = 0; i < hc; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(w[i]), _mm512_loadu_ps(X + i * d + k), v);
+    _mm512_storeu_ps(out + k, v);
   }
 #endif
   for (; k < d; ++k) {
     float v = 0.f;
-    for (int64_t i = 0; i < hc; ++i) v = std::fma(pre[i], X[i * d + k], v);
-    x[k] = v;
+    for (int64_t i = 0; i < hc; ++i) v = std::fma(w[i], X[i * d + k], v);
+    out[k] = v;
   }
-  if (P.norm) rms(x, d, P.norm, P.norm_eps);
+}
+
+// x = sum_i pre[i] X_i, then the norm
+void hc_pre_tail(const HcP& P, const float* X, const float* pre, float* x) {
+  stream_sum(P.hc, P.d, pre, X, x);
+  if (P.norm) rms(x, P.d, P.norm, P.norm_eps);
 }
 
 void hc_pre_one(const HcP& P, const float* X, float* x, float* post, float* comb) {
@@ -279,19 +283,7 @@ void dsv4d_hc_head(int64_t T, int64_t hc, int64_t d, const float* X, const float
         w[h] = sigm((reduce(acc) + tt) * r * scale[0] + base[h]) + hc_eps;
       }
     }
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    for (; k + 16 <= d; k += 16) {
-      __m512 v = _mm512_setzero_ps();
-      for (int64_t h = 0; h < hc; ++h) v = _mm512_fmadd_ps(_mm512_set1_ps(w[h]), _mm512_loadu_ps(Xt + h * d + k), v);
-      _mm512_storeu_ps(ot + k, v);
-    }
-#endif
-    for (; k < d; ++k) {
-      float v = 0.f;
-      for (int64_t h = 0; h < hc; ++h) v = std::fma(w[h], Xt[h * d + k], v);
-      ot[k] = v;
-    }
+    stream_sum(hc, d, w.data(), Xt, ot);
   }
 }
 

@@ -44,6 +44,15 @@ def _field(i: int, doc: str):
     return property(lambda self: self._c[i], lambda self, v: self._c.__setitem__(i, v), doc=doc)
 
 
+def _synced(key: str):
+    """A buffer attribute kept in `__dict__[key]` whose assignment refreshes `_c` (`_sync`)."""
+    def put(self, t: torch.Tensor) -> None:
+        self.__dict__[key] = t
+        self._sync()
+
+    return property(lambda self: self.__dict__[key], put)
+
+
 class Rows(_Counted):
     """An append-only [n, dim] float32 buffer with amortised growth (no re-materialisation per step).
     `_c` = [n, buffer address, capacity rows]."""
@@ -54,14 +63,7 @@ class Rows(_Counted):
         self._c = array.array("q", (n, 0, 0))
         self._buf = torch.zeros(max(capacity, n, 1), dim, device=device)
 
-    @property
-    def _buf(self) -> torch.Tensor:
-        return self._b
-
-    @_buf.setter
-    def _buf(self, t: torch.Tensor) -> None:
-        self._b = t
-        self._sync()
+    _buf = _synced("_b")
 
     def _sync(self) -> None:
         self._c[1], self._c[2] = self._b.data_ptr(), self._b.shape[0]
@@ -130,23 +132,7 @@ class Pending(_Counted):
     def retain(self, v: int | None) -> None:
         self._c[2] = -1 if v is None else v
 
-    @property
-    def _kv(self) -> torch.Tensor:
-        return self._kvt
-
-    @_kv.setter
-    def _kv(self, t: torch.Tensor) -> None:
-        self._kvt = t
-        self._sync()
-
-    @property
-    def _score(self) -> torch.Tensor:
-        return self._sct
-
-    @_score.setter
-    def _score(self, t: torch.Tensor) -> None:
-        self._sct = t
-        self._sync()
+    _kv, _score = _synced("_kvt"), _synced("_sct")
 
     def _sync(self) -> None:
         kv, sc = self.__dict__.get("_kvt"), self.__dict__.get("_sct")
