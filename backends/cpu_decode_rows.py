@@ -33,7 +33,7 @@ from runtime.taps import recording
 
 from . import cpu_decode as cd
 from .cpu_decode_abi import HeadP, LayerP, MtpP
-from .cpu_decode_seqs import table
+from .cpu_decode_seqs import make_room, run_checked, table
 
 _memmove = ctypes.memmove
 F32 = 4
@@ -68,21 +68,6 @@ def _snapshot(buf, p0: int, S: int, m: int) -> tuple | None:
     return buf, r, n0, skv, ssc
 
 
-def _room(plans, states: list, starts: list[int], S: int) -> None:
-    """Room for S more rows in every buffer the kernels write in place (the bounds decode_spec.h
-    `chunk_status` checks; asked by its status 1, then the call is retried)."""
-    for p in plans:
-        if not p.ratio:
-            continue
-        for s, p0 in zip(states, starts):
-            st = s.layers[p.layer]
-            for rows, pend in ((st.kv, st.comp_buf),) + (((st.index_keys, st.index_buf),) if p.csa else ()):
-                if rows.n + S > rows._buf.shape[0]:
-                    rows.reserve(S)
-                if p0 + S - pend.start > pend._kv.shape[0]:
-                    pend.reserve(p0 + S - pend.start)
-
-
 def _capture(plans, states: list, starts: list[int], S: int, marks: list) -> None:
     """Each marked sequence's undo record for `restore`, taken before the chunk's call changes anything."""
     for s, p0, m in zip(states, starts, marks):
@@ -100,29 +85,29 @@ def _capture(plans, states: list, starts: list[int], S: int, marks: list) -> Non
             else:
                 for i in range(S):
                     _memmove(rp + i * D * F32, kvp + ((p0 + i) % W) * D * F32, D * F32)
-            snaps = []
-            if ratio and (-(p0 + 1)) % ratio < S:
-                snaps.append(_snapshot(st.comp_buf, p0, S, ratio))
-            if p.csa and (-(p0 + 1)) % 4 < S:
-                snaps.append(_snapshot(st.index_buf, p0, S, 4))
+            snaps = [sn for sn in (_snapshot(st.comp_buf, p0, S, ratio) if ratio else None,
+                                   _snapshot(st.index_buf, p0, S, 4) if p.csa else None) if sn is not None]
             m.undo.append((st, ratio, ring, snaps))
 
 
-def _run(call, plans, states: list, starts: list[int], S: int, marks: list) -> bool:
-    """`call()` (a chunk entry point: status) after the marked sequences' capture; room made and retried on
-    status 1 -> whether it ran (False, nothing changed: held pending rows, the per-op path runs)."""
+def _run(call, plans, states: list, starts: list[int], S: int, marks: list, seqs: array.array) -> bool:
+    """`run_checked` of a chunk entry point after the marked sequences' capture -> whether it ran (False,
+    nothing changed and no undo record: held pending rows, the per-op path runs)."""
     _capture(plans, states, starts, S, marks)
-    st = call()
-    if st == 1:
-        _room(plans, states, starts, S)
-        st = call()
-        if st == 1:
-            raise RuntimeError("fused chunk: no room for the rows after reserving (a bug)")
-    if st:
+    ok = run_checked(call, plans, states, starts, seqs, S)
+    if not ok:
         for m in marks:
             if m is not None:
                 m.undo = m.restore = None
-    return st == 0
+    return ok
+
+
+def _chunk_rows(sp) -> int:
+    """`max_rows` of the model's step plan (computed once)."""
+    rows = sp.__dict__.get("rows")
+    if rows is None:
+        sp.rows = rows = max_rows(sp.plans)
+    return rows
 
 
 def restore(seq, m, keep: int) -> None:
@@ -158,11 +143,8 @@ def decode_rows(model, X, ids, starts, states):
     if sp is False or recording():
         return None
     B, S = ids.shape
-    rows = sp.__dict__.get("rows")
-    if rows is None:
-        sp.rows = rows = max_rows(sp.plans)
     marks = [s.marked for s in states]
-    if S > rows or any(m is not None and m.rings is not None for m in marks):
+    if S > _chunk_rows(sp) or any(m is not None and m.rings is not None for m in marks):
         return None
     X = model.streams(ids) if X is None else X
     X = X.reshape(B * S, *X.shape[2:]).contiguous()
@@ -170,10 +152,10 @@ def decode_rows(model, X, ids, starts, states):
     logits = X.new_empty(B, S, sp.vocab) if sp.head is not None else None
     idv = cd._ids64(ids)
     tab = table(states, starts)
-    call = lambda: cd._state["lib"].dsv4d_step_rows(  # noqa: E731
-        len(sp.plans), sp.layers, B, S, X.data_ptr(), idv.data_ptr(), tab.buffer_info()[0], out.data_ptr(),
+    call = lambda t: cd._state["lib"].dsv4d_step_rows(  # noqa: E731
+        len(sp.plans), sp.layers, B, S, X.data_ptr(), idv.data_ptr(), t, out.data_ptr(),
         sp.head_ref, logits.data_ptr() if logits is not None else None, torch.get_num_threads())
-    if not _run(call, sp.plans, states, starts, S, marks):
+    if not _run(call, sp.plans, states, starts, S, marks, tab):
         return None
     return out.view(B, S, *X.shape[1:]), logits
 
@@ -224,10 +206,10 @@ def mtp_step(model, i: int, X, next_ids, starts, states, last: bool = False):
     n = B if last else B * S
     out, logits = X.new_empty(n, *X.shape[1:]), X.new_empty(B, n // B, mp.vocab)
     tab = table(states, starts, mp.layer)
-    call = lambda: cd._state["lib"].dsv4d_mtp_step(  # noqa: E731
+    call = lambda t: cd._state["lib"].dsv4d_mtp_step(  # noqa: E731
         ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), B, S, X.data_ptr(), idv.data_ptr(),
-        tab.buffer_info()[0], out.data_ptr(), logits.data_ptr(), int(last), torch.get_num_threads())
-    if not _run(call, [mp.plan], states, starts, S, [None] * B):
+        t, out.data_ptr(), logits.data_ptr(), int(last), torch.get_num_threads())
+    if not _run(call, [mp.plan], states, starts, S, [None] * B, tab):
         return None
     return logits
 
@@ -242,11 +224,8 @@ def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
     if mp is False or sp is False or sp.head is None or recording():
         return None
     n, k = len(nexts), len(nexts[0])
-    rows = sp.__dict__.get("rows")
-    if rows is None:
-        sp.rows = rows = max_rows(sp.plans)
     marks = [s.marked for s in states]
-    if k > mp.rows or rows < 2 or any(m is not None and m.rings is not None for m in marks):
+    if k > mp.rows or _chunk_rows(sp) < 2 or any(m is not None and m.rings is not None for m in marks):
         return None
     mstarts, starts = [s.mtp_pos for s in states], [s.pos for s in states]
     mtab, tab = table(states, mstarts, mp.layer), table(states, starts)
@@ -254,12 +233,12 @@ def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
     at = io.buffer_info()[0]
     H = H.reshape(n * k, *H.shape[2:]).contiguous()
     out, logits = H.new_empty(n, 2, *H.shape[1:]), H.new_empty(n, 2, sp.vocab)
-    call = lambda: cd._state["lib"].dsv4d_spec_step(  # noqa: E731
+    call = lambda t: cd._state["lib"].dsv4d_spec_step(  # noqa: E731
         ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), n, k, H.data_ptr(), at, mtab.buffer_info()[0],
-        len(sp.plans), sp.layers, sp.head_ref, at + 8 * n * k, tab.buffer_info()[0], out.data_ptr(),
+        len(sp.plans), sp.layers, sp.head_ref, at + 8 * n * k, t, out.data_ptr(),
         logits.data_ptr(), at + 8 * (n * k + n), torch.get_num_threads())
-    _room([mp.plan], states, mstarts, k)            # (window-only MTP: nothing to reserve)
-    if not _run(call, sp.plans, states, starts, 2, marks):
+    make_room([mp.plan], states, mstarts, k)        # the MTP part's rows first (its status 1 is not retried)
+    if not _run(call, sp.plans, states, starts, 2, marks, tab):
         return None
     for s in states:
         s.pos += 2

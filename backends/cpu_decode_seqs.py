@@ -5,7 +5,7 @@ the addresses of that layer's Rows / Pending `_c` arrays (runtime/model/state.py
 capacity). The native side builds each layer's record (SeqP) from them and advances the counters itself
 (decode_step.cpp `seq_record`: the one place a sequence's record is computed, by Compressor.advance's rule), so
 a step's Python work is one int per sequence. Where a buffer has no room for the step's rows the native call
-changes nothing and says so; `_make_room` reserves exactly as the kernels' check asks and the call is retried.
+changes nothing and says so; `make_room` reserves exactly as the kernels' check asks and the call is retried.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def table(states: list, starts: list[int], layer: int = 0) -> array.array:
     return array.array("q", starts + [seq_ctr(s) + off for s in states])
 
 
-def _make_room(plans: list, states: list, starts: list[int]) -> None:
-    """Room for a step's rows where the kernels found none (status 1): the kernels write a new entry, indexer
-    key and pending row in place (the same conditions as decode_step.cpp `seq_status`)."""
+def make_room(plans: list, states: list, starts: list[int], S: int = 1) -> None:
+    """Room for S more rows per sequence where the kernels found none (status 1): they write new entries,
+    indexer keys and pending rows in place (the conditions of decode_seqs.h `seq_status` / decode_spec.h
+    `chunk_status`)."""
     for p in plans:
         if not p.ratio:
             continue
@@ -61,19 +62,20 @@ def _make_room(plans: list, states: list, starts: list[int]) -> None:
             st = s.layers[p.layer]
             bufs = ((st.kv, st.comp_buf),) + (((st.index_keys, st.index_buf),) if p.csa else ())
             for rows, pend in bufs:
-                if rows.n >= rows._c[2]:
-                    rows.reserve(1)
-                if p0 + 1 - pend.start > pend._c[5]:
-                    pend.reserve(p0 + 1 - pend.start)
+                if rows.n + S > rows._c[2]:
+                    rows.reserve(S)
+                if p0 + S - pend.start > pend._c[5]:
+                    pend.reserve(p0 + S - pend.start)
 
 
-def run_checked(call, plans: list, states: list, starts: list[int], seqs: array.array) -> bool:
-    """`call(address of seqs)` (a dsv4d_run / dsv4d_records call), after making room if it asks -> False, with
-    nothing changed, where a sequence is in a speculative verify step (`mark`-ed pending rows, status 2) or a
-    token id is outside the embedding (3): the per-op path runs then (and reports a bad id)."""
+def run_checked(call, plans: list, states: list, starts: list[int], seqs: array.array, S: int = 1) -> bool:
+    """`call(address of seqs)` (a native step's call: status), after making room for S rows per sequence if it
+    asks -> False, with nothing changed, where a sequence is in a per-op speculative verify step (`mark`-ed
+    pending rows, status 2) or a token id is outside the embedding (3): the per-op path runs then (and reports
+    a bad id)."""
     status = call(seqs.buffer_info()[0])
     if status == 1:
-        _make_room(plans, states, starts)
+        make_room(plans, states, starts, S)
         status = call(seqs.buffer_info()[0])
         if status == 1:
             raise RuntimeError("fused decode: no room for the step's rows after reserving (a bug)")
