@@ -168,6 +168,7 @@ class MtpPlan:
         keep = cd._Keep()
         self.keep, self.plan = keep, cd.plan_for(mtp.block)
         p = self.plan
+        keep.widen = p.keep.widen              # widened / packed exactly as the model's blocks (cpu_decode.Plan)
         self.layers = (LayerP * 1)(LayerP(*(ctypes.pointer(s) for s in (p.ha, p.A, p.hf, p.M))))
         emb = model.embed
         if emb.dtype not in (torch.float32, torch.bfloat16) or not emb.is_contiguous():

@@ -29,25 +29,30 @@ def lib():
     return lib
 
 
-def _run(lib, w, x, nt):
-    kind = 1 if w.dtype == torch.bfloat16 else 0
-    lin = Lin(kind, w.data_ptr(), w.stride(0), None, 0, w.shape[0], w.shape[1])
+def _run(lib, w, x, nt, packed=False):
+    keep = cpu_decode._Keep()
+    if packed:                                  # output panels (decode_panels.h), as a small model's plan packs
+        lin = cpu_decode._panels(w, keep)
+    else:
+        kind = 1 if w.dtype == torch.bfloat16 else 0
+        lin = Lin(kind, w.data_ptr(), w.stride(0), None, 0, w.shape[0], w.shape[1])
     y = torch.empty(x.shape[0], w.shape[0])
     lib.dsv4d_linear(ctypes.byref(lin), x.shape[0], x.data_ptr(), y.data_ptr(), nt)
     return y
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,K", [(128, 256), (37, 200), (24, 1024), (5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "panels"])
+@pytest.mark.parametrize("N,K", [(128, 256), (37, 200), (24, 1024), (5, 7), (300, 129)])
 def test_a_row_is_the_same_bits_at_any_batch(lib, dtype, N, K):
     g = torch.Generator().manual_seed(N * 1000 + K)
-    w = torch.randn(N, K, generator=g).to(dtype).contiguous()
+    packed = dtype == "panels"
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16 if packed else dtype).contiguous()
     x = torch.randn(32, K, generator=g)
-    alone = torch.cat([_run(lib, w, x[b:b + 1], 1) for b in range(32)])
+    alone = torch.cat([_run(lib, w, x[b:b + 1], 1, packed) for b in range(32)])
     exact = (x.double() @ w.double().T)
     scale = (x.double().abs() @ w.double().abs().T)
     assert ((alone.double() - exact).abs() / scale).max().item() < TOL
     for nt in (1, 2):
         for B in range(1, 33):
-            y = _run(lib, w, x[:B], nt)
+            y = _run(lib, w, x[:B], nt, packed)
             assert torch.equal(y.view(torch.int32), alone[:B].view(torch.int32)), (B, nt)

@@ -4,7 +4,8 @@
 // cache, so re-reading them per sequence is what a step waits on).
 // Batch invariance: row b's value is sum_k x[b, k] W[n, k] accumulated by the same code whatever B, the
 // thread split or the neighbouring rows: LANES per-lane accumulators over k in order, the lanes reduced by one
-// fixed tree, then the K % LANES tail (`tile`, whose shape only decides which loads are shared).
+// fixed tree, then the K % LANES tail (`tile`, whose shape only decides which loads are shared); weights packed in
+// output panels (kind 4, a small model's widened FP8 / FP4) have their own fixed order (decode_panels.h).
 #pragma once
 
 #include <cmath>
@@ -14,9 +15,9 @@
 namespace {
 
 struct Lin {             // one linear's weight in its stored format
-  int64_t kind;          // 0 float32, 1 bf16, 2 fp8 block, 3 fp4 experts
+  int64_t kind;          // 0 float32, 1 bf16, 2 fp8 block, 3 fp4 experts, 4 bf16 in panels (decode_panels.h)
   const void* w;
-  int64_t ldw;           // row stride of w (elements / bytes)
+  int64_t ldw;           // row stride of w (elements / bytes; kind 4: 32-bit words a panel)
   const uint8_t* s;      // scales (fp8 / fp4)
   int64_t lds;
   int64_t N, K;
@@ -35,6 +36,8 @@ inline float madd(float a, float b, float t) {
   return a * b + t;
 #endif
 }
+
+#include "decode_panels.h"
 
 // x rows from which a stage's bf16 weight rows are widened once into float32 scratch (group_rows)
 constexpr int64_t WIDEN_ROWS = 6;
@@ -239,6 +242,9 @@ inline Job job(const Lin& L, const float* x, int64_t ldx, int64_t B, float* y, i
 inline void job_rows(const Job& j, int64_t a, int64_t e) {
   const Lin& L = *j.L;
   switch (L.kind) {
+    case 4:              // bf16 in output panels (a small model's, packed at plan time)
+      panels_batch(j.x, j.ldx, j.B, (const uint32_t*)L.w, L.ldw, L.K, a, e, j.n0, j.y, j.ldy);
+      return;
     case 1:              // bf16 (as stored, or FP8 / FP4 widened exactly at plan time)
       rows_batch(j.x, j.ldx, j.B, (const uint16_t*)L.w, L.ldw, L.K, a, e, j.n0, j.y, j.ldy);
       return;
@@ -260,9 +266,9 @@ inline void job_rows(const Job& j, int64_t a, int64_t e) {
 // on v4-width-16e, one thread for every one-row stage halved decode (43 -> 23 tok/s).
 constexpr int64_t MIN_SPLIT = 1 << 17;
 constexpr int64_t ONE_ROW_SPLIT = 1 << 20;
-// a chunk's rows start at a multiple of GROUP within their job (the tiles' weight rows: a chunk boundary never
-// leaves a narrower tile behind)
-constexpr int64_t GROUP = 4;
+// a chunk's rows start at a multiple of group(L) within their job (the tiles' weight rows, a panel's outputs: a
+// chunk boundary never leaves a narrower tile behind)
+inline int64_t group(const Lin& L) { return L.kind == 4 ? PANEL : 4; }
 
 // every job's rows, in chunks of about equal multiply-adds (contiguous row ranges) claimed by up to nt threads
 inline void run_jobs(const Job* jobs, int n, int nt) {
@@ -278,11 +284,11 @@ inline void run_jobs(const Job* jobs, int n, int nt) {
     dsv4pool::split(total, t, C, lo, hi);
     for (int i = 0; i < n; ++i) {
       const Job& j = jobs[i];
-      const int64_t c = j.L->K * j.B, rows = j.n1 - j.n0, g = GROUP * c;
-      // groups of GROUP rows (whole tiles) whose cost start base + r * c lies in [lo, hi): each row in
+      const int64_t G = group(*j.L), c = j.L->K * j.B, rows = j.n1 - j.n0, g = G * c;
+      // groups of G rows (whole tiles) whose cost start base + r * c lies in [lo, hi): each row in
       // exactly one chunk
-      const int64_t a = g ? std::min(rows, GROUP * std::max<int64_t>(0, (lo - base + g - 1) / g)) : 0;
-      const int64_t e = g ? std::min(rows, GROUP * std::max<int64_t>(0, (hi - base + g - 1) / g)) : 0;
+      const int64_t a = g ? std::min(rows, G * std::max<int64_t>(0, (lo - base + g - 1) / g)) : 0;
+      const int64_t e = g ? std::min(rows, G * std::max<int64_t>(0, (hi - base + g - 1) / g)) : 0;
       if (a < e) job_rows(j, j.n0 + a, j.n0 + e);
       base += rows * c;
     }
