@@ -72,7 +72,7 @@ def _prepare(ctx):
         return None, f"decode library unavailable ({_state['why']})"
     return decode_block, ("backends/native/decode_step.cpp, one call per step for every block and the head "
                           "(one per block where the head is vocab-parallel; FP8 / FP4 linears widened "
-                          f"exactly to bf16 up to {WIDEN_BUDGET >> 20} MiB; chunks of a few tokens per "
+                          f"exactly to bf16 output panels up to {WIDEN_BUDGET >> 20} MiB; chunks of a few tokens per "
                           "sequence and the MTP draft too, backends/cpu_decode_rows.py); per-op path for TP/EP "
                           "ranks and tap recording")
 

@@ -177,7 +177,11 @@ void attn_core(const AttnP& P, AttnRows& R, int64_t b, SeqP& S) {
   rows.resize(std::min(pos + 1, P.W) + (P.csa ? std::min(P.topk, n_vis) : n_vis));
   int64_t* rw = rows.data();
   int64_t K = 0;
-  for (int64_t t = std::max<int64_t>(0, pos - P.W + 1); t <= pos; ++t) rw[K++] = t % P.W;
+  const int64_t t0 = std::max<int64_t>(0, pos - P.W + 1);   // window slots t % W, the modulo once (an idiv a
+  for (int64_t t = t0, slot = t0 % P.W; t <= pos; ++t) {       // slot was a tenth of the core's time)
+    rw[K++] = slot;
+    slot = slot + 1 == P.W ? 0 : slot + 1;
+  }
   if (P.ratio) {
     if (P.csa) {
       float* iq = R.iq.data() + b * P.ih * P.idim;
