@@ -258,26 +258,22 @@ inline void job_rows(const Job& j, int64_t a, int64_t e) {
   }
 }
 
-// multiply-adds of a stage below which one thread runs it (~5 us of work: less does not pay for handing rows
-// to another core). A stage whose jobs all have one x row (a one-sequence step) stays on the calling thread
-// up to ONE_ROW_SPLIT: measured on the tiny default, waking the pool there cost a 1-sequence step ~40 us of its
-// Python side (the pool's spinning worker takes the core torch's own threads use) for ~0 gained in the native
-// call. Above it (a realistic width's linears, read from memory: bandwidth-bound) both cores read: measured
-// on v4-width-16e, one thread for every one-row stage halved decode (43 -> 23 tok/s).
-constexpr int64_t MIN_SPLIT = 1 << 17;
-constexpr int64_t ONE_ROW_SPLIT = 1 << 20;
+// multiply-adds of a stage below which one thread runs it (~3 us of work: less does not pay for handing rows to
+// another core). One-row stages split too: each core then reads the same half of every weight each step, so a
+// small model's widened weights stay in the two cores' L2s instead of streaming from L3 through one core's --
+// measured on the tiny default (2 threads), a one-sequence step 0.195 -> 0.134 ms against keeping one-row stages
+// under 1 M multiply-adds on the calling thread (the rule when the Python side of a step ran torch ops the
+// spinning worker slowed; it is one native call now); 1 << 17 here: 0.150 ms.
+constexpr int64_t MIN_SPLIT = 1 << 16;
 // a chunk's rows start at a multiple of group(L) within their job (the tiles' weight rows, a panel's outputs: a
 // chunk boundary never leaves a narrower tile behind)
 inline int64_t group(const Lin& L) { return L.kind == 4 ? PANEL : 4; }
 
 // every job's rows, in chunks of about equal multiply-adds (contiguous row ranges) claimed by up to nt threads
 inline void run_jobs(const Job* jobs, int n, int nt) {
-  int64_t total = 0, rows = 0;
-  for (int i = 0; i < n; ++i) {
-    total += (jobs[i].n1 - jobs[i].n0) * jobs[i].L->K * jobs[i].B;
-    rows = std::max(rows, jobs[i].B);
-  }
-  const int T = total < MIN_SPLIT || (rows < 2 && total < ONE_ROW_SPLIT) ? 1 : nt;
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += (jobs[i].n1 - jobs[i].n0) * jobs[i].L->K * jobs[i].B;
+  const int T = total < MIN_SPLIT ? 1 : nt;
   const int64_t C = T == 1 ? 1 : 4 * T;      // a few chunks per thread: a late thread leaves no idle tail
   dsv4pool::pool().run(T, C, [&](int64_t t) {
     int64_t lo, hi, base = 0;
