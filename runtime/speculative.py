@@ -105,21 +105,26 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
             if _emit(out, hist, b, tok, on_token, eos, params):
                 active.append(b)
         nexts = {b: [hist[b][-1]] for b in active}
-        fast = getattr(model.ops.decode_block, "spec_greedy", None) \
+        # greedy: the backend's one-call iterations (`decode_block.spec_greedy_steps`, built for the active
+        # rows; None: the two forwards), where every row catches the MTP block up by as many positions
+        make = getattr(model.ops.decode_block, "spec_greedy_steps", None) \
             if params.temperature == 0 and draft is None else None
+        fast = fast_rows = None
         while active:
             seqs = [state.seqs[b] for b in active]
             marks = [mark(s, 2) for s in seqs]
             toks = [hist[b][-1] for b in active]
             res = None
-            if fast is not None and len({len(nexts[b]) for b in active}) == 1:
-                # draft and verify in one call (one catch-up length for all rows); None: the general path
-                H = hid[active[0]] if len(active) == 1 else torch.cat([hid[b] for b in active])
-                res = fast(model, H, [nexts[b] for b in active], toks, seqs)
+            if make is not None and len({len(nexts[b]) for b in active}) == 1:
+                if fast_rows != active:
+                    fast, fast_rows = make(model, seqs), active
+                if fast is not None:
+                    H = hid[active[0]] if len(active) == 1 else torch.cat([hid[b] for b in active])
+                    res = fast.step(H, [nexts[b] for b in active], toks)
             if res is not None:
-                out3, X, _ = res                             # (draft, target, bonus) per row
-                d, fix, bonus = [r[0] for r in out3], [r[1] for r in out3], [r[2] for r in out3]
-                kept = [r[0] == r[1] for r in out3]
+                r, X, _ = res                             # (draft, target, bonus) per row
+                d, fix, bonus = r[0::3], r[1::3], r[2::3]
+                kept = [a == f for a, f in zip(d, fix)]
             else:
                 q_logits = _draft_logits(model, active, seqs, hid, nexts, hist, draft)         # [n, V]
                 dt = _choose(q_logits, params, gen)
@@ -141,7 +146,7 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
                 if kept[j]:
                     kept_n += 1
                     settle(seqs[j], marks[j], 2)
-                    hid[b], nexts[b] = X[j:j + 1, 0:2], [d[j], bonus[j]]
+                    hid[b], nexts[b] = X if len(active) == 1 else X[j:j + 1], [d[j], bonus[j]]
                     go = _emit(out, hist, b, d[j], on_token, eos, params) and \
                         _emit(out, hist, b, bonus[j], on_token, eos, params)
                 elif marks[j].exact_rows:                   # row 0 = the plain step of the decided token
