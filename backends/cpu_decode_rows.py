@@ -202,6 +202,7 @@ class MtpPlan:
         self.head = HeadP(keep.f32(h.fn), keep.f32(h.base), keep.f32(h.scale), keep.f32(h.norm), cfg.hc_mult,
                           cfg.hidden_size, cfg.hc_eps, cfg.norm_eps, cd.lin_desc(h.head_w, keep))
         self.vocab, self.layer, self.rows = h.head_w.shape[0], p.layer, max_rows([p])
+        self.M_ref, self.head_ref = ctypes.byref(self.M), ctypes.byref(self.head)
 
 
 def _mtp_plan(model, i: int):
@@ -243,7 +244,7 @@ class SpecGreedy:
     drafts its argmax d; the main model verifies [tok, d]. The outputs live in buffers made once (host work
     between native calls costs several times its warm cost: the caches then hold the step's weights), the
     final streams in two alternating ones: a step's streams stay valid through the next step, which reads
-    them as its H."""
+    them as its H (one sequence's H may be a whole buffer of the step before: its first k rows are read)."""
 
     def __init__(self, model, mp, sp, states: list):
         n, cfg = len(states), model.cfg
@@ -265,14 +266,17 @@ class SpecGreedy:
         for m in marks:
             if m is not None and m.rings is not None:
                 return None
-        if n > 1 or not H.is_contiguous():     # one sequence's rows: already [k, hc, d] in a row
+        if n == 1 and (H is self.X[0] or H is self.X[1]):
+            hp = self.xp[H is self.X[1]]        # its first k rows: positions mtp_pos .. mtp_pos + k - 1
+        else:
             H = H.reshape(n * k, *H.shape[2:]).contiguous()
+            hp = H.data_ptr()
         mstarts, starts = [s.mtp_pos for s in states], [s.pos for s in states]
         mtab, tab = table(states, mstarts, mp.layer), table(states, starts)
         io = array.array("q", [t for nx in nexts for t in nx] + toks + [0] * (3 * n))   # ids in, results out
-        at, hp, j, lib, nt = io.buffer_info()[0], H.data_ptr(), self.i, cd._state["lib"], torch.get_num_threads()
+        at, j, lib, nt = io.buffer_info()[0], self.i, cd._state["lib"], torch.get_num_threads()
         call = lambda t: lib.dsv4d_spec_step(  # noqa: E731
-            ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), n, k, hp, at, mtab.buffer_info()[0],
+            mp.M_ref, mp.layers, mp.head_ref, n, k, hp, at, mtab.buffer_info()[0],
             len(sp.plans), sp.layers, sp.head_ref, at + 8 * n * k, t, self.xp[j], self.lp, at + 8 * (n * k + n), nt)
         make_room([mp.plan], states, mstarts, k)        # the MTP part's rows first (its status 1 is not retried)
         if not _run(call, sp.plans, states, starts, 2, marks, tab):

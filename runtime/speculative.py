@@ -93,8 +93,9 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
     with torch.inference_mode():
         pre = [_prefill(model, r, state.seqs[b], rt.prefill_chunk) for b, r in enumerate(rows)]
         t1 = time.perf_counter()
-        # Per sequence: hidden streams of positions [mtp_pos, pos) awaiting the MTP block, and the token after
-        # each of them (the last one = the decided, unfed token `tok`).
+        # Per sequence: hidden streams of positions [mtp_pos, pos) awaiting the MTP block (the first
+        # len(nexts[b]) positions of hid[b]), and the token after each of them (the last one = the decided,
+        # unfed token `tok`).
         hid = {b: x for b, (_, x) in enumerate(pre)}
         first = _choose(torch.cat([lg for lg, _ in pre]), params, gen) if limit else []
         active = []
@@ -151,7 +152,8 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
                         _emit(out, hist, b, bonus[j], on_token, eos, params)
                 elif marks[j].exact_rows:                   # row 0 = the plain step of the decided token
                     settle(seqs[j], marks[j], 1)
-                    hid[b], nexts[b] = X[j:j + 1, 0:1], [fix[j]]
+                    # one row: the whole buffer (its first row is read, by nexts' length), no torch call
+                    hid[b], nexts[b] = X if len(active) == 1 and res is not None else X[j:j + 1, 0:1], [fix[j]]
                     go = _emit(out, hist, b, fix[j], on_token, eos, params)
                 else:
                     settle(seqs[j], marks[j], 0)            # exactly the state before the verify step
@@ -194,8 +196,9 @@ def _draft_logits(model, active, seqs, hid, nexts, hist, draft) -> torch.Tensor:
     for j, b in enumerate(active):                   # the MTP block catches up 1 or 2 positions per row
         by_len.setdefault(len(nexts[b]), []).append(j)
     for js in by_len.values():
-        X = hid[active[js[0]]] if len(js) == 1 else torch.cat([hid[active[j]] for j in js])
         ids = torch.tensor([nexts[active[j]] for j in js])
+        k = ids.shape[1]                             # a row's hid may hold more positions: its first k
+        X = hid[active[js[0]]][:, :k] if len(js) == 1 else torch.cat([hid[active[j]][:, :k] for j in js])
         lg = model.forward_mtp(X, ids, [seqs[j] for j in js], last=True)[:, -1].float().cpu()
         for k, j in enumerate(js):
             out[j] = lg[k]
