@@ -298,7 +298,7 @@ class Runtime:
         overflowed: the exact check then decides) -> the tokens fed through decode steps (all rows)."""
         limit, eos = params.max_new_tokens, self.config.eos_token_id if params.stop_at_eos else None
         top, active, steps = last.argmax(-1).tolist(), list(range(len(rows))), 0
-        make = getattr(self.model.ops.decode_block, "greedy_steps", None)
+        make = getattr(getattr(getattr(self.model, "ops", None), "decode_block", None), "greedy_steps", None)
         fast = ids = None
         while limit:
             still = []
@@ -325,8 +325,9 @@ class Runtime:
                     self._decode_non_finite(fast.logits, active, rows, out)
                 continue
             idn[:, 0] = top
-            logits = self.model.forward(ids, seqs, last=True)
+            logits = self.model.forward(ids, seqs)                             # [n, 1, V] (any model)
             top = getattr(logits, "argmax_rows", None)
+            logits = logits[:, -1]
             if logits.dtype != torch.float32 or logits.device.type != "cpu":
                 logits = logits.float().cpu()
             ln = logits.numpy()
