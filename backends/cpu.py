@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from . import cpu_decode, cpu_decode_rows, cpu_ops  # noqa: F401  (register the fast CPU implementations)
+from . import cpu_decode, cpu_decode_greedy, cpu_decode_rows, cpu_ops  # noqa: F401  (register the fast CPU implementations)
 from .base import Backend, DeviceInfo
 
 

@@ -79,6 +79,8 @@ def bind(lib):
     lib.dsv4d_spec_step.argtypes = [P(MtpP), P(LayerP), P(HeadP), i64, i64, vp, vp, vp, i64, P(LayerP), P(HeadP),
                                     vp, vp, vp, vp, vp, ctypes.c_int]
     lib.dsv4d_records.argtypes = [P(AttnP), i64, vp, P(SeqP)]
+    lib.dsv4d_run_greedy.argtypes = [i64, P(LayerP), i64, vp, vp, P(HeadP), vp, ctypes.c_int, P(EmbedP), vp]
+    lib.dsv4d_run_greedy.restype = ctypes.c_int
     lib.dsv4d_run.argtypes = [i64, P(LayerP), i64, vp, vp, vp, vp, vp, vp, ctypes.c_int, P(EmbedP), vp]
     lib.dsv4d_hc_head.argtypes = [i64, i64, i64, vp, vp, vp, vp, f32, f32, vp]
     for f in ("dsv4d_hc_head", "dsv4d_hc_pre", "dsv4d_hc_post", "dsv4d_attn", "dsv4d_moe", "dsv4d_block",

@@ -10,8 +10,8 @@
   its block and its head as one dsv4d_mtp_step call (the draft), 1 <= S <= `max_rows` positions per sequence;
   with `last` (the draft needs only the last position's logits) a window-only block's earlier rows only write
   their ring rows (the same kernels, so the same bits).
-- `spec_greedy` (`decode_block.spec_greedy`, runtime.speculative's greedy loop): the draft and the verify of
-  one iteration as one dsv4d_spec_step call (the MTP argmax feeds the verify natively), the argmaxes with it.
+- `SpecGreedy` (`decode_block.spec_greedy_steps`, runtime.speculative's greedy loop): the draft and the verify
+  of one iteration as one dsv4d_spec_step call (the MTP argmax feeds the verify natively), the argmaxes with it.
 - mark / settle (runtime.model.state): for a marked sequence `_capture` saves, before the call, what the rows
   overwrite in place -- the ring rows of the chunk's positions, and a compressor's live pending rows when a
   row closes its window (the kernel then shifts or restarts them); `restore` puts back exactly the rejected
@@ -46,26 +46,49 @@ def max_rows(plans) -> int:
     return min(lim)
 
 
-def _scratch(obj, name: str, rows: int, width: int) -> torch.Tensor:
-    """A float32 [>= rows, width] buffer kept on `obj` for its undo copies (allocated once)."""
+class _Scratch:
+    """A float32 [rows, width] buffer for a state object's undo copies and its address (host work between
+    native calls is costly: no torch call to reach it). A copied state (deepcopy) starts without one."""
+
+    __slots__ = ("t", "rows", "addr")
+
+    def __init__(self, rows: int, width: int):
+        self.t = torch.empty(rows, width)
+        self.rows, self.addr = rows, self.t.data_ptr()
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+def _scratch(obj, name: str, rows: int, width: int) -> int:
+    """The address of a float32 [>= rows, width] buffer kept on `obj` for its undo copies (allocated once)."""
     t = obj.__dict__.get(name)
-    if t is None or t.shape[0] < rows:
-        t = torch.empty(max(rows, 8), width)
+    if t is None or t.rows < rows:
+        t = _Scratch(max(rows, 8), width)
         obj.__dict__[name] = t           # not a buffer of the state's layout (LayerState.__setattr__'s stamp)
-    return t
+    return t.addr
+
+
+def _width(obj, name: str, t) -> int:
+    """Row width of buffer `t` of `obj`, remembered (a buffer regrows in rows only)."""
+    w = obj.__dict__.get(name)
+    if w is None:
+        w = obj.__dict__[name] = t.shape[1]
+    return w
 
 
 def _snapshot(buf, p0: int, S: int, m: int) -> tuple | None:
     """A compressor's live pending rows, copied, when one of positions p0 .. p0+S-1 closes its window:
-    (buffer, closing row, rows, values copy, scores copy); else None."""
+    (buffer, closing row, rows, values copy, scores copy (addresses)); else None."""
     r = (-(p0 + 1)) % m
     if r >= S:
         return None
-    n0, w = buf.n, buf._kv.shape[1]
+    c = buf._c                          # [n, start, retain, values address, scores address, capacity]
+    n0, w = c[0], _width(buf, "_undo_w", buf._kv)
     skv, ssc = _scratch(buf, "_undo_kv", n0, w), _scratch(buf, "_undo_score", n0, w)
-    _memmove(skv.data_ptr(), buf._kv.data_ptr(), n0 * w * F32)
-    _memmove(ssc.data_ptr(), buf._score.data_ptr(), n0 * w * F32)
-    return buf, r, n0, skv, ssc
+    _memmove(skv, c[3], n0 * w * F32)
+    _memmove(ssc, c[4], n0 * w * F32)
+    return buf, r, n0 * w * F32, skv, ssc
 
 
 def _capture(plans, states: list, starts: list[int], S: int, marks: list) -> None:
@@ -76,10 +99,8 @@ def _capture(plans, states: list, starts: list[int], S: int, marks: list) -> Non
         m.undo, m.restore = [], restore
         for p in plans:
             st, ratio, W = s.layers[p.layer], p.ratio, p.W
-            buf = st.kv._buf
-            kvp, D = buf.data_ptr(), buf.shape[1]
-            ring = _scratch(st, "_undo_ring", S, D)
-            rp, s0 = ring.data_ptr(), p0 % W
+            kvp, D = st.kv._c[1], _width(st, "_undo_D", st.kv._buf)      # Rows._c: [n, address, capacity]
+            rp, s0 = _scratch(st, "_undo_ring", S, D), p0 % W
             if s0 + S <= W:                     # the chunk's slots in one run (no wrap)
                 _memmove(rp, kvp + s0 * D * F32, S * D * F32)
             else:
@@ -87,7 +108,7 @@ def _capture(plans, states: list, starts: list[int], S: int, marks: list) -> Non
                     _memmove(rp + i * D * F32, kvp + ((p0 + i) % W) * D * F32, D * F32)
             snaps = [sn for sn in (_snapshot(st.comp_buf, p0, S, ratio) if ratio else None,
                                    _snapshot(st.index_buf, p0, S, 4) if p.csa else None) if sn is not None]
-            m.undo.append((st, ratio, ring, snaps))
+            m.undo.append((st, ratio, D, rp, snaps))
 
 
 def _run(call, plans, states: list, starts: list[int], S: int, marks: list, seqs: array.array) -> bool:
@@ -112,11 +133,13 @@ def _chunk_rows(sp) -> int:
 
 def restore(seq, m, keep: int) -> None:
     """`settle`'s undo for a fused chunk: the state after the first `keep` rows (see the module doc). The
-    counters are those of a sequence at that position (the rule runtime.model.state.settle also uses)."""
+    counters are those of a sequence at that position (the rule runtime.model.state.settle also uses). All
+    rows kept: nothing to undo (the kernels advanced the counters by that rule)."""
+    if keep == m.S:
+        return
     end = m.pos + keep
-    for st, ratio, ring, snaps in m.undo:
-        buf = st.kv._buf
-        kvp, rp, D, W = buf.data_ptr(), ring.data_ptr(), buf.shape[1], st.W
+    for st, ratio, D, rp, snaps in m.undo:
+        kvp, W = st.kv._c[1], st.W
         for i in range(keep, m.S):
             _memmove(kvp + ((m.pos + i) % W) * D * F32, rp + i * D * F32, D * F32)
         if ratio:
@@ -127,11 +150,10 @@ def restore(seq, m, keep: int) -> None:
             ib = st.index_buf
             st.index_keys.n, ib.start = end // 4, _pending_start(end, 4, True)
             ib.n = end - ib.start
-        for pb, r, n0, skv, ssc in snaps:
+        for pb, r, nb, skv, ssc in snaps:
             if r >= keep:           # the window closed at a dropped row: its rows before the chunk come back
-                w = pb._kv.shape[1]
-                _memmove(pb._kv.data_ptr(), skv.data_ptr(), n0 * w * F32)
-                _memmove(pb._score.data_ptr(), ssc.data_ptr(), n0 * w * F32)
+                _memmove(pb._c[3], skv, nb)
+                _memmove(pb._c[4], ssc, nb)
 
 
 def decode_rows(model, X, ids, starts, states):
@@ -181,6 +203,7 @@ class MtpPlan:
         self.head = HeadP(keep.f32(h.fn), keep.f32(h.base), keep.f32(h.scale), keep.f32(h.norm), cfg.hc_mult,
                           cfg.hidden_size, cfg.hc_eps, cfg.norm_eps, cd.lin_desc(h.head_w, keep))
         self.vocab, self.layer, self.rows = h.head_w.shape[0], p.layer, max_rows([p])
+        self.M_ref, self.head_ref = ctypes.byref(self.M), ctypes.byref(self.head)
 
 
 def _mtp_plan(model, i: int):
@@ -215,39 +238,78 @@ def mtp_step(model, i: int, X, next_ids, starts, states, last: bool = False):
     return logits
 
 
-def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
-    """One greedy speculative iteration in one call (dsv4d_spec_step): MTP block 0 catches up the k positions
-    of streams H [n, k, hc, d] with the tokens after them, nexts [n][k] (the last = the decided, unfed token
-    toks[b]), and drafts its argmax d; the main model verifies [tok, d]. -> (rows [n] of (draft, argmax of the
-    verify's row 0, of its row 1), final streams [n, 2, hc, d], logits [n, 2, V]), or None (nothing changed)
-    where either part would take the per-op path. Marked sequences get their undo records (`_capture`)."""
+class SpecGreedy:
+    """Greedy speculative iterations of a fixed list of sequences (runtime.speculative's loop; build a new one
+    when the list changes), each one dsv4d_spec_step call: MTP block 0 catches up the k positions of streams
+    H [n, k, hc, d] with the tokens after them, nexts [n][k] (the last = the decided, unfed token toks[b]), and
+    drafts its argmax d; the main model verifies [tok, d]. The outputs live in buffers made once (host work
+    between native calls costs several times its warm cost: the caches then hold the step's weights), the
+    final streams in two alternating ones: a step's streams stay valid through the next step, which reads
+    them as its H (one sequence's H may be a whole buffer of the step before: its first k rows are read)."""
+
+    def __init__(self, model, mp, sp, states: list):
+        n, cfg = len(states), model.cfg
+        self.mp, self.sp, self.states = mp, sp, states
+        self.X = [torch.empty(n, 2, cfg.hc_mult, cfg.hidden_size) for _ in range(2)]
+        self.xp = [x.data_ptr() for x in self.X]
+        self.logits = torch.empty(n, 2, sp.vocab)
+        self.lp, self.i = self.logits.data_ptr(), 0
+
+    def step(self, H, nexts: list[list[int]], toks: list[int]):
+        """-> (flat [n * 3] of (draft, argmax of the verify's row 0, of its row 1) per sequence, final streams
+        [n, 2, hc, d], logits [n, 2, V] (both overwritten two steps later)), or None (nothing changed) where
+        the per-op path must run. Marked sequences get their undo records (`_capture`)."""
+        mp, sp, states = self.mp, self.sp, self.states
+        n, k = len(nexts), len(nexts[0])
+        if k > mp.rows or recording():
+            return None
+        marks = [s.marked for s in states]
+        for m in marks:
+            if m is not None and m.rings is not None:
+                return None
+        if n == 1 and (H is self.X[0] or H is self.X[1]):
+            hp = self.xp[H is self.X[1]]        # its first k rows: positions mtp_pos .. mtp_pos + k - 1
+        else:
+            H = H.reshape(n * k, *H.shape[2:]).contiguous()
+            hp = H.data_ptr()
+        mstarts, starts = [s.mtp_pos for s in states], [s.pos for s in states]
+        mtab, tab = table(states, mstarts, mp.layer), table(states, starts)
+        io = array.array("q", [t for nx in nexts for t in nx] + toks + [0] * (3 * n))   # ids in, results out
+        at, j, lib, nt = io.buffer_info()[0], self.i, cd._state["lib"], torch.get_num_threads()
+        call = lambda t: lib.dsv4d_spec_step(  # noqa: E731
+            mp.M_ref, mp.layers, mp.head_ref, n, k, hp, at, mtab.buffer_info()[0],
+            len(sp.plans), sp.layers, sp.head_ref, at + 8 * n * k, t, self.xp[j], self.lp, at + 8 * (n * k + n), nt)
+        make_room([mp.plan], states, mstarts, k)        # the MTP part's rows first (its status 1 is not retried)
+        if not _run(call, sp.plans, states, starts, 2, marks, tab):
+            return None
+        self.i = 1 - j
+        for s in states:
+            s.pos += 2
+            s.mtp_pos += k
+        return io[n * k + n:].tolist(), self.X[j], self.logits
+
+
+def spec_greedy_steps(model, states: list) -> SpecGreedy | None:
+    """The one-call greedy iterations for `states`, or None where either part takes the per-op path (a TP /
+    EP block, a vocab-parallel head, chunks of one row)."""
     mp, sp = _mtp_plan(model, 0), cd.step_plan(model)
-    if mp is False or sp is False or sp.head is None or recording():
+    if mp is False or sp is False or sp.head is None or _chunk_rows(sp) < 2:
         return None
-    n, k = len(nexts), len(nexts[0])
-    marks = [s.marked for s in states]
-    if k > mp.rows or _chunk_rows(sp) < 2 or any(m is not None and m.rings is not None for m in marks):
+    return SpecGreedy(model, mp, sp, states)
+
+
+def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
+    """One `SpecGreedy` step (fresh buffers) -> (rows [n] of (draft, argmax of the verify's row 0, of its row
+    1), final streams [n, 2, hc, d], logits [n, 2, V]), or None (nothing changed): the one-iteration form."""
+    g = spec_greedy_steps(model, states)
+    res = g.step(H, nexts, toks) if g is not None else None
+    if res is None:
         return None
-    mstarts, starts = [s.mtp_pos for s in states], [s.pos for s in states]
-    mtab, tab = table(states, mstarts, mp.layer), table(states, starts)
-    io = array.array("q", [t for nx in nexts for t in nx] + toks + [0] * (3 * n))   # ids in, results out
-    at = io.buffer_info()[0]
-    H = H.reshape(n * k, *H.shape[2:]).contiguous()
-    out, logits = H.new_empty(n, 2, *H.shape[1:]), H.new_empty(n, 2, sp.vocab)
-    call = lambda t: cd._state["lib"].dsv4d_spec_step(  # noqa: E731
-        ctypes.byref(mp.M), mp.layers, ctypes.byref(mp.head), n, k, H.data_ptr(), at, mtab.buffer_info()[0],
-        len(sp.plans), sp.layers, sp.head_ref, at + 8 * n * k, t, out.data_ptr(),
-        logits.data_ptr(), at + 8 * (n * k + n), torch.get_num_threads())
-    make_room([mp.plan], states, mstarts, k)        # the MTP part's rows first (its status 1 is not retried)
-    if not _run(call, sp.plans, states, starts, 2, marks, tab):
-        return None
-    for s in states:
-        s.pos += 2
-        s.mtp_pos += k
-    r = io[n * k + n:].tolist()
-    return [r[3 * b:3 * b + 3] for b in range(n)], out, logits
+    r, X, logits = res
+    return [r[3 * b:3 * b + 3] for b in range(len(nexts))], X, logits
 
 
 cd.decode_block.whole_rows = decode_rows    # Transformer.forward's route for a chunk of a few tokens per sequence
 cd.decode_block.mtp_step = mtp_step         # Transformer.forward_mtp's
-cd.decode_block.spec_greedy = spec_greedy   # runtime.speculative's one-call greedy iteration
+cd.decode_block.spec_greedy = spec_greedy   # one greedy iteration in one call (tests)
+cd.decode_block.spec_greedy_steps = spec_greedy_steps   # runtime.speculative's greedy loop

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -242,42 +243,104 @@ class Runtime:
                     raise_non_finite(self.model, f"prefill of prompt {b}", torch.tensor([r]))
             last = torch.cat(last)                                                              # [B, V]
             t1 = time.perf_counter()
-            active, steps = list(range(len(rows))), 0
             # the backend's decode runner (CUDA graphs) where it has one; None: the model's eager forward
             session = None
             if self.decode_runner is not None and max_new_tokens > 1:
                 session = self.decode_runner.session(state.seqs, max(map(len, rows)) + max_new_tokens)
-            while active and max_new_tokens:
-                nxt = sample(last, params, gen)
-                if self.parallel is not None:
-                    nxt = self.parallel.broadcast_tokens(nxt)      # every rank feeds rank 0's tokens
-                still = []
-                for j, b in enumerate(active):
-                    tok = int(nxt[j])
-                    out[b].append(tok)
-                    if on_token:
-                        on_token(b, tok)
-                    if not (stop_at_eos and tok == self.config.eos_token_id) and len(out[b]) < max_new_tokens:
-                        still.append((j, b))
-                if not still:
-                    break
-                keep = torch.tensor([j for j, _ in still])
-                active = [b for _, b in still]
-                if session is not None:
-                    last = session.step(nxt[keep], active)
-                else:
-                    last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1].float().cpu()
-                steps += len(active)
-                if not finite(last):
-                    j = int((~torch.isfinite(last)).any(-1).nonzero()[0])
-                    b = active[j]
-                    raise_non_finite(self.model, f"decode step {len(out[b])} of prompt {b}", torch.tensor([rows[b]]),
-                                     out[b])
+            if session is None and params.temperature == 0 and not getattr(self.parallel, "distributed", False):
+                steps = self._decode_greedy(last, rows, state, out, on_token, params)
+            else:
+                steps = self._decode(last, rows, state, out, on_token, params, gen, session)
             if session is not None:
                 session.close()
             t2 = time.perf_counter()
         texts = [self.tokenizer.decode(o) for o in out]
         return Generation(out, texts, sum(map(len, rows)), t1 - t0, t2 - t1, steps)
+
+    def _decode(self, last, rows, state, out, on_token, params: SamplingParams, gen, session) -> int:
+        """generate's decode loop from the prompts' last logits [B, V] (sampling, a decode runner's session,
+        several ranks) -> the tokens fed through decode steps (all rows)."""
+        active, steps, limit = list(range(len(rows))), 0, params.max_new_tokens
+        while active and limit:
+            nxt = sample(last, params, gen)
+            if self.parallel is not None:
+                nxt = self.parallel.broadcast_tokens(nxt)      # every rank feeds rank 0's tokens
+            still = []
+            for j, b in enumerate(active):
+                tok = int(nxt[j])
+                out[b].append(tok)
+                if on_token:
+                    on_token(b, tok)
+                if not (params.stop_at_eos and tok == self.config.eos_token_id) and len(out[b]) < limit:
+                    still.append((j, b))
+            if not still:
+                break
+            keep = torch.tensor([j for j, _ in still])
+            active = [b for _, b in still]
+            if session is not None:
+                last = session.step(nxt[keep], active)
+            else:
+                last = self.model.forward(nxt[keep][:, None], [state.seqs[b] for b in active])[:, -1].float().cpu()
+            steps += len(active)
+            if not finite(last):
+                self._decode_non_finite(last, active, rows, out)
+        return steps
+
+    def _decode_greedy(self, last, rows, state, out, on_token, params: SamplingParams) -> int:
+        """generate's greedy decode loop on one process (the tokens, callbacks and stops of `_decode`), lean:
+        right after a native step the caches hold its weights, not torch's dispatch code, so each small torch
+        call then costs several times its warm cost (`_decode`'s few ops: ~80 us a step at 1 thread beside a
+        ~190 us native step). Where the backend has `decode_block.greedy_steps` (the CPU's fused step,
+        backends/cpu_decode_greedy.py) a step is one native call in reused buffers that also returns the
+        argmaxes and the first non-finite row; else (or where it refuses a step) Transformer.forward runs with
+        a reused ids buffer, and the tokens are the fused step's `argmax_rows` or numpy's argmax (both torch's
+        first-maximum rule, a NaN first), the check one numpy sum (non-finite iff a logit is, or the sum
+        overflowed: the exact check then decides) -> the tokens fed through decode steps (all rows)."""
+        limit, eos = params.max_new_tokens, self.config.eos_token_id if params.stop_at_eos else None
+        top, active, steps = last.argmax(-1).tolist(), list(range(len(rows))), 0
+        make = getattr(getattr(getattr(self.model, "ops", None), "decode_block", None), "greedy_steps", None)
+        fast = ids = None
+        while limit:
+            still = []
+            for j, b in enumerate(active):
+                tok = top[j]
+                out[b].append(tok)
+                if on_token:
+                    on_token(b, tok)
+                if tok != eos and len(out[b]) < limit:
+                    still.append(j)
+            if not still:
+                break
+            if ids is None or len(still) < len(active):     # a row stopped: buffers for the rows left
+                active, top = [active[j] for j in still], [top[j] for j in still]
+                seqs = [state.seqs[b] for b in active]
+                fast = make(self.model, seqs) if make is not None else None
+                ids = torch.empty(len(active), 1, dtype=torch.int64)
+                idn = ids.numpy()
+            steps += len(active)
+            r = fast.step(top) if fast is not None else None
+            if r is not None:
+                top, bad = r
+                if bad >= 0:
+                    self._decode_non_finite(fast.logits, active, rows, out)
+                continue
+            idn[:, 0] = top
+            logits = self.model.forward(ids, seqs)                             # [n, 1, V] (any model)
+            top = getattr(logits, "argmax_rows", None)
+            logits = logits[:, -1]
+            if logits.dtype != torch.float32 or logits.device.type != "cpu":
+                logits = logits.float().cpu()
+            ln = logits.numpy()
+            top = ln.argmax(-1).tolist() if top is None else top
+            if not math.isfinite(ln.sum()) and not finite(logits):
+                self._decode_non_finite(logits, active, rows, out)
+        return steps
+
+    def _decode_non_finite(self, last, active, rows, out) -> None:
+        """Raise the error naming the first active row whose decode logits [n, V] hold a NaN / Inf."""
+        j = int((~torch.isfinite(last)).any(-1).nonzero()[0])
+        b = active[j]
+        raise_non_finite(self.model, f"decode step {len(out[b])} of prompt {b}", torch.tensor([rows[b]]), out[b])
 
     def _generate_speculative(self, method, rows, params, gen, on_token) -> Generation:
         from . import speculative

@@ -93,8 +93,9 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
     with torch.inference_mode():
         pre = [_prefill(model, r, state.seqs[b], rt.prefill_chunk) for b, r in enumerate(rows)]
         t1 = time.perf_counter()
-        # Per sequence: hidden streams of positions [mtp_pos, pos) awaiting the MTP block, and the token after
-        # each of them (the last one = the decided, unfed token `tok`).
+        # Per sequence: hidden streams of positions [mtp_pos, pos) awaiting the MTP block (the first
+        # len(nexts[b]) positions of hid[b]), and the token after each of them (the last one = the decided,
+        # unfed token `tok`).
         hid = {b: x for b, (_, x) in enumerate(pre)}
         first = _choose(torch.cat([lg for lg, _ in pre]), params, gen) if limit else []
         active = []
@@ -105,21 +106,26 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
             if _emit(out, hist, b, tok, on_token, eos, params):
                 active.append(b)
         nexts = {b: [hist[b][-1]] for b in active}
-        fast = getattr(model.ops.decode_block, "spec_greedy", None) \
+        # greedy: the backend's one-call iterations (`decode_block.spec_greedy_steps`, built for the active
+        # rows; None: the two forwards), where every row catches the MTP block up by as many positions
+        make = getattr(model.ops.decode_block, "spec_greedy_steps", None) \
             if params.temperature == 0 and draft is None else None
+        fast = fast_rows = None
         while active:
             seqs = [state.seqs[b] for b in active]
             marks = [mark(s, 2) for s in seqs]
             toks = [hist[b][-1] for b in active]
             res = None
-            if fast is not None and len({len(nexts[b]) for b in active}) == 1:
-                # draft and verify in one call (one catch-up length for all rows); None: the general path
-                H = hid[active[0]] if len(active) == 1 else torch.cat([hid[b] for b in active])
-                res = fast(model, H, [nexts[b] for b in active], toks, seqs)
+            if make is not None and len({len(nexts[b]) for b in active}) == 1:
+                if fast_rows != active:
+                    fast, fast_rows = make(model, seqs), active
+                if fast is not None:
+                    H = hid[active[0]] if len(active) == 1 else torch.cat([hid[b] for b in active])
+                    res = fast.step(H, [nexts[b] for b in active], toks)
             if res is not None:
-                out3, X, _ = res                             # (draft, target, bonus) per row
-                d, fix, bonus = [r[0] for r in out3], [r[1] for r in out3], [r[2] for r in out3]
-                kept = [r[0] == r[1] for r in out3]
+                r, X, _ = res                             # (draft, target, bonus) per row
+                d, fix, bonus = r[0::3], r[1::3], r[2::3]
+                kept = [a == f for a, f in zip(d, fix)]
             else:
                 q_logits = _draft_logits(model, active, seqs, hid, nexts, hist, draft)         # [n, V]
                 dt = _choose(q_logits, params, gen)
@@ -141,12 +147,13 @@ def generate(rt, rows: list[list[int]], params: SamplingParams, gen, on_token=No
                 if kept[j]:
                     kept_n += 1
                     settle(seqs[j], marks[j], 2)
-                    hid[b], nexts[b] = X[j:j + 1, 0:2], [d[j], bonus[j]]
+                    hid[b], nexts[b] = X if len(active) == 1 else X[j:j + 1], [d[j], bonus[j]]
                     go = _emit(out, hist, b, d[j], on_token, eos, params) and \
                         _emit(out, hist, b, bonus[j], on_token, eos, params)
                 elif marks[j].exact_rows:                   # row 0 = the plain step of the decided token
                     settle(seqs[j], marks[j], 1)
-                    hid[b], nexts[b] = X[j:j + 1, 0:1], [fix[j]]
+                    # one row: the whole buffer (its first row is read, by nexts' length), no torch call
+                    hid[b], nexts[b] = X if len(active) == 1 and res is not None else X[j:j + 1, 0:1], [fix[j]]
                     go = _emit(out, hist, b, fix[j], on_token, eos, params)
                 else:
                     settle(seqs[j], marks[j], 0)            # exactly the state before the verify step
@@ -189,8 +196,9 @@ def _draft_logits(model, active, seqs, hid, nexts, hist, draft) -> torch.Tensor:
     for j, b in enumerate(active):                   # the MTP block catches up 1 or 2 positions per row
         by_len.setdefault(len(nexts[b]), []).append(j)
     for js in by_len.values():
-        X = hid[active[js[0]]] if len(js) == 1 else torch.cat([hid[active[j]] for j in js])
         ids = torch.tensor([nexts[active[j]] for j in js])
+        k = ids.shape[1]                             # a row's hid may hold more positions: its first k
+        X = hid[active[js[0]]][:, :k] if len(js) == 1 else torch.cat([hid[active[j]][:, :k] for j in js])
         lg = model.forward_mtp(X, ids, [seqs[j] for j in js], last=True)[:, -1].float().cpu()
         for k, j in enumerate(js):
             out[j] = lg[k]

@@ -1,6 +1,7 @@
 """Generation: greedy equals the argmax of full forwards, sampling is reproducible, EOS stops, ragged
 batches equal single runs, and the CLI streams text and reports speed."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -79,3 +80,27 @@ def test_random_checkpoint_is_generated_once(tmp_path, monkeypatch, tiny_rt):
     # the same seed and preset as the session fixture: identical logits
     ids = [[0, 40, 50, 60]]
     assert torch.equal(rt.forward(ids), tiny_rt.forward(ids))
+
+
+def test_greedy_lean_steps_equal_the_forward_route(tiny_rt, monkeypatch):
+    """generate's greedy loop takes the backend's one-call steps (`decode_block.greedy_steps`) where it has
+    them, else Transformer.forward: the same tokens, callbacks and decode-token count, with a row stopping
+    early (at an EOS chosen among its tokens)."""
+    from backends import cpu_decode
+
+    prompts = [tiny_rt.encode("a"), tiny_rt.encode("a much longer prompt"), tiny_rt.encode("xyz")]
+    eos = tiny_rt.generate(prompts, max_new_tokens=9, stop_at_eos=False).tokens[1][3]
+    monkeypatch.setattr(tiny_rt, "config", dataclasses.replace(tiny_rt.config, eos_token_id=eos))
+    made = []
+    make = cpu_decode.decode_block.greedy_steps
+    monkeypatch.setattr(cpu_decode.decode_block, "greedy_steps", lambda m, s: made.append(len(s)) or make(m, s))
+
+    def run():
+        events = []
+        g = tiny_rt.generate(prompts, max_new_tokens=9, on_token=lambda b, t: events.append((b, t)))
+        return g.tokens, g.decode_tokens, events
+
+    lean = run()
+    assert made[0] == 3 and min(made) < 3 and len(lean[0][1]) <= 4     # the one-call steps ran; row 1 stopped
+    monkeypatch.delattr(cpu_decode.decode_block, "greedy_steps")
+    assert run() == lean

@@ -2,6 +2,7 @@
 //   dsv4d_step_rows  dsv4d_step over chunks of S tokens per sequence (a verify step [decided, draft, ...])
 //   dsv4d_mtp_step   the MTP block's input projections, its block and its head (the draft)
 //   dsv4d_spec_step  one greedy iteration: the draft (MTP argmax), then the verify of [decided, draft]
+//   dsv4d_run_greedy plain greedy decoding's one-token step: dsv4d_run's argmaxes and a non-finite check
 // They reuse decode_step.cpp's stages unchanged; a chunk's rows of one sequence run in position order
 // (attn_batch's S), so every row is exactly the one-token step at its position. See backends/cpu_decode_rows.py.
 #pragma once
@@ -201,6 +202,25 @@ int dsv4d_spec_step(const MtpP* M, const LayerP* mlayer, const HeadP* mhead, int
     res[3 * b + 1] = argmax(logits + 2 * b * V, V);
     res[3 * b + 2] = argmax(logits + (2 * b + 1) * V, V);
   }
+  return 0;
+}
+
+// Plain greedy decoding's one-token step (backends/cpu_decode_greedy.py): dsv4d_run with the head, the step
+// embedding its ids, the final streams not kept; res[0, B) its argmaxes (argmax_row), res[B] the first row whose
+// logits hold a NaN / Inf (-1: none), found while they are in cache (a torch or numpy check after the call,
+// its code then cold, costs several times this pass) -> dsv4d_run's status.
+int dsv4d_run_greedy(int64_t L, const LayerP* layers, int64_t B, const int64_t* ids, const int64_t* seqs,
+                     const HeadP* head, float* logits, int nt, const EmbedP* embed, int64_t* res) {
+  const int st = dsv4d_run(L, layers, B, nullptr, ids, seqs, nullptr, head, logits, nt, embed, res);
+  if (st) return st;
+  const int64_t V = head->w.N;
+  res[B] = -1;
+  for (int64_t b = 0; b < B && res[B] < 0; ++b)
+    for (int64_t k = 0; k < V; ++k)
+      if (!std::isfinite(logits[b * V + k])) {
+        res[B] = b;
+        break;
+      }
   return 0;
 }
 
