@@ -5,6 +5,12 @@ and with `speculative="mtp"`, interleaved in one process; prints the draft accep
 whether the greedy tokens are identical, and the decode-time ratio plain / speculative (`Generation.
 decode_seconds`: after the prompt's prefill, which both run alike), then the end-to-end ratio (each whole
 `generate` call, the prefill included; the speculative prefill also feeds the MTP block). One line.
+
+`--depth L [L ...]`: where speculation would pay on deeper models of the same widths, which no trained weights
+exist for. Random checkpoints of the default's config with L layers (its layer kinds repeated; cached under
+DSV4RT_HOME) keep no draft, so one speculative token there costs one iteration (draft + 2-row verify); each line
+prints the plain step's and the iteration's cost and the speedup they give at the trained default's acceptance
+(a kept draft's 2-position MTP catch-up is not in it: ~10 us more, so the figure is an upper bound).
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--depth", type=int, nargs="+", default=None, metavar="L",
+                    help="project the speedup on random checkpoints of the default's shape with L layers")
     a = ap.parse_args(argv)
+    if a.depth is not None:
+        if any(L < 1 for L in a.depth):
+            print("error: --depth takes layer counts >= 1", file=sys.stderr)
+            return 2
+        return _depths(a)
     import torch
 
     from .. import default_model
@@ -53,6 +66,43 @@ def main(argv=None) -> int:
     print(f"acceptance {kept / max(drafted, 1):.3f} ({kept}/{drafted}); greedy identical: {same}; "
           f"speculative speedup {plain_dec / spec_dec:.2f}x decode, {plain / spec:.2f}x end to end "
           f"(batch 1, {a.threads} thread(s))")
+    return 0
+
+
+def _depths(a) -> int:
+    import json
+    import statistics
+
+    import torch
+
+    from .. import default_model
+    from ..api import Runtime
+    from ..cache import cache_dir
+    from ..checkpoint.make import write_checkpoint
+
+    torch.set_num_threads(a.threads)
+    here = default_model.HELDOUT.parent
+    base = json.loads((here / "config.json").read_text())
+    acc = 0.771              # the trained default's draft acceptance (this bench, no --depth)
+    body, mtp = base["compress_ratios"][:-1], base["compress_ratios"][-1:]
+    for L in a.depth:
+        cfg = {**base, "num_hidden_layers": L, "compress_ratios": [body[i % len(body)] for i in range(L)] + mtp}
+        out = cache_dir() / f"spec-depth-{L}"
+        if not (out / "model.safetensors.index.json").exists():
+            write_checkpoint(out, cfg, seed=1, shards=1)
+            (out / "tokenizer.json").write_bytes((here / "tokenizer.json").read_bytes())
+        rt = Runtime.load("cpu", checkpoint=str(out), progress=False)
+        p = [base["bos_token_id"]] + [5 + (7 * j) % 300 for j in range(63)]
+        cost = {None: [], "mtp": []}
+        for _ in range(3):
+            for mode in cost:
+                g = rt.generate([p], max_new_tokens=a.new, stop_at_eos=False, speculative=mode)
+                cost[mode].append(g.decode_seconds / len(g.tokens[0]))
+        kept, drafted = rt.last_acceptance
+        step, it = statistics.median(cost[None]), statistics.median(cost["mtp"]) * (1 + kept / max(drafted, 1))
+        print(f"layers {L}: plain step {step * 1e6:.0f} us, speculative iteration {it * 1e6:.0f} us "
+              f"({it / step:.2f} steps; random weights kept {kept}/{drafted}); at acceptance {acc}: "
+              f"{(1 + acc) * step / it:.2f}x ({a.threads} thread(s))")
     return 0
 
 
