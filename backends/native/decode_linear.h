@@ -215,13 +215,16 @@ void rows_batch(const float* x, int64_t ldx, int64_t B, const T* w, int64_t ldw,
   }
 }
 
-// One x row through stored_gemm.cpp's job API (the best ISA this CPU runs, one thread: the pool splits):
-// rows [n0, n1) of the stored weight `w` (its row 0; fp8 codes or fp4 packed pairs) into y[0 .. n1 - n0).
-inline void stored_gemv(int kind, const float* x, int64_t K, const uint8_t* w, int64_t ldw, const uint8_t* s,
-                        int64_t lds, float* y, int64_t n0, int64_t n1) {
+// M <= 16 x rows (ldx apart) through stored_gemm.cpp's job API (the best ISA this CPU runs, one thread: the pool
+// splits): rows [n0, n1) of the stored weight `w` (its row 0; fp8 codes or fp4 packed pairs) into
+// y[m * ldy + 0 .. n1 - n0). Each weight row is decoded once for all M x rows, each x row's value as alone
+// (stored_gemm.cpp; tests/test_decode_linear.py checks B = 1..32): a verify chunk or a batch no longer reads a
+// large model's weights once per row.
+inline void stored_gemv(int kind, const float* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* w, int64_t ldw,
+                        const uint8_t* s, int64_t lds, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   Dsv4Job j{};
-  j.kind = kind; j.M = 1; j.K = K; j.N = n1 - n0; j.n0 = n0;
-  j.x = x; j.ldx = K; j.w = w; j.ldw = ldw; j.s = s; j.lds = lds; j.rs = nullptr; j.y = y; j.ldy = n1 - n0;
+  j.kind = kind; j.M = int32_t(M); j.K = K; j.N = n1 - n0; j.n0 = n0;
+  j.x = x; j.ldx = ldx; j.w = w; j.ldw = ldw; j.s = s; j.lds = lds; j.rs = nullptr; j.y = y; j.ldy = ldy;
   dsv4_gemv(&j, 1, 1, -1);
 }
 
@@ -251,10 +254,10 @@ inline void job_rows(const Job& j, int64_t a, int64_t e) {
     case 0:
       rows_batch(j.x, j.ldx, j.B, (const float*)L.w, L.ldw, L.K, a, e, j.n0, j.y, j.ldy);
       return;
-    default:             // stored FP8 / FP4 (past the widening budget): one row of x per GEMV, bandwidth-bound
-      for (int64_t b = 0; b < j.B; ++b)
-        stored_gemv(L.kind == 2 ? FP8 : FP4, j.x + b * j.ldx, L.K, (const uint8_t*)L.w, L.ldw, L.s, L.lds,
-                    j.y + b * j.ldy + (a - j.n0), a, e);
+    default:             // stored FP8 / FP4 (past the widening budget): bandwidth-bound, 16 x rows a pass
+      for (int64_t b = 0; b < j.B; b += 16)
+        stored_gemv(L.kind == 2 ? FP8 : FP4, j.x + b * j.ldx, j.ldx, std::min<int64_t>(16, j.B - b), L.K,
+                    (const uint8_t*)L.w, L.ldw, L.s, L.lds, j.y + b * j.ldy + (a - j.n0), j.ldy, a, e);
   }
 }
 
