@@ -35,7 +35,7 @@ from runtime.taps import recording
 from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
 
 from . import cpu_native
-from .cpu_decode_seqs import run_checked, table
+from .cpu_decode_seqs import StepBatch, run_checked, table
 from .cpu_decode_abi import AttnP, Comp, EmbedP, HcP, HeadP, LayerP, Lin, MoeP, SeqP, bind
 
 SOURCE = Path(__file__).parent / "native" / "decode_step.cpp"
@@ -336,6 +336,23 @@ def decode_step(model, X, ids, starts, states, hidden: bool = True, last: bool =
 
 
 decode_block.whole_step = decode_step       # Transformer.forward's one-call step where the table runs this
+
+
+def step_batch(model, states):
+    """A StepBatch (cpu_decode_seqs.py) of `states` for one-token greedy-or-sampled steps of `model` with its
+    logits [B, V], or None where `decode_step` would not run the whole step with the head and the embedding in
+    one call."""
+    sp = step_plan(model)
+    lib = library()
+    if sp is False or sp.head is None or sp.embed is None or lib is None:
+        return None
+    L, layers, head, embed, B = len(sp.plans), sp.layers, sp.head_ref, sp.embed, len(states)
+    call = lambda ids, seqs, logits, top: lib.dsv4d_run(L, layers, B, None, ids, seqs, None, head,  # noqa: E731
+                                                        logits, torch.get_num_threads(), embed, top)
+    return StepBatch(call, sp.plans, states, sp.vocab)
+
+
+decode_block.step_batch = step_batch        # the serving engine's steady batch (runtime/serve/executor.py)
 
 
 # ------------------------------------------------------------------ the kernels one by one (tests, profiling)

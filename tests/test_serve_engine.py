@@ -59,6 +59,34 @@ def test_greedy_same_alone_or_among_16(srt):
         eng.stop()
 
 
+def test_steady_batch_is_the_forward(srt):
+    """The executor's steady batch (the fused step's buffers and state addresses reused step after step) gives
+    model.forward's logits and greedy tokens bit for bit and advances the states alike, also across a batch
+    change (a sequence leaving) and after buffers grew (the step's make-room retry)."""
+    from types import SimpleNamespace
+
+    from runtime.serve.executor import Executor
+
+    m = srt.model
+    assert getattr(m.ops.decode_block, "step_batch", None) is not None      # the fused CPU step runs here
+    ex = Executor(srt)
+    a, b = srt.new_state(3, context=64), srt.new_state(3, context=64)
+    with torch.inference_mode():
+        for st in (a, b):
+            for i in range(3):
+                m.forward(torch.tensor([prompt(i, 20 + 7 * i)]), [st.seqs[i]])
+        toks = [5, 6, 7]
+        for step in range(40):
+            n = 3 if step < 20 else 2
+            got = ex.decode([SimpleNamespace(state=s) for s in a.seqs[:n]], toks[:n])
+            assert ex._steady is not None and ex._steady.logits is got
+            want = m.forward(torch.tensor([[t] for t in toks[:n]]), b.seqs[:n], last=True)
+            assert torch.equal(got, want)
+            assert list(got.argmax_rows) == want.argmax(-1).tolist()
+            assert [s.pos for s in a.seqs] == [s.pos for s in b.seqs]
+            toks = list(got.argmax_rows) + toks[n:]
+
+
 def test_plain_table_is_not_batch_invariant(tiny_rt):
     """Why invariant.py exists: with the CPU table's per-op decode step (what runs where the fused step does
     not: official numerics, TP/EP ranks), a decode row's logits change with the batch."""

@@ -40,6 +40,7 @@ class Executor:
         self.model, self.cfg, self.cache = rt.model, rt.config, cache
         self.block = cache.block if cache is not None else block
         self.mtp = mtp                        # speculative: prefill the MTP block too (seq.hid: its carry)
+        self._steady = None                   # the backend's steady batch of the last decode (see decode)
 
     def admit(self, seq) -> int:
         """Fresh state for `seq`, restored from the prefix cache where possible -> cached prompt tokens."""
@@ -72,17 +73,31 @@ class Executor:
         return end - start, (logits[0, -1].float().cpu() if end == len(seq.prompt) else None)
 
     def decode(self, seqs, tokens: list[int]) -> torch.Tensor:
-        """One forward of every sequence's next token (ragged positions) -> logits [n, V] float32."""
+        """One forward of every sequence's next token (ragged positions) -> logits [n, V] float32 (valid until
+        the next call: the steady batch reuses its buffers)."""
+        states = [s.state for s in seqs]
+        # the same batch as the last step (most steps): the backend's steady batch where it has one (the fused
+        # CPU step: its buffers and the sequences' state addresses built once per batch, no model.forward);
+        # rebuilt when a sequence joins or leaves; None from it: this step takes the general path
+        sb = self._steady
+        if sb is None or not sb.fits(states):
+            make = getattr(self.model.ops.decode_block, "step_batch", None)
+            sb = self._steady = make(self.model, states) if make is not None else None
+        if sb is not None:
+            out = sb.run(states, tokens)
+            if out is not None:
+                return out
         # ids from an int64 array: a third of torch.tensor(list)'s cost; the logits shaped by the model (`last`)
         # and no no-op conversions: a torch call after the fused step's native call costs ~10 us (cold caches)
         ids = torch.frombuffer(array.array("q", tokens), dtype=torch.int64).view(-1, 1)
-        out = self.model.forward(ids, [s.state for s in seqs], last=True)
+        out = self.model.forward(ids, states, last=True)
         if out.dtype is not torch.float32:
             out = out.float()
         return out if out.is_cpu else out.cpu()
 
     def free(self, seq) -> None:
         seq.state = None
+        self._steady = None                   # it may hold the state: freed now, not at the next batch
 
     def idle(self) -> None:
         """Called by the engine loop while nothing runs."""
