@@ -20,10 +20,21 @@ class LiveServer:
     """`python -m runtime.serve` in-process: same argument parsing, app and engine; uvicorn in a thread."""
 
     def __init__(self, *args: str):
-        from runtime.serve.__main__ import build
+        import runtime.serve.__main__ as serve_main
 
+        # the model's load waits until /health was asked once (a tiny checkpoint can load before the first request,
+        # and the 503-while-loading answer is what the first request checks); the module's own `load` is put back
+        # as soon as the loading thread has taken the gated one
+        gate, real = threading.Event(), serve_main.load
+
+        def gated(a):
+            serve_main.load = real
+            assert gate.wait(60), "the first /health request never came"
+            return real(a)
+
+        serve_main.load = gated
         self.port = free_port()
-        self.S, app, _ = build(["--port", str(self.port), *args])
+        self.S, app, _ = serve_main.build(["--port", str(self.port), *args])
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -33,6 +44,7 @@ class LiveServer:
             assert time.time() < deadline, "server did not start"
             time.sleep(0.05)
         self.first_health = httpx.get(self.url + "/health").status_code   # while the model loads
+        gate.set()
         while httpx.get(self.url + "/health").status_code != 200:
             assert time.time() < deadline, f"model did not load: {self.S.load_error}"
             time.sleep(0.1)
