@@ -1,0 +1,44 @@
+"""`python -m runtime.bench.step`: one line per batch size on the shipped default (the fused step's native call
+timed inside it), the native entry point put back afterwards, and one-line refusals of bad values. Speeds are
+printed, not asserted."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from backends import cpu_decode
+from runtime.bench import step
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()              # the bench sets torch's thread count for its process
+    yield
+    torch.set_num_threads(n)
+
+
+def test_one_line_per_batch(capsys):
+    lib = cpu_decode.library()
+    before = lib.dsv4d_run if lib is not None else None
+    assert step.main(["--batch", "1", "3", "--steps", "4", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [int(re.match(r"B=(\d+) +step +[\d.]+ ms  per row +[\d.]+ ms  native call +([\d.]+) ms \(1 thread",
+                         ln).group(1)) for ln in lines] == [1, 3]
+    if lib is not None:
+        assert lib.dsv4d_run is before        # the timing wrapper is gone
+        assert all(float(re.search(r"native call +([\d.]+)", ln).group(1)) > 0 for ln in lines)
+
+
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--steps", "0"], ["--threads", "0"]])
+def test_bad_values_are_one_line(args, capsys):
+    assert step.main(args) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_unknown_bench_model_is_one_line(capsys):
+    assert step.main(["--model", "v5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'v5'" in err[0]
