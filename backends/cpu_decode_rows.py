@@ -298,18 +298,6 @@ def spec_greedy_steps(model, states: list) -> SpecGreedy | None:
     return SpecGreedy(model, mp, sp, states)
 
 
-def spec_greedy(model, H, nexts: list[list[int]], toks: list[int], states):
-    """One `SpecGreedy` step (fresh buffers) -> (rows [n] of (draft, argmax of the verify's row 0, of its row
-    1), final streams [n, 2, hc, d], logits [n, 2, V]), or None (nothing changed): the one-iteration form."""
-    g = spec_greedy_steps(model, states)
-    res = g.step(H, nexts, toks) if g is not None else None
-    if res is None:
-        return None
-    r, X, logits = res
-    return [r[3 * b:3 * b + 3] for b in range(len(nexts))], X, logits
-
-
 cd.decode_block.whole_rows = decode_rows    # Transformer.forward's route for a chunk of a few tokens per sequence
 cd.decode_block.mtp_step = mtp_step         # Transformer.forward_mtp's
-cd.decode_block.spec_greedy = spec_greedy   # one greedy iteration in one call (tests)
 cd.decode_block.spec_greedy_steps = spec_greedy_steps   # runtime.speculative's greedy loop

@@ -19,7 +19,7 @@ bit for bit, that of a run that never saw a rejected token:
   (one re-feed forward for the rejected rows).
 Sequences accept independently in a batch (one verify forward for all). Greedy decoding with the MTP block
 takes each iteration's draft and verify in one backend call where the table has one (`decode_block.
-spec_greedy`: the CPU's fused kernels; the same arithmetic as the two calls), else the two forwards.
+spec_greedy_steps`: the CPU's fused kernels; the same arithmetic as the two calls), else the two forwards.
 
 MTP alignment (V3 convention, as `Transformer.forward_mtp`): the MTP block at position t reads the main
 model's final streams at t and the embedding of token t+1, and predicts token t+2. Its own (window-only)

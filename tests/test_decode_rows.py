@@ -92,7 +92,9 @@ def test_one_call_greedy_iteration_equals_its_parts(tiny_rt, k):
     tok = int(nxt[0, -1])
     with torch.inference_mode():
         ma, mb = mark(a.seqs[0], 2), mark(b.seqs[0], 2)
-        rows, Xf, lf = cpu_decode_rows.spec_greedy(model, H, nxt.tolist(), [tok], a.seqs)
+        g = cpu_decode_rows.spec_greedy_steps(model, a.seqs)
+        flat, Xf, lf = g.step(H, nxt.tolist(), [tok])
+        rows = [flat[3 * b:3 * b + 3] for b in range(len(a.seqs))]
         d = int(model.forward_mtp(H, nxt, b.seqs, last=True)[0, -1].argmax())
         lp, Xp = model.forward(torch.tensor([[tok, d]]), b.seqs, return_hidden=True)
     assert rows == [[d, int(lp[0, 0].argmax()), int(lp[0, 1].argmax())]]
