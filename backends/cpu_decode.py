@@ -36,7 +36,7 @@ from runtime.weights.cpu_storage import Fp4Stored, Fp8Stored
 
 from . import cpu_native
 from .cpu_decode_seqs import StepBatch, run_checked, table
-from .cpu_decode_abi import AttnP, Comp, EmbedP, HcP, HeadP, LayerP, Lin, MoeP, SeqP, bind
+from .cpu_decode_abi import AttnP, Comp, EmbedP, HcP, HeadP, LayerP, Lin, MoeP, bind
 
 SOURCE = Path(__file__).parent / "native" / "decode_step.cpp"
 LIB = "libdsv4rt_decode.so"
@@ -353,47 +353,6 @@ def step_batch(model, states):
 
 
 decode_block.step_batch = step_batch        # the serving engine's steady batch (runtime/serve/executor.py)
-
-
-# ------------------------------------------------------------------ the kernels one by one (tests, profiling)
-def hc_pre(hc: HcP, X: torch.Tensor):
-    """X [T, hc, d] -> (x [T, d] after the sub-block's norm, post [T, hc], comb [T, hc, hc])."""
-    T, h, d = X.shape
-    X = X.contiguous()
-    x, post, comb = X.new_empty(T, d), X.new_empty(T, h), X.new_empty(T, h, h)
-    library().dsv4d_hc_pre(ctypes.byref(hc), T, X.data_ptr(), x.data_ptr(), post.data_ptr(), comb.data_ptr())
-    return x, post, comb
-
-
-def hc_post(y, res, post, comb) -> torch.Tensor:
-    T, h, d = res.shape
-    args = [t.contiguous() for t in (y, res, post, comb)]
-    out = torch.empty_like(args[1])
-    library().dsv4d_hc_post(T, h, d, *[t.data_ptr() for t in args], out.data_ptr())
-    return out
-
-
-def attention(block, x: torch.Tensor, starts: list[int], states: list) -> torch.Tensor:
-    """x [B, d] (after attn_norm), one token per sequence -> [B, d]; updates the sequences' layer states."""
-    plan = plan_for(block)
-    B = x.shape[0]
-    seqs = (SeqP * B)()
-    lib = library()
-    if not run_checked(lambda t: lib.dsv4d_records(ctypes.byref(plan.A), B, t, seqs), [plan], states, starts,
-                       table(states, starts, block.layer)):
-        raise ValueError("fused attention: a sequence is in a speculative verify step")
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    lib.dsv4d_attn(ctypes.byref(plan.A), B, x.data_ptr(), seqs, out.data_ptr(), 1)
-    return out
-
-
-def moe(block, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    plan = plan_for(block)
-    x, idv = x.contiguous(), ids.reshape(-1).to(torch.int64).contiguous()
-    out = torch.empty_like(x)
-    library().dsv4d_moe(ctypes.byref(plan.M), x.shape[0], x.data_ptr(), idv.data_ptr(), out.data_ptr(), 1)
-    return out
 
 
 impl("decode_block", "cpu.native_fused", "cpu", decode_block, prepare=_prepare)

@@ -328,7 +328,7 @@ class Runtime:
             logits = self.model.forward(ids, seqs)                             # [n, 1, V] (any model)
             top = getattr(logits, "argmax_rows", None)
             logits = logits[:, -1]
-            if logits.dtype != torch.float32 or logits.device.type != "cpu":
+            if logits.dtype != torch.float32 or not logits.is_cpu:
                 logits = logits.float().cpu()
             ln = logits.numpy()
             top = ln.argmax(-1).tolist() if top is None else top

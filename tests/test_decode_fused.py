@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from backends import cpu_decode
+from tests import decode_kernels
 from runtime.api import Runtime
 from runtime.ops import mhc, norm_rope
 
@@ -66,13 +67,13 @@ def test_hc_pre_and_post_kernels(tiny_rt, ref_rt, T):
     for blk, ref in zip(tiny_rt.model.blocks, ref_rt.model.blocks):
         plan = cpu_decode.plan_for(blk)
         for hc_plan, h, norm in ((plan.ha, ref.hc_attn, ref.attn_norm), (plan.hf, ref.hc_ffn, ref.ffn_norm)):
-            x, post, comb = cpu_decode.hc_pre(hc_plan, X)
+            x, post, comb = decode_kernels.hc_pre(hc_plan, X)
             rx, rpost, rcomb = mhc.hc_pre(X, h.fn, h.base, h.scale, cfg.hc_eps, cfg.norm_eps, cfg.hc_sinkhorn_iters)
             torch.testing.assert_close(x, norm_rope.rms_norm(rx, norm, cfg.norm_eps), atol=TOL, rtol=0)
             torch.testing.assert_close(post, rpost, atol=TOL, rtol=0)
             torch.testing.assert_close(comb, rcomb, atol=TOL, rtol=0)
             y = torch.randn(T, cfg.hidden_size, generator=g)
-            torch.testing.assert_close(cpu_decode.hc_post(y, X, rpost, rcomb), mhc.hc_post(y, X, rpost, rcomb),
+            torch.testing.assert_close(decode_kernels.hc_post(y, X, rpost, rcomb), mhc.hc_post(y, X, rpost, rcomb),
                                        atol=TOL, rtol=0)
 
 
@@ -93,7 +94,7 @@ def test_attention_kernel_every_layer_kind(tiny_rt, ref_rt, starts):
                 kinds.add(cfg.layer_kind(blk.layer))
                 x = torch.randn(len(pos), cfg.hidden_size, generator=g)
                 want = ref.attn(x[:, None], positions, pos, [s.layers[ref.layer] for s in ref_state.seqs])
-                got = cpu_decode.attention(blk, x, pos, got_state.seqs)
+                got = decode_kernels.attention(blk, x, pos, got_state.seqs)
                 torch.testing.assert_close(got, want[:, 0], atol=TOL, rtol=0)
                 for a, b in zip(ref_state.seqs, got_state.seqs):
                     _same_state(a, b, blk.layer)
@@ -110,7 +111,7 @@ def test_moe_kernel_hash_and_learned_layers(tiny_rt, ref_rt):
         for blk, ref in zip(tiny_rt.model.blocks, ref_rt.model.blocks):
             hashed.add(ref.ffn.hash)
             want = ref.ffn(x[:, None], ids[:, None])[:, 0]
-            torch.testing.assert_close(cpu_decode.moe(blk, x, ids), want, atol=TOL, rtol=0)
+            torch.testing.assert_close(decode_kernels.moe(blk, x, ids), want, atol=TOL, rtol=0)
     assert hashed == {True, False}
 
 
