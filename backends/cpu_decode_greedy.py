@@ -17,6 +17,7 @@ import array
 
 import torch
 
+from runtime.model.state import layout_stamp
 from runtime.taps import recording
 
 from . import cpu_decode as cd
@@ -30,7 +31,9 @@ class GreedySteps:
         self.sp, self.states, n = sp, states, len(states)
         self.res = array.array("q", bytes(8 * (n + 1)))      # each row's token, then the first non-finite row
         self.logits = torch.empty(n, sp.vocab)                # [n, V] of the last step (overwritten by the next)
-        self.rp, self.lp = self.res.buffer_info()[0], self.logits.data_ptr()
+        self.ids = array.array("q", bytes(8 * n))
+        self.tab, self.stamp = table(states, [s.pos for s in states]), layout_stamp()
+        self.rp, self.lp, self.ip = self.res.buffer_info()[0], self.logits.data_ptr(), self.ids.buffer_info()[0]
 
     def step(self, toks: list[int]):
         """Feed token toks[j] to sequence j -> (each row's greedy token [n] (torch.argmax's first-maximum
@@ -40,11 +43,16 @@ class GreedySteps:
         if recording():
             return None
         sp, states, n, lib = self.sp, self.states, len(toks), cd._state["lib"]
-        ids = array.array("q", toks)
-        ip, nt, starts = ids.buffer_info()[0], torch.get_num_threads(), [s.pos for s in states]
+        starts = [s.pos for s in states]
+        if self.stamp != layout_stamp():      # a state's buffer objects replaced: their SeqCtr addresses anew
+            self.tab, self.stamp = table(states, starts), layout_stamp()
+        tab = self.tab                        # the positions, then the SeqCtr addresses (kept across steps)
+        tab[:n] = array.array("q", starts)
+        self.ids[:] = array.array("q", toks)
+        ip, nt = self.ip, torch.get_num_threads()
         call = lambda t: lib.dsv4d_run_greedy(len(sp.plans), sp.layers, n, ip, t, sp.head_ref,  # noqa: E731
                                               self.lp, nt, sp.embed, self.rp)
-        if not run_checked(call, sp.plans, states, starts, table(states, starts)):
+        if not run_checked(call, sp.plans, states, starts, tab):
             return None
         for s in states:
             s.pos += 1

@@ -35,9 +35,10 @@ class Metrics:
 def observe_n(hist: Histogram, amount: float, n: int) -> None:
     """`n` observations of `amount` in one update (a decode step's tokens share their inter-token latency):
     the sum grows by n * amount and amount's bucket by n, as n `observe` calls would do (prometheus-client
-    keeps per-bucket counts and cumulates them when scraped; without those internals: n calls)."""
+    keeps per-bucket counts and cumulates them when scraped; without those internals: n calls). n = 1 takes
+    the same route: `observe` without its exemplar and label checks (a c1 decode step's one observation)."""
     buckets, bounds = getattr(hist, "_buckets", None), getattr(hist, "_upper_bounds", None)
-    if n == 1 or buckets is None or bounds is None or len(buckets) != len(bounds):
+    if buckets is None or bounds is None or len(buckets) != len(bounds):
         for _ in range(n):
             hist.observe(amount)
         return
