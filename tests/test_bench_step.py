@@ -7,17 +7,13 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 from backends import cpu_decode
 from runtime.bench import step
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()              # the bench sets torch's thread count for its process
-    yield
-    torch.set_num_threads(n)
+# the bench sets torch's thread count for its process: conftest's one_thread puts it back
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_line_per_batch(capsys):

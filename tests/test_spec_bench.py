@@ -8,16 +8,12 @@ import json
 import re
 
 import pytest
-import torch
 
 from runtime.train import spec_bench
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()              # the bench sets torch's thread count for its process
-    yield
-    torch.set_num_threads(n)
+# the bench sets torch's thread count for its process: conftest's one_thread puts it back
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_bench_line_on_the_default_model(capsys):
@@ -42,4 +38,4 @@ def test_depth_projects_on_a_generated_checkpoint(tmp_path, monkeypatch, capsys)
 def test_a_bad_depth_is_one_line(capsys):
     assert spec_bench.main(["--depth", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --depth takes layer counts >= 1"]
+    assert err == ["error: --depth takes layer counts >= 1 and --acceptance a value in [0, 1]"]

@@ -29,10 +29,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--depth", type=int, nargs="+", default=None, metavar="L",
                     help="project the speedup on random checkpoints of the default's shape with L layers")
+    ap.add_argument("--acceptance", type=float, default=0.771,
+                    help="draft acceptance the --depth projection assumes (default: this bench's figure on the "
+                         "shipped model, 165/214)")
     a = ap.parse_args(argv)
     if a.depth is not None:
-        if any(L < 1 for L in a.depth):
-            print("error: --depth takes layer counts >= 1", file=sys.stderr)
+        if any(L < 1 for L in a.depth) or not 0 <= a.acceptance <= 1:
+            print("error: --depth takes layer counts >= 1 and --acceptance a value in [0, 1]", file=sys.stderr)
             return 2
         return _depths(a)
     import torch
@@ -86,7 +89,7 @@ def _depths(a) -> int:
     torch.set_num_threads(a.threads)
     here = default_model.HELDOUT.parent
     base = json.loads((here / "config.json").read_text())
-    acc = 0.771              # the trained default's draft acceptance (this bench, no --depth)
+    acc = a.acceptance
     body, mtp = base["compress_ratios"][:-1], base["compress_ratios"][-1:]
     for L in a.depth:
         cfg = {**base, "num_hidden_layers": L, "compress_ratios": [body[i % len(body)] for i in range(L)] + mtp}
