@@ -7,56 +7,50 @@ finds the first row with a NaN / Inf logit while the logits are in cache. What t
 work around the call, not the arithmetic: right after a native step the caches hold its weights, not torch's
 dispatch code, so every torch or numpy call then costs several times its warm cost (measured 4-7 us each at
 1 thread: forward's `ids.to`, the logits' `torch.empty`, a `.numpy()`, a sum). Here the ids, the tokens and
-the logits live in buffers made once for the set of sequences; a step is the state table, the call and the
-positions.
+the logits live in buffers made once for the set of sequences (cpu_decode_seqs.StepBatch, as the serving
+engine's); a step is the positions, the call and the positions' advance.
 """
 
 from __future__ import annotations
 
-import array
-
 import torch
 
-from runtime.model.state import layout_stamp
-from runtime.taps import recording
-
 from . import cpu_decode as cd
-from .cpu_decode_seqs import run_checked, table
+from .cpu_decode_seqs import StepBatch
 
 
 class GreedySteps:
-    """One-token greedy steps of a fixed list of sequences (build a new one when the list changes)."""
+    """One-token greedy steps of a fixed list of sequences (build a new one when the list changes): the serving
+    engine's steady batch (`StepBatch`: its state table, ids and logits buffers kept across steps, rebuilt when
+    the state layout changes) on `dsv4d_run_greedy`, whose results are each row's token, then the first
+    non-finite row."""
 
     def __init__(self, sp, states: list):
-        self.sp, self.states, n = sp, states, len(states)
-        self.res = array.array("q", bytes(8 * (n + 1)))      # each row's token, then the first non-finite row
-        self.logits = torch.empty(n, sp.vocab)                # [n, V] of the last step (overwritten by the next)
-        self.ids = array.array("q", bytes(8 * n))
-        self.tab, self.stamp = table(states, [s.pos for s in states]), layout_stamp()
-        self.rp, self.lp, self.ip = self.res.buffer_info()[0], self.logits.data_ptr(), self.ids.buffer_info()[0]
+        self.sp, self.states = sp, states
+        self.batch = self._batch()
+
+    def _batch(self) -> StepBatch:
+        sp, n, lib = self.sp, len(self.states), cd._state["lib"]
+        L, layers, head, embed = len(sp.plans), sp.layers, sp.head_ref, sp.embed
+        call = lambda ids, seqs, logits, res: lib.dsv4d_run_greedy(  # noqa: E731
+            L, layers, n, ids, seqs, head, logits, torch.get_num_threads(), embed, res)
+        return StepBatch(call, sp.plans, self.states, sp.vocab, results=n + 1)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[n, V] of the last step (overwritten by the next)."""
+        return self.batch.logits
 
     def step(self, toks: list[int]):
         """Feed token toks[j] to sequence j -> (each row's greedy token [n] (torch.argmax's first-maximum
         rule), the first row whose logits (`self.logits`) hold a NaN / Inf or -1), or None (nothing changed)
         where the per-op path must run (Transformer.forward then: tap recording, a sequence marked by a per-op
         speculative verify)."""
-        if recording():
+        if not self.batch.fits(self.states):  # a state's buffer objects replaced: their SeqCtr addresses anew
+            self.batch = self._batch()
+        if self.batch.run(self.states, toks) is None:
             return None
-        sp, states, n, lib = self.sp, self.states, len(toks), cd._state["lib"]
-        starts = [s.pos for s in states]
-        if self.stamp != layout_stamp():      # a state's buffer objects replaced: their SeqCtr addresses anew
-            self.tab, self.stamp = table(states, starts), layout_stamp()
-        tab = self.tab                        # the positions, then the SeqCtr addresses (kept across steps)
-        tab[:n] = array.array("q", starts)
-        self.ids[:] = array.array("q", toks)
-        ip, nt = self.ip, torch.get_num_threads()
-        call = lambda t: lib.dsv4d_run_greedy(len(sp.plans), sp.layers, n, ip, t, sp.head_ref,  # noqa: E731
-                                              self.lp, nt, sp.embed, self.rp)
-        if not run_checked(call, sp.plans, states, starts, tab):
-            return None
-        for s in states:
-            s.pos += 1
-        res = self.res.tolist()
+        res, n = self.batch.top.tolist(), len(toks)
         return res[:n], res[n]
 
 

@@ -94,7 +94,7 @@ class StepBatch:
     general path must run (nothing changed then): a speculative verify's held pending rows, a token id outside
     the embedding, tap recording."""
 
-    def __init__(self, call, plans: list, states: list, vocab: int):
+    def __init__(self, call, plans: list, states: list, vocab: int, results: int | None = None):
         import torch
 
         self.call, self.plans, self.states = call, plans, list(states)
@@ -103,7 +103,8 @@ class StepBatch:
         self.tab = array.array("q", [0] * B + self.ctrs)
         self.ids = array.array("q", bytes(8 * B))
         self.logits = torch.empty(B, vocab)
-        self.logits.argmax_rows = self.top = array.array("q", bytes(8 * B))
+        # each row's greedy token (and what else the call reports after them: `results` slots in all)
+        self.logits.argmax_rows = self.top = array.array("q", bytes(8 * (B if results is None else results)))
         # the native call's addresses (the buffers above never move)
         self.args = (self.ids.buffer_info()[0], self.tab.buffer_info()[0], self.logits.data_ptr(),
                      self.top.buffer_info()[0])            # (ids, seqs, logits, top): `call`'s arguments
