@@ -1,6 +1,7 @@
 """`python -m runtime.train.spec_bench`: the speculative bench's line on the shipped default (greedy tokens
 identical to plain decoding, the acceptance counted), its `--depth` projection on a generated deeper checkpoint,
-and its one-line refusal of a bad depth. Speeds are printed, not asserted."""
+its `--parts` decomposition (each part's native call found and timed inside its forward, the ceiling the
+printed parts give), and its one-line refusals of a bad depth or acceptance. Speeds are printed, not asserted."""
 
 from __future__ import annotations
 
@@ -35,7 +36,30 @@ def test_depth_projects_on_a_generated_checkpoint(tmp_path, monkeypatch, capsys)
     assert cfg["num_hidden_layers"] == 2 and len(cfg["compress_ratios"]) == 3    # 2 layers + the MTP block's
 
 
-def test_a_bad_depth_is_one_line(capsys):
-    assert spec_bench.main(["--depth", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --depth takes layer counts >= 1 and --acceptance a value in [0, 1]"]
+def test_parts_time_each_part_and_its_native_call(capsys):
+    assert spec_bench.main(["--parts", "--acceptance", "0.5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2, lines
+    num = r"(\d+) us"
+    got = []
+    for line, what in zip(lines, ("through forward", "native call")):
+        m = re.match(rf"{what} *: plain step +{num}; verify \(2 tokens\) +{num} = ([\d.]+) steps; draft \(MTP "
+                     rf"block \+ head\) +{num} = ([\d.]+) steps; ceiling at acceptance 0.5: ([\d.]+)x "
+                     r"\(1 thread\(s\)\)$", line)
+        assert m, line
+        s, v, d = int(m.group(1)), int(m.group(2)), int(m.group(4))
+        assert min(s, v, d) > 0
+        # the printed ratios and ceiling follow from the printed parts (rounded to whole microseconds)
+        assert abs(float(m.group(3)) - v / s) < 0.02 and abs(float(m.group(5)) - d / s) < 0.03
+        assert abs(float(m.group(6)) - 1.5 * s / (v + d)) < 0.03
+        got.append((s, v, d))
+    # each native call ran inside its forward (a missing one would print nan and fail the match above)
+    assert all(n <= f for n, f in zip(got[1], got[0])), got
+
+
+@pytest.mark.parametrize("argv,msg", [(["--depth", "0"], "error: --depth takes layer counts >= 1"),
+                                      (["--parts", "--acceptance", "1.5"],
+                                       "error: --acceptance takes a value in [0, 1]")])
+def test_bad_arguments_are_one_line(capsys, argv, msg):
+    assert spec_bench.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [msg]

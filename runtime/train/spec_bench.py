@@ -12,6 +12,12 @@ exist for. Random checkpoints of the default's config with L layers (its layer k
 DSV4RT_HOME) keep no draft, so one speculative token there costs one iteration (draft + 2-row verify); each line
 prints the plain step's and the iteration's cost and the speedup they give at the trained default's acceptance
 (a kept draft's 2-position MTP catch-up is not in it: ~10 us more, so the figure is an upper bound).
+
+`--parts`: what one iteration is made of on the shipped model, each part timed alone after a 64-token prefill
+(median of 300 calls through `Transformer.forward` / `forward_mtp`, the fused kernels): a plain one-token step,
+the 2-token verify step, the MTP draft (its block and the head); then the speedup an iteration would give at
+`--acceptance` if it cost nothing but its verify and its draft (no host work between them, no undo records):
+the ceiling of any implementation of this loop on this model and machine.
 """
 
 from __future__ import annotations
@@ -32,10 +38,17 @@ def main(argv=None) -> int:
     ap.add_argument("--acceptance", type=float, default=0.771,
                     help="draft acceptance the --depth projection assumes (default: this bench's figure on the "
                          "shipped model, 165/214)")
+    ap.add_argument("--parts", action="store_true",
+                    help="time a plain step, the verify step and the draft alone; print the loop's ceiling")
     a = ap.parse_args(argv)
+    if not 0 <= a.acceptance <= 1:
+        print("error: --acceptance takes a value in [0, 1]", file=sys.stderr)
+        return 2
+    if a.parts:
+        return _parts(a)
     if a.depth is not None:
-        if any(L < 1 for L in a.depth) or not 0 <= a.acceptance <= 1:
-            print("error: --depth takes layer counts >= 1 and --acceptance a value in [0, 1]", file=sys.stderr)
+        if any(L < 1 for L in a.depth):
+            print("error: --depth takes layer counts >= 1", file=sys.stderr)
             return 2
         return _depths(a)
     import torch
@@ -73,6 +86,84 @@ def main(argv=None) -> int:
           f"speculative speedup {plain_dec / spec_dec:.2f}x decode, {plain / spec:.2f}x end to end "
           f"(batch 1, {a.threads} thread(s))")
     return 0
+
+
+def _parts(a) -> int:
+    import statistics
+
+    import torch
+
+    from .. import default_model
+    from ..api import Runtime
+    from ..errors import V4Error
+    from ..parity.quality import text_windows
+    from ..speculative import _prefill
+
+    torch.set_num_threads(a.threads)
+    try:
+        rt = Runtime.load("cpu", checkpoint=a.checkpoint, progress=False)
+        row = text_windows(rt.tokenizer, rt.config.bos_token_id, default_model.HELDOUT.read_text(encoding="utf-8"),
+                           64, 64)[0][:64].tolist()
+    except V4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n, model, tok = 300, rt.model, row[-1]
+    from backends import cpu_decode
+
+    lib = cpu_decode.library()
+    if lib is None:
+        print(f"error: no native decode library ({cpu_decode._state.get('why')}): nothing to time", file=sys.stderr)
+        return 2
+    native = _Timed(lib)
+
+    def timed(call, entry: str) -> tuple[float, float]:
+        """median seconds of `n` calls of call(seq, X) on a fresh state prefilled with the prompt, and of the
+        native `entry` call inside each"""
+        st = rt.new_state(1, context=len(row) + 2 * n + 16)
+        seq = st.seqs[0]
+        _, X = _prefill(model, row, seq)
+        ts, ns = [], []
+        cpu_decode._state["lib"] = native
+        try:
+            for _ in range(n):
+                native.last.clear()
+                t = time.perf_counter()
+                call(seq, X)
+                ts.append(time.perf_counter() - t)
+                ns.append(native.last.get(entry, float("nan")))
+        finally:
+            cpu_decode._state["lib"] = lib
+        return statistics.median(ts[n // 10:]), statistics.median(ns[n // 10:])   # first calls build plans
+
+    one, two = torch.tensor([[tok]]), torch.tensor([[tok, tok]])
+    with torch.inference_mode():
+        step = timed(lambda seq, X: model.forward(one, [seq], last=True), "dsv4d_run")
+        verify = timed(lambda seq, X: model.forward(two, [seq], return_hidden=True), "dsv4d_step_rows")
+        draft = timed(lambda seq, X: model.forward_mtp(X, one, [seq], last=True), "dsv4d_mtp_step")
+    acc = a.acceptance
+    for i, what in ((0, "through forward"), (1, "native call   ")):
+        s, v, d = step[i], verify[i], draft[i]
+        print(f"{what}: plain step {s * 1e6:4.0f} us; verify (2 tokens) {v * 1e6:4.0f} us = {v / s:.2f} steps; "
+              f"draft (MTP block + head) {d * 1e6:3.0f} us = {d / s:.2f} steps; ceiling at acceptance {acc}: "
+              f"{(1 + acc) * s / (v + d):.2f}x ({a.threads} thread(s))")
+    return 0
+
+
+class _Timed:
+    """The native library with each entry point's last call timed (`last[name]` seconds), for `_parts`."""
+
+    def __init__(self, lib):
+        self.lib, self.last = lib, {}
+
+    def __getattr__(self, name):
+        f = getattr(self.lib, name)
+
+        def call(*args):
+            t = time.perf_counter()
+            r = f(*args)
+            self.last[name] = time.perf_counter() - t
+            return r
+        return call
 
 
 def _depths(a) -> int:
