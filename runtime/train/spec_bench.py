@@ -13,11 +13,12 @@ DSV4RT_HOME) keep no draft, so one speculative token there costs one iteration (
 prints the plain step's and the iteration's cost and the speedup they give at the trained default's acceptance
 (a kept draft's 2-position MTP catch-up is not in it: ~10 us more, so the figure is an upper bound).
 
-`--parts`: what one iteration is made of on the shipped model, each part timed alone after a 64-token prefill
-(median of 300 calls through `Transformer.forward` / `forward_mtp`, the fused kernels): a plain one-token step,
-the 2-token verify step, the MTP draft (its block and the head); then the speedup an iteration would give at
-`--acceptance` if it cost nothing but its verify and its draft (no host work between them, no undo records):
-the ceiling of any implementation of this loop on this model and machine.
+`--parts`: what one iteration is made of on the shipped model (or `--checkpoint`'s), each part timed alone after
+a 64-token prefill (median of 300 calls through `Transformer.forward` / `forward_mtp`, and of the native call
+inside each): a plain one-token step, the 2-token verify step, the MTP draft (its block and the head); then the
+speedup an iteration would give at `--acceptance` if it cost nothing but its verify and its draft (no host work
+between them, no undo records): an upper bound for this loop on these kernels (each part alone keeps its own
+weights in cache; inside an iteration they share it).
 """
 
 from __future__ import annotations
@@ -53,19 +54,11 @@ def main(argv=None) -> int:
         return _depths(a)
     import torch
 
-    from .. import default_model
-    from ..api import Runtime
-    from ..errors import V4Error
-    from ..parity.quality import text_windows
-
     torch.set_num_threads(a.threads)
-    try:
-        rt = Runtime.load("cpu", checkpoint=a.checkpoint, progress=False)
-        w = text_windows(rt.tokenizer, rt.config.bos_token_id, default_model.HELDOUT.read_text(encoding="utf-8"),
-                         64, 64 * a.prompts)
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = _load(a, a.prompts)
+    if loaded is None:
         return 2
+    rt, w = loaded
     kept = drafted = 0
     plain = spec = plain_dec = spec_dec = 0.0
     same = True
@@ -88,25 +81,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def _load(a, prompts: int):
+    """(runtime, `prompts` held-out windows of 64 tokens) for the bench, or None after a one-line error"""
+    from .. import default_model
+    from ..api import Runtime
+    from ..errors import V4Error
+    from ..parity.quality import text_windows
+
+    try:
+        rt = Runtime.load("cpu", checkpoint=a.checkpoint, progress=False)
+        return rt, text_windows(rt.tokenizer, rt.config.bos_token_id,
+                                default_model.HELDOUT.read_text(encoding="utf-8"), 64, 64 * prompts)
+    except V4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def _parts(a) -> int:
     import statistics
 
     import torch
 
-    from .. import default_model
-    from ..api import Runtime
-    from ..errors import V4Error
-    from ..parity.quality import text_windows
     from ..speculative import _prefill
 
     torch.set_num_threads(a.threads)
-    try:
-        rt = Runtime.load("cpu", checkpoint=a.checkpoint, progress=False)
-        row = text_windows(rt.tokenizer, rt.config.bos_token_id, default_model.HELDOUT.read_text(encoding="utf-8"),
-                           64, 64)[0][:64].tolist()
-    except V4Error as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = _load(a, 1)
+    if loaded is None:
         return 2
+    rt, w = loaded
+    row = w[0][:64].tolist()
     n, model, tok = 300, rt.model, row[-1]
     from backends import cpu_decode
 
