@@ -1,7 +1,8 @@
 """`python -m runtime.train.spec_bench`: the speculative bench's line on the shipped default (greedy tokens
 identical to plain decoding, the acceptance counted), its `--depth` projection on a generated deeper checkpoint,
 its `--parts` decomposition (each part's native call found and timed inside its forward, the ceiling the
-printed parts give), and its one-line refusals of a bad depth or acceptance. Speeds are printed, not asserted."""
+printed parts give), and its one-line refusals of a bad depth or acceptance and of a checkpoint without an
+MTP block. Speeds are printed, not asserted."""
 
 from __future__ import annotations
 
@@ -63,3 +64,19 @@ def test_parts_time_each_part_and_its_native_call(capsys):
 def test_bad_arguments_are_one_line(capsys, argv, msg):
     assert spec_bench.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == [msg]
+
+
+def test_a_checkpoint_without_mtp_is_one_line(tmp_path, capsys):
+    from runtime import default_model
+    from runtime.checkpoint.make import write_checkpoint
+
+    here = default_model.HELDOUT.parent
+    base = json.loads((here / "config.json").read_text())
+    write_checkpoint(tmp_path, {**base, "num_nextn_predict_layers": 0, "compress_ratios": base["compress_ratios"][:-1]},
+                     seed=1, shards=1)
+    (tmp_path / "tokenizer.json").write_bytes((here / "tokenizer.json").read_bytes())
+    for argv in (["--parts"], ["--prompts", "1", "--new", "2"]):
+        assert spec_bench.main(argv + ["--checkpoint", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: checkpoint {tmp_path} has no MTP block (num_nextn_predict_layers 0): nothing drafts; pass one "
+            "that has"]

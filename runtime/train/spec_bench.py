@@ -90,11 +90,16 @@ def _load(a, prompts: int):
 
     try:
         rt = Runtime.load("cpu", checkpoint=a.checkpoint, progress=False)
-        return rt, text_windows(rt.tokenizer, rt.config.bos_token_id,
-                                default_model.HELDOUT.read_text(encoding="utf-8"), 64, 64 * prompts)
+        w = text_windows(rt.tokenizer, rt.config.bos_token_id, default_model.HELDOUT.read_text(encoding="utf-8"),
+                         64, 64 * prompts)
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+    if not rt.config.num_mtp:
+        print(f"error: checkpoint {a.checkpoint} has no MTP block (num_nextn_predict_layers 0): nothing drafts; "
+              "pass one that has", file=sys.stderr)
+        return None
+    return rt, w
 
 
 def _parts(a) -> int:
