@@ -58,7 +58,12 @@ def test_parts_time_each_part_and_its_native_call(capsys):
     assert all(n <= f for n, f in zip(got[1], got[0])), got
 
 
+COUNTS = "error: --threads and --prompts take values >= 1, --new >= 2 (the first token, then decode steps)"
+
+
 @pytest.mark.parametrize("argv,msg", [(["--depth", "0"], "error: --depth takes layer counts >= 1"),
+                                      (["--threads", "0"], COUNTS), (["--parts", "--threads", "-1"], COUNTS),
+                                      (["--prompts", "0"], COUNTS), (["--depth", "2", "--new", "1"], COUNTS),
                                       (["--parts", "--acceptance", "1.5"],
                                        "error: --acceptance takes a value in [0, 1]")])
 def test_bad_arguments_are_one_line(capsys, argv, msg):

@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", action="store_true",
                     help="time a plain step, the verify step and the draft alone; print the loop's ceiling")
     a = ap.parse_args(argv)
+    if a.threads < 1 or a.prompts < 1 or a.new < 2:
+        print("error: --threads and --prompts take values >= 1, --new >= 2 (the first token, then decode steps)",
+              file=sys.stderr)
+        return 2
     if not 0 <= a.acceptance <= 1:
         print("error: --acceptance takes a value in [0, 1]", file=sys.stderr)
         return 2
