@@ -118,6 +118,15 @@ def main(argv=None) -> int:
     if a.shared >= a.context or a.tokens < 2 or min(levels) < 1:
         print("bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1", file=sys.stderr)
         return 2
+    if a.out:                                # before the runs, so that their results are not lost at the end
+        from ..cli import writable_file
+        from ..errors import V4Error
+
+        try:
+            writable_file(a.out, "--out")
+        except V4Error as e:
+            print(f"bench serve: {e}", file=sys.stderr)
+            return 2
     from ..api import Runtime
     from ..plan.sizes import macs_per_token
     from ..serve.engine import serving_runtime
