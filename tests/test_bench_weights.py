@@ -30,3 +30,10 @@ def test_v4_width_preset_has_flash_layer_dimensions():
         (4096, 64, 512, 1024, 8, 1024)
     assert (cfg.n_routed_experts, cfg.moe_inter_dim, cfg.experts_per_token, cfg.n_shared_experts) == (64, 2048, 6, 1)
     assert cfg.num_layers == 2 and cfg.is_csa(0) and cfg.ratio(1) == 128 and cfg.num_mtp == 0
+
+
+def test_an_unwritable_json_is_refused_before_any_run(tmp_path, capsys):
+    out = tmp_path / "missing" / "w.json"
+    assert bw.main(["--models", "tiny", "--json", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --json {out}: folder {out.parent} does not exist; create it or name another file"]

@@ -254,3 +254,17 @@ def test_the_dry_run_bench_loads_runs_and_watches_memory(tmp_path):
     assert 0 < res["anon_after_load_gib"] <= res["peak_anon_gib"] + 0.05 < 8
     stopped = run(folder, "cpu", max_anon_gib=0.02, timeout_s=300)      # below an interpreter's own footprint
     assert stopped["error"].startswith("stopped: anonymous memory passed 0.02 GiB")
+
+
+def test_the_dry_run_refuses_an_unwritable_json_or_out_before_any_run(tmp_path, capsys):
+    from runtime.bench.dry_run import main
+
+    out = tmp_path / "missing" / "r.json"
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "t"), "--json", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --json {out}: folder {out.parent} does not exist; create it or name another file"]
+    (tmp_path / "file").write_text("x")
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {tmp_path / 'file'} exists and is not a folder; name a folder"]
+    assert not (tmp_path / "t").exists()                   # nothing was written

@@ -146,7 +146,10 @@ def main(argv=None) -> int:
         from .. import profile as _profile
 
         _profile.load_profile(args.profile)                          # a bad profile name: one line, now
-        out = Path(args.out or f"/tmp/dsv4rt-dry-{args.preset}")
+        from ..cli import writable_file, writable_folder
+
+        json_out = writable_file(args.json, "--json") if args.json else None     # before the run, not after
+        out = writable_folder(args.out or f"/tmp/dsv4rt-dry-{args.preset}", "--out")
         if not (out / "model.safetensors.index.json").is_file():
             from ..checkpoint.sparse import write_sparse_checkpoint
 
@@ -157,8 +160,8 @@ def main(argv=None) -> int:
     res = run(out, args.profile, args.max_anon_gib, args.timeout)
     print(_summary(res), file=sys.stderr)
     print(json.dumps(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=2))
     return 0 if "error" not in res else 1
 
 

@@ -227,10 +227,12 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    from ..cli import writable_file
     from ..errors import V4Error
 
     rows = []
     try:
+        json_out = writable_file(args.json, "--json")      # before the runs, so that their results are not lost
         models = {m: bench_model(m) for m in args.models.split(",") if m}
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
                     "decode_steps": max(2, args.decode_steps)}
             rows.append(_run(spec, args.timeout))
     print(format_rows(rows))
-    Path(args.json).write_text(json.dumps(rows, indent=1))
+    json_out.write_text(json.dumps(rows, indent=1))
     return 0 if rows and not all("error" in r for r in rows) else 1
 
 
