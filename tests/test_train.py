@@ -181,3 +181,10 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "r"), "--heldout", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert main(["--out", str(tmp_path / "r"), "--threads", "0"]) == 2
+    (tmp_path / "f").write_text("x")
+    assert main(["--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --threads must be >= 1 (default: torch's), got 0",
+        f"error: --out {tmp_path / 'f'} exists and is not a folder; name a folder"]
+    assert not (tmp_path / "r").exists()                   # nothing written for a refused run

@@ -66,9 +66,13 @@ def run(argv=None) -> dict:
         raise InputError("need --steps >= 1, --batch >= 1, --seq >= 8 and 0 <= --qat-steps <= --steps")
     if not 0 < a.heldout < 1:
         raise InputError(f"--heldout must be in (0, 1), got {a.heldout}")
+    if a.threads is not None and a.threads < 1:
+        raise InputError(f"--threads must be >= 1 (default: torch's), got {a.threads}")
+    from ..cli import writable_folder
+
+    out = writable_folder(a.out, "--out")              # a file there, or no permission: one line, not a traceback
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     train_texts, held_texts = data.split_texts(a.max_bytes, a.heldout)
     if not train_texts or not held_texts:
