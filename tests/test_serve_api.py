@@ -240,7 +240,8 @@ def test_cli_bad_arguments_exit_2():
 @pytest.mark.parametrize("argv, says", [
     (["--profile", "onnx-cpu"], "profile onnx-cpu runs the exported ONNX graphs, which the server cannot batch"),
     (["--speculative", "mtp", "--tp", "2"], "--speculative mtp runs on one device"),
-    (["--tp", "0"], "--tp must be at least 1")])
+    (["--tp", "0"], "--tp must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1, got 0")])
 def test_cli_refusals_are_one_line(capsys, argv, says):
     from runtime.serve.__main__ import main
 

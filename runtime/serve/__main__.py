@@ -56,7 +56,7 @@ def layout(a):
 
 
 def check_args(a) -> None:
-    for name in ("max_num_seqs", "max_queue", "prefill_tokens", "cache_checkpoint_every", "tp", "ep"):
+    for name in ("max_num_seqs", "max_queue", "prefill_tokens", "cache_checkpoint_every", "tp", "ep", "threads"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise V4Error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     if a.cache_block < 128 or a.cache_block % 128:
