@@ -224,6 +224,7 @@ CASES = [
     ("bench-json-is-a-folder", "runtime.bench", lambda p: ["--quick", "--json", p["base"]], 2, "is a folder"),
     ("bench-contexts-not-ints", "runtime.bench", lambda p: ["--contexts", "1k,4k"], 2, "comma-separated integers"),
     ("bench-compare-unknown", "runtime.bench", lambda p: ["--compare", "vllm"], 2, "unknown --compare engine"),
+    ("bench-threads-zero", "runtime.bench", lambda p: ["--threads", "0"], 2, "--chunk and --threads must be positive"),
     ("export-out-is-file", "export.onnx", lambda p: ["--checkpoint", p["tiny"], "--out", p["afile"]], 2,
      "exists and is not a folder"),
     ("export-no-checkpoint-flag", "export.onnx", lambda p: ["--out", p["out"]], 2,

@@ -108,8 +108,10 @@ def parse(argv):
         contexts = [int(c) for c in (args.contexts or ("300,600" if args.quick else default)).split(",")]
     except ValueError:
         raise V4Error(f"--contexts must be comma-separated integers, got {args.contexts!r}") from None
-    if any(c < 8 for c in contexts) or args.decode_steps < 1 or args.repeats < 1 or args.chunk < 1:
-        raise V4Error("contexts must be >= 8 tokens; --decode-steps, --repeats and --chunk must be positive")
+    if any(c < 8 for c in contexts) or args.decode_steps < 1 or args.repeats < 1 or args.chunk < 1 \
+            or (args.threads is not None and args.threads < 1):
+        raise V4Error("contexts must be >= 8 tokens; --decode-steps, --repeats, --chunk and --threads must be "
+                      "positive")
     if args.quick:
         args.decode_steps, args.repeats = 4, 1
     return args, compare, contexts
