@@ -176,6 +176,7 @@ CASES = [
     ("run-max-new-tokens-not-int", "runtime.run", lambda p: ["--max-new-tokens", "many"], 2,
      "argument --max-new-tokens: invalid int value"),
     ("run-checkpoint-missing", "runtime.run", lambda p: ["--checkpoint", p["base"] / "nope"], 2, "does not exist"),
+    ("run-checkpoint-is-a-file", "runtime.run", lambda p: ["--checkpoint", p["afile"]], 2, "is a file, not a folder"),
     # the shipped default needs no cache; the bench's random tiny model is generated into it
     ("bench-cache-unwritable", "runtime.bench", lambda p: ["--quick", {"DSV4RT_HOME": p["afile"]}], 2,
      "cannot be written"),

@@ -67,17 +67,11 @@ def _run(args) -> int:
 
 def _check(path: str, decode: bool) -> str:
     """Validate a checkpoint folder; one line describing it."""
-    from pathlib import Path
-
     from ..config import ModelConfig
-    from ..errors import CheckpointError
-    from .loader import inventory, load_checkpoint
+    from .loader import checkpoint_folder, inventory, load_checkpoint
     from .sparse import check_extents
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist "
-                              "(make one: python -m runtime.checkpoint make --preset tiny --out DIR)")
+    folder = checkpoint_folder(path)
     cfg = ModelConfig.from_file(folder / "config.json")
     files, found, expert_format, _ = inventory(folder, cfg)
     stored = check_extents(folder, files)

@@ -43,6 +43,16 @@ class LoadedCheckpoint:
     path: Path
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """`path` as a Path if it is a folder; else the one-line error saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    what = "is a file, not a folder" if path.exists() else "does not exist"
+    raise CheckpointError(f"checkpoint folder {path} {what} (make one: python -m runtime.checkpoint make --preset "
+                          "tiny --out DIR)")
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
@@ -180,10 +190,7 @@ class CheckpointReader:
     """A checked checkpoint folder whose tensors are read one at a time, as stored (`tensors()`)."""
 
     def __init__(self, path: str | Path, progress: bool | None = None):
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint folder {path} does not exist "
-                                  "(make one: python -m runtime.checkpoint make --preset tiny --out DIR)")
+        path = checkpoint_folder(path)
         self.path, self.progress = path, progress
         self.cfg = ModelConfig.from_file(path / "config.json")
         self.files, self.found, self.expert_format, self.expected = inventory(path, self.cfg)
