@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from backends import get_backend, names as backend_names
@@ -80,6 +81,11 @@ class Runtime:
         N x M ranks of a torchrun-launched process group (checked against the model before anything loads).
         """
         # 1. the profile and its numerics; 2. the backend: probe, capability check, dispatch table
+        if not isinstance(profile, (str, Path, Profile)):
+            raise InputError(f"profile must be a profile name, a path to a YAML file or a Profile, got "
+                             f"{type(profile).__name__}")
+        if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+            raise InputError(f"checkpoint must be a folder path (str or Path), got {type(checkpoint).__name__}")
         if isinstance(profile, str) and profile in backend_names():
             profile = get_backend(profile).default_profile
         prof = load_profile(profile)
@@ -209,7 +215,8 @@ class Runtime:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop_at_eos: bool = True, on_token: Callable[[int, int], None] | None = None,
                  speculative: str | None = None) -> Generation:
-        """Greedy (temperature 0) or sampled generation for one or several prompts (text or token ids).
+        """Greedy (temperature 0) or sampled generation for one or several prompts (text or token ids; ids may
+        also come as a torch / numpy array, read as its lists).
 
         Prompts may differ in length: each is prefilled on its own, then all decode together, each at its
         own position. `on_token(row, token_id)` is called for every new token as soon as it is chosen.
@@ -219,6 +226,13 @@ class Runtime:
         import time
 
         params = SamplingParams(temperature, top_p, seed, max_new_tokens, stop_at_eos)
+        if isinstance(prompts, (torch.Tensor, np.ndarray)):    # token ids as an array: the same as its lists
+            prompts = prompts.tolist()
+        scalar = (int, float, bytes, dict, type(None))         # what cannot be a prompt or a list of them
+        if isinstance(prompts, scalar) or any(isinstance(p, scalar[1:]) for p in prompts):
+            raise InputError("prompts must be a string, a list of strings or a list of token-id lists, got "
+                             f"{type(prompts).__name__}" + ("" if isinstance(prompts, scalar) else " holding " +
+                                                            ", ".join(sorted({type(p).__name__ for p in prompts}))))
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         rows = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]

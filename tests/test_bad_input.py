@@ -129,6 +129,32 @@ def test_over_long_prompt_and_bad_sampling(tiny_rt):
             tiny_rt.generate("hi", **kw)
 
 
+@pytest.mark.parametrize("prompts,held", [(123, "int"), (None, "NoneType"), (b"hi", "bytes"),
+                                           (["a", None], "list holding NoneType, str"),
+                                           ([0, 5.5], "list holding float, int")])
+def test_prompts_of_the_wrong_type_are_one_line(tiny_rt, prompts, held):
+    with pytest.raises(InputError) as e:
+        tiny_rt.generate(prompts, max_new_tokens=1)
+    assert one_line(e) == ("prompts must be a string, a list of strings or a list of token-id lists, got " + held)
+
+
+def test_prompts_as_arrays_are_their_lists(tiny_rt):
+    want = tiny_rt.generate([[0, 5, 6]], max_new_tokens=3).tokens
+    assert tiny_rt.generate(torch.tensor([[0, 5, 6]]), max_new_tokens=3).tokens == want
+    assert tiny_rt.generate(torch.tensor([0, 5, 6]).numpy(), max_new_tokens=3).tokens == want
+    with pytest.raises(InputError, match="must be integers"):
+        tiny_rt.generate(torch.tensor([[0.5, 1.0]]), max_new_tokens=1)
+
+
+def test_load_arguments_of_the_wrong_type_are_one_line():
+    with pytest.raises(InputError) as e:
+        Runtime.load(5)
+    assert one_line(e) == "profile must be a profile name, a path to a YAML file or a Profile, got int"
+    with pytest.raises(InputError) as e:
+        Runtime.load("cpu", checkpoint=5)
+    assert one_line(e) == "checkpoint must be a folder path (str or Path), got int"
+
+
 def test_unknown_backend():
     with pytest.raises(V4Error, match="unknown profile 'tpu'; shipped: ascend-310p, "):
         Runtime.load("tpu")
