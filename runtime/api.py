@@ -86,6 +86,9 @@ class Runtime:
                              f"{type(profile).__name__}")
         if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
             raise InputError(f"checkpoint must be a folder path (str or Path), got {type(checkpoint).__name__}")
+        _flags(emulate=emulate, allow_fallback=allow_fallback)
+        if progress is not None:
+            _flags(progress=progress)
         if isinstance(profile, str) and profile in backend_names():
             profile = get_backend(profile).default_profile
         prof = load_profile(profile)
@@ -176,6 +179,8 @@ class Runtime:
         ids = self._check_ids(input_ids)
         if state is None:
             state = self.new_state(ids.shape[0])
+        if not isinstance(state, StateBatch):
+            raise InputError(f"state must be a StateBatch from Runtime.new_state, got {type(state).__name__}")
         if state.batch_size != ids.shape[0]:
             raise InputError(f"state holds {state.batch_size} sequences but input_ids has {ids.shape[0]} rows")
         self._check_length(max(state.positions) + ids.shape[1])
@@ -209,6 +214,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InputError(f"encode takes a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
@@ -226,6 +233,8 @@ class Runtime:
         import time
 
         params = SamplingParams(temperature, top_p, seed, max_new_tokens, stop_at_eos)
+        if on_token is not None and not callable(on_token):
+            raise InputError(f"on_token must be a function (row, token_id), got {type(on_token).__name__}")
         if isinstance(prompts, (torch.Tensor, np.ndarray)):    # token ids as an array: the same as its lists
             prompts = prompts.tolist()
         scalar = (int, float, bytes, dict, type(None))         # what cannot be a prompt or a list of them
@@ -388,3 +397,10 @@ class Runtime:
         if c.ignored_keys:
             text += f" | config keys not used: {', '.join(c.ignored_keys)}"
         return text
+
+
+def _flags(**flags) -> None:
+    """Each keyword a bool, or the one-line error naming it (a string such as "no" would read as true)."""
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise InputError(f"{name} must be True or False, got {v!r}")

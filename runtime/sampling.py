@@ -29,6 +29,8 @@ class SamplingParams:
             raise InputError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop_at_eos, bool):
+            raise InputError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
