@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -296,3 +297,12 @@ def test_to_message_openai_shape():
     assert m["role"] == "assistant" and m["content"] is None and m["reasoning_content"] == "R"
     assert m["tool_calls"] == r.tool_calls
     assert parse("hi" + E).to_message() == {"role": "assistant", "content": "hi"}
+
+
+@pytest.mark.parametrize("text", [None, 5, b"x"])
+def test_text_of_the_wrong_type_is_one_line(text):
+    from runtime.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        parse_completion(text)
+    assert str(e.value) == f"the parser reads completion text (str), got {type(text).__name__}"

@@ -138,6 +138,9 @@ class IncrementalParser:
 
     # ---- public ---------------------------------------------------------------------------------------
     def feed(self, text: str) -> ParseDelta:
+        if not isinstance(text, str):
+            from ..errors import InputError
+            raise InputError(f"the parser reads completion text (str), got {type(text).__name__}")
         if self.finished:
             raise RuntimeError("feed() after finish()")
         if self.mode == "end":
