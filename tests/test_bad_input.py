@@ -159,7 +159,8 @@ def test_api_arguments_of_the_wrong_type_are_one_line(tiny_rt):
     for call, msg in ((lambda: Runtime.load("cpu", emulate="yes"), "emulate must be True or False, got 'yes'"),
                       (lambda: Runtime.load("cpu", progress="no"), "progress must be True or False, got 'no'"),
                       (lambda: tiny_rt.generate("x", stop_at_eos="no"), "stop_at_eos must be True or False, got 'no'"),
-                      (lambda: tiny_rt.generate("x", on_token=5), "on_token must be a function (row, token_id), got int"),
+                      (lambda: tiny_rt.generate("x", on_token=5),
+                       "on_token must be a function (row, token_id), got int"),
                       (lambda: tiny_rt.encode(5), "encode takes a string, got int"),
                       (lambda: tiny_rt.forward([[1, 2]], state="s"),
                        "state must be a StateBatch from Runtime.new_state, got str")):

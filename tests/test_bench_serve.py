@@ -31,11 +31,12 @@ def test_a_short_run_writes_consistent_figures(tmp_path, capsys):
     assert "roofline:" in capsys.readouterr().out
 
 
+NEED = "bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1"
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--concurrency", "1,x"], "bench serve: --concurrency must be comma-separated integers, got '1,x'"),
-    (["--concurrency", "0"], "bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1"),
-    (["--tokens", "1"], "bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1"),
-    (["--context", "100", "--shared", "200"], "bench serve: need --shared < --context, --tokens >= 2, concurrency >= 1"),
+    (["--concurrency", "0"], NEED), (["--tokens", "1"], NEED), (["--context", "100", "--shared", "200"], NEED),
 ])
 def test_bad_arguments_are_one_line(capsys, argv, msg):
     assert serve.main(argv) == 2

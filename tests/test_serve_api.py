@@ -228,6 +228,23 @@ def test_error_statuses(server, client):
     assert client.completions.create(model=MODEL, prompt="still fine", max_tokens=1).choices
 
 
+def test_parameters_not_applied_are_refused_unless_neutral(client):
+    """presence / frequency penalties, logit_bias, best_of and suffix are not applied: a 400 naming the field
+    (ignoring them would answer as if they had been), while their neutral values pass."""
+    chat, comp = client.chat.completions.create, client.completions.create
+    one = {"model": MODEL, "messages": HI, "max_tokens": 1}
+    for call, field in ((lambda: chat(**one, presence_penalty=0.5), "presence_penalty"),
+                        (lambda: chat(**one, frequency_penalty=-1), "frequency_penalty"),
+                        (lambda: chat(**one, logit_bias={"5": 10}), "logit_bias"),
+                        (lambda: comp(model=MODEL, prompt="x", max_tokens=1, best_of=2), "best_of"),
+                        (lambda: comp(model=MODEL, prompt="x", max_tokens=1, suffix="y"), "suffix")):
+        code, resp = _status(call)
+        err = resp.json()["error"]
+        assert code == 400 and err["param"] == field and err["message"].startswith(field + ": "), err
+    assert chat(**one, presence_penalty=0, frequency_penalty=0, logit_bias={}).choices
+    assert comp(model=MODEL, prompt="x", max_tokens=1, best_of=1).choices
+
+
 def test_cli_bad_arguments_exit_2():
     import subprocess
     import sys

@@ -1,7 +1,8 @@
 """Request models of the OpenAI-compatible API (pydantic), and OpenAI's error JSON.
 
-Unknown fields are accepted and ignored, as OpenAI's own server does for forward compatibility; values are
-checked here so that bad input is a 400 with one line naming the field, never a 500.
+Unknown fields are accepted and ignored, as OpenAI's own server does for forward compatibility; OpenAI's own
+parameters that this server does not apply (penalties, logit_bias, best_of, suffix) pass only at their neutral
+values. Values are checked here so that bad input is a 400 with one line naming the field, never a 500.
 """
 
 from __future__ import annotations
@@ -44,6 +45,25 @@ class Sampling(_Base):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False
+    # OpenAI parameters this server does not apply: their neutral values pass, any other is a 400 (ignoring it
+    # would answer as if it had been applied)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, Any]] = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v):
+        if v not in (None, 0):
+            raise ValueError(f"penalties are not applied by this server (got {v}); drop it or send 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not applied by this server; drop it or send {}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -72,6 +92,22 @@ class CompletionRequest(Sampling):
     prompt: Union[str, list[int]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        if v not in (None, 1):
+            raise ValueError(f"best_of {v} is not supported by this server; use n for several completions")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix (insertion) is not supported by this server; drop it")
+        return v
 
     @field_validator("prompt")
     @classmethod
