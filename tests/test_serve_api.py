@@ -202,6 +202,9 @@ def test_error_statuses(server, client):
     assert _status(lambda: chat(model=MODEL, messages=HI, extra_body={"thinking": {"type": "maybe"}}))[0] == 400
     assert _status(lambda: chat(model=MODEL, messages=HI, stream_options={"include_usage": True}))[0] == 400
     assert _status(lambda: client.completions.create(model=MODEL, prompt=[999999]))[0] == 400
+    for batch in (["a", "b"], [[0, 5], [0, 6]]):
+        code, resp = _status(lambda: client.completions.create(model=MODEL, prompt=batch))
+        assert code == 400 and "one prompt per request" in resp.json()["error"]["message"]
     assert httpx.post(server.url + "/v1/completions", content=b"{not json", headers={
         "Authorization": "Bearer sk-test", "content-type": "application/json"}).status_code == 400
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "x"},     # missing model: pydantic -> 400

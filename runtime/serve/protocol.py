@@ -109,6 +109,14 @@ class CompletionRequest(Sampling):
             raise ValueError("suffix (insertion) is not supported by this server; drop it")
         return v
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+            raise ValueError("one prompt per request: a string or a list of token ids (batches of prompts are not "
+                             "taken; send them as separate requests)")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
