@@ -210,6 +210,14 @@ def test_error_statuses(server, client):
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "x"},     # missing model: pydantic -> 400
                       headers={"Authorization": "Bearer sk-test"}).status_code == 400
     assert _status(lambda: server.client(api_key="wrong").models.list())[0] == 401
+    code, resp = _status(lambda: chat(model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]))
+    assert code == 400 and "is a text part whose `text` is not a string (got int)" in resp.json()["error"]["message"]
+    auth = {"Authorization": "Bearer sk-test"}
+    for method, path, code in (("get", "/v1/nope", 404), ("get", "/v1/chat/completions", 405)):
+        r = getattr(httpx, method)(server.url + path, headers=auth)      # routing's answers in OpenAI's JSON too
+        assert r.status_code == code and set(r.json()["error"]) >= {"message", "type", "param", "code"}, r.text
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "x", "messages": HI})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "give prompt or messages, not both"
     assert _status(lambda: chat(model="gpt-4o", messages=HI))[0] == 404
     assert _status(lambda: chat(model=MODEL, messages=[{"role": "user", "content": "x" * 300_000}]))[0] == 413
     assert _status(lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2_000_000))[0] == 413

@@ -34,6 +34,9 @@ def _text(content, where: str, required: bool = True) -> str | None:
                 parts.append(part)
             elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") == "text":
+                raise InputError(f"{where}: content part {j} is a text part whose `text` is not a string "
+                                 f"(got {type(part.get('text')).__name__})")
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise InputError(f"{where}: content part {j} has type {kind!r}; only text parts "

@@ -14,6 +14,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import InputError, V4Error
@@ -49,6 +50,13 @@ def create_app(S: ServerState) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api(request, exc: APIError):
         return _err(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        # routing's own answers (an unknown path, a wrong method) in OpenAI's error JSON too
+        what = {404: f"no route {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _err(APIError(exc.status_code, what, "invalid_request_error", headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):
@@ -114,6 +122,8 @@ def create_app(S: ServerState) -> FastAPI:
     async def tokenize(request: Request):
         req = await body(request, TokenizeRequest)
         check_model(req.model)
+        if req.messages is not None and req.prompt is not None:
+            raise APIError(400, "give prompt or messages, not both", param="prompt")
         if req.messages is not None:
             from ..chat import encode_chat_ids
             try:
