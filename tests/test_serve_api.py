@@ -269,7 +269,10 @@ def test_cli_bad_arguments_exit_2():
     (["--profile", "onnx-cpu"], "profile onnx-cpu runs the exported ONNX graphs, which the server cannot batch"),
     (["--speculative", "mtp", "--tp", "2"], "--speculative mtp runs on one device"),
     (["--tp", "0"], "--tp must be at least 1"),
-    (["--threads", "0"], "--threads must be at least 1, got 0")])
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--max-body-mb", "0"], "--max-body-mb must be > 0 and --cache-mb >= 0"),
+    (["--cache-mb", "-1"], "--max-body-mb must be > 0 and --cache-mb >= 0"),
+    (["--api-key", ""], "--api-key is empty; give a value or leave the flag out")])
 def test_cli_refusals_are_one_line(capsys, argv, says):
     from runtime.serve.__main__ import main
 

@@ -63,6 +63,12 @@ def check_args(a) -> None:
         raise V4Error(f"--cache-block must be a positive multiple of 128, got {a.cache_block}")
     if not 0 < a.port < 65536:
         raise V4Error(f"--port must be in 1..65535, got {a.port}")
+    if not a.max_body_mb > 0 or not a.cache_mb >= 0:     # (written so that NaN fails too)
+        raise V4Error(f"--max-body-mb must be > 0 and --cache-mb >= 0 (0 = no prefix cache), got {a.max_body_mb} "
+                      f"and {a.cache_mb}")
+    for flag, v in (("--api-key", a.api_key), ("--model-name", a.model_name)):
+        if v is not None and not v.strip():
+            raise V4Error(f"{flag} is empty; give a value or leave the flag out")
 
 
 def _spec_args(a) -> None:
