@@ -238,7 +238,8 @@ class Runtime:
         if isinstance(prompts, (torch.Tensor, np.ndarray)):    # token ids as an array: the same as its lists
             prompts = prompts.tolist()
         scalar = (int, float, bytes, dict, type(None))         # what cannot be a prompt or a list of them
-        if isinstance(prompts, scalar) or any(isinstance(p, scalar[1:]) for p in prompts):
+        if isinstance(prompts, scalar) or (not isinstance(prompts, str)
+                                           and any(isinstance(p, scalar[1:]) for p in prompts)):
             raise InputError("prompts must be a string, a list of strings or a list of token-id lists, got "
                              f"{type(prompts).__name__}" + ("" if isinstance(prompts, scalar) else " holding " +
                                                             ", ".join(sorted({type(p).__name__ for p in prompts}))))
