@@ -21,14 +21,15 @@ import time
 
 import torch
 
+from ..errors import V4Error
+
 
 class _Out:
     def __init__(self):
-        self.n, self.first, self.done = 0, None, threading.Event()
+        self.n, self.times, self.done = 0, [], threading.Event()
 
     def token(self, t, lp):
-        if self.first is None:
-            self.first = time.perf_counter()
+        self.times.append(time.perf_counter())      # each token's arrival (the rate counts from them, not polls)
         self.n += 1
         return False
 
@@ -48,12 +49,17 @@ def decode_rate(rt, concurrency: int, tokens: int) -> float:
         outs = [_Out() for _ in range(concurrency)]
         for i, o in enumerate(outs):
             eng.submit(Sequence(_prompt(i, 24 + i), GenParams(max_tokens=tokens, ignore_eos=True), o))
-        while any(o.n == 0 for o in outs):
-            time.sleep(0.001)
-        t0, n0 = time.perf_counter(), sum(o.n for o in outs)
         for o in outs:
             o.done.wait()
-        return (sum(o.n for o in outs) - n0) / (time.perf_counter() - t0)
+        # from the moment every sequence has its first token (all prefills done) to the last token: the tokens
+        # decoded in that span over its length
+        t0 = max(o.times[0] for o in outs)
+        t1 = max(o.times[-1] for o in outs)
+        n = sum(sum(1 for t in o.times if t > t0) for o in outs)
+        if n == 0 or t1 <= t0:
+            raise V4Error(f"no decode step after the last prefill at concurrency {concurrency}; "
+                          "raise --tokens")
+        return n / (t1 - t0)
     finally:
         eng.stop()
 
@@ -87,7 +93,7 @@ def ttft(rt, context: int, shared: int) -> dict:
         t = time.perf_counter()
         seq = eng.submit(Sequence(ids, GenParams(max_tokens=1), o))
         o.done.wait()
-        return o.first - t, seq.cached_tokens
+        return o.times[0] - t, seq.cached_tokens
 
     try:
         a = _prompt(1, context)
@@ -120,7 +126,6 @@ def main(argv=None) -> int:
         return 2
     if a.out:                                # before the runs, so that their results are not lost at the end
         from ..cli import writable_file
-        from ..errors import V4Error
 
         try:
             writable_file(a.out, "--out")
