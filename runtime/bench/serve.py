@@ -26,11 +26,10 @@ from ..errors import V4Error
 
 class _Out:
     def __init__(self):
-        self.n, self.times, self.done = 0, [], threading.Event()
+        self.times, self.done = [], threading.Event()
 
     def token(self, t, lp):
         self.times.append(time.perf_counter())      # each token's arrival (the rate counts from them, not polls)
-        self.n += 1
         return False
 
     def finish(self, reason):

@@ -26,6 +26,18 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# OpenAI parameters this server does not apply -> (their neutral values, what a client sending another is told):
+# anything but a neutral value is a 400, since ignoring it would answer as if it had been applied
+_PENALTY = ((None, 0), lambda v: f"penalties are not applied by this server (got {v}); drop it or send 0")
+NOT_APPLIED = {
+    "presence_penalty": _PENALTY,
+    "frequency_penalty": _PENALTY,
+    "logit_bias": ((None, {}), lambda v: "logit_bias is not applied by this server; drop it or send {}"),
+    "best_of": ((None, 1), lambda v: f"best_of {v} is not supported by this server; use n for several completions"),
+    "suffix": ((None, ""), lambda v: "suffix (insertion) is not supported by this server; drop it"),
+}
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -45,24 +57,16 @@ class Sampling(_Base):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False
-    # OpenAI parameters this server does not apply: their neutral values pass, any other is a 400 (ignoring it
-    # would answer as if it had been applied)
-    presence_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None           # NOT_APPLIED: neutral values only
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, Any]] = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator(*NOT_APPLIED, check_fields=False)   # (best_of, suffix: CompletionRequest's fields)
     @classmethod
-    def _penalty(cls, v):
-        if v not in (None, 0):
-            raise ValueError(f"penalties are not applied by this server (got {v}); drop it or send 0")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not applied by this server; drop it or send {}")
+    def _not_applied(cls, v, info):
+        neutral, why = NOT_APPLIED[info.field_name]
+        if v not in neutral:
+            raise ValueError(why(v))
         return v
 
     @field_validator("stop")
@@ -92,22 +96,8 @@ class CompletionRequest(Sampling):
     prompt: Union[str, list[int]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    best_of: Optional[int] = None
+    best_of: Optional[int] = None                      # NOT_APPLIED: neutral values only
     suffix: Optional[str] = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        if v not in (None, 1):
-            raise ValueError(f"best_of {v} is not supported by this server; use n for several completions")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix (insertion) is not supported by this server; drop it")
-        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
