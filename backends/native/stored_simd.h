@@ -1,6 +1,6 @@
 // SIMD row kernels for stored_gemm.cpp: AVX-512 (F/BW/VL), AVX2 (+FMA, F16C) and aarch64 NEON.
 //
-// Each kernel computes one output row n for MR (1..4) rows of x: y[m, n - n0] = sum_k x[m, k] * W[n, k].
+// Each kernel computes one output row n for MR (1..8; 1..4 below AVX-512) rows of x: y[m, n - n0] = sum_k x[m, k] * W[n, k].
 // The weight row is decoded in registers, never stored:
 //   fp8  e4m3 -> fp16 bits by integer arithmetic (sign to bit 15, exponent+mantissa << 7), then the F16C /
 //        AVX-512 half->float conversion: that float is exactly value * 2^-8 for every normal and subnormal

@@ -14,8 +14,9 @@ prints the plain step's and the iteration's cost and the speedup they give at th
 (a kept draft's 2-position MTP catch-up is not in it: ~10 us more, so the figure is an upper bound).
 
 `--parts`: what one iteration is made of on the shipped model (or `--checkpoint`'s), each part timed alone after
-a 64-token prefill (median of 300 calls through `Transformer.forward` / `forward_mtp`, and of the native call
-inside each): a plain one-token step, the 2-token verify step, the MTP draft (its block and the head); then the
+a 64-token prefill of the held-out text (median of 300 calls through `Transformer.forward` / `forward_mtp`, and of
+the native call inside each; call i feeds the text's next token, or the next two: a verify's rows are different
+tokens, each routed to its own experts, as in a real iteration): a plain one-token step, the 2-token verify step, the MTP draft (its block and the head); then the
 speedup an iteration would give at `--acceptance` if it cost nothing but its verify and its draft (no host work
 between them, no undo records): an upper bound for this loop on these kernels (each part alone keeps its own
 weights in cache; inside an iteration they share it).
@@ -111,15 +112,21 @@ def _parts(a) -> int:
 
     import torch
 
+    from .. import default_model
     from ..speculative import _prefill
 
     torch.set_num_threads(a.threads)
     loaded = _load(a, 1)
     if loaded is None:
         return 2
-    rt, w = loaded
-    row = w[0][:64].tolist()
-    n, model, tok = 300, rt.model, row[-1]
+    rt, _ = loaded
+    n, model = 300, rt.model
+    # the held-out text itself: a 64-token prompt, then call i feeds its tokens i (and i + 1), so that the two
+    # rows of a verify are different tokens, as a draft and the token before it are (the same token twice routes
+    # both rows to the same experts in the hash-routed layer and likely in the others: a 2-row step then reads
+    # no more expert weights than a 1-row one, and the parts read ~0.2 step cheaper than inside the loop)
+    ids = torch.tensor(rt.tokenizer.encode(default_model.HELDOUT.read_text(encoding="utf-8")))
+    row, text = [rt.config.bos_token_id] + ids[:63].tolist(), ids[63:63 + n + 2]
     from backends import cpu_decode
 
     lib = cpu_decode.library()
@@ -129,29 +136,30 @@ def _parts(a) -> int:
     native = _Timed(lib)
 
     def timed(call, entry: str) -> tuple[float, float]:
-        """median seconds of `n` calls of call(seq, X) on a fresh state prefilled with the prompt, and of the
-        native `entry` call inside each"""
+        """median seconds of `n` calls call(seq, X, i) (i = 0 .. n-1) on a fresh state prefilled with the
+        prompt, and of the native `entry` call inside each"""
         st = rt.new_state(1, context=len(row) + 2 * n + 16)
         seq = st.seqs[0]
         _, X = _prefill(model, row, seq)
         ts, ns = [], []
         cpu_decode._state["lib"] = native
         try:
-            for _ in range(n):
+            for i in range(n):
                 native.last.clear()
                 t = time.perf_counter()
-                call(seq, X)
+                call(seq, X, i)
                 ts.append(time.perf_counter() - t)
                 ns.append(native.last.get(entry, float("nan")))
         finally:
             cpu_decode._state["lib"] = lib
         return statistics.median(ts[n // 10:]), statistics.median(ns[n // 10:])   # first calls build plans
 
-    one, two = torch.tensor([[tok]]), torch.tensor([[tok, tok]])
+    one = [text[i:i + 1][None] for i in range(n + 1)]                   # [1, 1] each
+    two = [text[i:i + 2][None] for i in range(n)]                       # [1, 2]: a token and the next
     with torch.inference_mode():
-        step = timed(lambda seq, X: model.forward(one, [seq], last=True), "dsv4d_run")
-        verify = timed(lambda seq, X: model.forward(two, [seq], return_hidden=True), "dsv4d_step_rows")
-        draft = timed(lambda seq, X: model.forward_mtp(X, one, [seq], last=True), "dsv4d_mtp_step")
+        step = timed(lambda seq, X, i: model.forward(one[i], [seq], last=True), "dsv4d_run")
+        verify = timed(lambda seq, X, i: model.forward(two[i], [seq], return_hidden=True), "dsv4d_step_rows")
+        draft = timed(lambda seq, X, i: model.forward_mtp(X, one[i + 1], [seq], last=True), "dsv4d_mtp_step")
     acc = a.acceptance
     for i, what in ((0, "through forward"), (1, "native call   ")):
         s, v, d = step[i], verify[i], draft[i]
