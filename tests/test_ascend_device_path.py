@@ -17,8 +17,11 @@ from runtime.weights.device_storage import Int8Channel
 from runtime.profile import PROFILE_DIR, parse_profile
 from tests.twins.backends import hosted_ascend
 
-# KL to float32 / top-1 bounds: the emulation's documented ones (tests/test_emulation.py).
-TOLERANCE = {"ascend-910b": ("ascend-a2", 223, 0.03, 0.88), "ascend-310p": ("ascend-310p", 202, 0.003, 0.98)}
+# KL to float32 / top-1 bounds of the device path on the twin, about 3x the measured KL and top-1 disagreement
+# (random tiny model, 2 x 300 random ids; 2026-12-03: ascend-910b KL 0.0064, top-1 0.940 (its emulation 0.0068,
+# 0.938); ascend-310p KL 2.3e-6, top-1 0.998, one flip in 600 (the same as its emulation)); and at most 1.5x the
+# emulation's own KL (below).
+TOLERANCE = {"ascend-910b": ("ascend-a2", 223, 0.019, 0.88), "ascend-310p": ("ascend-310p", 202, 7e-6, 0.995)}
 
 
 def _kl_top1(a, b):

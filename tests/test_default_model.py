@@ -7,9 +7,11 @@ the chat encoding runs on its trained tokenizer.
 import hashlib
 import json
 import math
+import shlex
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +22,10 @@ from runtime.api import Runtime
 from runtime.chat import encode_messages
 from runtime.chat.tokens import ASSISTANT, BOS, SPECIAL_TOKENS, USER
 
-# `python -m runtime.run --backend cpu --prompt "def " --max-new-tokens 24` on the shipped model (greedy),
-# recorded once from that command when the model was swapped in.
-DEMO_PROMPT, DEMO_TOKENS = "def ", 24
-DEMO_OUTPUT = 'def genertor(map, x, x, **kw):\n    '
+# The README's first command, as written there (its defaults: greedy, 32 new tokens, stop at EOS), and what it
+# printed when the model was swapped in (2026-12-02; the 32-token form recorded 2026-12-03).
+DEMO_COMMAND = 'python3 -m runtime.run --backend cpu --prompt "def "'
+DEMO_OUTPUT = 'def genertor(map, x, x, **kw):\n    """Return the val'
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,13 @@ def test_it_has_learned_its_held_out_text(rt):
 
 
 def test_demo_prints_the_recorded_greedy_text():
-    r = subprocess.run([sys.executable, "-m", "runtime.run", "--backend", "cpu", "--prompt", DEMO_PROMPT,
-                        "--max-new-tokens", str(DEMO_TOKENS), "--no-eos-stop", "--threads", "1"],
-                       capture_output=True, text=True, timeout=300)
+    """The README's demo command prints the recorded text, and the README quotes both as they are here."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert DEMO_COMMAND in readme.split("\n## ")[0]                  # the opening command block runs it
+    quoted = DEMO_OUTPUT.replace("\n", "\\n")                        # the README writes newlines as \n
+    assert f"`{quoted}`" in readme
+    r = subprocess.run([sys.executable, *shlex.split(DEMO_COMMAND)[1:]], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == DEMO_OUTPUT
 

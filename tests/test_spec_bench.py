@@ -31,8 +31,13 @@ def test_depth_projects_on_a_generated_checkpoint(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("DSV4RT_HOME", str(tmp_path))
     assert spec_bench.main(["--depth", "2", "--new", "4"]) == 0
     line = capsys.readouterr().out.strip()
-    assert re.match(r"layers 2: plain step \d+ us, speculative iteration \d+ us \([\d.]+ steps; random weights kept "
-                    r"\d+/\d+\); at acceptance 0.771: [\d.]+x \(1 thread\(s\)\)$", line), line
+    m = re.match(r"layers 2: plain step \d+ us, speculative iteration \d+ us \([\d.]+ steps; random weights kept "
+                 r"\d+/\d+\); at acceptance 0.771: [\d.]+x \(1 thread\(s\)\); native calls inside them \(median\): "
+                 r"step (\d+) us, iteration (\d+) us \(([\d.]+) steps\)$", line)
+    assert m, line
+    # the native medians were found inside the loops (nonzero) and the printed ratio follows from them
+    ns, ni = int(m.group(1)), int(m.group(2))
+    assert 0 < ns and 0 < ni and abs(float(m.group(3)) - ni / ns) <= 0.01 + 0.5 * ni / ns ** 2, line
     cfg = json.loads((tmp_path / "spec-depth-2" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and len(cfg["compress_ratios"]) == 3    # 2 layers + the MTP block's
 

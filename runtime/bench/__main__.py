@@ -81,7 +81,9 @@ def parse(argv):
     ap = ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", help="profile of this runtime's engine (default cpu)")
-    ap.add_argument("--model", default=None, help="tiny (default), tiny-hf (default with --compare transformers)")
+    ap.add_argument("--model", default=None,
+                    help="tiny (default: the random 5-layer preset), tiny-hf (default with --compare transformers), "
+                         "tiny-r128 (default with --compare llama.cpp), bw-200mb (the bandwidth scenario)")
     ap.add_argument("--checkpoint", default=None, help="an official-layout checkpoint folder instead of --model")
     ap.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 1024,4096,16384,65536; "
                     "4096,8192,16384 with --compare transformers)")

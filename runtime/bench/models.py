@@ -1,6 +1,7 @@
 """Benchmark checkpoints, generated once into the cache folder (official layout, random weights).
 
-- `tiny`: the embedded default (5 layers: window-only, CSA, HCA-128, CSA, HCA-16).
+- `tiny`: the random tiny preset (5 layers: window-only, CSA, HCA-128, CSA, HCA-16; `random_checkpoint`), not
+  the shipped trained default (runtime/default_model, 3 layers).
 - `tiny-hf`: the same dimensions with one HCA ratio (128 twice) so transformers can hold it (its
   `compress_rates` is per layer type); the `--compare transformers` default.
 - `tiny-r128`: the tiny preset with ratio 16 -> 128 and indexer head dim 32 -> 128, what llama.cpp's deepseek4

@@ -4,9 +4,9 @@ bytes, decode tokens/s and the effective bandwidth on the *stored* bytes a token
     python -m runtime.bench.weights                          # tiny and v4-width, new path and the f32 path
     python -m runtime.bench.weights --models tiny --no-f32   # the new path only
 
-Models: `tiny` (the embedded default) and `v4-width`: V4-Flash's own layer widths (d=4096, 64 heads x 512,
-q_lora 1024, o_groups 8 x 1024, 64 routed experts of 2048, top-6 + 1 shared) in 2 layers (CSA, HCA), no MTP
-block, vocab 8192: ~2 GB stored, ~15 GB as float32 (the f32 path runs only where that fits in RAM);
+Models: `tiny` (the random tiny preset, not the shipped trained default) and `v4-width`: V4-Flash's own layer
+widths (d=4096, 64 heads x 512, q_lora 1024, o_groups 8 x 1024, 64 routed experts of 2048, top-6 + 1 shared) in
+2 layers (CSA, HCA), no MTP block, vocab 8192: ~2 GB stored, ~15 GB as float32 (the f32 path runs only where that fits in RAM);
 `v4-width-16e`: the same with 16 routed experts (~0.6 GB stored, ~4.5 GB float32), for the ratio to the f32
 path on a smaller host. Generated once into the cache folder tensor by tensor (only the stored bytes are
 ever in memory).

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     mk.add_argument("--out", required=True, help="folder to write")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--sparse", action="store_true",
-                    help="the official inventory with real headers and data holes (any preset, ~0 bytes on disk)")
+                    help="the official inventory with real headers and data holes (any preset; V4-Flash: 149 GB "
+                         "apparent, ~13 MiB on disk)")
     ck = sub.add_parser("check", help="validate a checkpoint folder against its config.json")
     ck.add_argument("path")
     ck.add_argument("--decode", action="store_true", help="also decode every tensor (reads all the data)")

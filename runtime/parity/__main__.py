@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="candidate profile (name or YAML path); repeat for several (three-way with two)")
     ap.add_argument("--emulate", action="store_true", help="run the candidates' numerics on the CPU reference")
     ap.add_argument("--allow-fallback", action="store_true", help="let candidates fall back to reference ops")
-    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the generated tiny model)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped trained model, runtime/default_model)")
     ap.add_argument("--prompts", default=None, help="a .txt file (one prompt per line) or a .json list")
     ap.add_argument("--decode-steps", type=int, default=32, help="teacher-forced decode steps per prompt")
     ap.add_argument("--repeat", type=int, default=2,

@@ -11,7 +11,9 @@ decode_seconds`: after the prompt's prefill, which both run alike), then the end
 exist for. Random checkpoints of the default's config with L layers (its layer kinds repeated; cached under
 DSV4RT_HOME) keep no draft, so one speculative token there costs one iteration (draft + 2-row verify); each line
 prints the plain step's and the iteration's cost and the speedup they give at the trained default's acceptance
-(a kept draft's 2-position MTP catch-up is not in it: ~10 us more, so the figure is an upper bound).
+(a kept draft's 2-position MTP catch-up is not in it: ~10 us more, so the figure is an upper bound), then the
+medians of the native calls inside those loops (`dsv4d_run_greedy`, `dsv4d_spec_step`): the iteration's cost
+without the loop's host work.
 
 `--parts`: what one iteration is made of on the shipped model (or `--checkpoint`'s), each part timed alone after
 a 64-token prefill of the held-out text (median of 300 calls through `Transformer.forward` / `forward_mtp`, and of
@@ -194,6 +196,8 @@ def _depths(a) -> int:
 
     from .. import default_model
     from ..api import Runtime
+    from backends import cpu_decode
+
     from ..cache import cache_dir
     from ..checkpoint.make import write_checkpoint
 
@@ -211,16 +215,46 @@ def _depths(a) -> int:
         rt = Runtime.load("cpu", checkpoint=str(out), progress=False)
         p = [base["bos_token_id"]] + [5 + (7 * j) % 300 for j in range(63)]
         cost = {None: [], "mtp": []}
-        for _ in range(3):
+        lib = cpu_decode.library()
+        calls = _Calls(lib) if lib is not None else None
+        for rep in range(3):
             for mode in cost:
-                g = rt.generate([p], max_new_tokens=a.new, stop_at_eos=False, speculative=mode)
+                if calls is not None and rep:        # the first round builds plans and buffers: not counted
+                    cpu_decode._state["lib"] = calls
+                try:
+                    g = rt.generate([p], max_new_tokens=a.new, stop_at_eos=False, speculative=mode)
+                finally:
+                    cpu_decode._state["lib"] = lib if lib is not None else cpu_decode._state.get("lib")
                 cost[mode].append(g.decode_seconds / len(g.tokens[0]))
         kept, drafted = rt.last_acceptance
         step, it = statistics.median(cost[None]), statistics.median(cost["mtp"]) * (1 + kept / max(drafted, 1))
+        native = ""
+        if calls is not None and calls.took.get("dsv4d_run_greedy") and calls.took.get("dsv4d_spec_step"):
+            ns, ni = (statistics.median(calls.took[k]) for k in ("dsv4d_run_greedy", "dsv4d_spec_step"))
+            native = f"; native calls inside them (median): step {ns * 1e6:.0f} us, iteration {ni * 1e6:.0f} us " \
+                     f"({ni / ns:.2f} steps)"
         print(f"layers {L}: plain step {step * 1e6:.0f} us, speculative iteration {it * 1e6:.0f} us "
               f"({it / step:.2f} steps; random weights kept {kept}/{drafted}); at acceptance {acc}: "
-              f"{(1 + acc) * step / it:.2f}x ({a.threads} thread(s))")
+              f"{(1 + acc) * step / it:.2f}x ({a.threads} thread(s)){native}")
     return 0
+
+
+class _Calls(_Timed):
+    """The native library with every call's duration kept per entry point (`took[name]`), for `_depths`."""
+
+    def __init__(self, lib):
+        super().__init__(lib)
+        self.took: dict[str, list[float]] = {}
+
+    def __getattr__(self, name):
+        f = getattr(self.lib, name)
+
+        def call(*args):
+            t = time.perf_counter()
+            r = f(*args)
+            self.took.setdefault(name, []).append(time.perf_counter() - t)
+            return r
+        return call
 
 
 if __name__ == "__main__":
