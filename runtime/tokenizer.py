@@ -1,5 +1,6 @@
 """Tokenizers: `tokenizer.json` through the `tokenizers` library when a checkpoint ships one, otherwise
-the byte-level tokenizer of the tiny default (id 0 = BOS, 1 = EOS, 2 + b = byte b)."""
+the byte-level tokenizer of the checkpoints this runtime generates (id 0 = BOS, 1 = EOS, 2 + b = byte b); a
+foreign checkpoint without its tokenizer.json is refused."""
 
 from __future__ import annotations
 
@@ -65,7 +66,28 @@ class HFTokenizer:
         return step
 
 
+def _generated_here(folder: Path) -> bool:
+    """Whether `folder`'s index names this runtime's generator (runtime.checkpoint.make / .sparse, runtime.train,
+    the bench's models write it in its metadata); a folder without an index (an ONNX export's) counts as ours."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return True
+    try:
+        meta = json.loads(index.read_text(encoding="utf-8")).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return True                    # a corrupt index is the loader's to report, with its own message
+    # official indexes hold only total_size; ours name the generator (or, older ones, our format version)
+    return isinstance(meta, dict) and (str(meta.get("generator", "")).startswith("dsv4rt ") or "format_version" in meta)
+
+
 def load_tokenizer(checkpoint: Path | None, cfg):
     if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
         return HFTokenizer(Path(checkpoint) / "tokenizer.json", cfg.bos_token_id, cfg.eos_token_id)
+    # The byte tokenizer fits only the checkpoints this runtime generates. For any other (an official one copied
+    # without its tokenizer.json) ids 2..257 are real BPE tokens: bytes would be a silent wrong answer.
+    if checkpoint is not None and not _generated_here(Path(checkpoint)):
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json (the byte tokenizer only fits checkpoints "
+                              "runtime.checkpoint generated); copy the checkpoint's tokenizer.json into the folder")
     return ByteTokenizer(cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id)

@@ -44,9 +44,9 @@ DEV = "cuda" if ON_GPU else "cpu"
 @pytest.fixture(autouse=True)
 def twins(monkeypatch):
     monkeypatch.setattr(cuda_fp8_blockwise, "scaled_mm", torch_cuda_blockwise_twin.scaled_mm)
-    if not torch.cuda.is_available():
-        for name in ("scaled_mm", "grouped_mm", "sdpa"):
-            monkeypatch.setattr(cuda_ops, name, getattr(torch_cuda_twin, name))
+    # always, GPU or not: where the tensors are CPU tensors only the twin checks CUDA's constraints
+    for name in ("scaled_mm", "grouped_mm", "sdpa"):
+        monkeypatch.setattr(cuda_ops, name, getattr(torch_cuda_twin, name))
 
 
 def _weight(N: int, K: int) -> Fp8Block:

@@ -251,7 +251,9 @@ def test_fp8_and_fp4_weights_stored_as_shipped_run_exactly(exported, tiny_ckpt, 
 
 def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(onnx_builds, tiny_rt):
     """fp16 tolerance: every tensor of the graph is fp16 (2^-11 relative rounding per op); over five layers the
-    logits (|logit| <= ~8) move by a few thousandths (measured <= 0.0060, KL <= 1e-6): bounds 0.05 and 1e-4.
+    logits (|logit| <= ~8) move by a few thousandths. Measured 2026-12-03 over 12 random 65-token id sets: the
+    64-token prefill max |diff| <= 0.0059, mean KL <= 1.13e-6; the decode step at position 64 <= 0.0041, KL <=
+    1.76e-6: bounds ~3x those, per call (0.018 / 3.5e-6 prefill, 0.013 / 5.5e-6 decode).
     The export (tests/onnx_builds.py): `export_edge(tiny, OUT, batch=1, seq=64, capacity=256, opset=15)`."""
     import json
 
@@ -277,11 +279,12 @@ def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(onnx_builds, 
     pre = graphs["prefill_edge"].run(None, {"ids": ids[:, :64].numpy()})
     assert pre[0].dtype == np.float16
 
-    def close(a, b):
+    def close(a, b, max_abs, max_kl):
         a = torch.from_numpy(a.astype(np.float32))
         pa, pb = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
-        return float((a - b).abs().max()) <= 0.05 and float((pa.exp() * (pa - pb)).sum(-1).mean()) <= 1e-4
-    assert close(pre[0], ref[:, :64])
+        err, kl = float((a - b).abs().max()), float((pa.exp() * (pa - pb)).sum(-1).mean())
+        assert err <= max_abs and kl <= max_kl, (err, kl)
+    close(pre[0], ref[:, :64], 0.018, 3.5e-6)
     cfg, names = tiny_rt.config, state_names(tiny_rt.config)
     feeds = {"ids": ids[:, 64:].numpy(), "pos": np.array([64])}
     for n, a in zip(names, pre[1:]):
@@ -289,7 +292,7 @@ def test_ascend_edge_variant_is_static_standard_fp16_and_low_opset(onnx_builds, 
         full[:, :a.shape[1]] = a
         feeds[n] = full
     dec = graphs["decode_edge"].run(None, feeds)
-    assert close(dec[0][:, 0], ref[:, 64])
+    close(dec[0][:, 0], ref[:, 64], 0.013, 5.5e-6)
     cov = json.loads((out / "cann_coverage.json").read_text())["graphs"]["prefill_edge"]
     assert cov["cann"] + cov["cpu"] == cov["nodes"] and cov["cann"] > 0.9 * cov["nodes"]
     assert {"Einsum", "IsInf"} <= set(cov["cpu_ops"])                   # not on the CANN EP's graph op list

@@ -294,16 +294,22 @@ def test_plan_cli_layouts():
 
 def test_device_storage_stacks_an_ep_ranks_experts(tiny_ckpt):
     """On a device the experts of a layer are one [E_local, out, in] stack (grouped GEMM operand), also when an
-    EP rank holds only experts 4..7."""
+    EP rank holds only experts 4..7: the product's streaming `device_weights` on that rank's ShardedReader,
+    against the former whole-model packing (tests/device_pack_oracle.py) of the rank's decoded tensors."""
+    from runtime.weights.device import device_weights
     from runtime.weights.device_storage import expert_stack
     from tests.device_pack_oracle import pack_weights
 
     cfg = ModelConfig.from_file(tiny_ckpt / "config.json")
+    w = device_weights(ShardedReader(tiny_ckpt, cfg, Layout(1, 2), 1), "bf16", "bfloat16", "cpu")
+    assert not any(f".experts.{e}." in n for n in w.tensors for e in range(4))        # experts 0..3: rank 0's
+    stack = expert_stack([w.tensors[f"layers.2.ffn.experts.{e}.w1.weight"] for e in range(4, 8)])
+    assert stack is not None and stack.shape == (4, *w.tensors["layers.2.ffn.experts.4.w1.weight"].shape)
+    assert stack.dtype == torch.bfloat16
     ck = ShardedReader(tiny_ckpt, cfg, Layout(1, 2), 1).load(progress=False)
-    packed, _ = pack_weights(ck.tensors, ck.quantized, "bf16", "bfloat16", "cpu")
-    ws = [packed[f"layers.2.ffn.experts.{e}.w1.weight"] for e in range(4, 8)]
-    stack = expert_stack(ws)
-    assert stack is not None and stack.shape[0] == 4
+    oracle, _ = pack_weights(ck.tensors, ck.quantized, "bf16", "bfloat16", "cpu")
+    for i, e in enumerate(range(4, 8)):
+        assert torch.equal(stack[i], oracle[f"layers.2.ffn.experts.{e}.w1.weight"]), e
     assert torch.equal(stack[0].float(), ck.tensors["layers.2.ffn.experts.4.w1.weight"].bfloat16().float())
 
 

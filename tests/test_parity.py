@@ -275,7 +275,17 @@ def test_fingerprint_and_onnx_cache_key_cover_the_weights(tiny_ckpt, tmp_path, m
     assert _header(shard) == _header(tiny_ckpt / shard.name)            # the layout is identical: only data differ
     assert shard.stat().st_size == (tiny_ckpt / shard.name).stat().st_size
     assert checkpoint_fingerprint(tiny_ckpt) != checkpoint_fingerprint(b)
-    assert checkpoint_fingerprint(b) == checkpoint_fingerprint(b)
+    # the fingerprint is the content's: a second copy written separately (another folder, inode and mtime, not
+    # in the shard-digest cache) has b's; one byte of tensor data changed in a third copy gives a new one
+    c = tmp_path / "C"
+    _negated_copy(tiny_ckpt, c)
+    assert checkpoint_fingerprint(c) == checkpoint_fingerprint(b)
+    d = tmp_path / "D"
+    d_shard = _negated_copy(tiny_ckpt, d)
+    raw = bytearray(d_shard.read_bytes())
+    raw[-1] ^= 0x01                                                     # the last byte: tensor data, not header
+    d_shard.write_bytes(bytes(raw))
+    assert _header(d_shard) == _header(shard) and checkpoint_fingerprint(d) != checkpoint_fingerprint(b)
     # the export cache folder backends/onnx.py would build (build_once stubbed: the key, not the export)
     monkeypatch.setattr(runtime.cache, "build_once", lambda path, done, build: path)
     key_a, key_b = backends.onnx._cached_export(tiny_ckpt, False), backends.onnx._cached_export(b, False)

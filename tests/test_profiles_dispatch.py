@@ -1,6 +1,7 @@
 """Hardware profiles (validation), dispatch resolution (strict / fallback / preferences) and backends."""
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -129,16 +130,20 @@ def test_profile_preference_for_a_missing_implementation():
         resolve(prof, "cpu", "cpu", frozenset(), MODES["exact"], False, False)
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "runtime.run", *args], capture_output=True, text=True, timeout=120)
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "runtime.run", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_cli_unavailable_backends_exit_2_with_one_line():
     r = _run("--backend", "ascend")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "torch-npu is not installed" in r.stderr and "CANN" in r.stderr and "--emulate" in r.stderr
-    r = _run("--profile", "nvidia-a100")
-    assert r.returncode == 2 and "backend 'cuda' unavailable" in r.stderr and r.stderr.count("\n") == 1
+    # the GPU hidden from the child (CUDA_VISIBLE_DEVICES=""), so the cuda backend is unavailable on a machine
+    # with an NVIDIA GPU too: the same refusal everywhere, never a run that happens to find a device
+    r = _run("--profile", "nvidia-a100", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: backend 'cuda' unavailable: torch.cuda.is_available() is False"), r.stderr
 
 
 def test_cli_emulate_shows_dispatch(tiny_ckpt):

@@ -9,6 +9,7 @@ One torchrun launch for the module, one direct two-rank launch for the lost rank
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,15 +164,21 @@ def test_lost_rank_is_a_clear_error_not_a_hang(tiny_ckpt, tmp_path):
             while "dsv4:generation_tokens_total 0.0" in httpx.get(url + "/metrics").text:
                 assert time.time() < deadline
                 time.sleep(0.05)
-            t0 = time.time()
             procs[1].kill()                                  # rank 1 dies mid-request
             r = fut.result(timeout=60)
-        assert r.status_code == 503 and "rank 0: collective" in r.json()["error"]["message"], r.text
+        # The error names the collective that failed and that a peer stopped, then gloo's own words (a killed rank
+        # closes its sockets, so gloo reports that at once: seen 2026-12-03 "Connection closed by peer" or "Read
+        # error ...: Connection reset by peer"; their text is gloo's, not matched). Hangs fail on the result and
+        # communicate timeouts (60 s, under the 300 s default collective timeout): nothing is timed.
+        # (The collective is whichever one the step was in when the peer died: tp / embedding all_reduce, the serve
+        # command broadcast, ...)
+        lost = r"rank 0: collective [\w -]+ failed after a peer rank stopped or hung \(."
+        assert r.status_code == 503 and re.search(lost, r.json()["error"]["message"]), r.text
         _, err = procs[0].communicate(timeout=60)
-        assert time.time() - t0 < 45                         # bounded: a dead peer, not the 300 s default
         assert procs[0].returncode == 1, err
         lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("dsv4-serve: ready")]
-        assert len(lines) == 1 and lines[0].startswith("dsv4-serve: error: rank 0: collective"), err
+        assert len(lines) == 1 and re.match(f"dsv4-serve: error: {lost}", lines[0]), err
+        assert lines[0].endswith("; check the other ranks' output, then relaunch"), err
     finally:
         for p in procs:
             if p.poll() is None:

@@ -136,8 +136,12 @@ def test_device_packing_per_tensor_equals_the_float32_path(tiny_ckpt, decoded, f
             assert n.dtype == o.dtype and torch.equal(n, o), name
     e_old = expert_stack([old[f"layers.2.ffn.experts.{e}.w1.weight"] for e in range(8)])
     e_new = expert_stack([new.tensors[f"layers.2.ffn.experts.{e}.w1.weight"] for e in range(8)])
-    assert (e_old is None) == (e_new is None)
-    if e_new is not None:
+    if fmt == "w8a8_int8":              # W8A8 experts are per-channel int8 linears, one object each: no stack
+        assert e_old is None and e_new is None
+        assert isinstance(new.tensors["layers.2.ffn.experts.0.w1.weight"], Int8Channel)
+    else:                               # the experts as one [E, out, in] stack in the storage dtype
+        assert e_old is not None and e_new is not None
+        assert e_new.shape == (8, *old["layers.2.ffn.experts.0.w1.weight"].shape) and e_new.dtype == e_old.dtype
         assert torch.equal(e_new, e_old)
 
 
@@ -167,7 +171,7 @@ def test_memory_plan_says_resident_and_paged_and_warns(tiny_rt):
     assert "79%" in warn and "0.9 s per decoded token" in warn
 
 
-def test_without_native_kernels_the_table_and_one_line_say_so(tiny_ckpt):
+def test_without_native_kernels_the_table_and_one_line_say_so(tiny_ckpt, tmp_path):
     """A machine without a compiler (simulated with DSV4RT_NO_NATIVE) runs the torch tile path: the dispatch
     table names it, one stderr line says why, and the logits stay the reference's."""
     import os
@@ -177,13 +181,16 @@ import torch
 from runtime.api import Runtime
 rt = Runtime.load('cpu', checkpoint={str(tiny_ckpt)!r}, progress=False)
 print([r.impl for r in rt.dispatch.rows if r.op == 'linear'][0])
-print(float(rt.forward([[0, 72, 105, 3]]).abs().sum()))
+torch.save(rt.forward([[0, 72, 105, 3]]), {str(tmp_path / "logits.pt")!r})
 """
     env = {**os.environ, "DSV4RT_NO_NATIVE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
-    impl, total = r.stdout.split()
-    assert impl == "cpu.stored_torch_tiles"
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["cpu.stored_torch_tiles"]
     notes = [ln for ln in r.stderr.splitlines() if "native CPU kernels unavailable" in ln]
     assert len(notes) == 1 and "DSV4RT_NO_NATIVE" in notes[0]
+    got = torch.load(tmp_path / "logits.pt")
     ref = Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False).forward([[0, 72, 105, 3]])
-    assert abs(float(total) - float(ref.abs().sum())) <= 1e-4 * float(ref.abs().sum())
+    # elementwise: measured 2026-12-03 max |tiles - native| 5.2e-6 (|logit| <= 6.7; float32 summation order
+    # only, the same at 1 and 2 threads): bound ~3x
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1.6e-5

@@ -1,8 +1,10 @@
 """Tokenizers: the byte-level default, and a checkpoint's own tokenizer.json through `tokenizers`."""
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,20 @@ def test_corrupt_tokenizer_json(ckpt_with_tokenizer, tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime.run", "--checkpoint", str(dst)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "tokenizer.json: cannot be read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_foreign_checkpoint_without_its_tokenizer_json_is_refused(tiny_ckpt, tmp_path):
+    """An official checkpoint copied without tokenizer.json (its index metadata names no dsv4rt generator) is
+    refused with one line, not read through the byte tokenizer (ids 2..257 are BPE tokens there); this
+    runtime's own generated checkpoints keep the byte tokenizer."""
+    assert Runtime.load("cpu", checkpoint=tiny_ckpt, progress=False).tokenizer.name == "bytes"
+    foreign = tmp_path / "official"
+    shutil.copytree(tiny_ckpt, foreign)
+    index = json.loads((foreign / "model.safetensors.index.json").read_text())
+    index["metadata"] = {"total_size": index["metadata"]["total_size"]}        # what an official index holds
+    (foreign / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="no tokenizer.json .*copy the checkpoint's tokenizer.json"):
+        Runtime.load("cpu", checkpoint=foreign, progress=False)
+    (foreign / "tokenizer.json").write_bytes((Path(__file__).resolve().parents[1] / "runtime" / "default_model"
+                                              / "tokenizer.json").read_bytes())
+    assert Runtime.load("cpu", checkpoint=foreign, progress=False).tokenizer.name == "tokenizer.json"

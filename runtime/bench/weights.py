@@ -88,7 +88,8 @@ def write_streaming(out: Path, raw: dict, seed: int = 0, shard_bytes: int = 1 <<
         weight_map.update({n: fname for n in part})
         total += sum(t.numel() * t.element_size() for t in part.values())
     (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total, "seed": seed, "format_version": CHECKPOINT_FORMAT_VERSION},
+        {"metadata": {"total_size": total, "generator": "dsv4rt runtime.bench.weights", "seed": seed,
+                      "format_version": CHECKPOINT_FORMAT_VERSION},
          "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     return out

@@ -20,8 +20,6 @@ import os
 import tempfile
 from typing import Iterator
 
-import torch
-
 from backends import ascend_ops, cuda_ops, use_backend
 from backends.ascend import AscendBackend
 from backends.base import DeviceInfo
@@ -64,9 +62,11 @@ def _swapped(module, **names) -> Iterator[None]:
 
 
 def cuda_calls() -> contextlib.AbstractContextManager:
-    """The CUDA backend's torch calls through the twin asserting CUDA's constraints (as they are on a GPU)."""
-    if torch.cuda.is_available():
-        return contextlib.nullcontext()
+    """The CUDA backend's torch calls through the twin asserting CUDA's constraints (as they are on a GPU).
+
+    Always swapped, GPU present or not: the tests using it compute on CPU tensors (CpuHostedCuda), where only
+    the twin checks CUDA's constraints. On CUDA tensors the twin's assertions still hold (they are CUDA's) and it
+    computes with the same torch call, so a GPU test run inside the block loses nothing."""
     return _swapped(cuda_ops, scaled_mm=torch_cuda_twin.scaled_mm, grouped_mm=torch_cuda_twin.grouped_mm,
                     sdpa=torch_cuda_twin.sdpa)
 
