@@ -289,7 +289,8 @@ def test_plan_cli_layouts():
     with contextlib.redirect_stdout(buf):
         assert main(["--model", "flash", "--profile", "nvidia-h200", "--context", "131072", "--layouts"]) == 0
     rows = buf.getvalue().splitlines()
-    assert rows[2].split()[:4] == ["1", "2", "2", "1"]      # V4-Flash: two H200s, EP 2, one node
+    # V4-Flash: eight H200s, EP 8, one node (the FP4 experts held as bf16 on a device: 4x their bytes)
+    assert rows[2].split()[:4] == ["1", "8", "8", "1"]
 
 
 def test_device_storage_stacks_an_ep_ranks_experts(tiny_ckpt):

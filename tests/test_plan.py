@@ -1,5 +1,6 @@
 """The memory planner's arithmetic against hand-computed cases (spec §11) and the real V4-Flash / V4-Pro configs."""
 
+import json
 import math
 import subprocess
 import sys
@@ -9,9 +10,13 @@ import pytest
 import torch
 
 from runtime.checkpoint.inventory import expected_tensors
+from runtime.checkpoint.loader import CheckpointReader
 from runtime.config import ModelConfig
 from runtime.plan import index_entry_bytes, kv_entry_bytes, plan, state_plan, weight_bytes
+from runtime.plan.sizes import tensor_bytes
 from runtime.profile import load_profile
+from runtime.weights.device import device_weights
+from runtime.weights.device_storage import nbytes
 
 FLASH, PRO = ModelConfig.preset("flash"), ModelConfig.preset("pro")
 
@@ -42,16 +47,19 @@ def test_fixed_state_matches_the_hand_computed_figures():
 def test_weights_in_each_format():
     h100, a100 = load_profile("nvidia-h100"), load_profile("nvidia-a100")
     fp8, bf16 = weight_bytes(FLASH, h100), weight_bytes(FLASH, a100)
-    assert 140e9 < fp8 < 170e9                                  # 284B params, experts FP4, the rest mostly FP8
     assert 2 * 284e9 * 0.95 < bf16 < 2 * 284e9 * 1.05
+    # A device holds the FP4 experts as bf16 stacks (no FP4 GEMM on a device in this build: what
+    # runtime.weights.device stores, checked tensor by tensor below), so FP8 saves only the attention's share:
+    # 579.2 GB against 583.7 in bf16 (2026-12-03), where the checkpoint itself is 148.7 GiB
+    assert bf16 * 0.97 < fp8 < bf16
     assert weight_bytes(FLASH, load_profile("ascend-910b")) < bf16 * 0.6   # W8A8: int8 experts
 
 
 def test_plan_fits_and_limits():
-    p = plan(FLASH, load_profile("nvidia-h200"), context=1 << 20, batch=1, devices=2)
-    assert p["fits"] and p["devices_needed"] == 2 and p["max_context"] == FLASH.max_position   # capped at 1M
-    p = plan(FLASH, load_profile("nvidia-h200"), context=1 << 20, batch=1, devices=1)
-    assert not p["fits"] and p["max_context"] == 0               # the weights alone exceed one H200
+    p = plan(FLASH, load_profile("nvidia-h200"), context=1 << 20, batch=1, devices=5)
+    assert p["fits"] and p["devices_needed"] == 5 and p["max_context"] == FLASH.max_position   # capped at 1M
+    p = plan(FLASH, load_profile("nvidia-h200"), context=1 << 20, batch=1, devices=4)
+    assert not p["fits"] and p["max_context"] == 0               # the weights alone exceed four H200s
     with pytest.raises(Exception, match="exceeds the model's"):
         plan(FLASH, load_profile("nvidia-h200"), context=1 << 21)
 
@@ -188,3 +196,19 @@ def test_macs_per_token_against_the_shipped_checkpoint_and_by_hand():
     assert got["attention"] == 2 * 8 * 64 * (101 + 101 + 16 + 101)
     assert got["indexer"] == 16 * 32 * 25                      # 16 indexer heads x 32 dims x 25 keys
     assert macs_per_token(cfg, 300)["attention"] == 2 * 8 * 64 * (128 + 128 + 16 + 128 + 2)
+
+
+@pytest.mark.parametrize("profile", ["nvidia-h100", "nvidia-a100", "ascend-910b", "ascend-310p"])
+def test_device_bytes_are_what_the_device_path_stores(profile, tiny_ckpt):
+    """The planner's bytes per tensor for a device profile equal what runtime.weights.device keeps for it (run
+    here on the CPU device: the same packing), tensor by tensor: the FP4 experts as bf16 / fp16 stacks, the
+    FP32_COMPUTE weights in float32, FP8 codes with float32 block scales."""
+    prof = load_profile(profile)
+    cfg = ModelConfig.from_hf(json.loads((tiny_ckpt / "config.json").read_text()), source="tiny")
+    held = device_weights(CheckpointReader(tiny_ckpt, progress=False), prof.weight_format, prof.compute_dtype,
+                          "cpu", prof.int8_linears).tensors
+    inventory = expected_tensors(cfg, cfg.expert_dtype or "fp4")
+    assert set(held) == set(inventory)
+    wrong = {n: (nbytes(held[n]), tensor_bytes(n, shape, kind, prof)) for n, (shape, kind) in inventory.items()
+             if nbytes(held[n]) != tensor_bytes(n, shape, kind, prof)}
+    assert not wrong, wrong

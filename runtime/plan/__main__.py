@@ -2,9 +2,12 @@
 
     python -m runtime.plan --model flash --profile nvidia-h200 --context 1048576 [--batch 1] [--devices 8]
 
-- weights: every tensor of the official inventory in the profile's weight format (FP8 linears + ue8m0 128x128
-  scales, FP4 experts + per-32 scales as shipped; bf16 / fp16 / float32; W8A8 int8 + one fp32 scale per output
-  channel for the profile's `int8_linears`, bf16 for the rest);
+- weights: every tensor of the official inventory as the profile's backend holds it. CPU: the checkpoint's
+  own bytes (FP8 linears + ue8m0 128x128 scales, FP4 experts + per-32 scales as shipped, bf16). A device: the
+  profile's weight format as runtime.weights.device stores it -- FP8 linears + float32 block scales, but the FP4
+  experts as bf16 / fp16 stacks (no FP4 GEMM on a device yet: 4x their stored bytes), W8A8 int8 + one fp32
+  scale per output channel for the profile's `int8_linears`, the head, the MoE gate and the compressors'
+  projections in float32, bf16 / fp16 / float32 for the rest;
 - per sequence, growing with the context: compressed KV entries (CSA 1 per 4 tokens, HCA 1 per 128) and CSA
   indexer keys, in the profile's KV / indexer dtypes (fp8_e4m3 = DeepSeek's / vLLM's 584-byte entry: 448 FP8
   non-RoPE dims + 64 bf16 RoPE dims + one ue8m0 scale per 64 + 1 pad; int8 / FP8 indexer key = 128 + a 4-byte

@@ -37,7 +37,7 @@ def index_entry_bytes(dtype: str, dim: int) -> float:
 def tensor_bytes(name: str, shape: tuple[int, ...], kind: str, profile, decoded: bool = False) -> int:
     """Bytes one tensor (logical shape, checkpoint kind) takes in the storage the profile's backend keeps.
 
-    A device keeps the profile's weight format. The CPU backend keeps the checkpoint's own formats whatever the
+    A device keeps the profile's weight format (`_device_bytes`). The CPU backend keeps the checkpoint's own formats whatever the
     format's values (runtime.weights.cpu): FP8 codes + ue8m0 block scales, FP4 pairs + per-32 scales, bf16 as
     stored; float32 copies of 1-D weights and the MoE gate; W8A8 int8 + a float32 scale per channel for the
     profile's `int8_linears`; fp16 storage (2 bytes, an upper bound: kept as stored where exact). `decoded`: a
@@ -61,13 +61,26 @@ def tensor_bytes(name: str, shape: tuple[int, ...], kind: str, profile, decoded:
         if kind == "fp4":
             return n // 2 + n // FP4_BLOCK
         return 2 * n
-    if fmt == "fp8_block" and kind == "fp8":
-        return n + math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
-    if fmt == "fp8_block" and kind == "fp4":
-        return n // 2 + n // FP4_BLOCK
-    if fmt == "float32":
-        return 4 * n
-    return 2 * n
+    return _device_bytes(name, shape, kind, profile, n)
+
+
+def _device_bytes(name: str, shape: tuple[int, ...], kind: str, profile, n: int) -> int:
+    """What runtime.weights.device.device_weights keeps for one tensor on a GPU / NPU (its rules, in its order):
+    FP8 linears (not the experts, not `wo_a`) as e4m3 codes with float32 block scales under `fp8_block`; every
+    other quantised or bf16-on-disk matrix in the storage dtype (the compute dtype unless the format names one) --
+    the FP4 routed experts included: no FP4 GEMM runs on a device in this build, so they are held as bf16 stacks,
+    4x their stored bytes; the rest (vectors, FP32_COMPUTE weights: the head, the gate, the compressors'
+    projections) in float32."""
+    from ..weight_transforms import _bf16_on_disk
+
+    fmt = profile.weight_format
+    if fmt == "fp8_block" and kind == "fp8" and len(shape) == 2 and ".experts." not in name \
+            and not name.endswith("attn.wo_a.weight"):
+        return n + 4 * math.ceil(shape[0] / FP8_BLOCK) * math.ceil(shape[1] / FP8_BLOCK)
+    if len(shape) >= 2 and (kind in ("fp8", "fp4") or (kind == "bf16" and _bf16_on_disk(name, None))):
+        store = {"bf16": 2, "fp16": 2, "float32": 4}.get(fmt, _FLOAT_BYTES[profile.compute_dtype])
+        return store * n
+    return 4 * n
 
 
 def weight_bytes(cfg: ModelConfig, profile, active: bool = False, layout=None, rank: int = 0) -> int:
