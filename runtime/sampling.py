@@ -33,10 +33,23 @@ class SamplingParams:
             raise InputError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
 
 
+def _scaled(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """logits / T, finite for every finite T > 0. A tiny T (1e-38, 1e-300) overflows logits / T to inf (float32
+    even rounds T itself to 0), and softmax then gives NaN, which multinomial refuses: such rows take
+    (logits - row max) / max(T, float32's smallest normal) instead, the same distribution in the limit (the
+    row's maximum keeps all the mass, ties share it) with no overflow. Rows whose logits / T is finite keep
+    exactly those values, so sampling at ordinary temperatures is bit for bit what it was; `where` rather than
+    a branch, so that logits on an accelerator need no host sync."""
+    scaled = logits / t
+    ok = torch.isfinite(scaled.amax(-1, keepdim=True))
+    safe = (logits - logits.amax(-1, keepdim=True)) / max(t, torch.finfo(logits.dtype).tiny)
+    return torch.where(ok, scaled, safe)
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution `sample` draws from at temperature > 0: softmax(logits / T), cut to the top-p nucleus
     (not renormalised: multinomial does that). logits [B, V] -> [B, V]."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax(_scaled(logits, params.temperature), dim=-1)
     if params.top_p < 1:
         sp, si = torch.sort(probs, dim=-1, descending=True, stable=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)

@@ -114,7 +114,8 @@ def _attach(msgs: list[dict], key: str, value) -> None:
 
 
 def encode_messages(messages, thinking_mode: str = "chat", reasoning_effort: str | None = None, tools=None,
-                    response_format=None, context=None, drop_thinking: bool = True, add_bos: bool = True) -> str:
+                    response_format=None, context=None, drop_thinking: bool = True, add_bos: bool = True,
+                    strict_tool_results: bool = False) -> str:
     """Render OpenAI-format `messages` as a V4 prompt string (special tokens as text).
 
     thinking_mode: "chat" (the prompt ends `<｜Assistant｜></think>`) or "thinking" (ends `<｜Assistant｜><think>`).
@@ -122,6 +123,7 @@ def encode_messages(messages, thinking_mode: str = "chat", reasoning_effort: str
     tools / response_format: request-level values, attached to the leading system/developer message.
     context: earlier messages whose rendering is already in the model's state; only `messages` are rendered
     (no BOS then), with `context` taken into account for merging order, call order and dropped reasoning.
+    strict_tool_results: OpenAI's rules for tool messages (messages.check_tool_results), as the server applies.
     """
     if thinking_mode not in THINKING_MODES:
         raise InputError(f"thinking_mode {thinking_mode!r} is invalid; use \"chat\" or \"thinking\"")
@@ -131,6 +133,8 @@ def encode_messages(messages, thinking_mode: str = "chat", reasoning_effort: str
     ctx = _prepare(context, "context") if context else []
     if not msgs and not ctx:
         raise InputError("messages is empty; give at least one message")
+    # (before a system message may be put in front for the tools: the indices the errors name are the caller's)
+    check_tool_results(ctx + msgs, "context+messages" if ctx else "messages", strict=strict_tool_results)
     if tools:
         if ctx:
             raise InputError("request-level tools cannot be attached when context is given; put them on the "
@@ -140,7 +144,6 @@ def encode_messages(messages, thinking_mode: str = "chat", reasoning_effort: str
         if ctx:
             raise InputError("request-level response_format cannot be attached when context is given")
         _attach(msgs, "response_format", response_format)
-    check_tool_results(ctx + msgs, "context+messages" if ctx else "messages")
     ctx, msgs = merge_tool_messages(ctx), merge_tool_messages(msgs)
     full = ctx + msgs
     sort_tool_results(full)

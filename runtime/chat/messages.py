@@ -124,20 +124,53 @@ def normalize_message(msg, i: int, label: str = "messages") -> dict:
     return out
 
 
-def check_tool_results(msgs: list[dict], label: str) -> None:
+def check_tool_results(msgs: list[dict], label: str, strict: bool = False) -> None:
     """Each tool message must answer the latest assistant message, which must hold tool calls; a given
-    tool_call_id must name one of those calls (when the calls carry ids: the official vectors have none)."""
-    calls = None
+    tool_call_id must name one of those calls (when the calls carry ids: the official vectors have none).
+
+    strict (the server: OpenAI's rules): a tool message needs its tool_call_id; the tool messages come right
+    after the assistant message, one per call and no call answered twice; and every call is answered before
+    the next message (a user message, another assistant turn)."""
+    calls, at, answered = None, -1, []
     for i, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            calls = m["calls"]
-        elif m["role"] == "tool":
+        if m["role"] == "tool":
             if not calls:
-                raise InputError(f"{label}[{i}]: a tool message must follow an assistant message with tool_calls")
+                after = " (right after it, before any other message)" if strict else ""
+                raise InputError(f"{label}[{i}]: a tool message must follow an assistant message with "
+                                 f"tool_calls{after}")
             ids = {c[0] for c in calls if c[0]}
-            if ids and m["tool_call_id"] and m["tool_call_id"] not in ids:
-                raise InputError(f"{label}[{i}]: tool_call_id {m['tool_call_id']!r} matches no call of the "
+            cid = m["tool_call_id"]
+            if ids and cid and cid not in ids:
+                raise InputError(f"{label}[{i}]: tool_call_id {cid!r} matches no call of the "
                                  f"preceding assistant message ({', '.join(sorted(ids))})")
+            if strict:
+                if not cid:
+                    raise InputError(f"{label}[{i}]: a tool message needs `tool_call_id`, the id of the tool call "
+                                     f"of {label}[{at}] it answers")
+                if cid in answered:
+                    raise InputError(f"{label}[{i}]: tool call {cid!r} of {label}[{at}] is answered twice; send "
+                                     "one tool message per call")
+                answered.append(cid)
+                if len(answered) > len(calls):
+                    raise InputError(f"{label}[{i}]: more tool messages than the {len(calls)} tool call(s) of "
+                                     f"{label}[{at}]")
+            continue
+        if strict:
+            _all_answered(calls, answered, label, at, f"before {label}[{i}]")
+            calls = None
+        if m["role"] == "assistant":
+            calls, at, answered = m["calls"], i, []
+    if strict and answered:                 # (a last assistant message with calls is the caller's to refuse)
+        _all_answered(calls, answered, label, at, "at the end of the conversation")
+
+
+def _all_answered(calls, answered: list, label: str, at: int, when: str) -> None:
+    if not calls or len(answered) == len(calls):
+        return
+    left = [c[0] for c in calls if c[0] and c[0] not in answered]
+    which = ", ".join(left) if left else f"{len(calls) - len(answered)} of {len(calls)}"
+    raise InputError(f"{label}[{at}]: its tool calls were not all answered {when} (missing: {which}); an "
+                     "assistant message with tool_calls must be followed by one tool message per call")
 
 
 def merge_tool_messages(msgs: list[dict]) -> list[dict]:

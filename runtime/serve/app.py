@@ -1,9 +1,13 @@
 """The FastAPI application: OpenAI-compatible endpoints over one Engine.
 
 Errors are OpenAI's JSON ({"error": {message, type, param, code}}): 400 bad parameters (pydantic validation
-included: FastAPI's default 422 is mapped to 400), 401 bad API key, 404 unknown model, 413 body or prompt too
-long, 503 loading / queue full (Retry-After) / state that does not fit the memory plan. An unexpected error
-is a 500 naming itself, which the tests treat as a bug.
+included: FastAPI's default 422 is mapped to 400; body.py for the body itself), 401 bad API key, 404 unknown
+model, 413 body or prompt too long, 500 a generation that failed in the engine (the sequence alone: others
+go on), 503 loading / queue full (Retry-After) / state that does not fit the memory plan / engine stopped.
+Any other unexpected error is a 500 naming itself, which the tests treat as a bug.
+
+Prompt tokenisation and grammar compilation run on a worker thread (starlette's thread pool), so a large
+prompt or schema does not stall the event loop that feeds every open stream.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from ..errors import InputError, V4Error
+from ..errors import InputError
+from . import body as B
+from .chat_prompt import build
 from .engine import EngineStopped, GenParams, NoMemory, QueueFull, Sequence
 from .handlers import ChatJob, CompletionJob
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -69,10 +76,9 @@ def create_app(S: ServerState) -> FastAPI:
             if request.headers.get("authorization", "") != f"Bearer {S.api_key}":
                 return _err(APIError(401, "invalid API key; pass it as 'Authorization: Bearer KEY'",
                                      "authentication_error", code="invalid_api_key"))
-        size = request.headers.get("content-length")
+        size = request.headers.get("content-length")   # (a chunked body is counted as it is read: body.py)
         if size is not None and size.isdigit() and int(size) > S.max_body:
-            return _err(APIError(413, f"request body of {int(size):,} bytes exceeds the server's limit of "
-                                      f"{S.max_body:,}; send a shorter prompt", code="body_too_large"))
+            return _err(B.too_large(int(size), S.max_body))
         if S.engine is None and path not in ("/health", "/metrics"):
             msg = S.load_error or "the model is still loading; retry shortly"
             return _err(APIError(503, msg, "server_error", headers={"Retry-After": "5"}))
@@ -84,19 +90,7 @@ def create_app(S: ServerState) -> FastAPI:
                            param="model", code="model_not_found")
 
     async def body(request: Request, model):
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:
-            return model.model_validate(data)
-        except Exception as e:               # pydantic.ValidationError
-            errs = getattr(e, "errors", lambda: [])()
-            first = errs[0] if errs else {}
-            where = ".".join(str(x) for x in first.get("loc", ()))
-            raise APIError(400, f"{where or 'body'}: {first.get('msg', str(e))}"[:300], param=where or None) from None
+        return await B.parse(request, model, S.max_body)
 
     @app.get("/health")
     async def health():
@@ -112,11 +106,18 @@ def create_app(S: ServerState) -> FastAPI:
             return PlainTextResponse("", status_code=503)
         return PlainTextResponse(S.engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": S.model_name, "object": "model", "created": S.created, "owned_by": "dsv4rt",
+                "max_model_len": S.engine.cfg.max_position}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": S.model_name, "object": "model", "created": S.created,
-                                            "owned_by": "dsv4rt",
-                                            "max_model_len": S.engine.cfg.max_position}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -124,14 +125,10 @@ def create_app(S: ServerState) -> FastAPI:
         check_model(req.model)
         if req.messages is not None and req.prompt is not None:
             raise APIError(400, "give prompt or messages, not both", param="prompt")
-        if req.messages is not None:
-            from ..chat import encode_chat_ids
-            try:
-                ids = encode_chat_ids(S.tokenizer, req.messages)
-            except V4Error as e:
-                raise APIError(400, str(e), param="messages") from None
+        if req.messages is not None:           # exactly the ids /v1/chat/completions would feed for these fields
+            ids = (await run_in_threadpool(build, S, req)).ids
         elif req.prompt is not None:
-            ids = S.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+            ids = await run_in_threadpool(S.tokenizer.encode, req.prompt, add_bos=req.add_special_tokens)
         else:
             raise APIError(400, "give prompt or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": S.engine.cfg.max_position}
@@ -149,13 +146,13 @@ def create_app(S: ServerState) -> FastAPI:
     async def chat(request: Request):
         req = await body(request, ChatRequest)
         check_model(req.model)
-        return await run_job(request, ChatJob(S, req), req)
+        return await run_job(request, await run_in_threadpool(ChatJob, S, req), req)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await body(request, CompletionRequest)
         check_model(req.model)
-        return await run_job(request, CompletionJob(S, req), req)
+        return await run_job(request, await run_in_threadpool(CompletionJob, S, req), req)
 
     async def run_job(request: Request, job, req):
         if req.stream_options is not None and not req.stream:
@@ -206,6 +203,9 @@ def create_app(S: ServerState) -> FastAPI:
                     return JSONResponse({}, status_code=499)
             if S.engine.fatal:                  # a lost peer rank ended the sequences: not an answer
                 raise APIError(503, f"the engine stopped: {S.engine.error}", "server_error")
+            failed = job.failure(seqs)          # a choice's generation failed: a 5xx, not a 200 with "error"
+            if failed is not None:
+                raise failed
             return waiter.result()
         finally:
             cancel_all()

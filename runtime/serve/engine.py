@@ -14,7 +14,9 @@ decode / free, on this device or, under torchrun, on every rank in lockstep. `sp
 decode forward by speculate.py's batched draft-and-verify step.
 
 A sequence talks to its HTTP handler through an `Output` (output.py), called on the engine thread:
-`constrain(logits)` (grammar masks), `token(id, logprobs) -> stop?` and `finish(reason)`.
+`constrain(logits)` (grammar masks; `constrained` False: none, the batch's greedy argmax serves it),
+`token(id, logprobs) -> stop?` and `finish(reason)`. A failure in one sequence's token choice or output
+finishes it alone with reason "error" (`seq.error`); only a failed forward fails every running sequence.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..errors import InputError, V4Error
 from ..sampling import SamplingParams, sample
 from .executor import Executor
 from .metrics import Metrics, observe_n
+from .invariant import serving_runtime  # noqa: F401  (re-exported: the CLI, the bench and tests import it here)
 from .prefix_cache import PrefixCache
 
 
@@ -80,6 +83,7 @@ class Sequence:
     hid: torch.Tensor | None = None       # speculative: final streams awaiting the MTP block [1, n, hc, d]
     nexts: list | None = None             # speculative: the token after each of them (the last one unfed)
     greedy: bool = False                  # temperature 0 and no grammar (set by submit): the batch's argmax
+    error: str | None = None              # why it finished with reason "error"
 
 
 class Engine:
@@ -146,7 +150,8 @@ class Engine:
         except InputError as e:
             raise NoMemory(f"request state does not fit the memory plan: {e}") from None
         p = seq.params
-        seq.greedy = p.temperature == 0 and not hasattr(seq.output, "constrain")
+        # the batch argmax is `_pick`'s choice for a row no grammar masks (no `constrained`: a `constrain` says so)
+        seq.greedy = p.temperature == 0 and not getattr(seq.output, "constrained", hasattr(seq.output, "constrain"))
         if p.temperature > 0:
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             seq.gen = torch.Generator().manual_seed(seed)
@@ -202,6 +207,7 @@ class Engine:
                     self._die()                # the ranks may no longer run the same steps: stop for good
                     return
                 for s in list(self.running):    # a bug: fail the sequences in flight, keep serving
+                    s.error = s.error or self.error
                     self._finish(s, "error")
                 self.running.clear()
 
@@ -211,6 +217,7 @@ class Engine:
             gone, self.waiting = list(self.waiting), deque()
         for s in list(self.running) + gone:
             s.state = None                     # no FREE command: the peers are gone or out of step
+            s.error = self.error
             self._finish(s, "error")
         self.running.clear()
         if self.on_fatal is not None:
@@ -284,7 +291,10 @@ class Engine:
         self.metrics.prompt_tokens.inc(n)
         if last is not None:
             seq.status = "decode"
-            self._emit(seq, last)
+            try:
+                self._emit(seq, last)
+            except Exception as e:            # this sequence's own token choice / output: it alone fails
+                self.fail(seq, e)
             seq.nexts = seq.out[-1:]
         return n
 
@@ -303,23 +313,26 @@ class Engine:
         eos, last = self.cfg.eos_token_id, self.cfg.max_position - 1 - self.spec
         for i, s in enumerate(seqs):
             p = s.params
-            if not s.greedy:
-                self._take(s, self._pick(s, logits[i]), logits, i, now, itl)
-            elif p.logprobs is not None or not s.out:
-                self._take(s, top[i], logits, i, now, itl)
-            else:
-                # _take for the common row (greedy, no logprobs, not the first token), inline: a 16-row step
-                # ran _take's general path for a third of its host time after the native call
-                tok = top[i]
-                d = now - s.t_last
-                itl[d] = itl.get(d, 0) + 1
-                s.t_last = now
-                s.out.append(tok)
-                stop = s.output.token(tok, None)
-                if (tok == eos and not p.ignore_eos) or tok in p.stop_token_ids or stop:
-                    self._finish(s, "stop")
-                elif len(s.out) >= p.max_tokens or s.state.pos >= last:
-                    self._finish(s, "length")
+            try:                              # (Python 3.11's try costs nothing when nothing raises)
+                if not s.greedy:
+                    self._take(s, self._pick(s, logits[i]), logits, i, now, itl)
+                elif p.logprobs is not None or not s.out:
+                    self._take(s, top[i], logits, i, now, itl)
+                else:
+                    # _take for the common row (greedy, no logprobs, not the first token), inline: a 16-row step
+                    # ran _take's general path for a third of its host time after the native call
+                    tok = top[i]
+                    d = now - s.t_last
+                    itl[d] = itl.get(d, 0) + 1
+                    s.t_last = now
+                    s.out.append(tok)
+                    stop = s.output.token(tok, None)
+                    if (tok == eos and not p.ignore_eos) or tok in p.stop_token_ids or stop:
+                        self._finish(s, "stop")
+                    elif len(s.out) >= p.max_tokens or s.state.pos >= last:
+                        self._finish(s, "length")
+            except Exception as e:            # one row's sampling / grammar / output failed: that row alone
+                self.fail(s, e)
         m = self.metrics
         for d, n in itl.items():
             observe_n(m.itl, d, n)
@@ -367,27 +380,21 @@ class Engine:
         elif len(seq.out) >= p.max_tokens or seq.state.pos + 1 + self.spec >= self.cfg.max_position:
             self._finish(seq, "length")
 
+    def fail(self, seq: Sequence, e: Exception) -> None:
+        """Finish `seq` alone with reason "error" after `e` (raised by its own token choice or output)."""
+        if seq.status == "done":           # it raised while its state was freed (a multi-device FREE command):
+            raise e                        # the executor's failure, for the loop's handler, not this row's
+        seq.error = e.args[0] if isinstance(e, V4Error) and e.args else f"{type(e).__name__}: {e}"
+        self._finish(seq, "error")
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status == "done":
             return
         seq.status, seq.finish_reason = "done", reason
+        self.metrics.requests.labels(reason).inc()
         if seq.state is not None:
             self.exec.free(seq)                    # the state is freed here (on every rank)
         try:
             seq.output.finish(reason)
-        except Exception:                          # a handler's bug must not stop the loop
-            pass
-
-
-def serving_runtime(rt, decode_rows: int = 64):
-    """`rt` with the batch-invariant op layout (invariant.py) for decode steps of up to `decode_rows` rows; the
-    dispatch table records the replacement."""
-    from .invariant import batch_invariant_ops
-
-    if getattr(rt, "weights", None) is None:
-        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch "
-                      "(it has no per-sequence state slots for ragged batches); serve a torch profile "
-                      "(cpu, cuda, ascend) of the same checkpoint")
-    out = rt.with_ops(**batch_invariant_ops(rt.dispatch.ops, decode_rows))
-    out.decode_rows = decode_rows
-    return out
+        except Exception as e:                     # a handler's bug must not stop the loop; the request fails
+            seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"

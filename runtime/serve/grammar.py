@@ -8,7 +8,10 @@ tokens) and compiles, per request:
   way V4 writes calls: the `<｜DSML｜tool_calls>` block after a blank line, one invoke, one parameter per
   schema property (the required ones; all of them when none is required), strings raw with string="true",
   everything else JSON matching the property's own schema with string="false".
-A grammar ends in EOS, so a finished structure is followed by the end of the turn.
+A grammar ends in EOS, so a finished structure is followed by the end of the turn. `compile` is the costly
+step (the token masks over the vocabulary): the server runs it off the event loop, once per request, and
+each choice gets its own cheap `matcher` of the compiled grammar. Tool schemas reach here checked
+(schemas.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def _lit(s: str) -> xgr.Grammar:
 
 def _raw_string(max_len) -> xgr.Grammar:
     """A string="true" value: raw text without '<' (which would open a DSML tag), up to maxLength characters."""
-    if isinstance(max_len, int) and max_len >= 0:
+    if type(max_len) is int and max_len >= 0:          # (not a bool: True is an int to isinstance)
         return xgr.Grammar.from_ebnf(f"root ::= [^<]{{0,{max_len}}}")
     return xgr.Grammar.from_ebnf("root ::= [^<]*")
 
@@ -84,8 +87,12 @@ class Grammars:
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(_tokenizer_info(tokenizer, vocab_size))
 
-    def matcher(self, grammar: xgr.Grammar) -> Matcher:
-        return Matcher(self.compiler.compile_grammar(grammar), self.vocab_size)
+    def compile(self, grammar: xgr.Grammar):
+        return self.compiler.compile_grammar(grammar)
+
+    def matcher(self, compiled) -> Matcher:
+        """A fresh grammar state for one sequence, from `compile`'s result."""
+        return Matcher(compiled, self.vocab_size)
 
     # ---- what a request asks for -------------------------------------------------------------------
     def response_format(self, rf: dict) -> xgr.Grammar | None:

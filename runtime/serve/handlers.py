@@ -1,15 +1,20 @@
 """Chat and text completions: a request turned into prompt ids and outputs, then into OpenAI responses
-(one JSON body, or `chat.completion.chunk` / `text_completion` SSE chunks)."""
+(one JSON body, or `chat.completion.chunk` / `text_completion` SSE chunks).
+
+A job's constructor does the request's heavy work (tokenising the prompt, compiling a grammar) and is run on
+a worker thread by the app, not on the event loop that serves every stream. A choice whose generation
+failed (its sequence finished with reason "error") ends a stream with an OpenAI error event, and makes a
+non-streaming request a 5xx (app.py).
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 
-from ..chat import encode_chat_ids, resolve_reasoning
 from ..chat.tokenize import decode_keep_special
-from ..errors import V4Error
 from ..tokenizer import BYTE_OFFSET, ByteTokenizer
+from .chat_prompt import build
 from .output import Output
 from .protocol import APIError
 
@@ -44,6 +49,18 @@ class _Job:
                 "prompt_tokens_details": {"cached_tokens": cached},
                 "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": n - cached}
 
+    def failure(self, seqs, streamed: bool = False) -> APIError | None:
+        """The error a request whose generation failed gets (503 when the engine stopped), else None (for a
+        stream, whose "done" event said "error": always one)."""
+        bad = next((s for s in seqs if s.finish_reason == "error"), None)
+        if bad is None and not streamed:
+            return None
+        eng = self.S.engine
+        if eng.fatal:                       # a lost peer rank ended the sequences: retry once it is back
+            return APIError(503, f"the engine stopped: {eng.error}", "server_error")
+        why = (bad.error if bad is not None else None) or eng.error or "unknown error"
+        return APIError(500, f"generation failed: {why}"[:300], "server_error")
+
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.S.model_name}
 
@@ -60,34 +77,16 @@ class ChatJob(_Job):
 
     def __init__(self, S, req):
         super().__init__(S, req)
-        try:
-            mode, effort = resolve_reasoning(req.thinking, req.reasoning_effort)
-        except V4Error as e:
-            raise APIError(400, str(e), param="thinking") from None
-        self.thinking = mode == "thinking"
-        tools, choice = req.tools or None, req.tool_choice
-        if choice not in (None, "none", "auto") and not tools:
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        messages = []
-        for m in req.messages:
-            if isinstance(m, dict) and m.get("role") == "assistant" and "reasoning" in m and "reasoning_content" not in m:
-                m = {**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
-            messages.append(m)
-        rf = req.response_format if req.response_format and req.response_format.get("type") != "text" else None
-        try:
-            self.prompt = encode_chat_ids(S.tokenizer, messages, thinking_mode=mode, reasoning_effort=effort,
-                                          tools=tools, response_format=rf)
-        except V4Error as e:
-            raise APIError(400, str(e), param="messages") from None
+        p = build(S, req)
+        self.prompt, self.thinking, tools, rf = p.ids, p.thinking, p.tools, p.response_format
+        choice = req.tool_choice
         self.parse_tools = [] if (not tools or choice == "none") else tools
-        self.grammar = None
+        grammar = None
         if isinstance(choice, dict) or choice == "required":
-            name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None)
-            if isinstance(choice, dict) and not name:
-                raise APIError(400, "tool_choice object needs function.name", param="tool_choice")
-            self.grammar = S.grammars.tool_call(tools, name)
+            grammar = S.grammars.tool_call(tools, choice["function"]["name"] if isinstance(choice, dict) else None)
         elif rf is not None:
-            self.grammar = S.grammars.response_format(rf)
+            grammar = S.grammars.response_format(rf)
+        self.grammar = None if grammar is None else S.grammars.compile(grammar)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         self.logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -99,6 +98,11 @@ class ChatJob(_Job):
                      tools=self.parse_tools, index=i)
         self.outputs.append(out)
         return out
+
+    def usage(self, seqs) -> dict:
+        u = super().usage(seqs)
+        u["completion_tokens_details"] = {"reasoning_tokens": sum(o.reasoning_tokens for o in self.outputs)}
+        return u
 
     @staticmethod
     def _delta(d) -> dict:
@@ -132,6 +136,9 @@ class ChatJob(_Job):
                     lp = {"content": [self._entry(t, e) for t, e in entries]} if self.logprobs is not None else None
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}]}
             elif kind == "done":
+                if ev[2] == "error":
+                    yield self.failure(seqs, streamed=True).body()     # (OpenAI's error event; the app ends the stream)
+                    return
                 left -= 1
                 yield {**head, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev[2]}]}
         opts = self.req.stream_options
@@ -199,6 +206,9 @@ class CompletionJob(_Job):
                                             "finish_reason": None}]}
                 offs[i] += len(ev[2])
             elif ev[1] == "done":
+                if ev[2] == "error":
+                    yield self.failure(seqs, streamed=True).body()
+                    return
                 left -= 1
                 yield {**head, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": ev[2]}]}
         opts = self.req.stream_options

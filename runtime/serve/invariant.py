@@ -31,6 +31,8 @@ import functools
 
 import torch
 
+from ..errors import V4Error
+
 ROWS = 32
 
 # op -> positions of the arguments that carry the token dimension first (the rest pass through)
@@ -104,3 +106,15 @@ def batch_invariant_ops(table, small: int = SMALL) -> dict:
     for op in ("linear", "group_linear"):
         ops[op] = blocked(getattr(table, op), small)
     return ops
+
+
+def serving_runtime(rt, decode_rows: int = 64):
+    """`rt` with the batch-invariant op layout (this module's) for decode steps of up to `decode_rows` rows; the
+    dispatch table records the replacement."""
+    if getattr(rt, "weights", None) is None:
+        raise V4Error(f"profile {rt.profile.name} runs an exported graph, which the server cannot batch "
+                      "(it has no per-sequence state slots for ragged batches); serve a torch profile "
+                      "(cpu, cuda, ascend) of the same checkpoint")
+    out = rt.with_ops(**batch_invariant_ops(rt.dispatch.ops, decode_rows))
+    out.decode_rows = decode_rows
+    return out

@@ -26,7 +26,8 @@ class Metrics:
         self.spec_drafted = Counter("dsv4:spec_decode_draft_tokens", "tokens drafted by the MTP block", registry=r)
         self.spec_accepted = Counter("dsv4:spec_decode_accepted_tokens", "drafted tokens the main model kept",
                                      registry=r)
-        self.requests = Counter("dsv4:requests", "finished requests by finish reason", ["reason"], registry=r)
+        self.requests = Counter("dsv4:requests", "finished sequences (one per choice) by finish reason", ["reason"],
+                                registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -86,48 +86,67 @@ def _draft_logits(eng, seqs) -> torch.Tensor:
 def decode_step(eng, seqs) -> None:
     """One speculative step for decoding sequences `seqs` (see the module doc)."""
     q = _draft_logits(eng, seqs)                                                   # [n, V]
-    drafts = []
+    drafts, live = [], []
     for j, s in enumerate(seqs):
-        sp = _params(s)
-        d = q[j].argmax() if sp.temperature == 0 else torch.multinomial(probabilities(q[j:j + 1], sp), 1,
-                                                                         generator=s.gen)[0, 0]
+        try:
+            sp = _params(s)
+            d = q[j].argmax() if sp.temperature == 0 else torch.multinomial(probabilities(q[j:j + 1], sp), 1,
+                                                                             generator=s.gen)[0, 0]
+        except Exception as e:              # this sequence's own sampling failed: it alone ends (engine.fail)
+            eng.fail(s, e)
+            continue
         drafts.append(int(d))
+        live.append(j)
+    if len(live) < len(seqs):
+        seqs, q = [seqs[j] for j in live], q[live]
+        if not seqs:
+            return
     ids = torch.tensor([[s.out[-1], d] for s, d in zip(seqs, drafts)])
     marks = [mark(s.state, 2) for s in seqs]
     logits, X = eng.model.forward(ids, [s.state for s in seqs], return_hidden=True)
     logits = logits.float().cpu()
-    m, redo = eng.metrics, []
+    redo = []
     for j, (s, d) in enumerate(zip(seqs, drafts)):
-        sp = _params(s)
-        if sp.temperature == 0:
-            fix = int(logits[j, 0].argmax())
-            kept = fix == d
-        else:
-            k, f = accept(_dist(logits[j:j + 1, 0], sp), _dist(q[j:j + 1], sp), torch.tensor([d]), s.gen)
-            kept, fix = bool(k[0]), int(f[0])
-        m.spec_drafted.inc()
-        if kept:
-            m.spec_accepted.inc()
-            settle(s.state, marks[j], 2)
-            s.hid = X[j:j + 1, 0:2]
-            eng._take(s, d, logits[j, 0])
-            if s.status != "done":
-                bonus = eng._pick(s, logits[j, 1])
-                s.nexts = [d, bonus]
-                eng._take(s, bonus, logits[j, 1])
-        elif marks[j].exact_rows:                   # row 0 = the plain step of the decided token
-            settle(s.state, marks[j], 1)
-            s.hid, s.nexts = X[j:j + 1, 0:1], [fix]
-            eng._take(s, fix, logits[j, 0])
-        else:
-            settle(s.state, marks[j], 0)            # exactly the state before the verify step
-            s.nexts = [fix]
-            eng._take(s, fix, logits[j, 0])
-            if s.status != "done":
+        try:
+            if _settle_one(eng, s, j, d, q, logits, X, marks[j]):
                 redo.append(j)
+        except Exception as e:              # its own acceptance / output failed: it alone ends
+            eng.fail(s, e)
     if redo:
         # The decided token alone, as plain decoding feeds it; its streams feed the MTP block next step.
         rs = [seqs[j] for j in redo]
         _, Xr = eng.model.forward(ids[redo, :1], [s.state for s in rs], return_hidden=True)
         for k, s in enumerate(rs):
             s.hid = Xr[k:k + 1]
+
+
+def _settle_one(eng, s, j: int, d: int, q, logits, X, mk) -> bool:
+    """Row j's outcome: accept or reject draft d, roll the state to match, emit -> True if the decided token
+    must be fed again alone (rejected, where the verify rows were not exact one-token steps)."""
+    sp, m = _params(s), eng.metrics
+    if sp.temperature == 0:
+        fix = int(logits[j, 0].argmax())
+        kept = fix == d
+    else:
+        k, f = accept(_dist(logits[j:j + 1, 0], sp), _dist(q[j:j + 1], sp), torch.tensor([d]), s.gen)
+        kept, fix = bool(k[0]), int(f[0])
+    m.spec_drafted.inc()
+    if kept:
+        m.spec_accepted.inc()
+        settle(s.state, mk, 2)
+        s.hid = X[j:j + 1, 0:2]
+        eng._take(s, d, logits[j, 0])
+        if s.status != "done":
+            bonus = eng._pick(s, logits[j, 1])
+            s.nexts = [d, bonus]
+            eng._take(s, bonus, logits[j, 1])
+        return False
+    if mk.exact_rows:                       # row 0 = the plain step of the decided token
+        settle(s.state, mk, 1)
+        s.hid, s.nexts = X[j:j + 1, 0:1], [fix]
+        eng._take(s, fix, logits[j, 0])
+        return False
+    settle(s.state, mk, 0)                  # exactly the state before the verify step
+    s.nexts = [fix]
+    eng._take(s, fix, logits[j, 0])
+    return s.status != "done"
