@@ -21,7 +21,7 @@ from ..errors import V4Error
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv4-serve", description="OpenAI-compatible server for a DeepSeek-V4 model")
     p.add_argument("--profile", default="cpu", help="hardware profile (default: cpu)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the tiny generated model)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped trained model, runtime/default_model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients pass (default: deepseek-v4-<checkpoint>)")
