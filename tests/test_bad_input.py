@@ -81,6 +81,20 @@ def test_wrong_dtype(ckpt_copy):
         load_checkpoint(ckpt_copy)
 
 
+def test_float32_fp8_scales_name_the_base_checkpoint(ckpt_copy):
+    """DeepSeek's Base checkpoints keep their FP8 scales in float32 (spec 3.1): one line says that kind of
+    checkpoint is not loaded yet, not a "wrong shape/dtype" per scale."""
+    name = "layers.0.attn.wq_a.scale"
+
+    def edit(t):
+        t[name] = t[name].view(torch.float8_e8m0fnu).float()          # the same powers of two, as float32
+    _rewrite(ckpt_copy, _index(ckpt_copy)[name], edit)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ckpt_copy)
+    assert f"FP8 scale tensor(s) are float32 (e.g. {name}): a DeepSeek Base checkpoint" in one_line(e)
+    assert "use the instruct release" in one_line(e)
+
+
 def test_config_missing_key(ckpt_copy):
     cfg = json.loads((ckpt_copy / "config.json").read_text())
     del cfg["o_groups"]

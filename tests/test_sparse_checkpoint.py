@@ -8,6 +8,7 @@ the official snapshot (deepseek-ai/DeepSeek-V4-Flash @ 60d8d70, as recorded by a
 """
 
 import json
+import math
 import os
 import struct
 
@@ -15,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from runtime.checkpoint.__main__ import main as checkpoint_cli
+from runtime.checkpoint.inventory import expected_tensors, scale_shape, stored_shape
 from runtime.checkpoint.sparse import check_extents, disk_usage, write_sparse_checkpoint
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
@@ -206,14 +208,22 @@ def test_check_passes_and_the_memory_plan_matches_the_headers(sparse, model, cap
     assert f"{TOTALS[model][0]} tensors in {TOTALS[model][1]} shards" in line and "data not read" in line
     cfg = ModelConfig.from_file(folder / "config.json")
     stored = check_extents(folder, sorted(p.name for p in folder.glob("*.safetensors")))
-    h200 = load_profile("nvidia-h200")                  # fp8_block: the checkpoint's own formats
-    assert "experts fp4" in line and stored == weight_bytes(cfg, h200)
-    mp = MemoryPlan(cfg, h200, stored)
-    assert f"weights {stored / 2 ** 30:,.3f} GiB" in mp.format()
-    # V4-Flash's weights alone exceed one H200 (141 GiB less 10%): nothing fits; two do.
-    assert mp.max_context(1) == 0
-    p = plan(cfg, h200, context=65536, devices=2 if model == "flash" else 8)
-    assert p["weights"] == stored and p["fits"]
+    # the headers' bytes are the official inventory's, counted here from its shapes and kinds alone
+    size = {"fp8": 1, "fp4": 1, "bf16": 2, "f32": 4, "i64": 8}
+    inventory = sum(math.prod(stored_shape(kind, shape)) * size[kind]
+                    + math.prod(scale_shape(kind, shape) or (0,)) for shape, kind in
+                    expected_tensors(cfg, cfg.expert_dtype or "fp4").values())
+    assert "experts fp4" in line and stored == inventory
+    # An H200 holds more than the checkpoint (the FP4 experts as bf16 stacks: runtime.plan.sizes), and the
+    # memory plan counts what it holds.
+    h200 = load_profile("nvidia-h200")
+    held = weight_bytes(cfg, h200)
+    assert held > 3 * stored
+    mp = MemoryPlan(cfg, h200, held)
+    assert f"weights {held / 2 ** 30:,.3f} GiB" in mp.format()
+    assert mp.max_context(1) == 0                        # the weights alone exceed one H200 (141 GiB less 10%)
+    p = plan(cfg, h200, context=65536, devices=8 if model == "flash" else 32)
+    assert p["weights"] == held and p["fits"]
 
 
 def test_a_truncated_sparse_shard_is_named_in_one_line(tmp_path, capsys):
