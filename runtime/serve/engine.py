@@ -150,8 +150,8 @@ class Engine:
         except InputError as e:
             raise NoMemory(f"request state does not fit the memory plan: {e}") from None
         p = seq.params
-        # the batch argmax is `_pick`'s choice for a row no grammar masks (no `constrained`: a `constrain` says so)
-        seq.greedy = p.temperature == 0 and not getattr(seq.output, "constrained", hasattr(seq.output, "constrain"))
+        # the batch argmax is `_pick`'s choice for a row no grammar masks (an output without `constrained`: none)
+        seq.greedy = p.temperature == 0 and not getattr(seq.output, "constrained", False)
         if p.temperature > 0:
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             seq.gen = torch.Generator().manual_seed(seed)
